@@ -1,0 +1,18 @@
+"""ctpipe: a reproducible DVC pipeline for lung-nodule segmentation and detection on chest CT.
+
+Modules, one concern each:
+    params    -- reading a stage's section of params.yaml
+    fileio    -- atomic writes of JSON, CSV, numpy arrays
+    geometry  -- world (LPS mm) <-> voxel index conversion, the only place it is done
+    synth     -- the deterministic synthetic chest-CT cohort, written as DICOM with realistic PHI
+    dicomio   -- scanning a folder of DICOM files, grouping series, checking and reading them
+    deid      -- de-identification to DICOM PS3.15 Basic Application Level Confidentiality Profile
+    prep      -- fingerprint, plan, resampling, normalisation, label masks, patient split
+    data      -- 2.5D patch sampling for training
+    nets      -- the MONAI segmentation network
+    infer     -- sliding-window inference and nodule candidate extraction
+    metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM
+    onnxtools -- ONNX export, parity checks, static INT8 quantization, latency
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""The preprocessed dataset on disk, and the 2.5D patch sampler that feeds training.
+
+Layout written by the preprocess stage (``data/processed/``)::
+
+    index.json               one entry per case: case_id, seriesuid, split, shape, geometry, ...
+    cases/<case_id>.image.npy  normalised intensities, float16, [k, j, i]
+    cases/<case_id>.label.npy  nodule mask, uint8, [k, j, i]
+    nodules.csv              annotations per case (world mm), with ``inside`` and ``voxels``
+    plan.json                dataset fingerprint and the preprocessing plan derived from it
+    splits.json              case ids per split (train / val / test)
+
+One file pair per case (not per slice): DVC hashes a few dozen files quickly, and ``np.load`` with
+``mmap_mode="r"`` lets the sampler read only the slices a patch needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.transforms import (
+    Compose,
+    RandAdjustContrast,
+    RandFlip,
+    RandGaussianNoise,
+    RandRotate90,
+    RandScaleIntensity,
+    RandShiftIntensity,
+)
+
+from ctpipe.fileio import read_json
+from ctpipe.geometry import Geometry
+
+
+def load_index(processed: str | Path) -> dict[str, Any]:
+    return read_json(Path(processed) / "index.json")
+
+
+def load_plan(processed: str | Path) -> dict[str, Any]:
+    return read_json(Path(processed) / "plan.json")
+
+
+def load_nodules(processed: str | Path) -> pd.DataFrame:
+    return pd.read_csv(Path(processed) / "nodules.csv")
+
+
+def cases_in(index: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The index entries of one split, in index order."""
+    return [c for c in index["cases"] if c["split"] == split]
+
+
+def load_case(
+    processed: str | Path, case_id: str, mmap: bool = True
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Image (float16), label (uint8) and geometry of one preprocessed case."""
+    base = Path(processed) / "cases"
+    mode = "r" if mmap else None
+    image = np.load(base / f"{case_id}.image.npy", mmap_mode=mode)
+    label = np.load(base / f"{case_id}.label.npy", mmap_mode=mode)
+    entry = next(c for c in load_index(processed)["cases"] if c["case_id"] == case_id)
+    return image, label, Geometry.from_dict(entry["geometry"])
+
+
+def spatial_augmentations() -> Compose:
+    """MONAI random in-plane flips and 90-degree turns, applied to image and label together."""
+    return Compose([
+        RandFlip(prob=0.5, spatial_axis=0),
+        RandFlip(prob=0.5, spatial_axis=1),
+        RandRotate90(prob=0.5, max_k=3, spatial_axes=(0, 1)),
+    ])
+
+
+def intensity_augmentations() -> Compose:
+    """MONAI random intensity jitter and noise, applied to the image only."""
+    return Compose([
+        RandScaleIntensity(factors=0.1, prob=0.5, channel_wise=False),
+        RandShiftIntensity(offsets=0.1, prob=0.5),
+        RandAdjustContrast(gamma=(0.8, 1.25), prob=0.2, invert_image=False, retain_stats=True),
+        RandGaussianNoise(prob=0.2, std=0.05),
+    ])
+
+
+class SlabPatchDataset(torch.utils.data.Dataset):
+    """Random 2.5D patches: ``image [2c+1, P, P]`` and the centre slice's ``label [P, P]``.
+
+    Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training
+    sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
+    A fraction ``fg_fraction`` of the patches is centred on a nodule voxel (nnU-Net oversamples a
+    third); the rest are centred anywhere in the volume, which shows the network the vessels and
+    airways it must learn to ignore.
+    """
+
+    def __init__(
+        self,
+        processed: str | Path,
+        case_ids: list[str],
+        patch_size: int,
+        context: int,
+        samples_per_epoch: int,
+        fg_fraction: float,
+        seed: int,
+        augment: bool = True,
+    ) -> None:
+        self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
+        # Nodule voxels per case, for foreground oversampling (empty for nodule-free cases).
+        self.foreground = [np.argwhere(np.asarray(lbl) > 0) for _, lbl in self.volumes]
+        self.with_fg = [i for i, fg in enumerate(self.foreground) if len(fg)]
+        self.pad = [float(np.asarray(img[0]).min()) for img, _ in self.volumes]
+        self.patch, self.context = int(patch_size), int(context)
+        self.n, self.fg_fraction, self.seed = int(samples_per_epoch), float(fg_fraction), int(seed)
+        self.epoch = 0
+        self.augment = augment
+        self.spatial, self.intensity = spatial_augmentations(), intensity_augmentations()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _centre(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        if self.with_fg and rng.random() < self.fg_fraction:
+            case = self.with_fg[int(rng.integers(len(self.with_fg)))]
+            fg = self.foreground[case]
+            return case, fg[int(rng.integers(len(fg)))]
+        case = int(rng.integers(len(self.volumes)))
+        shape = self.volumes[case][0].shape
+        return case, np.array([rng.integers(0, s) for s in shape])
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(item)])
+        case, (k, j, i) = self._centre(rng)
+        image, label = self.volumes[case]
+        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
+        half = self.patch // 2
+        # Jitter the centre so the nodule is not always in the middle of the patch.
+        j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
+        i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
+        img = _crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
+        lbl = _crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
+        if self.augment:
+            self.spatial.set_random_state(seed=int(rng.integers(2**31)))
+            self.intensity.set_random_state(seed=int(rng.integers(2**31)))
+            # Flips and turns are exact on integer labels, so both travel through one transform.
+            both = np.asarray(self.spatial(np.concatenate([img, lbl.astype(np.float32)])))
+            img = np.asarray(self.intensity(both[:-1]))
+            lbl = both[-1:]
+        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+                "label": torch.from_numpy(np.ascontiguousarray(lbl, dtype=np.int64))}
+
+
+def _crop2d(arr: np.ndarray, j0: int, i0: int, size: int, pad_value: float) -> np.ndarray:
+    """Crop ``arr[:, j0:j0+size, i0:i0+size]``, padding with ``pad_value`` outside the array."""
+    out = np.full((arr.shape[0], size, size), pad_value, dtype=arr.dtype)
+    h, w = arr.shape[1:]
+    sj, si = max(j0, 0), max(i0, 0)
+    ej, ei = min(j0 + size, h), min(i0 + size, w)
+    if ej > sj and ei > si:
+        out[:, sj - j0 : ej - j0, si - i0 : ei - i0] = arr[:, sj:ej, si:ei]
+    return out

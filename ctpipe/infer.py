@@ -1,0 +1,66 @@
+"""Whole-volume inference for the 2.5D network, shared by evaluate, quantize, export and predict.
+
+A volume ``[K, H, W]`` becomes ``K`` slabs ``[2c+1, H, W]`` (edge slices replicated); each slab
+goes through MONAI's sliding-window inference with Gaussian blending, in batches of slabs. The
+predictor is any callable from a float32 tensor ``[B, C, h, w]`` to logits ``[B, 2, h, w]``: a
+PyTorch module, or an ONNX Runtime session wrapped by :func:`onnx_predictor`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def slabs(volume: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
+    """Stack slices ``k - context .. k + context`` for each k in ``indices``: ``[n, 2c+1, H, W]``."""
+    offsets = np.arange(-context, context + 1)
+    ks = np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    return np.asarray(volume[ks], dtype=np.float32)
+
+
+def predict_volume(
+    predictor: Predictor,
+    volume: np.ndarray,
+    context: int,
+    roi_size: int,
+    overlap: float,
+    batch_slices: int = 16,
+    sw_batch_size: int = 8,
+) -> np.ndarray:
+    """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``."""
+    prob = np.empty(volume.shape, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, volume.shape[0], batch_slices):
+            ks = np.arange(start, min(start + batch_slices, volume.shape[0]))
+            x = torch.from_numpy(slabs(volume, ks, context))
+            logits = sliding_window_inference(
+                x, (roi_size, roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+            )
+            prob[ks] = torch.softmax(logits.float(), dim=1)[:, 1].numpy()
+    return prob
+
+
+def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:
+    """Wrap a PyTorch module (eval mode) as a predictor returning CPU logits."""
+    net.eval().to(device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return net(x.to(device)).float().cpu()
+
+    return run
+
+
+def onnx_predictor(session) -> Predictor:
+    """Wrap an ``onnxruntime.InferenceSession`` (one input, first output = logits)."""
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
+
+    return run

@@ -1,0 +1,49 @@
+"""The segmentation network: a MONAI BasicUNet on 2.5D slabs (adjacent slices as channels).
+
+Why 2.5D: a 2D network sees ``2 * context_slices + 1`` neighbouring slices, enough through-plane
+context to tell a nodule (a sphere that shrinks from slice to slice) from a vessel (a tube that
+persists), at the cost of a 2D network. That keeps training within minutes on two CPU cores and
+gives ONNX Runtime a graph it quantizes well: Conv + BatchNorm (folded) + ReLU and bilinear
+up-sampling (``upsample="nontrainable"``), no ConvTranspose, which has no quantized CPU kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.networks.nets import BasicUNet
+
+NUM_CLASSES = 2  # background, nodule
+
+
+def in_channels(cfg: dict[str, Any]) -> int:
+    """Number of input channels: the centre slice plus ``context_slices`` on each side."""
+    return 2 * int(cfg["context_slices"]) + 1
+
+
+def build_network(cfg: dict[str, Any]) -> torch.nn.Module:
+    """Build the network described by the ``train`` params (``context_slices``, ``features``)."""
+    return BasicUNet(
+        spatial_dims=2,
+        in_channels=in_channels(cfg),
+        out_channels=NUM_CLASSES,
+        features=tuple(int(f) for f in cfg["features"]),
+        act=("relu", {"inplace": True}),
+        norm=("batch", {}),
+        dropout=0.0,
+        upsample="nontrainable",
+    )
+
+
+def load_checkpoint(path: str, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the network from a checkpoint written by the train stage; return it in eval mode.
+
+    The checkpoint holds ``state_dict``, ``train_params`` (the resolved ``train`` section) and
+    ``plan`` (the preprocessing plan), so a model file alone says how to feed it.
+    """
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    net = build_network(ckpt["train_params"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    return net, ckpt

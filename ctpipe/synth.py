@@ -1,0 +1,346 @@
+"""The built-in synthetic chest-CT cohort: what a hospital export looks like, with no real patient.
+
+Each patient gets one study folder of single-frame CT Image Storage files (one per slice) with
+correct geometry and realistic PHI everywhere a real export has it: the main dataset, free-text
+descriptions, vendor private tags and nested sequences. The anatomy is analytic and defined in
+world (LPS mm) coordinates, so the same patient can be written on an axial or an oblique grid and
+the ground truth (LUNA16 ``annotations.csv``, world mm) stays exact:
+
+    body (soft tissue, fat rim) > two lungs (-850 HU) > airways (air, with walls) and a vessel tree
+    (blood, the natural false positives) > nodules 3-30 mm, solid or part-solid; spine; noise.
+
+Everything is drawn from ``numpy.random.default_rng([seed, patient_index])``: the same params write
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
+
+from ctpipe.geometry import Geometry, index_to_world, world_grid, world_to_array_index
+
+FIRST_NAMES = ["JANE", "JOHN", "MARIA", "AHMED", "WEI", "OLGA", "PIERRE", "AMARA", "LUCA", "SOFIA",
+               "KENJI", "FATIMA", "DAVID", "INGRID", "CARLOS", "NADIA"]
+LAST_NAMES = ["DOE", "SMITH", "GARCIA", "MULLER", "NGUYEN", "KOWALSKI", "ROSSI", "OKAFOR",
+              "JOHANSSON", "DUBOIS", "TANAKA", "HADDAD", "OBRIEN", "SILVA", "PETROV", "LARSEN"]
+STREETS = ["Elm Street", "Harbour Road", "Rue des Lilas", "Kastanienallee", "Via Roma", "Main St"]
+CITIES = ["Springfield", "Lyon", "Leipzig", "Bologna", "Bergen", "Porto"]
+INSTITUTIONS = ["St. Mary's General Hospital", "Universitaetsklinikum Nord", "Clinique du Parc",
+                "Riverside Medical Center"]
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as real exports carry a vendor root
+
+
+@dataclass(frozen=True)
+class Nodule:
+    centre_xyz: tuple[float, float, float]
+    diameter_mm: float
+    solid_fraction: float  # 1.0 solid; < 1 part-solid: a solid core inside a ground-glass halo
+
+
+@dataclass
+class SyntheticCase:
+    """One patient: identity, acquisition geometry, anatomy (world mm) and nodules."""
+
+    index: int
+    phi: dict
+    geometry: Geometry
+    shape_kji: tuple[int, int, int]
+    nodules: list[Nodule]
+    anatomy: dict
+    hu: np.ndarray | None = None
+
+
+def _date(rng: np.random.Generator, start: dt.date, span_days: int) -> dt.date:
+    return start + dt.timedelta(days=int(rng.integers(0, span_days)))
+
+
+def make_phi(rng: np.random.Generator, index: int) -> dict:
+    """A realistic, fictitious identity and visit for patient ``index``."""
+    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+    birth = _date(rng, dt.date(1940, 1, 1), 365 * 40)
+    study = _date(rng, dt.date(2019, 1, 1), 365 * 5)
+    study_time = dt.time(int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60)))
+    age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+    return {
+        "PatientName": f"{last}^{first}",
+        "PatientID": f"MRN{int(rng.integers(10**6, 10**7))}{index:03d}",
+        "PatientBirthDate": birth.strftime("%Y%m%d"),
+        "PatientSex": str(rng.choice(["F", "M"])),
+        "PatientAge": f"{age:03d}Y",
+        "PatientWeight": f"{rng.uniform(50, 110):.1f}",
+        "PatientSize": f"{rng.uniform(1.5, 1.95):.2f}",
+        "PatientAddress": f"{int(rng.integers(1, 200))} {rng.choice(STREETS)}, {rng.choice(CITIES)}",
+        "InstitutionName": str(rng.choice(INSTITUTIONS)),
+        "InstitutionAddress": f"{int(rng.integers(1, 99))} Hospital Way, {rng.choice(CITIES)}",
+        "ReferringPhysicianName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}^^Dr",
+        "PerformingPhysicianName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
+        "OperatorsName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
+        "AccessionNumber": f"ACC{int(rng.integers(10**7, 10**8))}",
+        "StudyDate": study.strftime("%Y%m%d"),
+        "StudyTime": study_time.strftime("%H%M%S"),
+        "StudyID": f"{int(rng.integers(1000, 9999))}",
+        "DeviceSerialNumber": f"SN{int(rng.integers(10**5, 10**6))}",
+        "StationName": f"CTROOM{int(rng.integers(1, 9))}",
+        "first": first,
+        "last": last,
+    }
+
+
+def make_geometry(rng: np.random.Generator, cfg: dict, oblique: bool) -> tuple[Geometry, tuple]:
+    """Anisotropic, patient-specific acquisition grid covering the chest."""
+    n = int(cfg["matrix"])
+    pixel = rng.uniform(*cfg["pixel_spacing_mm"])
+    dz = float(rng.choice(cfg["slice_spacing_mm"]))
+    n_slices = int(round(cfg["z_extent_mm"] / dz))
+    direction = np.eye(3)
+    if oblique:
+        # A rotation about an axis that is neither x, y nor z: a non-symmetric direction matrix.
+        angle = np.deg2rad(float(cfg["oblique_degrees"]))
+        axis = np.array([1.0, 0.4, 0.2]) / np.linalg.norm([1.0, 0.4, 0.2])
+        kx = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        direction = np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
+    spacing = np.array([pixel, pixel, dz])
+    # Centre the grid on the chest (world origin), with a small patient-specific offset.
+    extent = spacing * (np.array([n, n, n_slices]) - 1)
+    centre = np.array([rng.uniform(-5, 5), rng.uniform(-5, 5), -150.0 + rng.uniform(-20, 20)])
+    origin = centre - direction @ (extent / 2)
+    return Geometry(origin, spacing, direction), (n_slices, n, n)
+
+
+def make_anatomy(rng: np.random.Generator, centre_z: float, cfg: dict) -> dict:
+    """Body, lungs, airways and vessel tree as analytic shapes in world mm."""
+    body = {"a": rng.uniform(140, 165), "b": rng.uniform(100, 120), "cy": rng.uniform(-5, 5)}
+    lungs = []
+    for side in (-1, 1):  # LPS: -x is the patient's right
+        lungs.append({
+            "c": np.array([side * rng.uniform(62, 72), rng.uniform(-5, 5), centre_z + rng.uniform(-5, 5)]),
+            "r": np.array([rng.uniform(45, 55), rng.uniform(65, 75), rng.uniform(85, 100)]),
+        })
+    hilum_z = centre_z + 25
+    trachea = [np.array([0.0, -15.0, centre_z + 120]), np.array([0.0, -15.0, hilum_z])]
+    airways = [(trachea[0], trachea[1], 8.0)]
+    vessels = []
+    for lung in lungs:
+        hilum = np.array([lung["c"][0] * 0.45, 0.0, hilum_z])
+        main = hilum + np.array([np.sign(lung["c"][0]) * 20, -5, -10])
+        airways.append((trachea[1], main, 5.5))
+        for _ in range(int(cfg["vessels_per_lung"])):
+            _grow_vessel(rng, hilum, lung, 4.0, 3, vessels)
+    return {"body": body, "lungs": lungs, "airways": airways, "vessels": vessels}
+
+
+def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
+    """A branching vessel: random segments from the hilum toward the lung periphery."""
+    direction = lung["c"] + rng.normal(0, 1, 3) * lung["r"] * 0.6 - start
+    direction /= np.linalg.norm(direction)
+    length = rng.uniform(25, 45)
+    end = start + direction * length
+    out.append((start, end, radius))
+    if depth > 1:
+        for _ in range(2):
+            _grow_vessel(rng, end, lung, radius * 0.7, depth - 1, out)
+
+
+def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nodule]:
+    """0..max nodules inside the lungs, log-uniform diameters, some part-solid."""
+    n = 0 if rng.random() < cfg["fraction_without_nodules"] else int(rng.integers(1, cfg["max_nodules"] + 1))
+    nodules: list[Nodule] = []
+    lo, hi = cfg["diameter_mm"]
+    while len(nodules) < n:
+        d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        lung = anatomy["lungs"][int(rng.integers(0, 2))]
+        c = lung["c"] + rng.uniform(-1, 1, 3) * lung["r"]
+        # Keep the whole nodule inside the lung and away from other nodules.
+        if np.sum(((c - lung["c"]) / (lung["r"] - d / 2 - 4)) ** 2) > 1:
+            continue
+        if any(np.linalg.norm(c - np.array(o.centre_xyz)) < (d + o.diameter_mm) / 2 + 10 for o in nodules):
+            continue
+        solid = 1.0 if rng.random() >= cfg["part_solid_fraction"] else float(rng.uniform(0.3, 0.6))
+        nodules.append(Nodule(tuple(np.round(c, 2)), round(d, 2), solid))
+    return nodules
+
+
+def _segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip(((points - a) @ ab) / (ab @ ab), 0, 1)
+    return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1)
+
+
+def render(case: SyntheticCase, rng: np.random.Generator, cfg: dict) -> np.ndarray:
+    """Analytic phantom in HU on the case's voxel grid (numpy [k, j, i] order), float32."""
+    xyz = world_grid(case.shape_kji, case.geometry).astype(np.float32)
+    body, lungs = case.anatomy["body"], case.anatomy["lungs"]
+    x, y = xyz[..., 0], xyz[..., 1] - body["cy"]
+    ell = (x / body["a"]) ** 2 + (y / body["b"]) ** 2
+    hu = np.full(case.shape_kji, -1000.0, dtype=np.float32)
+    hu[ell <= 1.0] = -90.0  # subcutaneous fat
+    hu[ell <= 0.85] = 45.0  # muscle and mediastinum
+    spine = (x / 18) ** 2 + ((y - body["b"] * 0.7) / 16) ** 2 <= 1
+    hu[spine] = 650.0
+    in_lung = np.zeros(case.shape_kji, dtype=bool)
+    for lung in lungs:
+        in_lung |= np.sum(((xyz - lung["c"]) / lung["r"]) ** 2, axis=-1) <= 1
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, case.shape_kji).astype(np.float32), 1.5)
+    hu[in_lung] = -850.0 + 25.0 * texture[in_lung] / (texture.std() + 1e-6)
+    for a, b, r in case.anatomy["vessels"]:
+        _paint_tube(hu, xyz, case.geometry, a, b, r, 40.0, in_lung)
+    for a, b, r in case.anatomy["airways"]:
+        _paint_tube(hu, xyz, case.geometry, a, b, r + 1.5, 20.0, None)  # wall
+        _paint_tube(hu, xyz, case.geometry, a, b, r, -1000.0, None)  # lumen
+    for nod in case.nodules:
+        dist = np.linalg.norm(xyz - np.array(nod.centre_xyz, dtype=np.float32), axis=-1)
+        r = nod.diameter_mm / 2
+        if nod.solid_fraction < 1.0:
+            hu[dist <= r] = np.maximum(hu[dist <= r], rng.uniform(-600, -400))
+        core = dist <= r * nod.solid_fraction
+        hu[core] = rng.uniform(20, 60)
+    # Partial-volume blur along the real voxel grid, then scanner noise.
+    hu = ndimage.gaussian_filter(hu, sigma=cfg["blur_voxels"])
+    hu += rng.normal(0, cfg["noise_hu"], case.shape_kji).astype(np.float32)
+    return np.clip(hu, -1024, 3071)
+
+
+def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
+    """Set voxels within ``radius`` of segment a-b to ``value``, looking only in its bounding box."""
+    lo, hi = np.minimum(a, b) - radius, np.maximum(a, b) + radius
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    kji = world_to_array_index(corners, geom)
+    start = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
+    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, hu.shape)
+    if np.any(stop <= start):
+        return
+    box = tuple(slice(s0, s1) for s0, s1 in zip(start, stop))
+    near = _segment_distance(xyz[box], a, b) <= radius
+    if within is not None:
+        near &= within[box]
+    hu[box][near] = value
+
+
+def make_case(seed: int, index: int, cfg: dict, oblique: bool = False) -> SyntheticCase:
+    """Draw patient ``index`` (identity, geometry, anatomy, nodules) and render its volume."""
+    rng = np.random.default_rng([seed, index])
+    phi = make_phi(rng, index)
+    geom, shape = make_geometry(rng, cfg, oblique)
+    centre = index_to_world((np.array(shape[::-1]) - 1) / 2, geom)
+    anatomy = make_anatomy(rng, float(centre[2]), cfg)
+    nodules = make_nodules(rng, anatomy, cfg)
+    case = SyntheticCase(index, phi, geom, shape, nodules, anatomy)
+    case.hu = render(case, rng, cfg)
+    return case
+
+
+def _uid(seed: int, *parts: object) -> str:
+    return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(seed), *map(str, parts)])
+
+
+def _phi_dataset(phi: dict, uids: dict) -> Dataset:
+    """The patient / study / equipment modules, with PHI where real exports put it."""
+    ds = Dataset()
+    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                "PatientWeight", "PatientSize", "PatientAddress", "InstitutionName",
+                "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
+                "OperatorsName", "AccessionNumber", "StudyDate", "StudyTime", "StudyID",
+                "DeviceSerialNumber", "StationName"):
+        setattr(ds, key, phi[key])
+    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = phi["StudyDate"]
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = phi["StudyTime"]
+    ds.StudyDescription = f"CT CHEST LOW DOSE - {phi['first'].title()} {phi['last'].title()}"
+    ds.SeriesDescription = "Lung 1.0 B60f"
+    ds.ImageComments = f"Follow-up for {phi['last']}, {phi['first']} (MRN {phi['PatientID']})"
+    ds.AdditionalPatientHistory = f"Smoker. Patient {phi['first']} {phi['last']} referred by GP."
+    ds.Manufacturer, ds.ManufacturerModelName = "SYNTHETIC", "ctpipe-phantom"
+    ds.SoftwareVersions = "ctpipe-synth 1"
+    ds.OtherPatientIDsSequence = Sequence([Dataset()])
+    ds.OtherPatientIDsSequence[0].PatientID = phi["PatientID"].replace("MRN", "INS")
+    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = phi["InstitutionName"]
+    request = Dataset()
+    request.RequestedProcedureID = phi["AccessionNumber"]
+    request.ScheduledProcedureStepID = phi["StudyID"]
+    request.RequestedProcedureDescription = f"CT thorax for {phi['last']}^{phi['first']}"
+    request.ReferencedStudySequence = Sequence([Dataset()])
+    request.ReferencedStudySequence[0].ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    request.ReferencedStudySequence[0].ReferencedSOPInstanceUID = uids["study"]
+    request.ScheduledPerformingPhysicianName = phi["PerformingPhysicianName"]
+    ds.RequestAttributesSequence = Sequence([request])
+    # Vendor private block, as Siemens/GE exports carry: creator + values that repeat the identity.
+    block = ds.private_block(0x0029, "CTPIPE_VENDOR_1", create=True)
+    block.add_new(0x10, "LO", f"{phi['last']}^{phi['first']}")
+    block.add_new(0x11, "LO", phi["PatientID"])
+    block.add_new(0x12, "DS", "1.0")
+    return ds
+
+
+def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, list[Path]]:
+    """Write one CT series, one file per slice; return the SeriesInstanceUID and the files."""
+    phi, geom, hu = case.phi, case.geometry, case.hu
+    uids = {k: _uid(seed, case.index, k) for k in ("study", "series", "frame")}
+    base = _phi_dataset(phi, uids)
+    signed = case.index % 2 == 0  # half the cohort signed HU, half unsigned with intercept -1024
+    intercept = 0.0 if signed else -1024.0
+    study_dir = out_dir / f"{phi['last']}_{phi['first']}_{phi['PatientID']}"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    row_dir, col_dir = geom.direction[:, 0], geom.direction[:, 1]
+    files = []
+    for k in range(case.shape_kji[0]):
+        ds = Dataset()
+        ds.update(base)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = _uid(seed, case.index, "sop", k)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
+        ds.FrameOfReferenceUID = uids["frame"]
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.BurnedInAnnotation = "NO"
+        ds.PatientPosition = "FFS"
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in index_to_world([0, 0, k], geom)]
+        ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [f"{geom.spacing[1]:.6f}", f"{geom.spacing[0]:.6f}"]
+        ds.SliceThickness = f"{geom.spacing[2]:.4f}"
+        ds.KVP, ds.XRayTubeCurrent = "120", 80
+        ds.Rows, ds.Columns = case.shape_kji[1], case.shape_kji[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = f"{intercept:g}", "1", "HU"
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+        stored = np.round(hu[k] - intercept).astype(np.int16 if signed else np.uint16)
+        ds.PixelData = stored.tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = UID_ROOT + "1"
+        ds.file_meta = meta
+        path = study_dir / f"IM{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return uids["series"], files
+
+
+def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
+    """LUNA16 ``annotations.csv`` rows (world mm) for one series."""
+    return [
+        {"seriesuid": series_uid, "coordX": n.centre_xyz[0], "coordY": n.centre_xyz[1],
+         "coordZ": n.centre_xyz[2], "diameter_mm": n.diameter_mm}
+        for n in nodules
+    ]
+
+
+def write_case(out_dir: Path, seed: int, index: int, cfg: dict, oblique: bool = False) -> list[dict]:
+    """Generate and write patient ``index``; return its annotation rows. Picklable for a pool."""
+    case = make_case(seed, index, cfg, oblique)
+    series_uid, _ = write_study(case, Path(out_dir), seed)
+    return annotation_rows(series_uid, case.nodules)
+
+
+def annotations_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+
