@@ -10,8 +10,9 @@ Modules, one concern each:
     prep      -- fingerprint, plan, resampling, normalisation, label masks, patient split
     data      -- 2.5D patch sampling for training
     nets      -- the MONAI segmentation network
-    infer     -- sliding-window inference and nodule candidate extraction
-    metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM
+    infer     -- sliding-window inference over whole volumes
+    detect    -- nodule masks from annotations, nodule candidates from probabilities
+    metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM with bootstrap intervals
     onnxtools -- ONNX export, parity checks, static INT8 quantization, latency
 """
 

@@ -24,7 +24,7 @@ from ctpipe.geometry import Geometry
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "status", "reason", "series_uid", "study_uid", "modality",
+MANIFEST_COLUMNS = ["path", "status", "reason", "patient_id", "series_uid", "study_uid", "modality",
                     "position_mm", "instance", "sop_uid"]
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
@@ -38,7 +38,7 @@ def scan_file(path: Path, root: Path) -> dict:
         return {**rec, "status": "skipped", "reason": "not a DICOM file (no DICM preamble)"}
     except Exception as exc:  # pydicom raises many types on damaged files
         return {**rec, "status": "skipped", "reason": f"unreadable DICOM: {exc}"}
-    rec.update(series_uid=str(ds.get("SeriesInstanceUID", "")), study_uid=str(ds.get("StudyInstanceUID", "")),
+    rec.update(patient_id=str(ds.get("PatientID", "")), series_uid=str(ds.get("SeriesInstanceUID", "")), study_uid=str(ds.get("StudyInstanceUID", "")),
                modality=str(ds.get("Modality", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
                instance=int(ds.get("InstanceNumber", 0) or 0))
     problem = _header_problem(ds)

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make repro` (set up .venv, run the whole pipeline) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test test-fast review dag clean-outputs
+
+# The venv is (re)installed only when requirements.txt or pyproject.toml changed.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || python3 -m venv $(VENV)
+	@echo "installing pinned requirements into $(VENV) (log: $(VENV)/pip.log)"
+	@$(BIN)/python -m pip install -r requirements.txt > $(VENV)/pip.log 2>&1 \
+		|| { grep -v "is ignored" $(VENV)/pip.log | tail -40; exit 1; }
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+repro: setup
+	dvc repro
+
+test: setup
+	python -m pytest
+
+test-fast: setup
+	python -m pytest -m "not slow"
+
+# What a reviewer pastes into a pull request: params and metrics diff against main, plots diff as HTML.
+review: setup
+	dvc params diff main --md
+	dvc metrics diff main --md
+	dvc plots diff main --out review_plots --open=false 2>/dev/null || dvc plots diff main -o review_plots
+	@echo "plots: review_plots/index.html"
+
+dag: setup
+	dvc dag --md

@@ -1,0 +1,133 @@
+"""Stage evaluate: the trained model on the held-out test split, voxel- and lesion-level.
+
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``evaluate`` + ``base.seed``
+Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
+     nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
+     positives per scan, and sensitivity / false positives per scan at the operating threshold.
+     ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
+     ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ctpipe import data, detect, infer, metrics, nets  # noqa: E402
+from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
+from ctpipe.params import stage_params  # noqa: E402
+
+log = logging.getLogger("evaluate")
+FP_RATES = metrics.LUNA16_FP_RATES
+
+
+def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int):
+    """Yield ``(case, image, truth, prob, geometry)`` for each case."""
+    predictor = infer.torch_predictor(net)
+    for case in tqdm(cases, desc="evaluate", unit="case"):
+        image, label, geom = data.load_case(processed, case["case_id"])
+        image = np.asarray(image, dtype=np.float32)
+        prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]))
+        yield case, image, np.asarray(label) > 0, prob, geom
+
+
+def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:
+    """The slice with the most nodule voxels: image, truth contour (green), prediction (red)."""
+    k = int(np.argmax((truth | pred).sum(axis=(1, 2))))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, (name, mask) in zip(axes, [("image", None), ("truth", truth), ("prediction", pred)]):
+        ax.imshow(image[k], cmap="gray")
+        if mask is not None:
+            ax.contour(mask[k], levels=[0.5], colors="lime" if name == "truth" else "red", linewidths=1)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title} (slice {k})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) -> dict:
+    net, ckpt = nets.load_checkpoint(str(model_path))
+    torch.manual_seed(seed)
+    index = data.load_index(processed)
+    cases = data.cases_in(index, "test")
+    if not cases:
+        raise ValueError(f"{processed}/index.json: the test split is empty")
+    all_nodules = data.load_nodules(processed)
+    test_uids = [c["seriesuid"] for c in cases]
+    nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
+    threshold = float(cfg["threshold"])
+    rows, candidates, kept = [], [], {}
+    for case, image, truth, prob, geom in predict_cases(net, processed, cases, cfg,
+                                                        int(ckpt["train_params"]["context_slices"])):
+        pred = prob >= threshold
+        row = {"case_id": case["case_id"], "seriesuid": case["seriesuid"],
+               "nodules": int(case["nodules"]), "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum())}
+        row.update(metrics.voxel_metrics(pred, truth, geom.spacing[::-1], float(cfg["surface_tolerance_mm"])))
+        rows.append(row)
+        cands = detect.candidates_from_probability(prob, geom, float(cfg["candidate_threshold"]),
+                                                   float(cfg["min_candidate_mm3"]))
+        candidates.append(cands.assign(seriesuid=case["seriesuid"]))
+        kept[case["case_id"]] = (image, truth, pred)
+    per_case = pd.DataFrame(rows)
+    cands = pd.concat(candidates, ignore_index=True)
+    froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
+    boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
+    operating = metrics.froc(cands[cands["score"] >= threshold], nodules, len(cases), FP_RATES)
+
+    if plots.exists():
+        shutil.rmtree(plots)
+    plots.mkdir(parents=True)
+    write_csv(plots / "per_case.csv", per_case.round(4))
+    write_csv(plots / "candidates.csv", metrics.match_candidates(cands, nodules))
+    curve = froc["curve"]
+    write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
+                                                "sensitivity": curve["sensitivity"]}).round(4))
+    scored = per_case.dropna(subset=["dice"]).sort_values(["dice", "case_id"])
+    for name, row in (("worst", scored.iloc[0]), ("best", scored.iloc[-1])) if len(scored) else ():
+        image, truth, pred = kept[row["case_id"]]
+        overlay(plots / "overlays" / f"{name}.png", image, truth, pred,
+                f"{name} test case {row['case_id']}: Dice {row['dice']:.3f}")
+    summary = metrics.aggregate(per_case.to_dict("records"))
+    return rounded({
+        "dice": summary["dice"], "iou": summary["iou"], "hd95_mm": summary["hd95_mm"],
+        "surface_dice": summary["surface_dice"],
+        "froc_cpm": froc["cpm"], "froc_cpm_ci95": [boot["cpm"]["lo"], boot["cpm"]["hi"]],
+        "sensitivity_at_fp": {f"{rate:g}": value for rate, value in froc["sensitivity_at"].items()},
+        "sensitivity": operating["sensitivity"], "fp_per_scan": operating["fp_per_scan"],
+        "test_cases": len(cases), "test_nodules": int(len(nodules)),
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser.add_argument("plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, seed = stage_params("evaluate", args.params)
+    result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
+    write_json(args.metrics, result)
+    log.info("evaluate: Dice %.4f, CPM %.4f", result["dice"], result["froc_cpm"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Candidates from probability maps and nodule masks from annotations, on an oblique grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ctpipe.detect import candidates_from_probability, nodule_mask
+from ctpipe.geometry import (
+    Geometry,
+    array_index_to_world,
+    sphere_mask,
+    world_grid,
+    world_to_array_index,
+)
+
+SHAPE_KJI = (20, 40, 48)
+
+
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    a, b = [i for i in range(3) if i != axis]
+    r = np.eye(3)
+    r[a, a], r[a, b], r[b, a], r[b, b] = c, -s, s, c
+    return r
+
+
+@pytest.fixture
+def geom() -> Geometry:
+    """Oblique, anisotropic, off-origin: any axis swap or misplaced inverse shows."""
+    direction = rotation(2, 30.0) @ rotation(0, 15.0)
+    return Geometry(origin=(-120.5, 35.25, -310.0), spacing=(0.8, 1.1, 2.5), direction=direction)
+
+
+def gaussian_blobs(geom: Geometry, centres: list[np.ndarray], peaks: list[float]) -> np.ndarray:
+    """Isotropic (in mm) Gaussian bumps of sigma 3 mm at world centres, on the grid of ``geom``."""
+    world = world_grid(SHAPE_KJI, geom)
+    prob = np.zeros(SHAPE_KJI)
+    for centre, peak in zip(centres, peaks):
+        prob += peak * np.exp(-np.sum((world - centre) ** 2, axis=-1) / (2 * 3.0**2))
+    return prob
+
+
+def test_candidates_come_back_at_the_blob_centres(geom):
+    # Centres between voxel centres, far apart, given in world mm.
+    c1 = array_index_to_world(np.array([6.3, 12.6, 15.2]), geom)
+    c2 = array_index_to_world(np.array([13.5, 28.1, 33.7]), geom)
+    prob = gaussian_blobs(geom, [c1, c2], [0.9, 0.7])
+    cands = candidates_from_probability(prob, geom, threshold=0.3)
+    assert list(cands.columns) == [
+        "coordX", "coordY", "coordZ", "diameter_mm", "score", "volume_mm3"
+    ]
+    assert len(cands) == 2
+    xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
+    # Sorted by score: the 0.9 blob first. The weighted centroid of a sampled, truncated symmetric
+    # bump lies well within a voxel of its centre (smallest spacing 0.8 mm).
+    assert np.linalg.norm(xyz[0] - c1) < 0.8
+    assert np.linalg.norm(xyz[1] - c2) < 0.8
+    assert cands["score"].iloc[0] == pytest.approx(prob.max())
+    assert 0.3 <= cands["score"].iloc[1] <= 0.7
+
+
+def test_candidate_volume_diameter_and_centroid_of_a_box(geom):
+    prob = np.zeros(SHAPE_KJI)
+    prob[2:5, 3:7, 4:9] = 0.8  # 3 * 4 * 5 = 60 voxels of 0.8 * 1.1 * 2.5 = 2.2 mm3
+    cands = candidates_from_probability(prob, geom, threshold=0.5)
+    assert len(cands) == 1
+    row = cands.iloc[0]
+    assert row["volume_mm3"] == pytest.approx(132.0)
+    assert row["diameter_mm"] == pytest.approx((6 * 132.0 / np.pi) ** (1 / 3))
+    assert row["score"] == pytest.approx(0.8)
+    centre = array_index_to_world(np.array([3.0, 4.5, 6.0]), geom)
+    np.testing.assert_allclose(row[["coordX", "coordY", "coordZ"]].to_numpy(float), centre)
+
+
+def test_candidate_centre_is_probability_weighted(geom):
+    prob = np.zeros(SHAPE_KJI)
+    prob[5, 5, 5], prob[5, 5, 6] = 0.9, 0.6  # centroid at i = (5 * 0.9 + 6 * 0.6) / 1.5 = 5.4
+    cands = candidates_from_probability(prob, geom, threshold=0.5)
+    centre = array_index_to_world(np.array([5.0, 5.0, 5.4]), geom)
+    np.testing.assert_allclose(cands[["coordX", "coordY", "coordZ"]].to_numpy()[0], centre)
+    assert cands["score"].iloc[0] == pytest.approx(0.9)
+
+
+def test_corner_neighbours_join_and_small_components_drop(geom):
+    prob = np.zeros(SHAPE_KJI)
+    prob[10, 10, 10] = prob[11, 11, 11] = 0.6  # touch at a corner only: one component
+    prob[2, 30, 40] = 0.9  # a single voxel
+    cands = candidates_from_probability(prob, geom, threshold=0.5)
+    assert sorted(cands["volume_mm3"] / geom.voxel_volume_mm3) == pytest.approx([1.0, 2.0])
+    kept = candidates_from_probability(prob, geom, threshold=0.5, min_volume_mm3=3.0)
+    assert len(kept) == 1 and kept["score"].iloc[0] == pytest.approx(0.6)
+
+
+def test_no_component_gives_an_empty_frame_with_columns(geom):
+    cands = candidates_from_probability(np.zeros(SHAPE_KJI), geom, threshold=0.5)
+    assert cands.empty and "score" in cands.columns
+
+
+def nodules_at(geom: Geometry, rows: list[tuple[np.ndarray, float]]) -> pd.DataFrame:
+    """Nodules at array indices (turned into world mm) with diameters in mm."""
+    xyz = [array_index_to_world(np.asarray(kji, float), geom) for kji, _ in rows]
+    return pd.DataFrame(
+        {
+            "seriesuid": "s",
+            "coordX": [p[0] for p in xyz],
+            "coordY": [p[1] for p in xyz],
+            "coordZ": [p[2] for p in xyz],
+            "diameter_mm": [d for _, d in rows],
+        }
+    )
+
+
+def test_nodule_mask_paints_inside_and_reports_outside(geom):
+    nodules = nodules_at(
+        geom,
+        [
+            ((10.0, 20.0, 24.0), 8.0),  # inside
+            ((-30.0, 20.0, 24.0), 8.0),  # 75 mm beyond the first slice
+            ((-1.0, 20.0, 24.0), 10.0),  # centre outside, sphere reaching into slice 0
+        ],
+    )
+    mask, report = nodule_mask(SHAPE_KJI, geom, nodules)
+    assert mask.dtype == np.uint8 and mask.shape == SHAPE_KJI
+    assert report["inside"].tolist() == [True, False, False]
+    assert report["voxels"].iloc[1] == 0
+    assert report["voxels"].iloc[2] > 0 and mask[0].any()
+    assert mask[10, 20, 24] == 1
+    # An 8 mm sphere holds about 268 mm3, i.e. about 122 voxels of 2.2 mm3.
+    assert 100 <= report["voxels"].iloc[0] <= 145
+    assert mask.sum() == report["voxels"].iloc[0] + report["voxels"].iloc[2]
+    assert len(report) == len(nodules) and "inside" not in nodules.columns
+
+
+def test_nodule_mask_hu_refinement_keeps_only_bright_voxels(geom):
+    nodules = nodules_at(geom, [((10.0, 20.0, 24.0), 12.0)])
+    hu = np.full(SHAPE_KJI, -900.0)
+    hu[10:] = 40.0  # only the half from the centre slice on is dense
+    plain, plain_report = nodule_mask(SHAPE_KJI, geom, nodules)
+    refined, report = nodule_mask(SHAPE_KJI, geom, nodules, hu=hu, hu_threshold=-400.0)
+    assert refined.sum() == plain[10:].sum() == report["voxels"].iloc[0]
+    assert 0 < report["voxels"].iloc[0] < plain_report["voxels"].iloc[0]
+    assert not refined[:10].any()
+    with pytest.raises(ValueError, match="together"):
+        nodule_mask(SHAPE_KJI, geom, nodules, hu=hu)
+
+
+def test_sphere_centre_round_trip_through_candidates(geom):
+    # Annotation -> mask -> candidate comes back at the annotated world centre.
+    centre = array_index_to_world(np.array([9.4, 18.2, 25.7]), geom)
+    mask = sphere_mask(SHAPE_KJI, geom, centre, 6.0)
+    cands = candidates_from_probability(mask.astype(float), geom, threshold=0.5)
+    assert len(cands) == 1
+    offset = world_to_array_index(cands[["coordX", "coordY", "coordZ"]].to_numpy()[0], geom)
+    assert np.all(np.abs(offset - [9.4, 18.2, 25.7]) < 1.0)  # within a voxel on every axis
