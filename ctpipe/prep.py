@@ -148,6 +148,8 @@ def split_patients(patients: pd.DataFrame, cfg: dict, seed: int) -> dict[str, An
     ids, strata = patients["patient_id"].to_numpy(), patients["has_nodules"].to_numpy()
 
     def split(x, y, fraction, salt):
+        if len(x) < 2 or round(fraction * len(x)) < 1:  # too few patients to hold any out
+            return x, x[:0], y, y[:0]
         try:
             return train_test_split(x, y, test_size=fraction, random_state=seed + salt, stratify=y)
         except ValueError:  # too few patients of one kind to stratify (tiny cohorts)

@@ -60,6 +60,9 @@ def read_annotations(path: Path) -> pd.DataFrame:
 def ingest_dicom(source: Path, out: Path, cfg: dict) -> pd.DataFrame:
     """Scan ``source``, copy the accepted files to ``out`` (same relative paths)."""
     manifest = dicomio.scan_folder(source, int(cfg["workers"]), **_checks(cfg))
+    annotations = Path(cfg["annotations"]).resolve()
+    is_csv = manifest["path"].map(lambda rel: (source / rel).resolve() == annotations)
+    manifest.loc[is_csv, ["status", "reason"]] = ["annotations", "the cohort's annotations CSV"]
     for rel in manifest.loc[manifest["status"] == "ok", "path"]:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -185,35 +185,44 @@ def main(argv: list[str] | None = None) -> int:
                 return 3
             t_fetch = time.perf_counter()
         seconds = time.perf_counter() - t_epoch
-        if rank != 0:
-            continue
-        val_loss = _val_loss(net, args.data_dir, val_cases, cfg, seed, loss_fn, device)
-        val_dice = validate(net, args.data_dir, val_cases, cfg, device)
-        record = {"train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_dice": val_dice,
-                  "lr": scheduler.get_last_lr()[0], "samples_per_s": len(losses) * x.shape[0] * world / seconds,
-                  "data_wait_fraction": wait / seconds}
-        history.append(record)
-        for key, value in record.items():
-            live.log_metric(key, value)
-        live.next_step()
-        improved = val_dice > best
-        best, stale = (val_dice, 0) if improved else (best, stale + 1)
-        done = stale >= int(cfg["early_stopping_patience"]) or epoch + 1 == int(cfg["epochs"])
-        ckpt = {"state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best": best, "stale": stale, "history": history, "train_params": cfg, "plan": plan,
-                "seed": seed, "data_id": data_id, "complete": done}
-        if improved:
-            save_checkpoint(args.checkpoints / "best.pt", **ckpt)
-        save_checkpoint(args.checkpoints / "last.pt", **ckpt)
-        log.info("epoch %d: %s", epoch + 1, rounded(record))
-        if done:
+        done = [False]
+        if rank == 0:
+            record = {"train_loss": float(np.mean(losses)),
+                      "val_loss": _val_loss(net, args.data_dir, val_cases, cfg, seed, loss_fn, device),
+                      "val_dice": validate(net, args.data_dir, val_cases, cfg, device),
+                      "lr": scheduler.get_last_lr()[0],
+                      "samples_per_s": len(losses) * int(cfg["batch_size"]) * world / seconds,
+                      "data_wait_fraction": wait / seconds}
+            best, stale, done[0] = _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state={
+                "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "train_params": cfg,
+                "plan": plan, "seed": seed, "data_id": data_id})
+        if world > 1:  # rank 0 decides early stopping; every rank must leave the loop together
+            dist.broadcast_object_list(done, src=0)
+        if done[0]:
             break
     if rank == 0:
         _finish(args, live, history, best)
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state) -> tuple[float, int, bool]:
+    """Log the epoch, keep best/last checkpoints, decide early stopping (rank 0 only)."""
+    history.append(record)
+    for key, value in record.items():
+        live.log_metric(key, value)
+    live.next_step()
+    improved = record["val_dice"] > best
+    best, stale = (record["val_dice"], 0) if improved else (best, stale + 1)
+    done = stale >= int(cfg["early_stopping_patience"]) or epoch + 1 == int(cfg["epochs"])
+    ckpt = {**ckpt_state, "epoch": epoch, "best": best, "stale": stale, "history": history, "complete": done}
+    if improved:
+        save_checkpoint(args.checkpoints / "best.pt", **ckpt)
+    save_checkpoint(args.checkpoints / "last.pt", **ckpt)
+    log.info("epoch %d: %s", epoch + 1, rounded(record))
+    return best, stale, done
 
 
 def _data_id(processed: Path) -> str:

@@ -1,0 +1,94 @@
+"""Ingest accounts for every input file: bad ones are listed with a reason, the rest go through."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import yaml
+
+from conftest import write_tiny_cohort
+from ctpipe import dicomio, synth
+from stages import ingest
+
+
+def make_messy_folder(root: Path) -> dict[str, str]:
+    """Three good studies plus one of each defect; returns {path: expected reason fragment}."""
+    rows = write_tiny_cohort(root, n=5)
+    synth.annotations_frame(rows).to_csv(root / "annotations.csv", index=False)
+    studies = sorted(p for p in root.iterdir() if p.is_dir())
+    expected = {}
+    (root / "notes.txt").write_text("not an image")
+    expected["notes.txt"] = "not a DICOM file"
+    # Truncated file: cut in the middle of its pixel data.
+    victim = sorted(studies[0].glob("*.dcm"))[3]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 1000])
+    expected[str(victim.relative_to(root))] = "truncated"
+    # Missing slice: the whole series is rejected, naming the gap.
+    gone = sorted(studies[1].glob("*.dcm"))[10]
+    gone.unlink()
+    for f in studies[1].glob("*.dcm"):
+        expected[str(f.relative_to(root))] = "missing slice"
+    # Non-CT series: relabel a whole study as MR.
+    for f in studies[2].glob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        ds.Modality = "MR"
+        ds.save_as(f)
+        expected[str(f.relative_to(root))] = "modality MR"
+    # Duplicate slice: a copy of one slice under another name; the series still goes through.
+    dup_src = sorted(studies[3].glob("*.dcm"))[5]
+    shutil.copy(dup_src, studies[3] / "ZZ_copy.dcm")
+    expected[str((studies[3] / "ZZ_copy.dcm").relative_to(root))] = "duplicate slice"
+    return expected
+
+
+def test_every_file_in_manifest_with_reason(tmp_path):
+    src = tmp_path / "src"
+    expected = make_messy_folder(src)
+    manifest = dicomio.scan_folder(src, workers=1, min_slices=8)
+    all_files = {str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()}
+    assert set(manifest["path"]) == all_files
+    by_path = manifest.set_index("path")
+    for path, fragment in expected.items():
+        assert by_path.loc[path, "status"] == "skipped", path
+        assert fragment in by_path.loc[path, "reason"], (path, by_path.loc[path, "reason"])
+    ok = manifest[manifest["status"] == "ok"]
+    # Studies 3 and 4 survive (study 0 loses only its truncated slice: the gap rejects it too).
+    assert ok["series_uid"].nunique() >= 2
+    assert (manifest["status"] == "ok").sum() + len(expected) <= len(manifest)
+
+
+def test_ingest_stage_on_user_folder(tmp_path, params_file):
+    src = tmp_path / "src"
+    expected = make_messy_folder(src)
+    params = yaml.safe_load(params_file.read_text())
+    params["ingest"].update(source="dicom", source_dir=str(src), annotations=str(src / "annotations.csv"))
+    params_file.write_text(yaml.safe_dump(params))
+    out, metrics = tmp_path / "raw", tmp_path / "ingest.json"
+    assert ingest.main([str(out), "--params", str(params_file), "--metrics", str(metrics)]) == 0
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == sum(1 for p in src.rglob("*") if p.is_file())
+    assert manifest.set_index("path").loc["annotations.csv", "status"] == "annotations"
+    copied = {str(p.relative_to(out / "dicom")) for p in (out / "dicom").rglob("*.dcm")}
+    assert copied == set(manifest.loc[manifest["status"] == "ok", "path"])
+    assert not copied & set(expected)
+    assert (out / "annotations.csv").is_file() and (out / "cohort.json").is_file()
+
+
+def test_slices_sorted_by_position_not_name(tmp_path):
+    """Reversed file names and instance numbers must not reverse the volume."""
+    write_tiny_cohort(tmp_path / "a", n=1)
+    study = next((tmp_path / "a").iterdir())
+    files = sorted(study.glob("*.dcm"))
+    for f in files:  # rename so that name order is the reverse of position order
+        f.rename(study / f"x{len(files) - int(f.stem[2:]):04d}.dcm")
+    manifest = dicomio.scan_folder(tmp_path / "a", workers=1)
+    (uid, paths), = dicomio.series_files(manifest).items()
+    volume, geom = dicomio.read_series([tmp_path / "a" / p for p in paths])
+    case = synth.make_case(7, 0, {**__import__("conftest").TINY_SYNTH})
+    assert volume.shape == case.hu.shape
+    assert abs(volume - case.hu).max() <= 1.0  # stored as integers: rounding only
+    assert abs(geom.origin - case.geometry.origin).max() < 1e-3

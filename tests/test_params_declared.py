@@ -1,0 +1,103 @@
+"""Every param a stage reads is declared for it in dvc.yaml, and every declared param is read.
+
+A stage reads its own section of params.yaml (``stage_params(<stage>)``) plus ``base.seed``. A key
+counts as read when its name appears as a subscript or ``.get`` literal (``cfg["lr"]``,
+``cfg.get("lr")``), or as a field of a dataclass (options built with ``Options(**cfg_subset)``), in
+the stage script or one of the package modules listed in its deps.
+Nested sections (``ingest.synthetic``, ``preprocess.split``) are checked leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def key_literals(paths: list[Path]) -> set[str]:
+    """String constants used as ``x["key"]`` or ``x.get("key")``, and dataclass field names."""
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and any(
+                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
+                found |= {f.target.id for f in node.body if isinstance(f, ast.AnnAssign)
+                          and isinstance(f.target, ast.Name)}
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+                found.add(node.slice.value)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "get" and node.args and isinstance(node.args[0], ast.Constant)):
+                found.add(node.args[0].value)
+    return {k for k in found if isinstance(k, str)}
+
+
+def stage_sources(stage: dict) -> list[Path]:
+    return [ROOT / d for d in stage["deps"] if str(d).endswith(".py")]
+
+
+def declared(stage: dict) -> set[str]:
+    keys: set[str] = set()
+    for entry in stage.get("params", []):
+        keys |= {entry} if isinstance(entry, str) else {k for v in entry.values() for k in v}
+    return keys
+
+
+def leaves(value) -> set[str]:
+    """Names of the nested keys of a dict-valued param (empty for a scalar or list)."""
+    if not isinstance(value, dict):
+        return set()
+    return {k for k, v in value.items()} | {n for v in value.values() for n in leaves(v)}
+
+
+@pytest.mark.parametrize("name", list(DVC["stages"]))
+def test_stage_params_declared_and_read(name):
+    stage = DVC["stages"][name]
+    section = PARAMS[name]
+    decl = declared(stage)
+    reads = key_literals(stage_sources(stage))
+    whole = name in decl
+    declared_keys = set(section) if whole else {d.split(".", 1)[1] for d in decl if d.startswith(f"{name}.")}
+    assert not {d for d in decl if d.split(".")[0] not in (name, "base")}, "declares another stage's params"
+    unread = {k for k in declared_keys if k not in reads or not leaves(section[k]) <= reads}
+    assert not unread, f"{name} declares params it never reads: {sorted(unread)}"
+    undeclared = {k for k in section if k in reads} - declared_keys
+    assert not undeclared, f"{name} reads params it does not declare: {sorted(undeclared)}"
+    assert set(section) <= declared_keys, f"params.yaml keys of {name} nobody reads: {sorted(set(section) - declared_keys)}"
+
+
+@pytest.mark.parametrize("name", list(DVC["stages"]))
+def test_seed_declared_iff_used(name):
+    """``base.seed`` is declared exactly by the stages whose code uses the seed."""
+    stage = DVC["stages"][name]
+    script = ROOT / "stages" / f"{name}.py"
+    tree = ast.parse(script.read_text())
+    uses = any(isinstance(n, ast.Name) and n.id == "seed" and isinstance(n.ctx, ast.Load) for n in ast.walk(tree))
+    assert uses == ("base.seed" in declared(stage)), f"{name}: seed used={uses}, declared={'base.seed' in declared(stage)}"
+
+
+def test_every_stage_script_and_its_imports_are_deps():
+    for name, stage in DVC["stages"].items():
+        script = f"stages/{name}.py"
+        assert stage["cmd"].startswith(f"python {script} "), name
+        deps = set(map(str, stage["deps"]))
+        assert script in deps
+        todo, seen = [ROOT / script], set()
+        while todo:  # every ctpipe module imported, directly or through another ctpipe module
+            tree = ast.parse(todo.pop().read_text())
+            for node in ast.walk(tree):
+                mods = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctpipe"):
+                    mods = [node.module] + ([f"ctpipe.{a.name}" for a in node.names] if node.module == "ctpipe" else [])
+                for mod in mods:
+                    path = ROOT / (mod.replace(".", "/") + ".py")
+                    if path.is_file() and path not in seen:
+                        seen.add(path)
+                        todo.append(path)
+        missing = {str(p.relative_to(ROOT)) for p in seen} - deps
+        assert not missing, f"{name} imports modules that are not deps: {sorted(missing)}"

@@ -1,0 +1,151 @@
+"""CPU smoke tests of the quantize and export stages on a tiny dataset and a random-init network."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import yaml
+
+from ctpipe import onnxtools
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_onnxtools import make_checkpoint, make_processed, perturbed_copy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZE_KEYS = {
+    "dice_fp32", "dice_int8", "dice_drop", "latency_ms_torch", "latency_ms_fp32", "latency_ms_int8",
+    "speedup_int8_vs_fp32", "size_ratio", "int8_faster", "chosen", "sweep", "threads", "cpu",
+    "cpm_fp32", "cpm_int8", "latency_p90_ms_fp32", "latency_p90_ms_int8", "latency_p90_ms_torch",
+    "dice_definition", "gate_passed", "calibration",
+}
+EXPORT_FILES = {"model.onnx", "model_int8.onnx", "model.pt2", "input_spec.json", "MODEL_CARD.md",
+                "versions.json", "verification.json", "SHA256SUMS", "triton/tiny_seg/config.pbtxt",
+                "triton/tiny_seg/1/model.onnx"}
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_params() -> dict:
+    common = {"threshold": 0.5, "roi_size": 32, "overlap": 0.25, "candidate_threshold": 0.2,
+              "min_candidate_mm3": 1, "threads": 1}
+    return {
+        "base": {"seed": 0},
+        "quantize": {**common, "opset": 18, "schemes": ["S8S8", "U8S8"],
+                     "calibration_methods": ["minmax", "percentile", "entropy"], "percentile": 99.99,
+                     "per_channel": True, "calibration_slabs": 8, "calibration_batch": 4,
+                     "calibration_fg_fraction": 0.5, "max_dice_drop": 1.0, "selection": "fastest",
+                     "graph_optimization": "all", "latency_batch": 2, "latency_warmup": 1, "latency_runs": 3,
+                     "sweep_latency_runs": 2, "speedup_target": 1.3},
+        "export": {**common, "opset": 18, "model_name": "tiny_seg", "triton_max_batch_size": 4,
+                   "parity_shapes": [[1, 32, 48], [2, 48, 16]], "atol": 1e-4, "min_dice": 0.999,
+                   "training_data": "tiny synthetic spheres (test fixture)"},
+    }
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("qe")
+    processed = make_processed(root / "processed")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params()))
+    return {"root": root, "processed": processed, "model": make_checkpoint(root / "model.pt", processed),
+            "params": params}
+
+
+@pytest.fixture(scope="module")
+def quantized(workspace) -> dict:
+    w = workspace
+    out, metrics = w["root"] / "quantized", w["root"] / "metrics" / "quantize.json"
+    argv = [str(w["model"]), str(w["processed"]), str(out), "--params", str(w["params"]), "--metrics", str(metrics)]
+    assert load_stage("quantize").main(argv) == 0
+    return {"out": out, "metrics": json.loads(metrics.read_text())}
+
+
+def test_quantize_writes_models_and_every_metric(quantized):
+    m, out = quantized["metrics"], quantized["out"]
+    assert QUANTIZE_KEYS <= set(m)
+    assert sorted(p.name for p in out.iterdir()) == ["model_fp32.onnx", "model_int8.onnx"]  # temp dir gone
+    assert set(m["sweep"]) == {f"{s}_{c}" for s in ("S8S8", "U8S8") for c in ("minmax", "percentile", "entropy")}
+    assert m["chosen"]["selection_split"] == "val" and m["calibration"]["split"] == "train"
+    assert m["dice_drop"] == pytest.approx(m["dice_fp32"] - m["dice_int8"], abs=1e-3)
+    assert 0 < m["size_ratio"] < 1 and isinstance(m["int8_faster"], bool)
+    assert m["latency_ms_torch"] > 0 and m["latency_ms_fp32"] > 0 and m["latency_ms_int8"] > 0
+    assert set(m["cpu"]["flags"]) == set(onnxtools.CPU_FLAGS)
+    ops = {n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_quantize_gate_fails_when_no_configuration_passes(workspace, tmp_path):
+    params = tiny_params()
+    params["quantize"].update(schemes=["U8S8"], calibration_methods=["minmax"], max_dice_drop=-1.0)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    stage = load_stage("quantize")
+    argv = [str(workspace["model"]), str(workspace["processed"]), str(tmp_path / "q"), "--params", str(path),
+            "--metrics", str(tmp_path / "m.json")]
+    with pytest.raises(stage.GateError, match="no configuration keeps the val Dice"):
+        stage.main(argv)
+
+
+def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]:
+    return [str(w["model"]), str(w["processed"]), str(quant_dir), str(out), "--params", str(w["params"]),
+            "--metrics", str(metrics), "--evaluate-metrics", str(w["root"] / "none.json"),
+            "--quantize-metrics", str(w["root"] / "metrics" / "quantize.json")]
+
+
+def test_export_package_verifies(workspace, quantized, tmp_path):
+    out, metrics = tmp_path / "export", tmp_path / "export.json"
+    assert load_stage("export").main(export_argv(workspace, quantized["out"], out, metrics)) == 0
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == EXPORT_FILES
+    if shutil.which("sha256sum"):
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert onnxtools.verify_sha256sums(out) == []
+    listed = {ln.split("  ", 1)[1] for ln in (out / "SHA256SUMS").read_text().splitlines()}
+    assert listed == EXPORT_FILES - {"SHA256SUMS"}
+
+    m = json.loads(metrics.read_text())
+    assert m["parity_passed"] and m["onnx_max_abs_diff"] <= 1e-4 and m["onnx_dice"] >= 0.999
+    assert m["pt2_max_abs_diff"] <= 1e-4 and m["opset"] == 18 and m["export_seconds"] > 0
+    ver = json.loads((out / "verification.json").read_text())
+    assert [s["shape"] for s in ver["onnx_vs_torch"]["shapes"]] == [[1, 3, 32, 48], [2, 3, 48, 16]]
+    assert ver["onnx_vs_torch"]["passed"] and ver["pt2_vs_torch"]["passed"]
+    spec = json.loads((out / "input_spec.json").read_text())
+    assert spec["input"]["shape"] == ["N", 3, "H", "W"] and spec["label_map"] == {"0": "background", "1": "nodule"}
+    assert spec["preprocessing"]["target_spacing_mm_xyz"] == [1.0, 1.0, 2.0] and spec["deep_supervision"] is False
+    assert json.loads((out / "versions.json").read_text())["opset"] == 18
+    assert 'platform: "onnxruntime_onnx"' in (out / "triton/tiny_seg/config.pbtxt").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Not a medical device" in card and "tiny synthetic spheres" in card
+    reloaded = torch.export.load(str(out / "model.pt2")).module()
+    assert tuple(reloaded(torch.zeros(2, 3, 16, 32)).shape) == (2, 2, 16, 32)
+
+
+def test_export_stage_fails_on_perturbed_model(workspace, quantized, tmp_path, monkeypatch):
+    stage = load_stage("export")
+    real_export = onnxtools.export_onnx
+
+    def export_then_perturb(net, channels, path, opset, metadata=None):
+        result = real_export(net, channels, path, opset, metadata)
+        perturbed_copy(Path(path), Path(path))
+        return result
+
+    monkeypatch.setattr(stage.onnxtools, "export_onnx", export_then_perturb)
+    out = tmp_path / "export"
+    with pytest.raises(onnxtools.ParityError, match="model.onnx vs PyTorch: parity gate failed"):
+        stage.main(export_argv(workspace, quantized["out"], out, tmp_path / "export.json"))
+    assert not out.exists() and not list(tmp_path.glob(".export.*"))  # nothing half-built left behind

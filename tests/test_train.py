@@ -1,0 +1,96 @@
+"""Train: a CPU smoke run, resume after a kill gives the same model, and DDP with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, write_tiny_cohort
+from ctpipe import synth
+from stages import preprocess, train
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    """A tiny preprocessed dataset shared by the tests of this module."""
+    from conftest import tiny_params
+
+    root = tmp_path_factory.mktemp("cohort")
+    rows = write_tiny_cohort(root / "in" / "dicom", n=4)
+    synth.annotations_frame(rows).to_csv(root / "in" / "annotations.csv", index=False)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params()))
+    assert preprocess.main([str(root / "in"), str(root / "processed"), "--params", str(params),
+                            "--metrics", str(root / "pre.json")]) == 0
+    return root / "processed"
+
+
+def run_train(processed: Path, out: Path, params_file: Path, *extra: str) -> int:
+    return train.main([str(processed), str(out / "model.pt"), "--checkpoints", str(out / "ckpt"),
+                       "--live", str(out / "live"), "--params", str(params_file),
+                       "--metrics", str(out / "train.json"), *extra])
+
+
+def test_smoke_writes_model_and_logs(processed, tmp_path, params_file):
+    assert run_train(processed, tmp_path, params_file) == 0
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert {"state_dict", "train_params", "plan"} <= set(ckpt)
+    assert ckpt["plan"]["target_spacing_mm"]
+    metrics = json.loads((tmp_path / "train.json").read_text())
+    assert metrics["epochs_run"] == 2
+    for name in ("train_loss", "val_loss", "val_dice", "lr", "samples_per_s", "data_wait_fraction"):
+        lines = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        assert len(lines) == 3, name  # header + one row per epoch
+
+
+def test_resume_after_kill_gives_same_model(processed, tmp_path, params_file):
+    params = yaml.safe_load(params_file.read_text())
+    params["train"].update(epochs=3, samples_per_epoch=16)
+    params_file.write_text(yaml.safe_dump(params))
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_train(processed, full, params_file) == 0
+    # Killed in the middle of epoch 2 (the first epoch's checkpoint is on disk), then re-run.
+    assert run_train(processed, killed, params_file, "--stop-after-steps", "6") == 3
+    assert not (killed / "model.pt").exists()
+    assert torch.load(killed / "ckpt" / "last.pt", weights_only=False)["epoch"] == 0
+    assert run_train(processed, killed, params_file) == 0
+    a = torch.load(full / "model.pt", weights_only=False)["state_dict"]
+    b = torch.load(killed / "model.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (killed / "live" / "plots" / "metrics" / "train_loss.tsv").read_text().splitlines()
+    assert len(lines) == 4  # dvclive resumed: 3 epochs logged once each
+
+
+def test_finished_run_is_not_resumed(processed, tmp_path, params_file):
+    assert run_train(processed, tmp_path, params_file) == 0
+    first = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    params = yaml.safe_load(params_file.read_text())
+    params["train"]["lr"] = 0.01  # a new experiment must train afresh, not continue the old one
+    params_file.write_text(yaml.safe_dump(params))
+    assert run_train(processed, tmp_path, params_file) == 0
+    second = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(processed, tmp_path, params_file):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "stages" / "train.py"), str(processed), str(tmp_path / "model.pt"),
+           "--checkpoints", str(tmp_path / "ckpt"), "--live", str(tmp_path / "live"),
+           "--params", str(params_file), "--metrics", str(tmp_path / "train.json")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    params = yaml.safe_load((tmp_path / "live" / "params.yaml").read_text())
+    assert params["world_size"] == 2
+    assert (tmp_path / "model.pt").is_file()
+    assert json.loads((tmp_path / "train.json").read_text())["epochs_run"] == 2
