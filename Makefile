@@ -26,12 +26,13 @@ test: setup
 test-fast: setup
 	python -m pytest -m "not slow"
 
-# What a reviewer pastes into a pull request: params and metrics diff against main, plots diff as HTML.
+# What a reviewer pastes into a pull request: params and metrics diff against BASE (default main)
+# in Markdown, and the plots diff rendered to HTML (review_plots/index.html).
+BASE ?= main
 review: setup
-	dvc params diff main --md
-	dvc metrics diff main --md
-	dvc plots diff main --out review_plots --open=false 2>/dev/null || dvc plots diff main -o review_plots
-	@echo "plots: review_plots/index.html"
+	@echo "### Params changed against $(BASE)"; dvc params diff $(BASE) --md
+	@echo; echo "### Metrics against $(BASE)"; dvc metrics diff $(BASE) --md --precision 4
+	@dvc plots diff $(BASE) -o review_plots > /dev/null && echo && echo "plots: review_plots/index.html"
 
 dag: setup
 	dvc dag --md

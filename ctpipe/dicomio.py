@@ -44,12 +44,46 @@ def scan_file(path: Path, root: Path) -> dict:
     problem = _header_problem(ds)
     if problem:
         return {**rec, "status": "skipped", "reason": problem}
-    iop = np.array(ds.ImageOrientationPatient, dtype=float)
-    rec["position_mm"] = float(np.dot(np.array(ds.ImagePositionPatient, dtype=float), np.cross(iop[:3], iop[3:])))
+    try:
+        frames = frame_geometry(ds)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        return {**rec, "status": "skipped", "reason": f"geometry unknown: {exc}"}
+    if len({(f["iop"], f["spacing"]) for f in frames}) > 1:
+        return {**rec, "status": "skipped", "reason": "frames of one file differ in orientation or spacing"}
+    iop = np.array(frames[0]["iop"])
+    normal = np.cross(iop[:3], iop[3:])
+    rec["frames"] = [(float(np.dot(f["ipp"], normal)), f["ipp"]) for f in frames]
+    rec["position_mm"] = rec["frames"][0][0]
     rec["iop"] = tuple(np.round(iop, 4))
-    rec["grid"] = (int(ds.Rows), int(ds.Columns), *np.round(np.array(ds.PixelSpacing, dtype=float), 4))
-    rec["ipp"] = tuple(float(v) for v in ds.ImagePositionPatient)
+    rec["grid"] = (int(ds.Rows), int(ds.Columns), *np.round(frames[0]["spacing"], 4))
     return rec
+
+
+def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
+    """Position, orientation, spacing and rescale of every frame (single- or multi-frame file)."""
+    def rescale(groups) -> tuple[float, float]:
+        for g in groups:
+            if g is not None and "PixelValueTransformationSequence" in g:
+                t = g.PixelValueTransformationSequence[0]
+                return float(t.RescaleSlope), float(t.RescaleIntercept)
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+
+    if "PerFrameFunctionalGroupsSequence" not in ds:  # classic single-frame image
+        return [{"ipp": tuple(float(v) for v in ds.ImagePositionPatient),
+                 "iop": tuple(round(float(v), 6) for v in ds.ImageOrientationPatient),
+                 "spacing": tuple(float(v) for v in ds.PixelSpacing), "rescale": rescale([])}]
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+
+    def find(group, seq: str):
+        for g in (group, shared):
+            if g is not None and seq in g:
+                return g[seq].value[0]
+        raise KeyError(f"{seq} in neither per-frame nor shared functional groups")
+
+    return [{"ipp": tuple(float(v) for v in find(g, "PlanePositionSequence").ImagePositionPatient),
+             "iop": tuple(round(float(v), 6) for v in find(g, "PlaneOrientationSequence").ImageOrientationPatient),
+             "spacing": tuple(float(v) for v in find(g, "PixelMeasuresSequence").PixelSpacing),
+             "rescale": rescale([g, shared])} for g in ds.PerFrameFunctionalGroupsSequence]
 
 
 def _header_problem(ds: pydicom.Dataset) -> str:
@@ -58,23 +92,27 @@ def _header_problem(ds: pydicom.Dataset) -> str:
         return "no SeriesInstanceUID"
     if "PixelData" not in ds:
         return "no pixel data (not an image)"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        return "multi-frame image: not supported by this reader yet"
-    for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"):
+    for key in ("Rows", "Columns"):
         if key not in ds:
-            return f"missing {key}: geometry unknown"
+            return f"missing {key}"
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if syntax in UNCOMPRESSED:
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
         if len(ds.PixelData) < expected:
             return f"truncated pixel data: {len(ds.PixelData)} of {expected} bytes"
+    else:  # compressed: only decoding tells whether it is complete and whether a decoder is installed
+        try:
+            ds.pixel_array
+        except Exception as exc:
+            return f"compressed pixel data ({syntax}) cannot be decoded: {exc}"
     return ""
 
 
 def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
     """Scan every file under ``root`` (recursively) and check each series; one row per file.
 
-    ``checks`` go to :func:`check_series` (modalities, min_slices, spacing_tolerance).
+    ``checks`` go to :func:`check_series` (modalities, min_slices, spacing_tolerance, uneven).
     """
     root = Path(root)
     paths = sorted(p for p in root.rglob("*") if p.is_file())
@@ -88,18 +126,29 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
 
 
 def check_series(records: list[dict], modalities=("CT",), min_slices: int = 1,
-                 spacing_tolerance: float = 0.05) -> pd.DataFrame:
-    """Group readable slices by series and reject series that would give a wrong volume."""
+                 spacing_tolerance: float = 0.05, uneven: str = "reject") -> pd.DataFrame:
+    """Group readable files by series and reject series that would give a wrong volume.
+
+    Args:
+        modalities: accepted modalities (None accepts any).
+        uneven: what to do with slices that do not step evenly (a missing slice, non-uniform
+            spacing): ``reject`` the series, or ``resample`` it onto even steps (noted in reason).
+    """
     by_series: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
         if rec["status"] == "ok":
             by_series[rec["series_uid"]].append(rec)
-    for uid, recs in by_series.items():
+    for recs in by_series.values():
         reason = _series_problem(recs, modalities, min_slices, spacing_tolerance)
-        if reason:
+        if reason.startswith("uneven: ") and uneven == "resample":
+            note = f"accepted, resampled to even slice steps: {reason[8:]}"
             for rec in recs:
                 if rec["status"] == "ok":
-                    rec.update(status="skipped", reason=reason)
+                    rec["reason"] = note
+        elif reason:
+            for rec in recs:
+                if rec["status"] == "ok":
+                    rec.update(status="skipped", reason=reason.removeprefix("uneven: "))
     frame = pd.DataFrame.from_records(records)
     for col in MANIFEST_COLUMNS:
         if col not in frame:
@@ -108,65 +157,100 @@ def check_series(records: list[dict], modalities=("CT",), min_slices: int = 1,
 
 
 def _series_problem(recs, modalities, min_slices, tolerance) -> str:
-    """Mark duplicates in ``recs`` in place; return why the whole series is rejected, or ''."""
+    """Mark duplicate files in ``recs`` in place; return why the series is rejected, or ''.
+
+    A reason starting with ``uneven: `` concerns slice steps only (the ``uneven`` option applies).
+    """
     modality = recs[0]["modality"]
-    if modality not in modalities:
+    if modalities is not None and modality not in modalities:
         return f"modality {modality or 'missing'} is not one of {list(modalities)}"
     if len({r["iop"] for r in recs}) > 1:
         return "slices have different ImageOrientationPatient"
     if len({r["grid"] for r in recs}) > 1:
         return "slices have different Rows/Columns/PixelSpacing"
     recs.sort(key=lambda r: (r["position_mm"], r["path"]))
-    kept = [recs[0]]
-    for rec in recs[1:]:
-        prev = kept[-1]
-        if abs(rec["position_mm"] - prev["position_mm"]) < 1e-3:
+    seen: dict[float, dict] = {}
+    for rec in recs:
+        for pos, _ in rec["frames"]:
+            prev = next((seen[p] for p in seen if abs(p - pos) < 1e-3), None)
+            if prev is None:
+                continue
+            if prev is rec or len(rec["frames"]) > 1:
+                return f"two frames at position {pos:.2f} mm in {rec['path']}"
             same = "same SOPInstanceUID" if rec["sop_uid"] == prev["sop_uid"] else "another SOPInstanceUID"
-            rec.update(status="skipped",
-                       reason=f"duplicate slice: same position as {prev['path']} ({same})")
-        else:
-            kept.append(rec)
-    if len(kept) < min_slices:
-        return f"only {len(kept)} slices (min_slices is {min_slices})"
-    pos = np.array([r["position_mm"] for r in kept])
+            rec.update(status="skipped", reason=f"duplicate slice: same position as {prev['path']} ({same})")
+            break
+        if rec["status"] == "ok":
+            seen.update({pos: rec for pos, _ in rec["frames"]})
+    frames = sorted((pos, ipp) for r in recs if r["status"] == "ok" for pos, ipp in r["frames"])
+    if len(frames) < min_slices:
+        return f"only {len(frames)} slices (min_slices is {min_slices})"
+    if len(frames) < 2:
+        return ""
+    pos = np.array([p for p, _ in frames])
     steps = np.diff(pos)
     step = float(np.median(steps))
     bad = np.nonzero(np.abs(steps - step) > tolerance * step)[0]
-    if len(bad):
-        b = int(bad[0])
-        ratio = steps[b] / step
-        what = (f"missing slice(s): gap of {steps[b]:.2f} mm" if ratio > 1.5
-                else f"non-uniform slice spacing: step of {steps[b]:.2f} mm")
-        return f"{what} after position {pos[b]:.2f} mm where the series steps {step:.2f} mm"
     # Gantry tilt: slice origins must advance along the slice normal, not obliquely to it.
-    iop = np.array(kept[0]["iop"])
+    iop = np.array(recs[0]["iop"])
     normal = np.cross(iop[:3], iop[3:])
-    travel = np.array(kept[-1]["ipp"]) - np.array(kept[0]["ipp"])
+    travel = np.array(frames[-1][1]) - np.array(frames[0][1])
     tilt = np.degrees(np.arccos(np.clip(abs(travel @ normal) / np.linalg.norm(travel), -1, 1)))
     if tilt > 0.5:
         return f"gantry tilt of {tilt:.1f} degrees: slices are sheared, resample before use"
+    if len(bad):
+        b = int(bad[0])
+        what = (f"missing slice(s): gap of {steps[b]:.2f} mm" if steps[b] / step > 1.5
+                else f"non-uniform slice spacing: step of {steps[b]:.2f} mm")
+        return f"uneven: {what} after position {pos[b]:.2f} mm where the series steps {step:.2f} mm"
     return ""
 
 
 def series_files(manifest: pd.DataFrame) -> dict[str, list[str]]:
     """Accepted series -> their file paths, sorted along the slice normal."""
-    ok = manifest[manifest["status"] == "ok"].sort_values(["series_uid", "position_mm"])
+    ok = manifest[manifest["status"] == "ok"].sort_values(["series_uid", "position_mm", "path"])
     return {uid: list(group["path"]) for uid, group in ok.groupby("series_uid", sort=True)}
 
 
-def read_series(paths: list[Path]) -> tuple[np.ndarray, Geometry]:
-    """Read sorted slices into an HU volume ``[k, j, i]`` (float32) and its geometry."""
-    slices = [pydicom.dcmread(p) for p in paths]
-    first = slices[0]
-    iop = np.array(first.ImageOrientationPatient, dtype=float)
+def read_series(paths: list[Path], uneven: str = "resample", tolerance: float = 0.05) -> tuple[np.ndarray, Geometry]:
+    """Read a series (single- or multi-frame files) into an HU volume ``[k, j, i]`` and its geometry.
+
+    Frames are sorted by position along the slice normal. Uneven steps are resampled onto the
+    median step by linear interpolation along the normal (``uneven="resample"``) or refused.
+    """
+    slices = []  # (position along normal, ipp, hu frame)
+    first_geom = None
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        frames = frame_geometry(ds)
+        first_geom = first_geom or frames[0]
+        pixels = ds.pixel_array.reshape(len(frames), int(ds.Rows), int(ds.Columns))
+        iop = np.array(frames[0]["iop"])
+        normal = np.cross(iop[:3], iop[3:])
+        for f, px in zip(frames, pixels):
+            slope, intercept = f["rescale"]
+            slices.append((float(np.dot(f["ipp"], normal)), np.array(f["ipp"]),
+                           px.astype(np.float32) * slope + intercept))
+    slices.sort(key=lambda t: t[0])
+    iop = np.array(first_geom["iop"])
     row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
-    ipps = np.array([s.ImagePositionPatient for s in slices], dtype=float)
-    step = float(np.median(np.diff(ipps @ normal))) if len(slices) > 1 else float(first.get("SliceThickness", 1))
-    dy, dx = (float(v) for v in first.PixelSpacing)
-    geom = Geometry(ipps[0], (dx, dy, step), np.column_stack([row_dir, col_dir, normal]))
-    volume = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
-    for k, s in enumerate(slices):
-        slope, intercept = float(s.get("RescaleSlope", 1)), float(s.get("RescaleIntercept", 0))
-        volume[k] = s.pixel_array.astype(np.float32) * slope + intercept
+    pos = np.array([t[0] for t in slices])
+    volume = np.stack([t[2] for t in slices])
+    step = float(np.median(np.diff(pos))) if len(pos) > 1 else 1.0
+    if len(pos) > 1 and np.any(np.abs(np.diff(pos) - step) > tolerance * step):
+        if uneven != "resample":
+            raise ValueError(f"{paths[0]}: uneven slice steps {np.round(np.diff(pos), 2).tolist()}")
+        volume, pos = _even_steps(volume, pos, step)
+    dy, dx = first_geom["spacing"]
+    geom = Geometry(slices[0][1], (dx, dy, step), np.column_stack([row_dir, col_dir, np.cross(row_dir, col_dir)]))
     return volume, geom
+
+
+def _even_steps(volume: np.ndarray, pos: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation along the slice axis onto positions ``pos[0] + step * n``."""
+    target = pos[0] + step * np.arange(int(np.floor((pos[-1] - pos[0]) / step + 1e-6)) + 1)
+    idx = np.clip(np.searchsorted(pos, target, side="right") - 1, 0, len(pos) - 2)
+    w = (target - pos[idx]) / (pos[idx + 1] - pos[idx])
+    w = np.where(w < 1e-4, 0.0, np.where(w > 1 - 1e-4, 1.0, w)).astype(np.float32)[:, None, None]
+    # Targets on an existing slice (w snapped to 0 or 1) copy it exactly.
+    return (1 - w) * volume[idx] + w * volume[idx + 1], target

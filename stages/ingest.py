@@ -101,7 +101,7 @@ def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
 
 def _checks(cfg: dict) -> dict:
     return {"modalities": tuple(cfg["modalities"]), "min_slices": int(cfg["min_slices"]),
-            "spacing_tolerance": float(cfg["spacing_tolerance"])}
+            "spacing_tolerance": float(cfg["spacing_tolerance"]), "uneven": cfg["uneven_slices"]}
 
 
 def run(cfg: dict, seed: int, out: Path) -> dict:

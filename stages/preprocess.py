@@ -32,7 +32,8 @@ def discover(in_dir: Path, workers: int) -> list[dict]:
     """One source per series: kind, paths, seriesuid, patient_id; sorted by seriesuid."""
     sources = []
     if (in_dir / "dicom").is_dir():
-        manifest = dicomio.scan_folder(in_dir / "dicom", workers)
+        # ingest already chose the series (modality, slice count, uneven steps): accept them all.
+        manifest = dicomio.scan_folder(in_dir / "dicom", workers, modalities=None, uneven="resample")
         for _, row in manifest[manifest["status"] != "ok"].iterrows():
             log.warning("skipped %s: %s", row["path"], row["reason"])
         patients = manifest.drop_duplicates("series_uid").set_index("series_uid")["patient_id"]
