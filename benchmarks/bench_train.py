@@ -2,6 +2,7 @@
 
 Two input pipelines feed the same network and optimizer, one after the other in one run:
   ctpipe   SlabPatchDataset (memory-mapped volumes, 1/3 foreground patches, MONAI array transforms)
+           through the train stage's loader (a prefetching thread when --workers is 0)
   MONAI    the dictionary-transform chain of MONAI's tutorials on the same in-memory volumes:
            RandCropByPosNegLabeld (pos 1 : neg 2) + RandFlipd, RandRotate90d, RandScaleIntensityd,
            RandShiftIntensityd, RandGaussianNoised.
@@ -120,8 +121,11 @@ def main() -> None:
         for name, ds in (("ctpipe SlabPatchDataset", data.SlabPatchDataset(
                 args.data, ids, cfg["patch_size"], cfg["context_slices"], n, cfg["fg_fraction"], 0)),
                          ("MONAI dict-transform chain", monai_dataset(args.data, ids, cfg, n))):
-            loader = torch.utils.data.DataLoader(ds, batch_size=int(cfg["batch_size"]), num_workers=args.workers,
-                                                 pin_memory=dev == "cuda")
+            if name.startswith("ctpipe"):  # exactly the loader the train stage builds
+                loader = data.make_loader(ds, int(cfg["batch_size"]), args.workers, pin_memory=dev == "cuda")
+            else:  # the tutorials' plain DataLoader
+                loader = torch.utils.data.DataLoader(ds, batch_size=int(cfg["batch_size"]),
+                                                     num_workers=args.workers, pin_memory=dev == "cuda")
             rate, wait = run(loader, torch.device(dev), cfg, args.steps, amp)
             print(f"{dev:4s} {'amp ' + str(amp).split('.')[-1] if amp else 'fp32':9s} {name:28s} "
                   f"{rate:8.1f} samples/s   data wait {100 * wait:5.1f}% of step time")

@@ -13,7 +13,9 @@ Modules, one concern each:
     infer     -- sliding-window inference over whole volumes
     detect    -- nodule masks from annotations, nodule candidates from probabilities
     metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM with bootstrap intervals
-    onnxtools -- ONNX export, parity checks, static INT8 quantization, latency
+    onnxtools -- ONNX export, parity gate, ORT sessions, package checksums, Triton config
+    quant     -- static INT8 quantization (QDQ), calibration, latency measurement
+    predict   -- the exported model on a new DICOM study, without PyTorch
 """
 
 __version__ = "0.1.0"

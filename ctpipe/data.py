@@ -31,7 +31,7 @@ from monai.transforms import (
     RandShiftIntensity,
 )
 
-from monai.data import set_track_meta
+from monai.data import ThreadDataLoader, set_track_meta
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
@@ -170,3 +170,15 @@ def _crop2d(arr: np.ndarray, j0: int, i0: int, size: int, pad_value: float) -> n
     if ej > sj and ei > si:
         out[:, sj - j0 : ej - j0, si - i0 : ei - i0] = arr[:, sj:ej, si:ei]
     return out
+
+
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
+                sampler: torch.utils.data.Sampler | None = None, pin_memory: bool = False):
+    """The training loader: worker processes, or with ``workers == 0`` MONAI's ThreadDataLoader,
+    which prepares the next batches in a background thread while the network computes (torch
+    releases the GIL); the batch order is the same either way."""
+    if workers == 0:
+        return ThreadDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
+                                drop_last=True, pin_memory=pin_memory, buffer_size=2)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       drop_last=True, pin_memory=pin_memory, persistent_workers=True)

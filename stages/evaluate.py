@@ -102,7 +102,10 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
         image, truth, pred = kept[row["case_id"]]
         overlay(plots / "overlays" / f"{name}.png", image, truth, pred,
                 f"{name} test case {row['case_id']}: Dice {row['dice']:.3f}")
-    summary = metrics.aggregate(per_case.to_dict("records"))
+    # Voxel metrics are averaged over the cases that have nodules; cases without one are judged
+    # by the lesion-level figures (their false positives count in fp_per_scan).
+    with_nodules = per_case[per_case["truth_voxels"] > 0]
+    summary = metrics.aggregate(with_nodules[["dice", "iou", "hd95_mm", "surface_dice"]].to_dict("records"))
     return rounded({
         "dice": summary["dice"], "iou": summary["iou"], "hd95_mm": summary["hd95_mm"],
         "surface_dice": summary["surface_dice"],
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, seed = stage_params("evaluate", args.params)
+    cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
     result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
     write_json(args.metrics, result)
     log.info("evaluate: Dice %.4f, CPM %.4f", result["dice"], result["froc_cpm"])

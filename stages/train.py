@@ -131,16 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     dataset = data.SlabPatchDataset(args.data_dir, train_ids, cfg["patch_size"], cfg["context_slices"],
                                     cfg["samples_per_epoch"], cfg["fg_fraction"], seed)
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler,
-                                         num_workers=int(cfg["num_workers"]), drop_last=True,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=int(cfg["num_workers"]) > 0)
+    loader = data.make_loader(dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), sampler,
+                              pin_memory=device.type == "cuda")
     net = nets.build_network(cfg).to(device)
     optimizer = make_optimizer(net, cfg)
     steps_per_epoch = len(loader)
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch * int(cfg["epochs"]))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # batch_dice: one Dice over the whole batch (nnU-Net's choice), stabler for small nodules and
+    # patches without any; otherwise one Dice per patch, averaged.
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["batch_dice"]))
 
     start_epoch, best, stale, history = 0, -1.0, 0, []
     state = resume_state(args.checkpoints, cfg, plan, data_id)

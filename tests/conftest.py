@@ -27,7 +27,12 @@ def tiny_params() -> dict:
     params["preprocess"].update(workers=1, split={"val_fraction": 0.25, "test_fraction": 0.25, "folds": 0})
     params["train"].update(features=[4, 4, 8, 8, 16, 4], patch_size=32, batch_size=4, epochs=2,
                            samples_per_epoch=8, val_roi_size=64)
-    params["evaluate"].update(roi_size=64, bootstrap=20)
+    params["inference"].update(roi_size=64)
+    params["evaluate"].update(bootstrap=20)
+    # An untrained tiny model: the INT8 gate is opened, the sweep and timings shrunk.
+    params["quantize"].update(max_dice_drop=1.0, calibration_slabs=8, sweep_slabs=16,
+                              latency_runs=3, latency_rounds=1, sweep_latency_runs=2, entropy_bins=256)
+    params["export"].update(parity_shapes=[[1, 32, 48], [2, 48, 32]])
     return params
 
 

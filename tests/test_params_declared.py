@@ -55,20 +55,36 @@ def leaves(value) -> set[str]:
     return {k for k, v in value.items()} | {n for v in value.values() for n in leaves(v)}
 
 
+SHARED = {"inference"}  # sections several stages read, merged into theirs by stage_params(shared=...)
+
+
 @pytest.mark.parametrize("name", list(DVC["stages"]))
 def test_stage_params_declared_and_read(name):
     stage = DVC["stages"][name]
-    section = PARAMS[name]
     decl = declared(stage)
     reads = key_literals(stage_sources(stage))
-    whole = name in decl
-    declared_keys = set(section) if whole else {d.split(".", 1)[1] for d in decl if d.startswith(f"{name}.")}
-    assert not {d for d in decl if d.split(".")[0] not in (name, "base")}, "declares another stage's params"
-    unread = {k for k in declared_keys if k not in reads or not leaves(section[k]) <= reads}
-    assert not unread, f"{name} declares params it never reads: {sorted(unread)}"
-    undeclared = {k for k in section if k in reads} - declared_keys
-    assert not undeclared, f"{name} reads params it does not declare: {sorted(undeclared)}"
-    assert set(section) <= declared_keys, f"params.yaml keys of {name} nobody reads: {sorted(set(section) - declared_keys)}"
+    sections = [name] + sorted(d for d in decl if d in SHARED)
+    foreign = {d for d in decl if d.split(".")[0] not in (*sections, "base")}
+    assert not foreign, f"{name} declares params of other stages: {sorted(foreign)}"
+    for sec in sections:
+        section = PARAMS[sec]
+        whole = sec in decl
+        declared_keys = set(section) if whole else {d.split(".", 1)[1] for d in decl if d.startswith(f"{sec}.")}
+        unread = {k for k in declared_keys if k not in reads or not leaves(section[k]) <= reads}
+        assert not unread, f"{name} declares {sec} params it never reads: {sorted(unread)}"
+        undeclared = {k for k in section if k in reads} - declared_keys
+        assert not undeclared, f"{name} reads {sec} params it does not declare: {sorted(undeclared)}"
+    section = PARAMS[name]
+    own = set(section) if name in decl else {d.split(".", 1)[1] for d in decl if d.startswith(f"{name}.")}
+    assert set(section) <= own, f"params.yaml keys of {name} nobody reads: {sorted(set(section) - own)}"
+
+
+def test_shared_sections_read_through_stage_params():
+    """A stage declaring a shared section must merge it in (stage_params(..., shared=(...)))."""
+    for name, stage in DVC["stages"].items():
+        code = (ROOT / "stages" / f"{name}.py").read_text()
+        for sec in SHARED & declared(stage):
+            assert f'shared=("{sec}",)' in code, f"{name} declares {sec} but does not read it"
 
 
 @pytest.mark.parametrize("name", list(DVC["stages"]))

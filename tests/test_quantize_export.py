@@ -14,21 +14,47 @@ import pytest
 import torch
 import yaml
 
-from ctpipe import onnxtools
+from ctpipe import onnxtools, quant
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_onnxtools import make_checkpoint, make_processed, perturbed_copy  # noqa: E402
+from test_onnxtools import make_checkpoint, make_processed, perturbed_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANTIZE_KEYS = {
-    "dice_fp32", "dice_int8", "dice_drop", "latency_ms_torch", "latency_ms_fp32", "latency_ms_int8",
-    "speedup_int8_vs_fp32", "size_ratio", "int8_faster", "chosen", "sweep", "threads", "cpu",
-    "cpm_fp32", "cpm_int8", "latency_p90_ms_fp32", "latency_p90_ms_int8", "latency_p90_ms_torch",
-    "dice_definition", "gate_passed", "calibration",
+    "dice_fp32",
+    "dice_int8",
+    "dice_drop",
+    "latency_ms_torch",
+    "latency_ms_fp32",
+    "latency_ms_int8",
+    "speedup_int8_vs_fp32",
+    "size_ratio",
+    "int8_faster",
+    "chosen",
+    "sweep",
+    "threads",
+    "cpu",
+    "cpm_fp32",
+    "cpm_int8",
+    "latency_p90_ms_fp32",
+    "latency_p90_ms_int8",
+    "latency_p90_ms_torch",
+    "dice_definition",
+    "gate_passed",
+    "calibration",
 }
-EXPORT_FILES = {"model.onnx", "model_int8.onnx", "model.pt2", "input_spec.json", "MODEL_CARD.md",
-                "versions.json", "verification.json", "SHA256SUMS", "triton/tiny_seg/config.pbtxt",
-                "triton/tiny_seg/1/model.onnx"}
+EXPORT_FILES = {
+    "model.onnx",
+    "model_int8.onnx",
+    "model.pt2",
+    "input_spec.json",
+    "MODEL_CARD.md",
+    "versions.json",
+    "verification.json",
+    "SHA256SUMS",
+    "triton/tiny_seg/config.pbtxt",
+    "triton/tiny_seg/1/model.onnx",
+}
 
 
 def load_stage(name: str):
@@ -39,19 +65,44 @@ def load_stage(name: str):
 
 
 def tiny_params() -> dict:
-    common = {"threshold": 0.5, "roi_size": 32, "overlap": 0.25, "candidate_threshold": 0.2,
-              "min_candidate_mm3": 1, "threads": 1}
+    common = {"threads": 1}
     return {
         "base": {"seed": 0},
-        "quantize": {**common, "opset": 18, "schemes": ["S8S8", "U8S8"],
-                     "calibration_methods": ["minmax", "percentile", "entropy"], "percentile": 99.99,
-                     "per_channel": True, "calibration_slabs": 8, "calibration_batch": 4,
-                     "calibration_fg_fraction": 0.5, "max_dice_drop": 1.0, "selection": "fastest",
-                     "graph_optimization": "all", "latency_batch": 2, "latency_warmup": 1, "latency_runs": 3,
-                     "sweep_latency_runs": 2, "speedup_target": 1.3},
-        "export": {**common, "opset": 18, "model_name": "tiny_seg", "triton_max_batch_size": 4,
-                   "parity_shapes": [[1, 32, 48], [2, 48, 16]], "atol": 1e-4, "min_dice": 0.999,
-                   "training_data": "tiny synthetic spheres (test fixture)"},
+        "inference": {"threshold": 0.5, "roi_size": 32, "overlap": 0.25, "candidate_threshold": 0.2,
+                      "min_candidate_mm3": 1},
+        "quantize": {
+            **common,
+            "opset": 18,
+            "schemes": ["S8S8", "U8S8"],
+            "calibration_methods": ["minmax", "percentile", "entropy"],
+            "percentile": 99.99,
+            "entropy_bins": 256,
+            "per_channel": True,
+            "calibration_slabs": 8,
+            "calibration_batch": 4,
+            "calibration_fg_fraction": 0.5,
+            "sweep_slabs": 6,
+            "sweep_fg_fraction": 0.5,
+            "max_dice_drop": 1.0,
+            "selection": "fastest",
+            "graph_optimization": "all",
+            "latency_batch": 2,
+            "latency_warmup": 1,
+            "latency_runs": 3,
+            "latency_rounds": 1,
+            "sweep_latency_runs": 2,
+            "speedup_target": 1.3,
+        },
+        "export": {
+            **common,
+            "opset": 18,
+            "model_name": "tiny_seg",
+            "triton_max_batch_size": 4,
+            "parity_shapes": [[1, 32, 48], [2, 48, 16]],
+            "atol": 1e-4,
+            "min_dice": 0.999,
+            "training_data": "tiny synthetic spheres (test fixture)",
+        },
     }
 
 
@@ -61,15 +112,27 @@ def workspace(tmp_path_factory) -> dict:
     processed = make_processed(root / "processed")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params()))
-    return {"root": root, "processed": processed, "model": make_checkpoint(root / "model.pt", processed),
-            "params": params}
+    return {
+        "root": root,
+        "processed": processed,
+        "model": make_checkpoint(root / "model.pt", processed),
+        "params": params,
+    }
 
 
 @pytest.fixture(scope="module")
 def quantized(workspace) -> dict:
     w = workspace
     out, metrics = w["root"] / "quantized", w["root"] / "metrics" / "quantize.json"
-    argv = [str(w["model"]), str(w["processed"]), str(out), "--params", str(w["params"]), "--metrics", str(metrics)]
+    argv = [
+        str(w["model"]),
+        str(w["processed"]),
+        str(out),
+        "--params",
+        str(w["params"]),
+        "--metrics",
+        str(metrics),
+    ]
     assert load_stage("quantize").main(argv) == 0
     return {"out": out, "metrics": json.loads(metrics.read_text())}
 
@@ -77,13 +140,18 @@ def quantized(workspace) -> dict:
 def test_quantize_writes_models_and_every_metric(quantized):
     m, out = quantized["metrics"], quantized["out"]
     assert QUANTIZE_KEYS <= set(m)
-    assert sorted(p.name for p in out.iterdir()) == ["model_fp32.onnx", "model_int8.onnx"]  # temp dir gone
-    assert set(m["sweep"]) == {f"{s}_{c}" for s in ("S8S8", "U8S8") for c in ("minmax", "percentile", "entropy")}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model_fp32.onnx",
+        "model_int8.onnx",
+    ]  # temp dir gone
+    assert set(m["sweep"]) == {
+        f"{s}_{c}" for s in ("S8S8", "U8S8") for c in ("minmax", "percentile", "entropy")
+    }
     assert m["chosen"]["selection_split"] == "val" and m["calibration"]["split"] == "train"
     assert m["dice_drop"] == pytest.approx(m["dice_fp32"] - m["dice_int8"], abs=1e-3)
     assert 0 < m["size_ratio"] < 1 and isinstance(m["int8_faster"], bool)
     assert m["latency_ms_torch"] > 0 and m["latency_ms_fp32"] > 0 and m["latency_ms_int8"] > 0
-    assert set(m["cpu"]["flags"]) == set(onnxtools.CPU_FLAGS)
+    assert set(m["cpu"]["flags"]) == set(quant.CPU_FLAGS)
     ops = {n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
@@ -94,16 +162,34 @@ def test_quantize_gate_fails_when_no_configuration_passes(workspace, tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     stage = load_stage("quantize")
-    argv = [str(workspace["model"]), str(workspace["processed"]), str(tmp_path / "q"), "--params", str(path),
-            "--metrics", str(tmp_path / "m.json")]
+    argv = [
+        str(workspace["model"]),
+        str(workspace["processed"]),
+        str(tmp_path / "q"),
+        "--params",
+        str(path),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     with pytest.raises(stage.GateError, match="no configuration keeps the val Dice"):
         stage.main(argv)
 
 
 def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]:
-    return [str(w["model"]), str(w["processed"]), str(quant_dir), str(out), "--params", str(w["params"]),
-            "--metrics", str(metrics), "--evaluate-metrics", str(w["root"] / "none.json"),
-            "--quantize-metrics", str(w["root"] / "metrics" / "quantize.json")]
+    return [
+        str(w["model"]),
+        str(w["processed"]),
+        str(quant_dir),
+        str(out),
+        "--params",
+        str(w["params"]),
+        "--metrics",
+        str(metrics),
+        "--evaluate-metrics",
+        str(w["root"] / "none.json"),
+        "--quantize-metrics",
+        str(w["root"] / "metrics" / "quantize.json"),
+    ]
 
 
 def test_export_package_verifies(workspace, quantized, tmp_path):
@@ -112,7 +198,9 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert files == EXPORT_FILES
     if shutil.which("sha256sum"):
-        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+        check = subprocess.run(
+            ["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, check=False, text=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
     assert onnxtools.verify_sha256sums(out) == []
     listed = {ln.split("  ", 1)[1] for ln in (out / "SHA256SUMS").read_text().splitlines()}
@@ -125,8 +213,14 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
     assert [s["shape"] for s in ver["onnx_vs_torch"]["shapes"]] == [[1, 3, 32, 48], [2, 3, 48, 16]]
     assert ver["onnx_vs_torch"]["passed"] and ver["pt2_vs_torch"]["passed"]
     spec = json.loads((out / "input_spec.json").read_text())
-    assert spec["input"]["shape"] == ["N", 3, "H", "W"] and spec["label_map"] == {"0": "background", "1": "nodule"}
-    assert spec["preprocessing"]["target_spacing_mm_xyz"] == [1.0, 1.0, 2.0] and spec["deep_supervision"] is False
+    assert spec["input"]["shape"] == ["N", 3, "H", "W"] and spec["label_map"] == {
+        "0": "background",
+        "1": "nodule",
+    }
+    assert (
+        spec["preprocessing"]["target_spacing_mm_xyz"] == [1.0, 1.0, 2.0]
+        and spec["deep_supervision"] is False
+    )
     assert json.loads((out / "versions.json").read_text())["opset"] == 18
     assert 'platform: "onnxruntime_onnx"' in (out / "triton/tiny_seg/config.pbtxt").read_text()
     card = (out / "MODEL_CARD.md").read_text()
@@ -148,4 +242,20 @@ def test_export_stage_fails_on_perturbed_model(workspace, quantized, tmp_path, m
     out = tmp_path / "export"
     with pytest.raises(onnxtools.ParityError, match="model.onnx vs PyTorch: parity gate failed"):
         stage.main(export_argv(workspace, quantized["out"], out, tmp_path / "export.json"))
-    assert not out.exists() and not list(tmp_path.glob(".export.*"))  # nothing half-built left behind
+    assert not out.exists() and not list(
+        tmp_path.glob(".export.*")
+    )  # nothing half-built left behind
+
+
+def test_quantize_fails_on_test_dice_drop_after_writing_metrics(quantized, tmp_path, monkeypatch):
+    stage = load_stage("quantize")
+    failing = dict(
+        quantized["metrics"], dice_int8=0.5, dice_fp32=0.6, dice_drop=0.1, gate_passed=False
+    )
+    monkeypatch.setattr(stage, "run", lambda *args: failing)
+    metrics = tmp_path / "quantize.json"
+    argv = ["m.pt", "data", "out", "--params", str(tmp_path / "p.yaml"), "--metrics", str(metrics)]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params()))
+    with pytest.raises(stage.GateError, match="more than quantize.max_dice_drop"):
+        stage.main(argv)
+    assert json.loads(metrics.read_text())["dice_drop"] == 0.1

@@ -1,0 +1,374 @@
+"""Stage quantize: ONNX Runtime static INT8 quantization of the trained model, gated on accuracy.
+
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``quantize`` + ``base.seed``
+Out: ``OUT_DIR`` (models/quantized): ``model_fp32.onnx`` (the shared dynamo export) and
+     ``model_int8.onnx`` (QDQ, per-channel weights, after ``quant_pre_process``);
+     ``metrics/quantize.json``.
+
+Calibration uses seeded 2.5D slabs of the TRAIN split only. The sweep (schemes x calibration
+methods) is scored on seeded labelled slabs of the VAL split (Dice pooled over the slabs, each
+predicted whole), so the test split plays no part in choosing, and choosing stays cheap. The
+chosen configuration is then measured on the whole TEST volumes, through the same sliding-window
+inference as evaluate, against fp32: Dice pooled over all test voxels (the gate: the stage fails if
+it drops by more than ``max_dice_drop``), the per-case mean as evaluate reports it, and CPM.
+Latency: PyTorch eager, ORT fp32 and ORT INT8 on one fixed batch of validation slabs at the
+evaluation ROI size, warm-up then median and p90 over ``latency_runs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctpipe import data, detect, metrics, nets, onnxtools, quant
+from ctpipe.fileio import atomic_path, rounded, write_json
+from ctpipe.infer import onnx_predictor
+from ctpipe.params import stage_params
+
+log = logging.getLogger("quantize")
+
+
+class GateError(RuntimeError):
+    """INT8 accuracy fell below the gate."""
+
+
+def load_split(processed: Path, split: str) -> list[dict]:
+    """Cases of one split with their float32 image, boolean label and geometry, in memory."""
+    cases = data.cases_in(data.load_index(processed), split)
+    if not cases:
+        raise ValueError(f"{processed}/index.json: the '{split}' split is empty")
+    out = []
+    for case in cases:
+        image, label, geom = data.load_case(processed, case["case_id"])
+        out.append(
+            {
+                **case,
+                "image": np.asarray(image, dtype=np.float32),
+                "label": np.asarray(label) > 0,
+                "geom": geom,
+            }
+        )
+    return out
+
+
+def evaluate_test(
+    probs: list[np.ndarray], cases: list[dict], nodules: pd.DataFrame, cfg: dict
+) -> dict:
+    """Pooled Dice, per-case voxel metrics (cases with nodules, as evaluate reports) and CPM."""
+    threshold = float(cfg["threshold"])
+    per_case, cands = [], []
+    for prob, case in zip(probs, cases):
+        if case["label"].any():
+            per_case.append(
+                metrics.voxel_metrics(prob >= threshold, case["label"], case["geom"].spacing[::-1])
+            )
+        found = detect.candidates_from_probability(
+            prob, case["geom"], float(cfg["candidate_threshold"]), float(cfg["min_candidate_mm3"])
+        )
+        cands.append(found.assign(seriesuid=case["seriesuid"]))
+    summary = metrics.aggregate(per_case)
+    froc = metrics.froc(pd.concat(cands, ignore_index=True), nodules, len(cases))
+    return {
+        "dice": quant.pooled_dice(probs, [c["label"] for c in cases], threshold),
+        "dice_case_mean": summary.get("dice", float("nan")),
+        "hd95_mm": summary.get("hd95_mm", float("nan")),
+        "cpm": froc["cpm"],
+    }
+
+
+def patch_dice(session, patches: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> float:
+    """Dice pooled over a set of labelled slabs, predicted whole (no sliding window)."""
+    inter = total = 0
+    for x, label in patches:
+        pred = onnxtools.foreground(session.run(None, {onnxtools.INPUT_NAME: x})[0], threshold)
+        inter += int(np.logical_and(pred, label).sum())
+        total += int(pred.sum()) + int(label.sum())
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
+def sweep(
+    prepared: Path,
+    work: Path,
+    calib: list[np.ndarray],
+    patches: list,
+    dice_fp32: float,
+    x_latency: np.ndarray,
+    cfg: dict,
+) -> dict[str, dict]:
+    """Quantize every configuration and score it on labelled val slabs; time each scheme once.
+
+    The calibration method changes only scales and zero points, never the graph, so all
+    configurations of one scheme run the same kernels: one timing per scheme is fairer than six
+    short ones that mostly measure the noise of a shared CPU.
+    """
+    results, scheme_ms = {}, {}
+    for method in cfg["calibration_methods"]:
+        ranges = quant.calibrate(
+            prepared,
+            calib,
+            method,
+            work / f"ranges_{method}.json",
+            float(cfg["percentile"]),
+            int(cfg["entropy_bins"]),
+        )
+        for scheme in cfg["schemes"]:
+            name = f"{scheme}_{method}"
+            path = quant.quantize(
+                prepared, work / f"{name}.onnx", ranges, scheme, method, bool(cfg["per_channel"])
+            )
+            session = onnxtools.ort_session(path, cfg["threads"], cfg["graph_optimization"])
+            if scheme not in scheme_ms:
+                scheme_ms[scheme] = quant.latency_ms(
+                    lambda s=session: s.run(None, {onnxtools.INPUT_NAME: x_latency}),
+                    int(cfg["latency_warmup"]),
+                    int(cfg["sweep_latency_runs"]),
+                )["median_ms"]
+            dice = patch_dice(session, patches, float(cfg["threshold"]))
+            results[name] = {
+                "scheme": scheme,
+                "method": method,
+                "path": path,
+                "dice": dice,
+                "dice_drop": dice_fp32 - dice,
+                "latency_ms": scheme_ms[scheme],
+                "passed": dice_fp32 - dice <= float(cfg["max_dice_drop"]),
+            }
+            log.info(
+                "%s: val-slab Dice %.4f (drop %+.4f), %.1f ms",
+                name,
+                dice,
+                dice_fp32 - dice,
+                scheme_ms[scheme],
+            )
+    return results
+
+
+def latencies(net: torch.nn.Module, fp32: Path, int8: Path, x: np.ndarray, cfg: dict) -> dict:
+    """Median and p90 milliseconds of PyTorch eager, ORT fp32 and ORT INT8 on one batch.
+
+    Also the 1-minute load average before and after, since other processes on a shared CPU
+    change these figures more than anything the stage does.
+    """
+    xt = torch.from_numpy(x)
+    sessions = {
+        n: onnxtools.ort_session(p, cfg["threads"], cfg["graph_optimization"])
+        for n, p in (("fp32", fp32), ("int8", int8))
+    }
+    runs = {"torch": lambda: net(xt)}
+    runs.update(
+        {n: (lambda s=s: s.run(None, {onnxtools.INPUT_NAME: x})) for n, s in sessions.items()}
+    )
+    load_before = os.getloadavg()[0]
+    with torch.inference_mode():
+        out = quant.rotated_latency_ms(
+            runs, int(cfg["latency_warmup"]), int(cfg["latency_runs"]), int(cfg["latency_rounds"])
+        )
+    return {**out, "load_average_1min": [load_before, os.getloadavg()[0]]}
+
+
+def choose_int8(
+    fp32: Path, int8: Path, processed: Path, context: int, cfg: dict, seed: int
+) -> dict:
+    """Calibrate on train slabs, sweep, pick by the gate on val slabs; copy the winner to ``int8``."""
+    roi, batch, threshold = int(cfg["roi_size"]), int(cfg["latency_batch"]), float(cfg["threshold"])
+    n_calib = math.ceil(int(cfg["calibration_slabs"]) / int(cfg["calibration_batch"]))
+    calib = onnxtools.sample_slabs(
+        processed,
+        "train",
+        context,
+        [(cfg["calibration_batch"], roi, roi)] * n_calib,
+        seed,
+        float(cfg["calibration_fg_fraction"]),
+    )
+    patches = onnxtools.sample_patches(
+        processed,
+        "val",
+        context,
+        [(batch, roi, roi)] * math.ceil(int(cfg["sweep_slabs"]) / batch),
+        seed,
+        float(cfg["sweep_fg_fraction"]),
+    )
+    dice_fp32 = patch_dice(
+        onnxtools.ort_session(fp32, cfg["threads"], cfg["graph_optimization"]), patches, threshold
+    )
+    with tempfile.TemporaryDirectory(dir=int8.parent, prefix=".quantize.") as tmp:
+        prepared = quant.prepare(fp32, Path(tmp) / "prepared.onnx")
+        configs = sweep(prepared, Path(tmp), calib, patches, dice_fp32, patches[0][0], cfg)
+        chosen = quant.select(list(configs.values()), float(cfg["max_dice_drop"]), cfg["selection"])
+        if chosen is None:
+            raise GateError(
+                f"quantize: no configuration keeps the val Dice within {cfg['max_dice_drop']} of fp32 "
+                f"({dice_fp32:.4f}): "
+                + ", ".join(f"{k} {v['dice']:.4f}" for k, v in configs.items())
+            )
+        with atomic_path(int8) as tmp_int8:
+            shutil.copyfile(chosen["path"], tmp_int8)
+    return {
+        "chosen": {
+            "scheme": chosen["scheme"],
+            "method": chosen["method"],
+            "selection": cfg["selection"],
+            "selection_split": "val",
+            "selection_slabs": sum(len(x) for x, _ in patches),
+            "dice_val": chosen["dice"],
+            "dice_val_fp32": dice_fp32,
+        },
+        "sweep": {
+            k: {key: v[key] for key in ("dice", "dice_drop", "latency_ms", "passed")}
+            for k, v in configs.items()
+        },
+        "calibration": {
+            "split": "train",
+            "slabs": sum(len(b) for b in calib),
+            "roi_size": roi,
+            "seed": seed,
+        },
+        "x_latency": patches[0][0],
+    }
+
+
+def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cfg: dict) -> dict:
+    """fp32 and INT8 on the whole test volumes: pooled and per-case Dice, HD95, CPM; the gate."""
+    test = load_split(processed, "test")
+    nodules = data.load_nodules(processed)
+    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in test])].reset_index(
+        drop=True
+    )
+    threshold, max_drop = float(cfg["threshold"]), float(cfg["max_dice_drop"])
+    probs = {}
+    for name, path in (("fp32", fp32), ("int8", int8)):
+        predictor = onnx_predictor(
+            onnxtools.ort_session(path, cfg["threads"], cfg["graph_optimization"])
+        )
+        probs[name] = quant.segment_volumes(
+            predictor,
+            [c["image"] for c in test],
+            context,
+            int(cfg["roi_size"]),
+            float(cfg["overlap"]),
+            f"test {name}",
+        )
+    f, q = (evaluate_test(probs[n], test, nodules, cfg) for n in ("fp32", "int8"))
+    return {
+        "dice_fp32": f["dice"],
+        "dice_int8": q["dice"],
+        "dice_drop": f["dice"] - q["dice"],
+        "dice_definition": f"pooled over all voxels of the {len(test)} test cases, probability >= {threshold}",
+        "dice_int8_vs_fp32": quant.agreement_dice(probs["int8"], probs["fp32"], threshold),
+        "dice_case_mean_fp32": f["dice_case_mean"],
+        "dice_case_mean_int8": q["dice_case_mean"],
+        "hd95_mm_fp32": f["hd95_mm"],
+        "hd95_mm_int8": q["hd95_mm"],
+        "cpm_fp32": f["cpm"],
+        "cpm_int8": q["cpm"],
+        "cpm_drop": f["cpm"] - q["cpm"],
+        "max_dice_drop": max_drop,
+        "gate_passed": f["dice"] - q["dice"] <= max_drop,
+        "test_cases": len(test),
+    }
+
+
+def run(model_path: Path, processed: Path, out_dir: Path, cfg: dict, seed: int) -> dict:
+    start = time.perf_counter()
+    threads = onnxtools.resolve_threads(cfg["threads"])
+    torch.set_num_threads(threads)
+    net, ckpt = nets.load_checkpoint(str(model_path))
+    context = int(ckpt["train_params"]["context_slices"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32, int8 = out_dir / "model_fp32.onnx", out_dir / "model_int8.onnx"
+    onnxtools.export_onnx(
+        net,
+        nets.in_channels(ckpt["train_params"]),
+        fp32,
+        int(cfg["opset"]),
+        {"ctpipe.context_slices": context},
+    )
+    phases = {"export": time.perf_counter() - start}
+    result = choose_int8(fp32, int8, processed, context, cfg, seed)
+    x_latency = result.pop("x_latency")
+    phases["sweep"] = time.perf_counter() - start - sum(phases.values())
+    result.update(measure_test_split(fp32, int8, processed, context, cfg))
+    phases["test"] = time.perf_counter() - start - sum(phases.values())
+    lat = latencies(net, fp32, int8, x_latency, cfg)
+    phases["latency"] = time.perf_counter() - start - sum(phases.values())
+    speedup = lat["fp32"]["median_ms"] / lat["int8"]["median_ms"]
+    result.update(
+        {
+            "latency_ms_torch": lat["torch"]["median_ms"],
+            "latency_ms_fp32": lat["fp32"]["median_ms"],
+            "latency_ms_int8": lat["int8"]["median_ms"],
+            "latency_p90_ms_torch": lat["torch"]["p90_ms"],
+            "latency_p90_ms_fp32": lat["fp32"]["p90_ms"],
+            "latency_p90_ms_int8": lat["int8"]["p90_ms"],
+            "latency_runs": int(cfg["latency_runs"]),
+            "latency_load_average_1min": lat["load_average_1min"],
+            "latency_input_shape": list(x_latency.shape),
+            "speedup_int8_vs_fp32": speedup,
+            "speedup_fp32_vs_torch": lat["torch"]["median_ms"] / lat["fp32"]["median_ms"],
+            "int8_faster": bool(speedup > 1.0),
+            "speedup_target": float(cfg["speedup_target"]),
+            "speedup_target_met": bool(speedup >= float(cfg["speedup_target"])),
+            "size_bytes_fp32": fp32.stat().st_size,
+            "size_bytes_int8": int8.stat().st_size,
+            "size_ratio": int8.stat().st_size / fp32.stat().st_size,
+            "threads": threads,
+            "graph_optimization": cfg["graph_optimization"],
+            "cpu": quant.cpu_info(),
+            "opset": int(cfg["opset"]),
+            "seconds": time.perf_counter() - start,
+            "seconds_by_phase": phases,
+        }
+    )
+    return rounded(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser.add_argument("out_dir", type=Path, help="fp32 and INT8 ONNX models (models/quantized)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/quantize.json"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    onnxtools.quiet_exporter_logs()
+    cfg, seed = stage_params("quantize", args.params, shared=("inference",))
+    result = run(args.model, args.data_dir, args.out_dir, cfg, seed)
+    # Metrics first, so a failed gate still leaves the figures to look at.
+    write_json(args.metrics, result)
+    log.info(
+        "quantize: %s_%s Dice fp32 %.4f int8 %.4f (drop %.4f), %.1f ms -> %.1f ms (x%.2f, int8 faster: %s)",
+        result["chosen"]["scheme"],
+        result["chosen"]["method"],
+        result["dice_fp32"],
+        result["dice_int8"],
+        result["dice_drop"],
+        result["latency_ms_fp32"],
+        result["latency_ms_int8"],
+        result["speedup_int8_vs_fp32"],
+        result["int8_faster"],
+    )
+    if not result["gate_passed"]:
+        raise GateError(
+            f"quantize: INT8 test Dice {result['dice_int8']:.4f} is {result['dice_drop']:.4f} below "
+            f"fp32 {result['dice_fp32']:.4f}, more than quantize.max_dice_drop={result['max_dice_drop']}"
+            f" (figures in {args.metrics})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
