@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy import ndimage
 from monai.transforms import (
     Compose,
     RandAdjustContrast,
@@ -95,7 +96,7 @@ class SlabPatchDataset(torch.utils.data.Dataset):
     Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training
     sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
     A fraction ``fg_fraction`` of the patches is centred on a nodule voxel (nnU-Net oversamples a
-    third); the rest are centred anywhere in the volume, which shows the network the vessels and
+    third), drawn per case or per nodule (``fg_sampling``); the rest are centred anywhere in the volume, which shows the network the vessels and
     airways it must learn to ignore.
     """
 
@@ -109,11 +110,23 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         fg_fraction: float,
         seed: int,
         augment: bool = True,
+        fg_sampling: str = "voxel",
     ) -> None:
         self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
-        # Nodule voxels per case, for foreground oversampling (empty for nodule-free cases).
-        self.foreground = [np.argwhere(np.asarray(lbl) > 0) for _, lbl in self.volumes]
-        self.with_fg = [i for i, fg in enumerate(self.foreground) if len(fg)]
+        # Foreground oversampling draws a "pool" uniformly, then a voxel in it. fg_sampling "voxel":
+        # one pool per case with nodules (large nodules get most patches); "nodule": one pool per
+        # nodule (connected component), so small and part-solid nodules are seen as often as large.
+        if fg_sampling not in ("voxel", "nodule"):
+            raise ValueError(f"fg_sampling must be 'voxel' or 'nodule', got {fg_sampling!r}")
+        self.nodules: list[tuple[int, np.ndarray]] = []
+        for case, (_, lbl) in enumerate(self.volumes):
+            components, n = ndimage.label(np.asarray(lbl) > 0)
+            voxels = np.argwhere(components > 0)
+            if fg_sampling == "voxel" and len(voxels):
+                self.nodules.append((case, voxels))
+            elif fg_sampling == "nodule":
+                ids = components[tuple(voxels.T)]
+                self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
         self.pad = [float(np.asarray(img[0]).min()) for img, _ in self.volumes]
         self.patch, self.context = int(patch_size), int(context)
         self.n, self.fg_fraction, self.seed = int(samples_per_epoch), float(fg_fraction), int(seed)
@@ -128,10 +141,9 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         return self.n
 
     def _centre(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-        if self.with_fg and rng.random() < self.fg_fraction:
-            case = self.with_fg[int(rng.integers(len(self.with_fg)))]
-            fg = self.foreground[case]
-            return case, fg[int(rng.integers(len(fg)))]
+        if self.nodules and rng.random() < self.fg_fraction:
+            case, voxels = self.nodules[int(rng.integers(len(self.nodules)))]
+            return case, voxels[int(rng.integers(len(voxels)))]
         case = int(rng.integers(len(self.volumes)))
         shape = self.volumes[case][0].shape
         return case, np.array([rng.integers(0, s) for s in shape])

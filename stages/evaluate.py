@@ -5,6 +5,7 @@ Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over te
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
      positives per scan, and sensitivity / false positives per scan at the operating threshold.
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
+     ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the threshold),
      ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
 """
 
@@ -60,6 +61,16 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     plt.close(fig)
 
 
+def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """One row per nodule (detected or missed) and per false candidate, at the operating threshold."""
+    hits = matched[(matched["score"] >= threshold) & matched["is_tp"]]["nodule_index"]
+    found = set(int(i) for i in hits)
+    fps = int(((matched["score"] >= threshold) & (matched["nodule_index"] < 0)).sum())
+    rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
+    rows += [{"actual": "background", "predicted": "nodule"}] * fps
+    return pd.DataFrame(rows, columns=["actual", "predicted"])
+
+
 def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
     torch.manual_seed(seed)
@@ -93,7 +104,9 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
         shutil.rmtree(plots)
     plots.mkdir(parents=True)
     write_csv(plots / "per_case.csv", per_case.round(4))
-    write_csv(plots / "candidates.csv", metrics.match_candidates(cands, nodules))
+    matched = metrics.match_candidates(cands, nodules)
+    write_csv(plots / "candidates.csv", matched)
+    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, threshold))
     curve = froc["curve"]
     write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
                                                 "sensitivity": curve["sensitivity"]}).round(4))

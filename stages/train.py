@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     train_ids = [c["case_id"] for c in data.cases_in(index, "train")]
     val_cases = data.cases_in(index, "val")
     dataset = data.SlabPatchDataset(args.data_dir, train_ids, cfg["patch_size"], cfg["context_slices"],
-                                    cfg["samples_per_epoch"], cfg["fg_fraction"], seed)
+                                    cfg["samples_per_epoch"], cfg["fg_fraction"], seed,
+                                    fg_sampling=cfg["fg_sampling"])
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = data.make_loader(dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), sampler,
                               pin_memory=device.type == "cuda")
