@@ -41,6 +41,7 @@ from ctpipe.deid_table import DeidOptions, table_info
 from ctpipe.deid_verify import Evidence, NeedleIndex, build_indexes, scan_file, scan_text
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("anonymize")
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, default=Path("metrics/anonymize.json"))
     args = parser.parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
+    record_environment("anonymize", Path(args.metrics).parent / "env")
     start = time.perf_counter()
     out_dir, input_dir = args.output_dir, args.input_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")

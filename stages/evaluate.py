@@ -28,7 +28,8 @@ from tqdm import tqdm  # noqa: E402
 
 from ctpipe import data, detect, infer, metrics, nets  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
-from ctpipe.params import stage_params  # noqa: E402
+from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment  # noqa: E402
 
 log = logging.getLogger("evaluate")
 FP_RATES = metrics.LUNA16_FP_RATES
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
+    record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
     write_json(args.metrics, result)
     log.info("evaluate: Dice %.4f, CPM %.4f", result["dice"], result["froc_cpm"])

@@ -35,6 +35,7 @@ from ctpipe import data, nets, onnxtools
 from ctpipe.fileio import read_json, write_json
 from ctpipe.infer import onnx_predictor
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("export")
 LABELS = {"0": "background", "1": "nodule"}
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     onnxtools.quiet_exporter_logs()
     cfg, seed = stage_params("export", args.params, shared=("inference",))
+    record_environment("export", Path(args.metrics).parent / "env")
     result = run(
         args.model,
         args.data_dir,

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ctpipe import dicomio, synth
 from ctpipe.fileio import write_csv, write_json
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("ingest")
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("ingest", args.params)
+    record_environment("ingest", Path(args.metrics).parent / "env")
     start = time.perf_counter()
     metrics = run(cfg, seed, args.out_dir)
     write_json(args.metrics, metrics)  # no timings inside: metrics stay identical across re-runs

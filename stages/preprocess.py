@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ctpipe import dicomio, prep
 from ctpipe.fileio import write_csv, write_json, write_npy
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("preprocess")
 
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("preprocess", args.params)
+    record_environment("preprocess", Path(args.metrics).parent / "env")
     start = time.perf_counter()
     metrics = run(cfg, seed, args.in_dir, args.out_dir)
     write_json(args.metrics, metrics)

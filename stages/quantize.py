@@ -35,6 +35,7 @@ from ctpipe import data, detect, metrics, nets, onnxtools, quant
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.infer import onnx_predictor
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("quantize")
 
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     onnxtools.quiet_exporter_logs()
     cfg, seed = stage_params("quantize", args.params, shared=("inference",))
+    record_environment("quantize", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.out_dir, cfg, seed)
     # Metrics first, so a failed gate still leaves the figures to look at.
     write_json(args.metrics, result)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ctpipe import data, infer, nets
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("train")
 
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("train", args.params)
+    if int(os.environ.get("RANK", "0")) == 0:
+        record_environment("train", Path(args.metrics).parent / "env")
     device, rank, world, amp = setup_device(cfg)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)

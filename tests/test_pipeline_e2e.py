@@ -58,6 +58,9 @@ def test_repro_runs_every_stage(repo):
     assert set(lock["stages"]) == set(STAGES)
     for stage in STAGES:
         assert (repo / "metrics" / f"{stage}.json").is_file(), stage
+        env = json.loads((repo / "metrics" / "env" / f"{stage}.json").read_text())
+        assert env["packages"]["torch"] and env["device"]["kind"] in ("cpu", "cuda")
+        assert len(env["git_revision"]) == 40, env["git_revision"]  # the tiny repo's commit
     evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
     for key in ("dice", "iou", "hd95_mm", "froc_cpm", "sensitivity", "fp_per_scan"):
         assert key in evaluate

@@ -15,7 +15,7 @@ import yaml
 from conftest import write_tiny_cohort
 from ctpipe import data, dicomio, synth
 from ctpipe.geometry import Geometry
-from stages import preprocess
+from stages import ingest, preprocess
 
 
 def ingest_like(root: Path, n: int = 3, **overrides) -> Path:
@@ -80,8 +80,19 @@ def test_luna16_metaimage_gives_same_masks_as_dicom(tmp_path, params_file):
         volume, geom = dicomio.read_series([dicom_root / "dicom" / p for p in paths])
         sitk.WriteImage(to_sitk(volume, geom), str(luna / f"{uid}.mhd"))
     pd.read_csv(dicom_root / "annotations.csv").to_csv(luna.parent / "annotations.csv", index=False)
+    (luna.parent / "README.txt").write_text("not part of the cohort")
+    # The LUNA16 folder goes through ingest (source luna16), then preprocess.
+    params = yaml.safe_load(params_file.read_text())
+    params["ingest"].update(source="luna16", source_dir=str(luna.parent))
+    params_file.write_text(yaml.safe_dump(params))
+    assert ingest.main([str(tmp_path / "luna_raw"), "--params", str(params_file),
+                        "--metrics", str(tmp_path / "ingest.json")]) == 0
+    manifest = pd.read_csv(tmp_path / "luna_raw" / "manifest.csv", keep_default_na=False)
+    assert set(manifest["path"]) == {str(p.relative_to(luna.parent)) for p in luna.parent.rglob("*")
+                                     if p.is_file() and p.name != "annotations.csv"}
+    assert manifest.set_index("path").loc["README.txt", "status"] == "skipped"
     run_preprocess(dicom_root, tmp_path / "from_dicom", params_file)
-    run_preprocess(luna.parent, tmp_path / "from_luna", params_file)
+    run_preprocess(tmp_path / "luna_raw", tmp_path / "from_luna", params_file)
     d_idx, l_idx = data.load_index(tmp_path / "from_dicom"), data.load_index(tmp_path / "from_luna")
     assert [c["seriesuid"] for c in d_idx["cases"]] == [c["seriesuid"] for c in l_idx["cases"]]
     for d_case, l_case in zip(d_idx["cases"], l_idx["cases"]):
