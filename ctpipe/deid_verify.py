@@ -78,6 +78,11 @@ def raw_vr(elem, tag: int) -> str:
     vr = elem.VR
     if vr and vr != "UN":
         return str(vr)
+    return _dictionary_vr(tag)
+
+
+def _dictionary_vr(tag: int) -> str:
+    """The data dictionary's VR of a public tag; UN for private (odd group) or unknown tags."""
     if tag >> 16 & 1:
         return "UN"
     try:
@@ -286,12 +291,7 @@ def _implicit_vr(tag: int, buf: bytes, pos: int, length: int, e: str) -> str:
     """VR of an implicit-VR element: the dictionary's, or SQ when its value is items."""
     if length == UNDEFINED or (length >= 8 and struct.unpack_from(e + "HH", buf, pos) == (0xFFFE, 0xE000)):
         return "SQ"
-    if tag >> 16 & 1:
-        return "UN"
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"
+    return _dictionary_vr(tag)
 
 
 def scan_text(values: Iterable[str], indexes: list[NeedleIndex]) -> list[str]:
