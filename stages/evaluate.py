@@ -46,8 +46,8 @@ def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: i
 
 
 def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:
-    """The slice with the most nodule voxels: image, truth contour (green), prediction (red)."""
-    k = int(np.argmax((truth | pred).sum(axis=(1, 2))))
+    """The slice with the most truth voxels (else predicted ones): image, truth, prediction."""
+    k = int(np.argmax((truth if truth.any() else pred).sum(axis=(1, 2))))
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     for ax, (name, mask) in zip(axes, [("image", None), ("truth", truth), ("prediction", pred)]):
         ax.imshow(image[k], cmap="gray")
@@ -111,7 +111,8 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     curve = froc["curve"]
     write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
                                                 "sensitivity": curve["sensitivity"]}).round(4))
-    scored = per_case.dropna(subset=["dice"]).sort_values(["dice", "case_id"])
+    # Best and worst among the cases with nodules, the cases the Dice figure is about.
+    scored = per_case[per_case["truth_voxels"] > 0].dropna(subset=["dice"]).sort_values(["dice", "case_id"])
     for name, row in (("worst", scored.iloc[0]), ("best", scored.iloc[-1])) if len(scored) else ():
         image, truth, pred = kept[row["case_id"]]
         overlay(plots / "overlays" / f"{name}.png", image, truth, pred,
