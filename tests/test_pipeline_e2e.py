@@ -81,7 +81,9 @@ def test_forced_rerun_is_identical(repo):
     """Same params, same machine: identical data hashes up to preprocess, identical CPU metrics."""
     def snapshot():
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-        hashes = {s: [(o["path"], o["md5"]) for o in lock[s]["outs"]] for s in ("ingest", "anonymize", "preprocess")}
+        # Data outputs only: metrics/env/<stage>.json records the environment, not results.
+        hashes = {s: [(o["path"], o["md5"]) for o in lock[s]["outs"] if o["path"].startswith("data/")]
+                  for s in ("ingest", "anonymize", "preprocess")}
         metrics = {s: (repo / "metrics" / f"{s}.json").read_text() for s in ("train", "evaluate")}
         return hashes, metrics
 
@@ -99,11 +101,12 @@ def test_exp_run_and_metrics_diff(repo):
     metrics_diff = sh(repo, "dvc", "metrics", "diff", "--json").stdout
     changed = json.loads(metrics_diff)
     assert "metrics/train.json" in changed
-    show = sh(repo, "dvc", "exp", "show", "--no-pager", "--only-changed").stdout
-    assert "train.lr" in show or "lr" in show
+    show = sh(repo, "dvc", "exp", "show", "--no-pager", "--only-changed", "--md").stdout
+    assert "train.lr" in show and "0.01" in show
 
 
 def test_evaluate_param_reruns_only_evaluate_and_dependants(repo):
     out = sh(repo, "dvc", "exp", "run", "-S", "evaluate.bootstrap=30").stdout
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
-    assert ran == {"evaluate", "export"}, out[-2000:]  # export copies evaluate's metrics into its model card
+    # export reads evaluate's metrics (model card): it re-runs only if they changed.
+    assert "evaluate" in ran and ran <= {"evaluate", "export"}, out[-2000:]
