@@ -51,9 +51,9 @@ def discover(in_dir: Path, workers: int) -> list[dict]:
     return sources
 
 
-def _write_case(source: dict, nodules: pd.DataFrame, plan: dict, out: Path) -> dict:
+def _write_case(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
     """Worker: process one case, write its arrays, return its index entry and nodule report."""
-    result = prep.process_case(source, nodules, plan)
+    result = prep.process_case(source, per_case[source["seriesuid"]], plan)
     write_npy(out / "cases" / f"{source['case_id']}.image.npy", result["image"])
     write_npy(out / "cases" / f"{source['case_id']}.label.npy", result["label"])
     report = result["nodules"].assign(case_id=source["case_id"])
@@ -87,7 +87,7 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     if out.exists():
         shutil.rmtree(out)
     (out / "cases").mkdir(parents=True)
-    job = partial(_write_case_job, per_case=per_case, plan=plan, out=out)
+    job = partial(_write_case, per_case=per_case, plan=plan, out=out)
     results = _pmap(job, sources, workers, "preprocess")
     entries = [r["entry"] for r in results]
     nodules = pd.concat([r["nodules"] for r in results], ignore_index=True)
@@ -121,10 +121,6 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
 
 def _fingerprint(source: dict, cfg: dict, seed: int, per_case: dict) -> dict:
     return prep.fingerprint_case(source, per_case[source["seriesuid"]], cfg, seed)
-
-
-def _write_case_job(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
-    return _write_case(source, per_case[source["seriesuid"]], plan, out)
 
 
 def main(argv: list[str] | None = None) -> int:
