@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from conftest import write_tiny_cohort
 from ctpipe import dicomio, synth
-from stages import ingest
+from stages import ingest, preprocess
 
 
 def make_messy_folder(root: Path) -> dict[str, str]:
@@ -76,6 +77,12 @@ def test_ingest_stage_on_user_folder(tmp_path, params_file):
     assert copied == set(manifest.loc[manifest["status"] == "ok", "path"])
     assert not copied & set(expected)
     assert (out / "annotations.csv").is_file() and (out / "cohort.json").is_file()
+    # The good series go on through preprocess (its layout is what anonymize also writes).
+    assert preprocess.main([str(out), str(tmp_path / "processed"), "--params", str(params_file),
+                            "--metrics", str(tmp_path / "pre.json")]) == 0
+    cases = json.loads((tmp_path / "processed" / "index.json").read_text())["cases"]
+    good = set(manifest.loc[manifest["status"] == "ok", "series_uid"])
+    assert {c["seriesuid"] for c in cases} == good and len(good) >= 2
 
 
 def test_slices_sorted_by_position_not_name(tmp_path):
