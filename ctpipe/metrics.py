@@ -43,6 +43,9 @@ from monai.metrics import (
 )
 from monai.networks.utils import one_hot
 
+from ctpipe.detect import candidates_from_probability
+from ctpipe.geometry import Geometry
+
 LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # LUNA16 gives findings without a measured size diameter -1 and matches them with a 10 mm sphere.
 UNKNOWN_DIAMETER_MM = 10.0
@@ -125,6 +128,24 @@ def voxel_metrics(
         "hd95_mm": float(hd95.item()),
         "surface_dice": float(nsd.item()),
     }
+
+
+def score_volume(
+    prob: np.ndarray,
+    truth: np.ndarray,
+    geom: Geometry,
+    threshold: float,
+    candidate_threshold: float,
+    min_candidate_mm3: float,
+    surface_tolerance_mm: float = 1.0,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """How one predicted volume is scored, the same in evaluate and quantize.
+
+    Returns the voxel metrics of ``prob >= threshold`` against ``truth`` and the nodule candidates
+    of ``prob`` (components above ``candidate_threshold``) for the lesion-level FROC.
+    """
+    voxel = voxel_metrics(prob >= threshold, truth, geom.spacing[::-1], surface_tolerance_mm)
+    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3)
 
 
 def aggregate(per_case: list[dict]) -> dict:

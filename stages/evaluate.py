@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ctpipe import data, detect, infer, metrics, nets  # noqa: E402
+from ctpipe import data, infer, metrics, nets  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.params import stage_params
 from ctpipe.runenv import record as record_environment  # noqa: E402
@@ -89,10 +89,9 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
         pred = prob >= threshold
         row = {"case_id": case["case_id"], "seriesuid": case["seriesuid"],
                "nodules": int(case["nodules"]), "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum())}
-        row.update(metrics.voxel_metrics(pred, truth, geom.spacing[::-1], float(cfg["surface_tolerance_mm"])))
-        rows.append(row)
-        cands = detect.candidates_from_probability(prob, geom, float(cfg["candidate_threshold"]),
-                                                   float(cfg["min_candidate_mm3"]))
+        voxel, cands = metrics.score_volume(prob, truth, geom, threshold, float(cfg["candidate_threshold"]),
+                                            float(cfg["min_candidate_mm3"]), float(cfg["surface_tolerance_mm"]))
+        rows.append({**row, **voxel})
         candidates.append(cands.assign(seriesuid=case["seriesuid"]))
         kept[case["case_id"]] = (image, truth, pred)
     per_case = pd.DataFrame(rows)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctpipe import data, detect, metrics, nets, onnxtools, quant
+from ctpipe import data, metrics, nets, onnxtools, quant
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.infer import onnx_predictor
 from ctpipe.params import stage_params
@@ -70,13 +70,12 @@ def evaluate_test(
     threshold = float(cfg["threshold"])
     per_case, cands = [], []
     for prob, case in zip(probs, cases):
-        if case["label"].any():
-            per_case.append(
-                metrics.voxel_metrics(prob >= threshold, case["label"], case["geom"].spacing[::-1])
-            )
-        found = detect.candidates_from_probability(
-            prob, case["geom"], float(cfg["candidate_threshold"]), float(cfg["min_candidate_mm3"])
+        voxel, found = metrics.score_volume(
+            prob, case["label"], case["geom"], threshold,
+            float(cfg["candidate_threshold"]), float(cfg["min_candidate_mm3"]),
         )
+        if case["label"].any():
+            per_case.append(voxel)
         cands.append(found.assign(seriesuid=case["seriesuid"]))
     summary = metrics.aggregate(per_case)
     froc = metrics.froc(pd.concat(cands, ignore_index=True), nodules, len(cases))
