@@ -139,12 +139,18 @@ def make_anatomy(rng: np.random.Generator, centre_z: float, cfg: dict) -> dict:
 
 
 def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
-    """A branching vessel: random segments from the hilum toward the lung periphery."""
+    """A branching vessel: random segments from the hilum toward the lung periphery.
+
+    Each segment tapers (radius ``r`` to ``0.7 r``) and its two branches start at the radius it
+    ends with, so a bifurcation is smooth; terminal branches narrow to ``0.3 r``. A tube of constant
+    radius would end in a blunt cap and leave a ball at every branching point, nodule-shaped
+    artefacts that real vessel trees do not have.
+    """
     direction = lung["c"] + rng.normal(0, 1, 3) * lung["r"] * 0.6 - start
     direction /= np.linalg.norm(direction)
     length = rng.uniform(25, 45)
     end = start + direction * length
-    out.append((start, end, radius))
+    out.append((start, end, (radius, radius * (0.7 if depth > 1 else 0.3))))
     if depth > 1:
         for _ in range(2):
             _grow_vessel(rng, end, lung, radius * 0.7, depth - 1, out)
@@ -169,10 +175,13 @@ def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nod
     return nodules
 
 
-def _segment_distance(points: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _segment_distance(
+    points: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of each point to segment a-b, and the position ``t`` in [0, 1] of its foot."""
     ab = b - a
     t = np.clip(((points - a) @ ab) / (ab @ ab), 0, 1)
-    return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1)
+    return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1), t
 
 
 def render(case: SyntheticCase, rng: np.random.Generator, cfg: dict) -> np.ndarray:
@@ -210,8 +219,12 @@ def render(case: SyntheticCase, rng: np.random.Generator, cfg: dict) -> np.ndarr
 
 
 def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
-    """Set voxels within ``radius`` of segment a-b to ``value``, looking only in its bounding box."""
-    lo, hi = np.minimum(a, b) - radius, np.maximum(a, b) + radius
+    """Set voxels within ``radius`` of segment a-b to ``value``, looking only in its bounding box.
+
+    ``radius`` is a number, or ``(r_a, r_b)`` for a tube that tapers linearly from a to b.
+    """
+    r_a, r_b = radius if isinstance(radius, tuple) else (radius, radius)
+    lo, hi = np.minimum(a, b) - max(r_a, r_b), np.maximum(a, b) + max(r_a, r_b)
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     kji = world_to_array_index(corners, geom)
     start = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
@@ -219,7 +232,8 @@ def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
     if np.any(stop <= start):
         return
     box = tuple(slice(s0, s1) for s0, s1 in zip(start, stop))
-    near = _segment_distance(xyz[box], a, b) <= radius
+    dist, t = _segment_distance(xyz[box], a, b)
+    near = dist <= r_a + (r_b - r_a) * t
     if within is not None:
         near &= within[box]
     hu[box][near] = value
