@@ -36,6 +36,7 @@ from monai.data import ThreadDataLoader, set_track_meta
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
+from ctpipe.views import VIEWS, check_views, in_view
 
 
 def load_index(processed: str | Path) -> dict[str, Any]:
@@ -93,6 +94,9 @@ def intensity_augmentations() -> Compose:
 class SlabPatchDataset(torch.utils.data.Dataset):
     """Random 2.5D patches: ``image [2c+1, P, P]`` and the centre slice's ``label [P, P]``.
 
+    With several ``views`` (:data:`ctpipe.infer.VIEWS`) each patch is sliced along one of them,
+    drawn per item, so one network learns to read axial, coronal and sagittal slabs.
+
     Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training
     sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
     A fraction ``fg_fraction`` of the patches is centred on a nodule voxel (nnU-Net oversamples a
@@ -111,8 +115,10 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         seed: int,
         augment: bool = True,
         fg_sampling: str = "voxel",
+        views=("axial",),
     ) -> None:
         self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
+        self.views = check_views(views)
         # Foreground oversampling draws a "pool" uniformly, then a voxel in it. fg_sampling "voxel":
         # one pool per case with nodules (large nodules get most patches); "nodule": one pool per
         # nodule (connected component), so small and part-solid nodules are seen as often as large.
@@ -150,8 +156,14 @@ class SlabPatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(item)])
-        case, (k, j, i) = self._centre(rng)
+        case, centre = self._centre(rng)
         image, label = self.volumes[case]
+        # The slab is taken along one of the views, drawn per item (no draw with a single view).
+        view = self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
+        if view != "axial":
+            image, label = in_view(image, view), in_view(label, view)
+            centre = np.asarray(centre)[list(VIEWS[view])]
+        k, j, i = (int(c) for c in centre)
         ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
         half = self.patch // 2
         # Jitter the centre so the nodule is not always in the middle of the patch.

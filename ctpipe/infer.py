@@ -4,6 +4,12 @@ A volume ``[K, H, W]`` becomes ``K`` slabs ``[2c+1, H, W]`` (edge slices replica
 goes through MONAI's sliding-window inference with Gaussian blending, in batches of slabs. The
 predictor is any callable from a float32 tensor ``[B, C, h, w]`` to logits ``[B, 2, h, w]``: a
 PyTorch module, or an ONNX Runtime session wrapped by :func:`onnx_predictor`.
+
+Views (multi-view 2.5D, as in Setio et al.'s LUNA16 false-positive reduction): the same network
+also reads the volume sliced along the other two axes (``coronal``: slabs of rows ``j``,
+``sagittal``: of columns ``i``) and the foreground probabilities of the views are averaged. A vessel
+running through the axial plane looks like a nodule in an axial slab, but like the tube it is in
+the other two; a nodule is round in all three.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+
+from ctpipe.views import check_views, from_view, in_view
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,8 +40,20 @@ def predict_volume(
     overlap: float,
     batch_slices: int = 16,
     sw_batch_size: int = 8,
+    views=("axial",),
 ) -> np.ndarray:
-    """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``."""
+    """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
+    over ``views`` of the probability predicted slab by slab along each view's axis."""
+    views = check_views(views)
+    total = np.zeros(volume.shape, dtype=np.float32)
+    for view in views:
+        seen = np.ascontiguousarray(in_view(volume, view))
+        total += from_view(_predict_slabs(predictor, seen, context, roi_size, overlap, batch_slices,
+                                          sw_batch_size), view)
+    return total / len(views) if len(views) > 1 else total
+
+
+def _predict_slabs(predictor, volume, context, roi_size, overlap, batch_slices, sw_batch_size) -> np.ndarray:
     prob = np.empty(volume.shape, dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, volume.shape[0], batch_slices):

@@ -27,6 +27,7 @@ from ctpipe import dicomio, prep
 from ctpipe.detect import candidates_from_probability
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
+from ctpipe.views import check_views, from_view, in_view
 
 log = logging.getLogger("predict")
 
@@ -71,19 +72,25 @@ def sliding_window(run, x: np.ndarray, roi: int, overlap: float) -> np.ndarray:
 
 
 def predict_probability(session, volume: np.ndarray, context: int, roi: int, overlap: float,
-                        batch_slices: int = 16) -> np.ndarray:
-    """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session."""
+                        batch_slices: int = 16, views=("axial",)) -> np.ndarray:
+    """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session:
+    the mean over ``views`` (:mod:`ctpipe.views`) of the slab-by-slab prediction along each."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
     offsets = np.arange(-context, context + 1)
-    prob = np.empty(volume.shape, np.float32)
-    for start in range(0, volume.shape[0], batch_slices):
-        ks = np.arange(start, min(start + batch_slices, volume.shape[0]))
-        slabs = volume[np.clip(ks[:, None] + offsets, 0, volume.shape[0] - 1)].astype(np.float32)
-        logits = sliding_window(run, slabs, roi, overlap)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        prob[ks] = (e[:, 1] / e.sum(axis=1))
-    return prob
+    views = check_views(views)
+    total = np.zeros(volume.shape, np.float32)
+    for view in views:
+        seen = in_view(volume, view)
+        prob = np.empty(seen.shape, np.float32)
+        for start in range(0, seen.shape[0], batch_slices):
+            ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
+            slabs = seen[np.clip(ks[:, None] + offsets, 0, seen.shape[0] - 1)].astype(np.float32)
+            logits = sliding_window(run, slabs, roi, overlap)
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            prob[ks] = (e[:, 1] / e.sum(axis=1))
+        total += from_view(prob, view)
+    return total / len(views)
 
 
 def check_series(spec: dict, first: pydicom.Dataset, geom: Geometry) -> None:
@@ -142,7 +149,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     session = ort.InferenceSession(str(package / ("model.onnx" if model == "fp32" else "model_int8.onnx")),
                                    providers=["CPUExecutionProvider"])
     prob = predict_probability(session, volume, int(spec["context_slices"]), int(inf["roi_size"]),
-                               float(inf["sliding_window_overlap"]))
+                               float(inf["sliding_window_overlap"]), views=inf.get("views", ["axial"]))
     mask = back_to_source(prob >= float(post["threshold"]), cgeom, hu, geom)
     uid = str(sources[0].SeriesInstanceUID)
     folder = out / uid

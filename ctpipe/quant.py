@@ -158,10 +158,11 @@ def segment_volumes(
     roi_size: int,
     overlap: float,
     desc: str,
+    views=("axial",),
 ) -> list[np.ndarray]:
     """Foreground probability of each volume, through the shared sliding-window inference."""
     return [
-        predict_volume(predictor, v, context, roi_size, overlap)
+        predict_volume(predictor, v, context, roi_size, overlap, views=views)
         for v in tqdm(volumes, desc=desc, unit="vol", leave=False)
     ]
 

@@ -41,7 +41,8 @@ def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: i
     for case in tqdm(cases, desc="evaluate", unit="case"):
         image, label, geom = data.load_case(processed, case["case_id"])
         image = np.asarray(image, dtype=np.float32)
-        prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]))
+        prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
+                                    views=cfg["views"])
         yield case, image, np.asarray(label) > 0, prob, geom
 
 

@@ -54,8 +54,9 @@ LIMITATIONS = [
         "normalisation); other spacings or HU windows change the output silently."
     ),
     (
-        "- 2.5D: through-plane context is limited to the neighbouring slices; very small (< 3 mm), "
-        "juxta-pleural and ground-glass nodules are the hardest cases."
+        "- 2.5D: each slab sees only its neighbouring slices (the views in `input_spec.json` are averaged, "
+        "but no view sees the nodule in 3D at once); very small (< 5 mm), juxta-vascular and ground-glass "
+        "nodules are the hardest cases."
     ),
     "- Probabilities are not calibrated; the thresholds are operating points chosen on this cohort.",
     "- INT8 figures hold for the CPU they were measured on; CPUs without VNNI may see no speed-up.",
@@ -102,6 +103,9 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
             "patch_size_train": int(tp["patch_size"]),
             "roi_size": int(cfg["roi_size"]),
             "sliding_window_overlap": float(cfg["overlap"]),
+            "views": list(cfg["views"]),
+            "views_meaning": "slab orientations the volume is also read along (axial: slabs of slices k, "
+            "coronal: of rows j, sagittal: of columns i); the foreground probabilities are averaged",
             "blending": "gaussian",
             "padding": "MONAI sliding_window_inference pads slices smaller than the ROI",
         },
@@ -157,7 +161,8 @@ def model_card(
     version = data_version(processed)
     model = (
         f"MONAI BasicUNet, 2D on 2.5D slabs ({spec['input']['shape'][1]} channels: the slice and "
-        f"{tp['context_slices']} either side), features {list(tp['features'])}, BatchNorm + ReLU, bilinear "
+        f"{tp['context_slices']} either side; views {list(spec['inference']['views'])} averaged), "
+        f"features {list(tp['features'])}, BatchNorm + ReLU, bilinear "
         "up-sampling, 2 output logits (background, nodule), no deep supervision. Files: `model.onnx` (fp32, "
         f"opset {versions['opset']}), `model_int8.onnx` (ORT static QDQ INT8), `model.pt2` (`torch.export`), "
         "`triton/` (Triton onnxruntime backend). How to feed it: `input_spec.json`."

@@ -258,6 +258,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
             int(cfg["roi_size"]),
             float(cfg["overlap"]),
             f"test {name}",
+            views=cfg["views"],
         )
     f, q = (evaluate_test(probs[n], test, nodules, cfg) for n in ("fp32", "int8"))
     return {

@@ -83,7 +83,7 @@ def validate(net, processed: Path, cases: list[dict], cfg: dict, device) -> floa
     for case in cases:
         image, label, _ = data.load_case(processed, case["case_id"])
         prob = infer.predict_volume(predictor, np.asarray(image, dtype=np.float32), int(cfg["context_slices"]),
-                                    int(cfg["val_roi_size"]), float(cfg["val_overlap"]))
+                                    int(cfg["val_roi_size"]), float(cfg["val_overlap"]), views=cfg["val_views"])
         pred = torch.from_numpy(prob >= 0.5)[None, None]
         truth = torch.from_numpy(np.asarray(label) > 0)[None, None]
         if truth.any():  # Dice is undefined without a nodule; such cases are judged by FROC
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     val_cases = data.cases_in(index, "val")
     dataset = data.SlabPatchDataset(args.data_dir, train_ids, cfg["patch_size"], cfg["context_slices"],
                                     cfg["samples_per_epoch"], cfg["fg_fraction"], seed,
-                                    fg_sampling=cfg["fg_sampling"])
+                                    fg_sampling=cfg["fg_sampling"], views=cfg["views"])
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = data.make_loader(dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), sampler,
                               pin_memory=device.type == "cuda")
@@ -240,7 +240,7 @@ def _val_loss(net, processed, val_cases, cfg, seed, loss_fn, device) -> float:
         return float("nan")
     ds = data.SlabPatchDataset(processed, [c["case_id"] for c in val_cases], cfg["patch_size"],
                                cfg["context_slices"], 4 * int(cfg["batch_size"]), cfg["fg_fraction"],
-                               seed + 1, augment=False)
+                               seed + 1, augment=False, views=cfg["views"])
     net.eval()
     with torch.inference_mode():
         batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
