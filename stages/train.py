@@ -97,7 +97,7 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
-def resume_state(ckpt_dir: Path, cfg: dict, plan: dict, data_id: str) -> dict | None:
+def resume_state(ckpt_dir: Path, cfg: dict, data_id: str) -> dict | None:
     """The last checkpoint if it belongs to an unfinished run with the same params and data."""
     last = ckpt_dir / "last.pt"
     if not last.is_file():
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["batch_dice"]))
 
     start_epoch, best, stale, history = 0, -1.0, 0, []
-    state = resume_state(args.checkpoints, cfg, plan, data_id)
+    state = resume_state(args.checkpoints, cfg, data_id)
     if state is not None:
         net.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -192,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         done = [False]
         if rank == 0:
             record = {"train_loss": float(np.mean(losses)),
-                      "val_loss": _val_loss(net, args.data_dir, val_cases, cfg, seed, loss_fn, device),
-                      "val_dice": validate(net, args.data_dir, val_cases, cfg, device),
                       "lr": scheduler.get_last_lr()[0],
                       "samples_per_s": len(losses) * int(cfg["batch_size"]) * world / seconds,
                       "data_wait_fraction": wait / seconds}
+            # Validation (whole val volumes) costs about as much as an epoch of training: every
+            # val_every epochs, and always after the last one.
+            if (epoch + 1) % int(cfg["val_every"]) == 0 or epoch + 1 == int(cfg["epochs"]):
+                record["val_loss"] = _val_loss(net, args.data_dir, val_cases, cfg, seed, loss_fn, device)
+                record["val_dice"] = validate(net, args.data_dir, val_cases, cfg, device)
             best, stale, done[0] = _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state={
                 "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "train_params": cfg,
@@ -218,8 +221,10 @@ def _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state)
     for key, value in record.items():
         live.log_metric(key, value)
     live.next_step()
-    improved = record["val_dice"] > best
-    best, stale = (record["val_dice"], 0) if improved else (best, stale + 1)
+    # ``stale``: epochs since the best validation Dice, counted at each validation.
+    improved = "val_dice" in record and record["val_dice"] > best
+    if "val_dice" in record:
+        best, stale = (record["val_dice"], 0) if improved else (best, stale + int(cfg["val_every"]))
     done = stale >= int(cfg["early_stopping_patience"]) or epoch + 1 == int(cfg["epochs"])
     ckpt = {**ckpt_state, "epoch": epoch, "best": best, "stale": stale, "history": history, "complete": done}
     if improved:

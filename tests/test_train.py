@@ -45,9 +45,20 @@ def test_smoke_writes_model_and_logs(processed, tmp_path, params_file):
     assert ckpt["plan"]["target_spacing_mm"]
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["epochs_run"] == 2
-    for name in ("train_loss", "val_loss", "val_dice", "lr", "samples_per_s", "data_wait_fraction"):
+    for name in ("train_loss", "lr", "samples_per_s", "data_wait_fraction"):
         lines = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert len(lines) == 3, name  # header + one row per epoch
+
+
+def test_validation_every_n_epochs_and_after_the_last(processed, tmp_path, params_file):
+    params = yaml.safe_load(params_file.read_text())
+    params["train"].update(epochs=3, val_every=2)
+    params_file.write_text(yaml.safe_dump(params))
+    assert run_train(processed, tmp_path, params_file) == 0
+    for name in ("val_loss", "val_dice"):
+        rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+        assert [int(r.split("\t")[0]) for r in rows] == [1, 2], name  # dvclive steps of epochs 2 and 3
+    assert torch.load(tmp_path / "model.pt", weights_only=False)["epoch"] in (1, 2)
 
 
 def test_resume_after_kill_gives_same_model(processed, tmp_path, params_file):
