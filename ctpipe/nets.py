@@ -1,10 +1,11 @@
 """The segmentation network: a MONAI BasicUNet on 2.5D slabs (adjacent slices as channels).
 
-Why 2.5D: a 2D network sees ``2 * context_slices + 1`` neighbouring slices, enough through-plane
-context to tell a nodule (a sphere that shrinks from slice to slice) from a vessel (a tube that
-persists), at the cost of a 2D network. That keeps training within minutes on two CPU cores and
-gives ONNX Runtime a graph it quantizes well: Conv + BatchNorm (folded) + ReLU and bilinear
-up-sampling (``upsample="nontrainable"``), no ConvTranspose, which has no quantized CPU kernel.
+Why 2.5D: a 2D network that sees ``2 * context_slices + 1`` neighbouring slices trains within
+minutes on two CPU cores and gives ONNX Runtime a graph it quantizes well: Conv + BatchNorm
+(folded) + ReLU and bilinear up-sampling (``upsample="nontrainable"``), no ConvTranspose, which
+has no quantized CPU kernel. A few axial slices are not enough to tell a nodule from a vessel that
+crosses the axial plane, so the same network is also trained on and applied to coronal and
+sagittal slabs (``train.views``, ``inference.views``; :mod:`ctpipe.views`).
 """
 
 from __future__ import annotations
