@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ctpipe.views import check_views, from_view, in_view
+from ctpipe.views import mean_over_views
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -44,13 +44,8 @@ def predict_volume(
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
     over ``views`` of the probability predicted slab by slab along each view's axis."""
-    views = check_views(views)
-    total = np.zeros(volume.shape, dtype=np.float32)
-    for view in views:
-        seen = np.ascontiguousarray(in_view(volume, view))
-        total += from_view(_predict_slabs(predictor, seen, context, roi_size, overlap, batch_slices,
-                                          sw_batch_size), view)
-    return total / len(views) if len(views) > 1 else total
+    return mean_over_views(volume, views, lambda seen: _predict_slabs(
+        predictor, np.ascontiguousarray(seen), context, roi_size, overlap, batch_slices, sw_batch_size))
 
 
 def _predict_slabs(predictor, volume, context, roi_size, overlap, batch_slices, sw_batch_size) -> np.ndarray:

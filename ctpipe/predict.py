@@ -27,7 +27,7 @@ from ctpipe import dicomio, prep
 from ctpipe.detect import candidates_from_probability
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
-from ctpipe.views import check_views, from_view, in_view
+from ctpipe.views import mean_over_views
 
 log = logging.getLogger("predict")
 
@@ -78,10 +78,8 @@ def predict_probability(session, volume: np.ndarray, context: int, roi: int, ove
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
     offsets = np.arange(-context, context + 1)
-    views = check_views(views)
-    total = np.zeros(volume.shape, np.float32)
-    for view in views:
-        seen = in_view(volume, view)
+
+    def along(seen: np.ndarray) -> np.ndarray:
         prob = np.empty(seen.shape, np.float32)
         for start in range(0, seen.shape[0], batch_slices):
             ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
@@ -89,8 +87,9 @@ def predict_probability(session, volume: np.ndarray, context: int, roi: int, ove
             logits = sliding_window(run, slabs, roi, overlap)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             prob[ks] = (e[:, 1] / e.sum(axis=1))
-        total += from_view(prob, view)
-    return total / len(views)
+        return prob
+
+    return mean_over_views(volume, views, along)
 
 
 def check_series(spec: dict, first: pydicom.Dataset, geom: Geometry) -> None:

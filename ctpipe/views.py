@@ -29,3 +29,15 @@ def in_view(volume: np.ndarray, view: str) -> np.ndarray:
 def from_view(array: np.ndarray, view: str) -> np.ndarray:
     """Inverse of :func:`in_view`: back to [K, H, W]."""
     return array.transpose(np.argsort(VIEWS[view]))
+
+
+def mean_over_views(volume: np.ndarray, views, predict) -> np.ndarray:
+    """Mean over ``views`` of ``predict(volume seen along the view)``, each mapped back to [K, H, W].
+
+    ``predict`` maps a [slices, rows, cols] array to a float32 probability of the same shape.
+    """
+    views = check_views(views)
+    total = np.zeros(volume.shape, dtype=np.float32)
+    for view in views:
+        total += from_view(predict(in_view(volume, view)), view)
+    return total / len(views)

@@ -222,8 +222,9 @@ def _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state)
         live.log_metric(key, value)
     live.next_step()
     # ``stale``: epochs since the best validation Dice, counted at each validation.
-    improved = "val_dice" in record and record["val_dice"] > best
+    improved = False
     if "val_dice" in record:
+        improved = record["val_dice"] > best
         best, stale = (record["val_dice"], 0) if improved else (best, stale + int(cfg["val_every"]))
     done = stale >= int(cfg["early_stopping_patience"]) or epoch + 1 == int(cfg["epochs"])
     ckpt = {**ckpt_state, "epoch": epoch, "best": best, "stale": stale, "history": history, "complete": done}
