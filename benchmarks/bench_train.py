@@ -73,7 +73,7 @@ def monai_dataset(processed: Path, ids: list[str], cfg: dict, n: int):
 
 
 def run(loader, device, cfg, steps: int, amp) -> tuple[float, float]:
-    net = nets.build_network(cfg).to(device)
+    net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)  # as the train stage
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     wait = busy = 0.0
@@ -83,7 +83,7 @@ def run(loader, device, cfg, steps: int, amp) -> tuple[float, float]:
         t0 = time.perf_counter()
         batch = next(it)
         t1 = time.perf_counter()
-        x = torch.as_tensor(batch["image"]).float().to(device)
+        x = torch.as_tensor(batch["image"]).float().to(device, memory_format=nets.MEMORY_FORMAT)
         y = torch.as_tensor(batch["label"]).long().to(device)
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

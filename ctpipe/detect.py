@@ -22,6 +22,34 @@ def equivalent_diameter_mm(volume_mm3: np.ndarray) -> np.ndarray:
     return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=np.float64) / np.pi)
 
 
+def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0) -> np.ndarray:
+    """Nodule mask of a probability map, by hysteresis: voxels ``>= threshold``, in 26-connected
+    components whose highest probability reaches ``component_threshold``.
+
+    ``threshold`` sets how far a nodule extends; ``component_threshold`` decides whether a
+    component is a nodule at all. A network's boundary voxels are less certain than its centres,
+    so a low ``threshold`` recovers the extent that a single cut at 0.5 loses, while the higher
+    ``component_threshold`` removes the faint blobs that the low one would add (on vessels,
+    mostly). With ``component_threshold <= threshold`` this is plain thresholding.
+
+    Args:
+        prob: foreground probability, any shape (2D or 3D; 26-connectivity in 3D).
+        threshold: lowest probability of a mask voxel.
+        component_threshold: lowest peak probability of a kept component.
+
+    Returns:
+        Boolean mask, same shape as ``prob``.
+    """
+    prob = np.asarray(prob)
+    mask = prob >= threshold
+    if component_threshold <= threshold or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(prob.ndim, prob.ndim))
+    peak = np.asarray(ndimage.maximum(prob, labels, np.arange(1, n + 1)))
+    keep = np.concatenate([[False], peak >= component_threshold])
+    return keep[labels]
+
+
 def candidates_from_probability(
     prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0
 ) -> pd.DataFrame:

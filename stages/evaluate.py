@@ -3,9 +3,11 @@
 In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``evaluate`` + ``base.seed``
 Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
-     positives per scan, and sensitivity / false positives per scan at the operating threshold.
+     positives per scan, and sensitivity / false positives per scan at the operating point (a
+     candidate whose peak probability reaches ``max(threshold, component_threshold)``, the ones
+     the nodule mask keeps).
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
-     ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the threshold),
+     ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
      ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
 """
 
@@ -63,11 +65,11 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     plt.close(fig)
 
 
-def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """One row per nodule (detected or missed) and per false candidate, at the operating threshold."""
-    hits = matched[(matched["score"] >= threshold) & matched["is_tp"]]["nodule_index"]
+def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, score: float) -> pd.DataFrame:
+    """One row per nodule (detected or missed) and per false candidate, at the operating score."""
+    hits = matched[(matched["score"] >= score) & matched["is_tp"]]["nodule_index"]
     found = set(int(i) for i in hits)
-    fps = int(((matched["score"] >= threshold) & (matched["nodule_index"] < 0)).sum())
+    fps = int(((matched["score"] >= score) & (matched["nodule_index"] < 0)).sum())
     rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
     rows += [{"actual": "background", "predicted": "nodule"}] * fps
     return pd.DataFrame(rows, columns=["actual", "predicted"])
@@ -83,23 +85,25 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     all_nodules = data.load_nodules(processed)
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
-    threshold = float(cfg["threshold"])
+    # The operating point: a candidate counts as a detection where its peak probability would keep
+    # it in the mask.
+    operating_score = max(float(cfg["threshold"]), float(cfg["component_threshold"]))
     rows, candidates, kept = [], [], {}
     for case, image, truth, prob, geom in predict_cases(net, processed, cases, cfg,
                                                         int(ckpt["train_params"]["context_slices"])):
-        pred = prob >= threshold
-        row = {"case_id": case["case_id"], "seriesuid": case["seriesuid"],
-               "nodules": int(case["nodules"]), "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum())}
-        voxel, cands = metrics.score_volume(prob, truth, geom, threshold, float(cfg["candidate_threshold"]),
-                                            float(cfg["min_candidate_mm3"]), float(cfg["surface_tolerance_mm"]))
-        rows.append({**row, **voxel})
+        voxel, cands, pred = metrics.score_volume(
+            prob, truth, geom, threshold=float(cfg["threshold"]), component_threshold=float(cfg["component_threshold"]),
+            candidate_threshold=float(cfg["candidate_threshold"]), min_candidate_mm3=float(cfg["min_candidate_mm3"]),
+            surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
+        rows.append({"case_id": case["case_id"], "seriesuid": case["seriesuid"], "nodules": int(case["nodules"]),
+                     "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum()), **voxel})
         candidates.append(cands.assign(seriesuid=case["seriesuid"]))
         kept[case["case_id"]] = (image, truth, pred)
     per_case = pd.DataFrame(rows)
     cands = pd.concat(candidates, ignore_index=True)
     froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
     boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
-    operating = metrics.froc(cands[cands["score"] >= threshold], nodules, len(cases), FP_RATES)
+    operating = metrics.froc(cands[cands["score"] >= operating_score], nodules, len(cases), FP_RATES)
 
     if plots.exists():
         shutil.rmtree(plots)
@@ -107,7 +111,7 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     write_csv(plots / "per_case.csv", per_case.round(4))
     matched = metrics.match_candidates(cands, nodules)
     write_csv(plots / "candidates.csv", matched)
-    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, threshold))
+    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, operating_score))
     curve = froc["curve"]
     write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
                                                 "sensitivity": curve["sensitivity"]}).round(4))

@@ -112,7 +112,10 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
         "postprocessing": {
             "softmax": "over the class axis; foreground = channel 1",
             "threshold": float(cfg["threshold"]),
+            "component_threshold": float(cfg["component_threshold"]),
             "connected_components": "26-connected, on the stacked 3D probability",
+            "mask": "voxels >= threshold, in components whose highest probability is >= component_threshold; "
+            "the nodules listed are those components",
             "candidate_threshold": float(cfg["candidate_threshold"]),
             "min_candidate_mm3": float(cfg["min_candidate_mm3"]),
         },

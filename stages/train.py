@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if world > 1 else None
     loader = data.make_loader(dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), sampler,
                               pin_memory=device.type == "cuda")
-    net = nets.build_network(cfg).to(device)
+    net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
     optimizer = make_optimizer(net, cfg)
     steps_per_epoch = len(loader)
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch * int(cfg["epochs"]))
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         t_fetch = time.perf_counter()
         for batch in bar:
             wait += time.perf_counter() - t_fetch
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True, memory_format=nets.MEMORY_FORMAT)
             y = batch["label"].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
@@ -250,7 +250,8 @@ def _val_loss(net, processed, val_cases, cfg, seed, loss_fn, device) -> float:
     net.eval()
     with torch.inference_mode():
         batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
-        loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device)).item()
+        x = batch["image"].to(device, memory_format=nets.MEMORY_FORMAT)
+        loss = loss_fn(net(x), batch["label"].to(device)).item()
     net.train()
     return float(loss)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ctpipe.detect import candidates_from_probability, nodule_mask
+from ctpipe.detect import candidates_from_probability, nodule_mask, segment
 from ctpipe.geometry import (
     Geometry,
     array_index_to_world,
@@ -91,6 +91,25 @@ def test_corner_neighbours_join_and_small_components_drop(geom):
     assert sorted(cands["volume_mm3"] / geom.voxel_volume_mm3) == pytest.approx([1.0, 2.0])
     kept = candidates_from_probability(prob, geom, threshold=0.5, min_volume_mm3=3.0)
     assert len(kept) == 1 and kept["score"].iloc[0] == pytest.approx(0.6)
+
+
+def test_segment_keeps_the_whole_extent_of_confident_components_only():
+    prob = np.zeros(SHAPE_KJI)
+    prob[5:8, 5:8, 5:8] = 0.4
+    prob[6, 6, 6] = 0.9  # a confident nodule with an uncertain rim
+    prob[15:17, 30:33, 30:33] = 0.6  # a component that never gets confident
+    prob[1, 1, 1] = 0.45  # a lone faint voxel
+    mask = segment(prob, threshold=0.3, component_threshold=0.8)
+    assert mask[5:8, 5:8, 5:8].all()  # rim voxels of 0.4 belong to the kept nodule
+    assert mask.sum() == 27
+    plain = segment(prob, threshold=0.5)
+    np.testing.assert_array_equal(plain, prob >= 0.5)
+    # A component threshold at or below the voxel threshold is plain thresholding.
+    np.testing.assert_array_equal(segment(prob, 0.3, 0.3), prob >= 0.3)
+    # Corner neighbours are one component (26-connectivity): the faint corner voxel joins.
+    prob[8, 8, 8] = 0.35
+    assert segment(prob, 0.3, 0.8)[8, 8, 8]
+    assert not segment(np.zeros((4, 4)), 0.3, 0.8).any()
 
 
 def test_no_component_gives_an_empty_frame_with_columns(geom):

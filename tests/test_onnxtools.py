@@ -276,10 +276,12 @@ def test_latency_and_machine_info():
 
 
 def test_pooled_dice_and_selection():
-    probs = [np.array([[[0.9, 0.1], [0.6, 0.4]]]), np.zeros((1, 2, 2))]
+    masks = [np.array([[[1, 0], [1, 0]]]), np.zeros((1, 2, 2))]
     labels = [np.array([[[1, 0], [0, 1]]]), np.zeros((1, 2, 2))]
-    assert quant.pooled_dice(probs, labels, 0.5) == pytest.approx(2 * 1 / (2 + 2))
-    assert quant.pooled_dice([np.zeros(3)], [np.zeros(3)], 0.5) == 1.0
+    assert quant.pooled_dice(masks, labels) == pytest.approx(2 * 1 / (2 + 2))
+    # A false positive in the nodule-free case counts against the pooled figure.
+    assert quant.pooled_dice([masks[0], np.ones((1, 2, 2))], labels) == pytest.approx(2 * 1 / (6 + 2))
+    assert quant.pooled_dice([np.zeros(3)], [np.zeros(3)]) == 1.0
     configs = [
         {"name": "a", "dice": 0.80, "dice_drop": 0.02, "latency_ms": 1.0},
         {"name": "b", "dice": 0.81, "dice_drop": 0.005, "latency_ms": 3.0},

@@ -68,8 +68,8 @@ def tiny_params() -> dict:
     common = {"threads": 1}
     return {
         "base": {"seed": 0},
-        "inference": {"threshold": 0.5, "roi_size": 32, "overlap": 0.25, "candidate_threshold": 0.2,
-                      "min_candidate_mm3": 1, "views": ["axial", "coronal", "sagittal"]},
+        "inference": {"threshold": 0.5, "component_threshold": 0.5, "roi_size": 32, "overlap": 0.25,
+                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "views": ["axial", "coronal", "sagittal"]},
         "quantize": {
             **common,
             "opset": 18,

@@ -1,0 +1,94 @@
+"""Choose the mask post-processing (``inference.threshold``, ``inference.component_threshold``) on
+the VALIDATION split, as nnU-Net chooses its post-processing on validation predictions.
+
+The model predicts every validation volume once (the inference params of ``params.yaml``: ROI,
+overlap, views); then every pair of a voxel threshold and a component threshold is scored by the
+figure evaluate reports, the Dice averaged over the validation cases with nodules, and by the
+lesion operating point (sensitivity, false positives per scan). The test split is not read.
+Prints the table and the best pair; copy it into ``params.yaml`` by hand (it is a decision that
+belongs in git, next to the model it was made for).
+
+Usage::
+
+    python scripts/tune_postprocessing.py models/model.pt data/processed
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ctpipe import data, detect, infer, metrics, nets  # noqa: E402
+from ctpipe.params import stage_params  # noqa: E402
+
+
+def dice(mask: np.ndarray, truth: np.ndarray) -> float:
+    total = int(mask.sum()) + int(truth.sum())
+    return 2.0 * int(np.logical_and(mask, truth).sum()) / total if total else 1.0
+
+
+def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame, nodules: pd.DataFrame,
+          thresholds: list[float], component_thresholds: list[float]) -> pd.DataFrame:
+    """One row per pair: case-mean Dice (cases with nodules), pooled Dice, operating point."""
+    rows = []
+    for t in thresholds:
+        for h in component_thresholds:
+            masks = [detect.segment(p, t, h) for p in probs]
+            per_case = [dice(m, g) for m, g in zip(masks, truths) if g.any()]
+            inter = sum(int(np.logical_and(m, g).sum()) for m, g in zip(masks, truths))
+            total = sum(int(m.sum()) + int(g.sum()) for m, g in zip(masks, truths))
+            op = metrics.froc(cands[cands["score"] >= max(t, h)], nodules, len(probs))
+            rows.append({"threshold": t, "component_threshold": h, "dice": float(np.mean(per_case)),
+                         "dice_pooled": 2.0 * inter / total if total else 1.0,
+                         "sensitivity": op["sensitivity"], "fp_per_scan": op["fp_per_scan"]})
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6])
+    parser.add_argument("--component-thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    args = parser.parse_args(argv)
+    cfg, _ = stage_params("evaluate", args.params, shared=("inference",))
+    net, ckpt = nets.load_checkpoint(str(args.model))
+    predictor = infer.torch_predictor(net)
+    cases = data.cases_in(data.load_index(args.data_dir), "val")
+    if not cases:
+        raise SystemExit(f"{args.data_dir}/index.json: the val split is empty")
+    nodules = data.load_nodules(args.data_dir)
+    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(drop=True)
+    probs, truths, cands = [], [], []
+    with torch.inference_mode():
+        for case in tqdm(cases, desc="validation", unit="case"):
+            image, label, geom = data.load_case(args.data_dir, case["case_id"])
+            prob = infer.predict_volume(predictor, np.asarray(image, dtype=np.float32),
+                                        int(ckpt["train_params"]["context_slices"]), int(cfg["roi_size"]),
+                                        float(cfg["overlap"]), views=cfg["views"])
+            probs.append(prob)
+            truths.append(np.asarray(label) > 0)
+            cands.append(detect.candidates_from_probability(prob, geom, float(cfg["candidate_threshold"]),
+                                                            float(cfg["min_candidate_mm3"]))
+                         .assign(seriesuid=case["seriesuid"]))
+    table = sweep(probs, truths, pd.concat(cands, ignore_index=True), nodules, args.thresholds,
+                  args.component_thresholds)
+    print(f"validation: {len(cases)} cases, {sum(g.any() for g in truths)} with nodules, {len(nodules)} nodules")
+    print(table.round(4).to_string(index=False))
+    best = table.sort_values(["dice", "dice_pooled"], ascending=False).iloc[0]
+    print(f"best: inference.threshold {best['threshold']:g}, inference.component_threshold "
+          f"{best['component_threshold']:g} (val Dice {best['dice']:.4f}; now "
+          f"{cfg['threshold']:g} / {cfg['component_threshold']:g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
