@@ -58,7 +58,10 @@ LIMITATIONS = [
         "but no view sees the nodule in 3D at once); very small (< 5 mm), juxta-vascular and ground-glass "
         "nodules are the hardest cases."
     ),
-    "- Probabilities are not calibrated; the thresholds are operating points chosen on this cohort.",
+    (
+        "- Probabilities are not calibrated; the voxel and component thresholds are operating points chosen "
+        "on this cohort's validation split (`scripts/tune_postprocessing.py`); re-choose them on your own data."
+    ),
     "- INT8 figures hold for the CPU they were measured on; CPUs without VNNI may see no speed-up.",
     "- Intervals are bootstrap intervals over test scans; with few test scans they are wide.",
 ]
