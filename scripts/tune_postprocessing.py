@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6])
-    parser.add_argument("--component-thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--component-thresholds", type=float, nargs="+",
+                        default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99])
     args = parser.parse_args(argv)
     cfg, _ = stage_params("evaluate", args.params, shared=("inference",))
     net, ckpt = nets.load_checkpoint(str(args.model))
