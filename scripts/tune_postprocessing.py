@@ -25,13 +25,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctpipe import data, detect, infer, metrics, nets  # noqa: E402
+from ctpipe import data, detect, infer, metrics, nets, quant  # noqa: E402
 from ctpipe.params import stage_params  # noqa: E402
-
-
-def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = int(mask.sum()) + int(truth.sum())
-    return 2.0 * int(np.logical_and(mask, truth).sum()) / total if total else 1.0
 
 
 def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame, nodules: pd.DataFrame,
@@ -41,12 +36,10 @@ def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame
     for t in thresholds:
         for h in component_thresholds:
             masks = [detect.segment(p, t, h) for p in probs]
-            per_case = [dice(m, g) for m, g in zip(masks, truths) if g.any()]
-            inter = sum(int(np.logical_and(m, g).sum()) for m, g in zip(masks, truths))
-            total = sum(int(m.sum()) + int(g.sum()) for m, g in zip(masks, truths))
+            per_case = [quant.pooled_dice([m], [g]) for m, g in zip(masks, truths) if g.any()]
             op = metrics.froc(cands[cands["score"] >= max(t, h)], nodules, len(probs))
             rows.append({"threshold": t, "component_threshold": h, "dice": float(np.mean(per_case)),
-                         "dice_pooled": 2.0 * inter / total if total else 1.0,
+                         "dice_pooled": quant.pooled_dice(masks, truths),
                          "sensitivity": op["sensitivity"], "fp_per_scan": op["fp_per_scan"]})
     return pd.DataFrame(rows)
 
