@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ctpipe import data, detect, infer, metrics, nets, quant  # noqa: E402
+from ctpipe import data, detect, metrics, nets, quant  # noqa: E402
 from ctpipe.params import stage_params  # noqa: E402
+from stages.evaluate import predict_cases  # noqa: E402
 
 
 def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame, nodules: pd.DataFrame,
@@ -55,24 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg, _ = stage_params("evaluate", args.params, shared=("inference",))
     net, ckpt = nets.load_checkpoint(str(args.model))
-    predictor = infer.torch_predictor(net)
     cases = data.cases_in(data.load_index(args.data_dir), "val")
     if not cases:
         raise SystemExit(f"{args.data_dir}/index.json: the val split is empty")
     nodules = data.load_nodules(args.data_dir)
     nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(drop=True)
     probs, truths, cands = [], [], []
-    with torch.inference_mode():
-        for case in tqdm(cases, desc="validation", unit="case"):
-            image, label, geom = data.load_case(args.data_dir, case["case_id"])
-            prob = infer.predict_volume(predictor, np.asarray(image, dtype=np.float32),
-                                        int(ckpt["train_params"]["context_slices"]), int(cfg["roi_size"]),
-                                        float(cfg["overlap"]), views=cfg["views"])
-            probs.append(prob)
-            truths.append(np.asarray(label) > 0)
-            cands.append(detect.candidates_from_probability(prob, geom, float(cfg["candidate_threshold"]),
-                                                            float(cfg["min_candidate_mm3"]))
-                         .assign(seriesuid=case["seriesuid"]))
+    # The same inference as the evaluate stage, on the validation split.
+    for case, _, truth, prob, geom in predict_cases(net, args.data_dir, cases, cfg,
+                                                    int(ckpt["train_params"]["context_slices"]), "validation"):
+        probs.append(prob)
+        truths.append(truth)
+        cands.append(detect.candidates_from_probability(prob, geom, float(cfg["candidate_threshold"]),
+                                                        float(cfg["min_candidate_mm3"]))
+                     .assign(seriesuid=case["seriesuid"]))
     table = sweep(probs, truths, pd.concat(cands, ignore_index=True), nodules, args.thresholds,
                   args.component_thresholds)
     print(f"validation: {len(cases)} cases, {sum(g.any() for g in truths)} with nodules, {len(nodules)} nodules")

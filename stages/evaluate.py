@@ -37,10 +37,11 @@ log = logging.getLogger("evaluate")
 FP_RATES = metrics.LUNA16_FP_RATES
 
 
-def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int):
-    """Yield ``(case, image, truth, prob, geometry)`` for each case."""
+def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int, desc: str = "evaluate"):
+    """Yield ``(case, image, truth, prob, geometry)`` for each case (also used by
+    ``scripts/tune_postprocessing.py`` on the validation split)."""
     predictor = infer.torch_predictor(net)
-    for case in tqdm(cases, desc="evaluate", unit="case"):
+    for case in tqdm(cases, desc=desc, unit="case"):
         image, label, geom = data.load_case(processed, case["case_id"])
         image = np.asarray(image, dtype=np.float32)
         prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
