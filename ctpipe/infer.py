@@ -21,7 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ctpipe.nets import MEMORY_FORMAT
-from ctpipe.views import mean_over_views
+from ctpipe.views import mean_over_mirrors, mean_over_views
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,24 +42,27 @@ def predict_volume(
     batch_slices: int = 16,
     sw_batch_size: int = 8,
     views=("axial",),
+    mirror_axes=(),
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
-    over ``views`` of the probability predicted slab by slab along each view's axis."""
-    return mean_over_views(volume, views, lambda seen: _predict_slabs(
-        predictor, np.ascontiguousarray(seen), context, roi_size, overlap, batch_slices, sw_batch_size))
+    over ``views`` of the probability predicted slab by slab along each view's axis, each slab
+    also mirrored along ``mirror_axes`` (:func:`ctpipe.views.mean_over_mirrors`)."""
 
+    def window_prob(x: np.ndarray) -> np.ndarray:
+        logits = sliding_window_inference(
+            torch.from_numpy(x), (roi_size, roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+        )
+        return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
-def _predict_slabs(predictor, volume, context, roi_size, overlap, batch_slices, sw_batch_size) -> np.ndarray:
-    prob = np.empty(volume.shape, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, volume.shape[0], batch_slices):
-            ks = np.arange(start, min(start + batch_slices, volume.shape[0]))
-            x = torch.from_numpy(slabs(volume, ks, context))
-            logits = sliding_window_inference(
-                x, (roi_size, roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
-            )
-            prob[ks] = torch.softmax(logits.float(), dim=1)[:, 1].numpy()
-    return prob
+    def along(seen: np.ndarray) -> np.ndarray:
+        prob = np.empty(seen.shape, dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, seen.shape[0], batch_slices):
+                ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
+                prob[ks] = mean_over_mirrors(slabs(seen, ks, context), mirror_axes, window_prob)
+        return prob
+
+    return mean_over_views(volume, views, lambda seen: along(np.ascontiguousarray(seen)))
 
 
 def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:

@@ -40,6 +40,9 @@ OUTPUT_NAME = "logits"
 SPATIAL_MULTIPLE = 16
 # The example input has batch 2: torch.export specialises a dimension of size 1 to a constant.
 EXPORT_BATCH = 2
+# Opset of graphs exported for internal use (evaluate's ONNX Runtime pass); export and quantize
+# pin theirs in params.yaml.
+DEFAULT_OPSET = 18
 SUMS_FILE = "SHA256SUMS"
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -27,7 +27,7 @@ from ctpipe import dicomio, prep
 from ctpipe.detect import candidates_from_probability, segment
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
-from ctpipe.views import mean_over_views
+from ctpipe.views import mean_over_mirrors, mean_over_views
 
 log = logging.getLogger("predict")
 
@@ -72,21 +72,25 @@ def sliding_window(run, x: np.ndarray, roi: int, overlap: float) -> np.ndarray:
 
 
 def predict_probability(session, volume: np.ndarray, context: int, roi: int, overlap: float,
-                        batch_slices: int = 16, views=("axial",)) -> np.ndarray:
+                        batch_slices: int = 16, views=("axial",), mirror_axes=()) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session:
-    the mean over ``views`` (:mod:`ctpipe.views`) of the slab-by-slab prediction along each."""
+    the mean over ``views`` (:mod:`ctpipe.views`) of the slab-by-slab prediction along each, each
+    slab also mirrored along ``mirror_axes``."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
     offsets = np.arange(-context, context + 1)
+
+    def window_prob(slabs: np.ndarray) -> np.ndarray:
+        logits = sliding_window(run, slabs, roi, overlap)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e[:, 1] / e.sum(axis=1)
 
     def along(seen: np.ndarray) -> np.ndarray:
         prob = np.empty(seen.shape, np.float32)
         for start in range(0, seen.shape[0], batch_slices):
             ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
             slabs = seen[np.clip(ks[:, None] + offsets, 0, seen.shape[0] - 1)].astype(np.float32)
-            logits = sliding_window(run, slabs, roi, overlap)
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            prob[ks] = (e[:, 1] / e.sum(axis=1))
+            prob[ks] = mean_over_mirrors(slabs, mirror_axes, window_prob)
         return prob
 
     return mean_over_views(volume, views, along)
@@ -148,7 +152,8 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     session = ort.InferenceSession(str(package / ("model.onnx" if model == "fp32" else "model_int8.onnx")),
                                    providers=["CPUExecutionProvider"])
     prob = predict_probability(session, volume, int(spec["context_slices"]), int(inf["roi_size"]),
-                               float(inf["sliding_window_overlap"]), views=inf.get("views", ["axial"]))
+                               float(inf["sliding_window_overlap"]), views=inf.get("views", ["axial"]),
+                               mirror_axes=inf.get("mirror_axes", []))
     threshold = float(post["threshold"])
     component_threshold = float(post.get("component_threshold", threshold))
     mask = back_to_source(segment(prob, threshold, component_threshold), cgeom, hu, geom)

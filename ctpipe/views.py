@@ -41,3 +41,30 @@ def mean_over_views(volume: np.ndarray, views, predict) -> np.ndarray:
     for view in views:
         total += from_view(predict(in_view(volume, view)), view)
     return total / len(views)
+
+
+def mirror_combinations(axes) -> list[tuple[int, ...]]:
+    """Every subset of the in-plane mirror axes of a slab (0 = rows, 1 = columns), the empty one
+    first: ``[]`` gives one pass, ``[0, 1]`` four (nnU-Net's test-time mirroring, in 2D)."""
+    axes = tuple(int(a) for a in axes)
+    if any(a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"mirror_axes must be distinct values out of [0, 1] (slab rows, columns), got {list(axes)}")
+    return [tuple(a for bit, a in enumerate(axes) if mask >> bit & 1) for mask in range(2 ** len(axes))]
+
+
+def mean_over_mirrors(slabs: np.ndarray, axes, predict) -> np.ndarray:
+    """Test-time mirroring: the mean of ``predict`` over mirrored copies of ``slabs`` [n, C, H, W],
+    each prediction mirrored back.
+
+    ``predict`` maps [n, C, H, W] slabs to a float32 probability [n, H, W]. A lesion is the same
+    lesion mirrored; the network's errors are not, so the mean over the copies is steadier than one
+    pass (at the cost of one pass per copy).
+    """
+    total = None
+    combinations = mirror_combinations(axes)
+    for flip in combinations:
+        seen = np.flip(slabs, [2 + a for a in flip]) if flip else slabs
+        prob = predict(np.ascontiguousarray(seen))
+        prob = np.flip(prob, [1 + a for a in flip]) if flip else prob
+        total = prob.astype(np.float32, copy=True) if total is None else total + prob
+    return total / len(combinations)

@@ -1,6 +1,9 @@
 """Stage evaluate: the trained model on the held-out test split, voxel- and lesion-level.
 
-In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``evaluate`` + ``base.seed``
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``evaluate``, ``inference``
+     and ``base.seed``. The network runs on ``evaluate.runtime`` (auto: PyTorch on a CUDA GPU, else
+     ONNX Runtime on the CPU), every test volume read along ``inference.views`` and mirrored along
+     ``inference.mirror_axes``.
 Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
      positives per scan, and sensitivity / false positives per scan at the operating point (a
@@ -17,6 +20,7 @@ import argparse
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -28,7 +32,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ctpipe import data, infer, metrics, nets  # noqa: E402
+from ctpipe import data, infer, metrics, nets, onnxtools  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.params import stage_params
 from ctpipe.runenv import record as record_environment  # noqa: E402
@@ -37,16 +41,42 @@ log = logging.getLogger("evaluate")
 FP_RATES = metrics.LUNA16_FP_RATES
 
 
+RUNTIMES = ("auto", "torch", "onnxruntime")
+
+
+def resolve_runtime(runtime: str) -> str:
+    """``auto``: PyTorch on a CUDA GPU when there is one, else ONNX Runtime (on CPU it runs this
+    network about 1.6x faster than PyTorch eager, and it is the runtime the exported package uses)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"evaluate.runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
+    if runtime == "auto":
+        return "torch" if torch.cuda.is_available() else "onnxruntime"
+    return runtime
+
+
+def make_predictor(net: torch.nn.Module, channels: int, runtime: str, workdir: Path) -> infer.Predictor:
+    """The network as a predictor on ``runtime`` (:func:`resolve_runtime`): PyTorch (CUDA when
+    present), or ONNX Runtime on CPU through an fp32 ONNX export written to ``workdir``."""
+    runtime = resolve_runtime(runtime)
+    if runtime == "torch":
+        return infer.torch_predictor(net, "cuda" if torch.cuda.is_available() else "cpu")
+    path = workdir / "model.onnx"
+    onnxtools.export_onnx(net, channels, path, onnxtools.DEFAULT_OPSET)
+    return infer.onnx_predictor(onnxtools.ort_session(path))
+
+
 def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int, desc: str = "evaluate"):
-    """Yield ``(case, image, truth, prob, geometry)`` for each case (also used by
+    """Yield ``(case, image, truth, prob, geometry)`` for each case, inferred on ``cfg["runtime"]``
+    with the views and test-time mirroring of ``cfg`` (also used by
     ``scripts/tune_postprocessing.py`` on the validation split)."""
-    predictor = infer.torch_predictor(net)
-    for case in tqdm(cases, desc=desc, unit="case"):
-        image, label, geom = data.load_case(processed, case["case_id"])
-        image = np.asarray(image, dtype=np.float32)
-        prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
-                                    views=cfg["views"])
-        yield case, image, np.asarray(label) > 0, prob, geom
+    with tempfile.TemporaryDirectory(prefix="ctpipe-evaluate-") as tmp:
+        predictor = make_predictor(net, 2 * context + 1, cfg["runtime"], Path(tmp))
+        for case in tqdm(cases, desc=desc, unit="case"):
+            image, label, geom = data.load_case(processed, case["case_id"])
+            image = np.asarray(image, dtype=np.float32)
+            prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
+                                        views=cfg["views"], mirror_axes=cfg["mirror_axes"])
+            yield case, image, np.asarray(label) > 0, prob, geom
 
 
 def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:

@@ -109,6 +109,10 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
             "views": list(cfg["views"]),
             "views_meaning": "slab orientations the volume is also read along (axial: slabs of slices k, "
             "coronal: of rows j, sagittal: of columns i); the foreground probabilities are averaged",
+            "mirror_axes": [int(a) for a in cfg["mirror_axes"]],
+            "mirror_axes_meaning": "test-time mirroring: each slab [C, H, W] is also predicted mirrored along "
+            "every combination of these in-plane axes (0: rows H, 1: columns W), each prediction mirrored back, "
+            "and the foreground probabilities averaged ([0, 1]: 4 passes per view; []: one)",
             "blending": "gaussian",
             "padding": "MONAI sliding_window_inference pads slices smaller than the ROI",
         },
@@ -167,7 +171,8 @@ def model_card(
     version = data_version(processed)
     model = (
         f"MONAI BasicUNet, 2D on 2.5D slabs ({spec['input']['shape'][1]} channels: the slice and "
-        f"{tp['context_slices']} either side; views {list(spec['inference']['views'])} averaged), "
+        f"{tp['context_slices']} either side; views {list(spec['inference']['views'])} averaged, each slab "
+        f"also mirrored along axes {list(spec['inference']['mirror_axes'])}), "
         f"features {list(tp['features'])}, BatchNorm + ReLU, bilinear "
         "up-sampling, 2 output logits (background, nodule), no deep supervision. Files: `model.onnx` (fp32, "
         f"opset {versions['opset']}), `model_int8.onnx` (ORT static QDQ INT8), `model.pt2` (`torch.export`), "

@@ -1,6 +1,7 @@
 """Stage quantize: ONNX Runtime static INT8 quantization of the trained model, gated on accuracy.
 
-In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``quantize`` + ``base.seed``
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``quantize``, ``inference``
+     (all but ``mirror_axes``) and ``base.seed``
 Out: ``OUT_DIR`` (models/quantized): ``model_fp32.onnx`` (the shared dynamo export) and
      ``model_int8.onnx`` (QDQ, per-channel weights, after ``quant_pre_process``);
      ``metrics/quantize.json``.
@@ -9,7 +10,8 @@ Calibration uses seeded 2.5D slabs of the TRAIN split only. The sweep (schemes x
 methods) is scored on seeded labelled slabs of the VAL split (Dice pooled over the slabs, each
 predicted whole), so the test split plays no part in choosing, and choosing stays cheap. The
 chosen configuration is then measured on the whole TEST volumes, through the same sliding-window
-inference as evaluate, against fp32: Dice pooled over all test voxels (the gate: the stage fails if
+inference as evaluate but one pass per view (evaluate's test-time mirroring would take four passes of
+each model, and mirroring cannot undo a difference between the two graphs), against fp32: Dice pooled over all test voxels (the gate: the stage fails if
 it drops by more than ``max_dice_drop``), the per-case mean as evaluate reports it, and CPM.
 Latency: PyTorch eager, ORT fp32 and ORT INT8 on one fixed batch of validation slabs at the
 evaluation ROI size, warm-up then median and p90 over ``latency_runs``.
@@ -269,7 +271,8 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
         "dice_int8": q["dice"],
         "dice_drop": f["dice"] - q["dice"],
         "dice_definition": f"pooled over all voxels of the {len(test)} test cases, the nodule mask as evaluate "
-        f"makes it (probability >= {cfg['threshold']}, components peaking >= {cfg['component_threshold']})",
+        f"makes it (probability >= {cfg['threshold']}, components peaking >= {cfg['component_threshold']}), "
+        "from one pass per view (evaluate also averages mirrored passes)",
         "dice_int8_vs_fp32": quant.pooled_dice(q["masks"], f["masks"]),
         "dice_case_mean_fp32": f["dice_case_mean"],
         "dice_case_mean_int8": q["dice_case_mean"],

@@ -7,7 +7,7 @@ import torch
 from ctpipe import data, infer
 from ctpipe.fileio import write_json
 from ctpipe.predict import predict_probability
-from ctpipe.views import VIEWS, check_views, from_view, in_view
+from ctpipe.views import VIEWS, check_views, from_view, in_view, mean_over_mirrors, mirror_combinations
 
 ALL = ("axial", "coronal", "sagittal")
 
@@ -73,13 +73,61 @@ class _Session:
             return [self.module(torch.from_numpy(feeds["x"])).numpy()]
 
 
-def test_predict_without_torch_agrees_with_the_pipeline_on_three_views():
+@pytest.mark.parametrize("mirror_axes", [(), (0, 1)])
+def test_predict_without_torch_agrees_with_the_pipeline_on_three_views(mirror_axes):
     vol = np.random.default_rng(3).normal(size=(8, 40, 36)).astype(np.float32)
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(3, 2, 3, padding=1)
-    ref = infer.predict_volume(conv, vol, 1, 32, 0.5, views=ALL)
-    ours = predict_probability(_Session(conv), vol, 1, 32, 0.5, views=ALL)
+    ref = infer.predict_volume(conv, vol, 1, 32, 0.5, views=ALL, mirror_axes=mirror_axes)
+    ours = predict_probability(_Session(conv), vol, 1, 32, 0.5, views=ALL, mirror_axes=mirror_axes)
     assert np.abs(ours - ref).max() < 1e-2
+
+
+@pytest.mark.parametrize("axes, expected", [([], [()]), ([1], [(), (1,)]), ([0, 1], [(), (0,), (1,), (0, 1)])])
+def test_mirror_combinations_are_every_subset(axes, expected):
+    assert mirror_combinations(axes) == expected
+
+
+@pytest.mark.parametrize("bad", [[2], [0, 0], [-1]])
+def test_bad_mirror_axes_are_refused(bad):
+    with pytest.raises(ValueError, match="mirror_axes"):
+        mirror_combinations(bad)
+
+
+def test_mirroring_a_one_sided_prediction_averages_both_sides():
+    """A 'network' that sums each row from the left: mirrored along columns it sums from the right,
+    so the mean is (prefix + suffix) / 2, worked out here without any flipping."""
+    x = np.random.default_rng(4).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    prefix = lambda s: np.cumsum(s[:, 1], axis=-1)  # noqa: E731
+    ones_only = mean_over_mirrors(x, [], prefix)
+    np.testing.assert_allclose(ones_only, np.cumsum(x[:, 1], axis=-1), rtol=1e-6)
+    centre = x[:, 1]
+    expected = np.empty_like(centre)
+    for j in range(centre.shape[-1]):
+        expected[..., j] = (centre[..., : j + 1].sum(-1) + centre[..., j:].sum(-1)) / 2
+    np.testing.assert_allclose(mean_over_mirrors(x, [1], prefix), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mirrored_passes_equal_the_network_with_mirrored_kernels():
+    """A convolution of a mirrored slab, mirrored back, is the convolution with the mirrored kernel:
+    four passes of ``conv`` must equal the mean of one pass of each of the four kernels."""
+    vol = np.random.default_rng(5).normal(size=(6, 20, 24)).astype(np.float32)
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    torch.nn.init.normal_(conv.weight)
+    kernels = []
+    for dims in ((), (2,), (3,), (2, 3)):
+        k = torch.nn.Conv2d(3, 2, 3, padding=1)
+        with torch.no_grad():
+            k.weight.copy_(torch.flip(conv.weight, dims) if dims else conv.weight)
+            k.bias.copy_(conv.bias)
+        kernels.append(k)
+    with torch.no_grad():
+        ours = infer.predict_volume(conv, vol, 1, 32, 0.0, views=ALL, mirror_axes=(0, 1))
+        ref = np.mean([infer.predict_volume(k, vol, 1, 32, 0.0, views=ALL) for k in kernels], axis=0)
+        single = infer.predict_volume(conv, vol, 1, 32, 0.0, views=ALL)
+    assert np.abs(single - ref).max() > 0.05  # mirroring does change this network's answer
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def _tube_dataset(tmp_path, views):
