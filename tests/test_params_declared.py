@@ -117,3 +117,28 @@ def test_every_stage_script_and_its_imports_are_deps():
                         todo.append(path)
         missing = {str(p.relative_to(ROOT)) for p in seen} - deps
         assert not missing, f"{name} imports modules that are not deps: {sorted(missing)}"
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def test_readme_documents_every_param_with_its_current_value():
+    """The README's params table (``| `a.b` | `value` | meaning |``) lists every leaf of params.yaml
+    with the value it has now, and nothing else."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split(" | ")]
+        if line.startswith("| `") and len(cells) >= 3 and cells[1].startswith("`"):
+            rows[cells[0].strip("| `")] = cells[1].strip("`")
+    sections = {k for k, v in rows.items() if v == "(section)"}  # nested sections have a row of their own
+    rows = {k: yaml.safe_load(v) for k, v in rows.items() if k not in sections}
+    flat = _flatten(PARAMS)
+    assert all(any(k.startswith(f"{s}.") for k in flat) for s in sections), sections
+    assert set(rows) == set(flat), f"missing {sorted(set(flat) - set(rows))}, extra {sorted(set(rows) - set(flat))}"
+    stale = {k: (rows[k], v) for k, v in flat.items() if rows[k] != v}
+    assert not stale, f"README values differ from params.yaml (README, params.yaml): {stale}"

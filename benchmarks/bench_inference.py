@@ -1,0 +1,68 @@
+"""Whole-volume inference time: PyTorch eager against ONNX Runtime, and what test-time mirroring costs.
+
+The evaluate stage's inference (``ctpipe.infer.predict_volume``: 2.5D slabs, MONAI sliding window
+with Gaussian blending, the views of ``params.yaml``) on real preprocessed volumes, in one run:
+  torch        the PyTorch module in eval mode, channels-last (what evaluate ran before)
+  onnxruntime  the same weights exported to ONNX (fp32) and run by ONNX Runtime on the CPU
+               (``evaluate.runtime: auto`` without a GPU)
+each with one pass per view and with the mirrored passes of ``inference.mirror_axes``. Prints
+seconds per volume, the speed-up and the largest probability difference between the runtimes.
+
+    python benchmarks/bench_inference.py [--model models/model.pt] [--data data/processed] [--cases 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ctpipe import data, infer, nets
+from stages.evaluate import make_predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.pt", help="trained checkpoint")
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "processed", help="preprocessed dataset")
+    parser.add_argument("--cases", type=int, default=3, help="test volumes timed")
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    args = parser.parse_args(argv)
+    cfg = yaml.safe_load(args.params.read_text())["inference"]
+    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    net, ckpt = nets.load_checkpoint(str(args.model))
+    context = int(ckpt["train_params"]["context_slices"])
+    cases = data.cases_in(data.load_index(args.data), "test")[: args.cases]
+    volumes = [np.asarray(data.load_case(args.data, c["case_id"])[0], np.float32) for c in cases]
+    print(f"{len(volumes)} test volumes {[v.shape for v in volumes]}, views {cfg['views']}, "
+          f"ROI {cfg['roi_size']}, overlap {cfg['overlap']}, {torch.get_num_threads()} threads")
+    results, probs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for runtime in ("torch", "onnxruntime"):
+            predictor = make_predictor(net, 2 * context + 1, runtime, Path(tmp))
+            for mirror in ((), tuple(cfg["mirror_axes"])):
+                infer.predict_volume(predictor, volumes[0][:4], context, int(cfg["roi_size"]),
+                                     float(cfg["overlap"]), views=cfg["views"])  # warm-up
+                start = time.perf_counter()
+                out = [infer.predict_volume(predictor, v, context, int(cfg["roi_size"]), float(cfg["overlap"]),
+                                            views=cfg["views"], mirror_axes=mirror) for v in volumes]
+                results[runtime, mirror] = (time.perf_counter() - start) / len(volumes)
+                probs[runtime, mirror] = out
+                print(f"  {runtime:12s} mirror_axes {list(mirror)!s:8s} {results[runtime, mirror]:6.2f} s/volume",
+                      flush=True)
+    for mirror in {m for _, m in results}:
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(probs["torch", mirror], probs["onnxruntime", mirror]))
+        print(f"mirror_axes {list(mirror)}: onnxruntime {results['torch', mirror] / results['onnxruntime', mirror]:.2f}x "
+              f"faster than torch; max |probability difference| {diff:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
