@@ -14,6 +14,8 @@ seconds per volume, the speed-up and the largest probability difference between 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +24,10 @@ import numpy as np
 import torch
 import yaml
 
-from ctpipe import data, infer, nets
-from stages.evaluate import make_predictor
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # stages/ is a folder of scripts, importable from the repository root
+from ctpipe import data, infer, nets  # noqa: E402
+from stages.evaluate import make_predictor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = parser.parse_args(argv)
     cfg = yaml.safe_load(args.params.read_text())["inference"]
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     net, ckpt = nets.load_checkpoint(str(args.model))
     context = int(ckpt["train_params"]["context_slices"])
     cases = data.cases_in(data.load_index(args.data), "test")[: args.cases]
