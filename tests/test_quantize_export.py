@@ -69,7 +69,8 @@ def tiny_params() -> dict:
     return {
         "base": {"seed": 0},
         "inference": {"threshold": 0.5, "component_threshold": 0.5, "roi_size": 32, "overlap": 0.25,
-                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "views": ["axial", "coronal", "sagittal"]},
+                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "views": ["axial", "coronal", "sagittal"],
+                      "mirror_axes": [1]},
         "quantize": {
             **common,
             "opset": 18,
@@ -221,6 +222,7 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
         spec["preprocessing"]["target_spacing_mm_xyz"] == [1.0, 1.0, 2.0]
         and spec["deep_supervision"] is False
     )
+    assert spec["inference"]["views"] == ["axial", "coronal", "sagittal"] and spec["inference"]["mirror_axes"] == [1]
     assert json.loads((out / "versions.json").read_text())["opset"] == 18
     assert 'platform: "onnxruntime_onnx"' in (out / "triton/tiny_seg/config.pbtxt").read_text()
     card = (out / "MODEL_CARD.md").read_text()
