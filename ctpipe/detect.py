@@ -50,6 +50,13 @@ def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0
     return keep[labels]
 
 
+def operating_score(threshold: float, component_threshold: float) -> float:
+    """The lesion operating point of :func:`segment`: a candidate (a component of
+    ``prob >= threshold``, scored by its peak) counts as a detection where its score reaches this,
+    exactly the components the mask keeps."""
+    return max(float(threshold), float(component_threshold))
+
+
 def candidates_from_probability(
     prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0
 ) -> pd.DataFrame:

@@ -24,7 +24,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
-from ctpipe.detect import candidates_from_probability, segment
+from ctpipe.detect import candidates_from_probability, operating_score, segment
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
 from ctpipe.views import mean_over_mirrors, mean_over_views
@@ -163,7 +163,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(folder / "mask.nii.gz"))
     write_seg(folder / "seg.dcm", sources, mask)
     nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]))
-    nodules = nodules[nodules["score"] >= component_threshold]  # the components the mask keeps
+    nodules = nodules[nodules["score"] >= operating_score(threshold, component_threshold)]  # those the mask keeps
     write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
     return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
 

@@ -36,7 +36,7 @@ def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame
         for h in component_thresholds:
             masks = [detect.segment(p, t, h) for p in probs]
             per_case = [quant.pooled_dice([m], [g]) for m, g in zip(masks, truths) if g.any()]
-            op = metrics.froc(cands[cands["score"] >= max(t, h)], nodules, len(probs))
+            op = metrics.froc(cands[cands["score"] >= detect.operating_score(t, h)], nodules, len(probs))
             rows.append({"threshold": t, "component_threshold": h, "dice": float(np.mean(per_case)),
                          "dice_pooled": quant.pooled_dice(masks, truths),
                          "sensitivity": op["sensitivity"], "fp_per_scan": op["fp_per_scan"]})

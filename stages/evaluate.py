@@ -32,7 +32,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ctpipe import data, infer, metrics, nets, onnxtools  # noqa: E402
+from ctpipe import data, detect, infer, metrics, nets, onnxtools  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.params import stage_params
 from ctpipe.runenv import record as record_environment  # noqa: E402
@@ -116,9 +116,7 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     all_nodules = data.load_nodules(processed)
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
-    # The operating point: a candidate counts as a detection where its peak probability would keep
-    # it in the mask.
-    operating_score = max(float(cfg["threshold"]), float(cfg["component_threshold"]))
+    operating_score = detect.operating_score(cfg["threshold"], cfg["component_threshold"])
     rows, candidates, kept = [], [], {}
     for case, image, truth, prob, geom in predict_cases(net, processed, cases, cfg,
                                                         int(ckpt["train_params"]["context_slices"])):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
-from ctpipe.detect import candidates_from_probability, nodule_mask, segment
+from ctpipe.detect import candidates_from_probability, nodule_mask, operating_score, segment
 from ctpipe.geometry import (
     Geometry,
     array_index_to_world,
@@ -110,6 +111,21 @@ def test_segment_keeps_the_whole_extent_of_confident_components_only():
     prob[8, 8, 8] = 0.35
     assert segment(prob, 0.3, 0.8)[8, 8, 8]
     assert not segment(np.zeros((4, 4)), 0.3, 0.8).any()
+
+
+@pytest.mark.parametrize("threshold, component_threshold", [(0.3, 0.8), (0.5, 0.5), (0.6, 0.2)])
+def test_operating_score_counts_exactly_the_components_the_mask_keeps(geom, threshold, component_threshold):
+    prob = np.zeros(SHAPE_KJI)
+    prob[5:8, 5:8, 5:8] = 0.4
+    prob[6, 6, 6] = 0.9
+    prob[15:17, 30:33, 30:33] = 0.6
+    prob[1, 1, 1] = 0.45
+    prob[18, 20:23, 40] = 0.79
+    mask = segment(prob, threshold, component_threshold)
+    cands = candidates_from_probability(prob, geom, threshold)
+    detected = cands[cands["score"] >= operating_score(threshold, component_threshold)]
+    assert detected["volume_mm3"].sum() == pytest.approx(mask.sum() * geom.voxel_volume_mm3)
+    assert len(detected) == ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
 
 
 def test_no_component_gives_an_empty_frame_with_columns(geom):
