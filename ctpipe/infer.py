@@ -21,16 +21,9 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ctpipe.nets import MEMORY_FORMAT
-from ctpipe.views import mean_over_mirrors, mean_over_views
+from ctpipe.views import mean_over_views, slab_by_slab
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-
-
-def slabs(volume: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
-    """Stack slices ``k - context .. k + context`` for each k in ``indices``: ``[n, 2c+1, H, W]``."""
-    offsets = np.arange(-context, context + 1)
-    ks = np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
-    return np.asarray(volume[ks], dtype=np.float32)
 
 
 def predict_volume(
@@ -54,15 +47,9 @@ def predict_volume(
         )
         return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
-    def along(seen: np.ndarray) -> np.ndarray:
-        prob = np.empty(seen.shape, dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, seen.shape[0], batch_slices):
-                ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
-                prob[ks] = mean_over_mirrors(slabs(seen, ks, context), mirror_axes, window_prob)
-        return prob
-
-    return mean_over_views(volume, views, lambda seen: along(np.ascontiguousarray(seen)))
+    with torch.inference_mode():
+        return mean_over_views(volume, views, lambda seen: slab_by_slab(
+            np.ascontiguousarray(seen), context, batch_slices, mirror_axes, window_prob))
 
 
 def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:

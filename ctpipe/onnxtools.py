@@ -28,7 +28,8 @@ from onnx import numpy_helper
 
 from ctpipe.data import cases_in, load_case, load_index
 from ctpipe.fileio import atomic_path
-from ctpipe.infer import Predictor, slabs
+from ctpipe.infer import Predictor
+from ctpipe.views import slabs
 from ctpipe.nets import NUM_CLASSES
 
 log = logging.getLogger(__name__)

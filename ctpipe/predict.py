@@ -27,7 +27,7 @@ from ctpipe import dicomio, prep
 from ctpipe.detect import candidates_from_probability, operating_score, segment
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
-from ctpipe.views import mean_over_mirrors, mean_over_views
+from ctpipe.views import mean_over_views, slab_by_slab
 
 log = logging.getLogger("predict")
 
@@ -78,22 +78,14 @@ def predict_probability(session, volume: np.ndarray, context: int, roi: int, ove
     slab also mirrored along ``mirror_axes``."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
-    offsets = np.arange(-context, context + 1)
 
     def window_prob(slabs: np.ndarray) -> np.ndarray:
         logits = sliding_window(run, slabs, roi, overlap)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e[:, 1] / e.sum(axis=1)
 
-    def along(seen: np.ndarray) -> np.ndarray:
-        prob = np.empty(seen.shape, np.float32)
-        for start in range(0, seen.shape[0], batch_slices):
-            ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
-            slabs = seen[np.clip(ks[:, None] + offsets, 0, seen.shape[0] - 1)].astype(np.float32)
-            prob[ks] = mean_over_mirrors(slabs, mirror_axes, window_prob)
-        return prob
-
-    return mean_over_views(volume, views, along)
+    return mean_over_views(volume, views, lambda seen: slab_by_slab(seen, context, batch_slices, mirror_axes,
+                                                                    window_prob))
 
 
 def check_series(spec: dict, first: pydicom.Dataset, geom: Geometry) -> None:

@@ -31,6 +31,25 @@ def from_view(array: np.ndarray, view: str) -> np.ndarray:
     return array.transpose(np.argsort(VIEWS[view]))
 
 
+def slabs(volume: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
+    """Stack slices ``k - context .. k + context`` for each k in ``indices``: ``[n, 2c+1, H, W]``."""
+    offsets = np.arange(-context, context + 1)
+    ks = np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, volume.shape[0] - 1)
+    return np.asarray(volume[ks], dtype=np.float32)
+
+
+def slab_by_slab(seen: np.ndarray, context: int, batch_slices: int, mirror_axes, window_prob) -> np.ndarray:
+    """Probability ``[n, H, W]`` of a volume seen along a view ``[n, H, W]``: the 2.5D slab of every
+    slice, ``batch_slices`` at a time, through ``window_prob`` (slabs [b, 2c+1, H, W] -> [b, H, W])
+    with the mirrored passes of ``mirror_axes`` (:func:`mean_over_mirrors`). Edge slices are
+    replicated (:func:`slabs`)."""
+    prob = np.empty(seen.shape, dtype=np.float32)
+    for start in range(0, seen.shape[0], batch_slices):
+        ks = np.arange(start, min(start + batch_slices, seen.shape[0]))
+        prob[ks] = mean_over_mirrors(slabs(seen, ks, context), mirror_axes, window_prob)
+    return prob
+
+
 def mean_over_views(volume: np.ndarray, views, predict) -> np.ndarray:
     """Mean over ``views`` of ``predict(volume seen along the view)``, each mapped back to [K, H, W].
 
