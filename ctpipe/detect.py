@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from ctpipe.geometry import Geometry, array_index_to_world, contains, sphere_mask
 
-CANDIDATE_COLUMNS = ["coordX", "coordY", "coordZ", "diameter_mm", "score", "volume_mm3"]
+CANDIDATE_COLUMNS = ["coordX", "coordY", "coordZ", "diameter_mm", "score", "peak", "elongation", "volume_mm3"]
 # 26-connectivity: voxels touching at an edge or a corner belong to the same nodule.
 CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
@@ -52,13 +52,60 @@ def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0
 
 def operating_score(threshold: float, component_threshold: float) -> float:
     """The lesion operating point of :func:`segment`: a candidate (a component of
-    ``prob >= threshold``, scored by its peak) counts as a detection where its score reaches this,
-    exactly the components the mask keeps."""
+    ``prob >= threshold``) counts as a detection where its ``peak`` reaches this, exactly the
+    components the mask keeps."""
     return max(float(threshold), float(component_threshold))
 
 
+def elongation(labels: np.ndarray, n: int, spacing_kji: np.ndarray) -> np.ndarray:
+    """How far each labelled component is from round: ``sqrt(largest / smallest eigenvalue)`` of
+    its second-moment matrix in mm, the component taken as a solid of voxel boxes.
+
+    A ball gives 1, a rod of length L and width w about L / w, whatever the orientation or the
+    voxel spacing. Each voxel adds its own box moment (spacing**2 / 12 on each axis), so a single
+    voxel or a one-slice component has a finite value (a single voxel: the ratio of its sides).
+
+    Args:
+        labels: component labels 1..n (0 = background), ``[k, j, i]``.
+        n: number of components.
+        spacing_kji: voxel size in mm along k, j, i.
+
+    Returns:
+        ``float64`` array of length ``n``.
+    """
+    spacing_kji = np.asarray(spacing_kji, dtype=np.float64).reshape(3)
+    where = np.nonzero(labels)
+    lab = labels[where]
+    count = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+    xyz = [w * s for w, s in zip(where, spacing_kji)]
+    mean = np.stack([np.bincount(lab, c, n + 1)[1:] for c in xyz], axis=1) / count[:, None]
+    cov = np.empty((n, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            moment = np.bincount(lab, xyz[a] * xyz[b], n + 1)[1:] / count - mean[:, a] * mean[:, b]
+            cov[:, a, b] = cov[:, b, a] = moment
+    cov += np.diag(spacing_kji**2 / 12.0)
+    eig = np.linalg.eigvalsh(cov)
+    return np.sqrt(eig[:, -1] / np.maximum(eig[:, 0], 1e-12))
+
+
+def shape_score(peak: np.ndarray, elong: np.ndarray, weight: float) -> np.ndarray:
+    """Candidate score: the peak probability with its odds divided by ``elongation ** weight``.
+
+    ``p / (p + (1 - p) * elongation ** weight)``: with ``weight`` 0 it is the peak itself; with
+    ``weight`` > 0 a tube (a vessel the network took for a nodule) ranks below a ball of the same
+    peak, the shape cue of LUNA16 false-positive reduction. A peak of exactly 1 is first moved to
+    the largest float32 below 1, so that saturated candidates are still ordered by shape.
+    """
+    peak = np.asarray(peak, dtype=np.float64)
+    if weight == 0:
+        return peak
+    p = np.clip(peak, 0.0, np.nextafter(np.float32(1), np.float32(0)).astype(np.float64))
+    return p / (p + (1.0 - p) * np.asarray(elong, dtype=np.float64) ** float(weight))
+
+
 def candidates_from_probability(
-    prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0
+    prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0, shape_weight: float = 0.0
 ) -> pd.DataFrame:
     """Nodule candidates: 26-connected components of ``prob >= threshold``.
 
@@ -68,11 +115,13 @@ def candidates_from_probability(
         threshold: lowest probability that belongs to a candidate; > 0, so that every component
             has a probability-weighted centroid.
         min_volume_mm3: components smaller than this are dropped.
+        shape_weight: exponent of the elongation in ``score`` (:func:`shape_score`); 0: the peak.
 
     Returns:
         One row per component, sorted by ``score`` (descending): ``coordX, coordY, coordZ`` (world
         mm, probability-weighted centroid), ``diameter_mm`` (equivalent-sphere diameter),
-        ``score`` (highest probability in the component), ``volume_mm3`` (voxels * voxel volume).
+        ``score`` (the ranking score of the FROC), ``peak`` (highest probability in the
+        component), ``elongation`` (:func:`elongation`), ``volume_mm3`` (voxels * voxel volume).
     """
     prob = np.asarray(prob)
     if prob.ndim != 3:
@@ -87,13 +136,17 @@ def candidates_from_probability(
     volume = np.bincount(labels.ravel(), minlength=n + 1)[1:] * geom.voxel_volume_mm3
     centroid_kji = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64)
     xyz = array_index_to_world(centroid_kji, geom).reshape(-1, 3)
+    peak = np.asarray(ndimage.maximum(weights, labels, index), dtype=np.float64)
+    elong = elongation(labels, n, geom.spacing[::-1])
     out = pd.DataFrame(
         {
             "coordX": xyz[:, 0],
             "coordY": xyz[:, 1],
             "coordZ": xyz[:, 2],
             "diameter_mm": equivalent_diameter_mm(volume),
-            "score": np.asarray(ndimage.maximum(weights, labels, index), dtype=np.float64),
+            "score": shape_score(peak, elong, shape_weight),
+            "peak": peak,
+            "elongation": elong,
             "volume_mm3": volume,
         }
     )

@@ -139,17 +139,19 @@ def score_volume(
     component_threshold: float,
     candidate_threshold: float,
     min_candidate_mm3: float,
+    shape_weight: float = 0.0,
     surface_tolerance_mm: float = 1.0,
 ) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
     """How one predicted volume is scored, the same in evaluate and quantize.
 
     Returns the voxel metrics of the nodule mask (:func:`ctpipe.detect.segment` of ``prob`` with
     ``threshold`` and ``component_threshold``) against ``truth``, the nodule candidates of ``prob``
-    (components above ``candidate_threshold``) for the lesion-level FROC, and the mask.
+    (components above ``candidate_threshold``, scored with ``shape_weight``) for the lesion-level
+    FROC, and the mask.
     """
     mask = segment(prob, threshold, component_threshold)
     voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
-    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3), mask
+    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3, shape_weight), mask
 
 
 def aggregate(per_case: list[dict]) -> dict:

@@ -154,8 +154,9 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     folder.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(folder / "mask.nii.gz"))
     write_seg(folder / "seg.dcm", sources, mask)
-    nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]))
-    nodules = nodules[nodules["score"] >= operating_score(threshold, component_threshold)]  # those the mask keeps
+    nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]),
+                                          float(post.get("shape_weight", 0.0)))
+    nodules = nodules[nodules["peak"] >= operating_score(threshold, component_threshold)]  # those the mask keeps
     write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
     return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
 

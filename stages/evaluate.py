@@ -97,10 +97,11 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
 
 
 def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, score: float) -> pd.DataFrame:
-    """One row per nodule (detected or missed) and per false candidate, at the operating score."""
-    hits = matched[(matched["score"] >= score) & matched["is_tp"]]["nodule_index"]
+    """One row per nodule (detected or missed) and per false candidate, at the operating point
+    (candidates whose peak reaches ``score``: the components the mask keeps)."""
+    hits = matched[(matched["peak"] >= score) & matched["is_tp"]]["nodule_index"]
     found = set(int(i) for i in hits)
-    fps = int(((matched["score"] >= score) & (matched["nodule_index"] < 0)).sum())
+    fps = int(((matched["peak"] >= score) & (matched["nodule_index"] < 0)).sum())
     rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
     rows += [{"actual": "background", "predicted": "nodule"}] * fps
     return pd.DataFrame(rows, columns=["actual", "predicted"])
@@ -123,7 +124,7 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
         voxel, cands, pred = metrics.score_volume(
             prob, truth, geom, threshold=float(cfg["threshold"]), component_threshold=float(cfg["component_threshold"]),
             candidate_threshold=float(cfg["candidate_threshold"]), min_candidate_mm3=float(cfg["min_candidate_mm3"]),
-            surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
+            shape_weight=float(cfg["shape_weight"]), surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
         rows.append({"case_id": case["case_id"], "seriesuid": case["seriesuid"], "nodules": int(case["nodules"]),
                      "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum()), **voxel})
         candidates.append(cands.assign(seriesuid=case["seriesuid"]))
@@ -132,7 +133,7 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     cands = pd.concat(candidates, ignore_index=True)
     froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
     boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
-    operating = metrics.froc(cands[cands["score"] >= operating_score], nodules, len(cases), FP_RATES)
+    operating = metrics.froc(cands[cands["peak"] >= operating_score], nodules, len(cases), FP_RATES)
 
     if plots.exists():
         shutil.rmtree(plots)

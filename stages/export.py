@@ -125,6 +125,10 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
             "the nodules listed are those components",
             "candidate_threshold": float(cfg["candidate_threshold"]),
             "min_candidate_mm3": float(cfg["min_candidate_mm3"]),
+            "shape_weight": float(cfg["shape_weight"]),
+            "score": "each nodule's score is its peak probability p with the odds divided by its elongation e "
+            "(sqrt of the largest over the smallest eigenvalue of its second moments in mm) to the power "
+            "shape_weight: p / (p + (1 - p) * e ** shape_weight); shape_weight 0: the peak",
         },
         "deep_supervision": False,
         # What predict accepts: the modality and the range of acquisition spacings seen in training.

@@ -76,6 +76,7 @@ def evaluate_test(
             component_threshold=float(cfg["component_threshold"]),
             candidate_threshold=float(cfg["candidate_threshold"]),
             min_candidate_mm3=float(cfg["min_candidate_mm3"]),
+            shape_weight=float(cfg["shape_weight"]),
         )
         if case["label"].any():
             per_case.append(voxel)

@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from ctpipe.detect import candidates_from_probability, nodule_mask, operating_score, segment
+from ctpipe.detect import (
+    candidates_from_probability,
+    elongation,
+    nodule_mask,
+    operating_score,
+    segment,
+    shape_score,
+)
 from ctpipe.geometry import (
     Geometry,
     array_index_to_world,
@@ -50,7 +57,7 @@ def test_candidates_come_back_at_the_blob_centres(geom):
     prob = gaussian_blobs(geom, [c1, c2], [0.9, 0.7])
     cands = candidates_from_probability(prob, geom, threshold=0.3)
     assert list(cands.columns) == [
-        "coordX", "coordY", "coordZ", "diameter_mm", "score", "volume_mm3"
+        "coordX", "coordY", "coordZ", "diameter_mm", "score", "peak", "elongation", "volume_mm3"
     ]
     assert len(cands) == 2
     xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
@@ -123,9 +130,63 @@ def test_operating_score_counts_exactly_the_components_the_mask_keeps(geom, thre
     prob[18, 20:23, 40] = 0.79
     mask = segment(prob, threshold, component_threshold)
     cands = candidates_from_probability(prob, geom, threshold)
-    detected = cands[cands["score"] >= operating_score(threshold, component_threshold)]
+    detected = cands[cands["peak"] >= operating_score(threshold, component_threshold)]
     assert detected["volume_mm3"].sum() == pytest.approx(mask.sum() * geom.voxel_volume_mm3)
     assert len(detected) == ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+    # The shape weight reorders the FROC ranking, not the components the mask keeps.
+    weighted = candidates_from_probability(prob, geom, threshold, shape_weight=4.0)
+    assert sorted(weighted[weighted["peak"] >= operating_score(threshold, component_threshold)]["volume_mm3"]) \
+        == pytest.approx(sorted(detected["volume_mm3"]))
+
+
+def test_elongation_of_rods_voxels_and_a_ball_by_hand():
+    # A rod of L unit voxels: variance L**2 / 12 along it (centres (L**2 - 1) / 12 plus a voxel's
+    # 1 / 12), 1 / 12 across it: elongation L.
+    labels = np.zeros((9, 9, 9), dtype=np.int64)
+    labels[4, 4, 1:8] = 1  # 7 voxels along i
+    labels[0, 0, 0] = 2  # one voxel
+    labels[2:8, 0, 8] = 3  # 6 voxels along k
+    np.testing.assert_allclose(elongation(labels, 3, (1.0, 1.0, 1.0)), [7.0, 1.0, 6.0])
+    # In mm: 4 voxels of 2 mm along k, 1 mm across -> 8 mm long, 1 mm wide. The rod along i stays
+    # 7 mm long and 1 mm wide in j; its 2 mm depth in k is the middle axis.
+    rods = labels[2:6].copy()
+    rods[rods == 3] = 2  # labels 1..n, as ndimage.label numbers them
+    np.testing.assert_allclose(elongation(rods, 2, (2.0, 1.0, 1.0)), [7.0, 8.0])
+    lone = np.zeros((3, 3, 3), dtype=np.int64)
+    lone[1, 1, 1] = 1
+    np.testing.assert_allclose(elongation(lone, 1, (2.0, 1.0, 1.0)), [2.0])
+    # A ball of radius 6 voxels: round within the staircase of its surface, whatever the grid.
+    k, j, i = np.mgrid[:15, :15, :15] - 7
+    ball = (k**2 + j**2 + i**2 <= 36).astype(np.int64)
+    assert elongation(ball, 1, (1.0, 1.0, 1.0))[0] == pytest.approx(1.0, abs=1e-9)  # symmetric grid
+    # The same rod along a diagonal of the grid (i = j): orientation does not matter.
+    diag = np.zeros((1, 12, 12), dtype=np.int64)
+    diag[0, np.arange(10), np.arange(10)] = 1
+    assert 5.0 < elongation(diag, 1, (1.0, 1.0, 1.0))[0] < 15.0
+
+
+def test_shape_score_divides_the_odds_by_the_elongation():
+    assert shape_score(np.array([0.9]), np.array([3.0]), 2.0)[0] == pytest.approx(0.9 / (0.9 + 0.1 * 9))  # 0.5
+    assert shape_score(np.array([0.8]), np.array([1.0]), 5.0)[0] == pytest.approx(0.8)  # a ball keeps its peak
+    peak = np.array([0.3, 0.97, 1.0])
+    np.testing.assert_array_equal(shape_score(peak, np.array([5.0, 5.0, 5.0]), 0.0), peak)
+    # Saturated peaks (exactly 1) are still ordered by shape, and stay below 1.
+    sat = shape_score(np.array([1.0, 1.0]), np.array([1.2, 4.0]), 2.0)
+    assert 1.0 > sat[0] > sat[1] > 0.99
+
+
+def test_a_tube_ranks_below_a_ball_once_shape_counts():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    prob = np.zeros((20, 20, 30))
+    k, j, i = np.mgrid[:20, :20, :30]
+    prob[(k - 6) ** 2 + (j - 6) ** 2 + (i - 6) ** 2 <= 9] = 0.98  # ball, r = 3 voxels
+    prob[14:16, 14:16, 2:28] = 0.99  # tube, 26 voxels long, 2 wide: a vessel, more confident
+    peak_first = candidates_from_probability(prob, geom, 0.5)
+    assert list(peak_first["peak"]) == [0.99, 0.98]
+    shaped = candidates_from_probability(prob, geom, 0.5, shape_weight=2.0)
+    assert list(shaped["peak"]) == [0.98, 0.99]
+    assert shaped["elongation"].iloc[1] == pytest.approx(13.0)  # 26 / 2
+    assert shaped["elongation"].iloc[0] < 1.2
 
 
 def test_no_component_gives_an_empty_frame_with_columns(geom):

@@ -46,3 +46,22 @@ def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
     assert row.loc[(0.3, 0.5), "fp_per_scan"] == pytest.approx(1.0)
     best = table.sort_values(["dice", "dice_pooled"], ascending=False).iloc[0]
     assert (best["threshold"], best["component_threshold"]) == (0.3, 0.9)
+
+
+def test_shape_sweep_scores_the_ranking_and_picks_the_smallest_best_weight():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    k, j, i = np.mgrid[:20, :20, :30]
+    prob = np.zeros((20, 20, 30))
+    prob[(k - 6) ** 2 + (j - 6) ** 2 + (i - 6) ** 2 <= 9] = 0.98  # the nodule, a ball
+    prob[14:16, 14:16, 2:28] = 0.99  # a vessel taken for a nodule, more confident
+    cands = candidates_from_probability(prob, geom, 0.2).assign(seriesuid="a")
+    x, y, z = array_index_to_world(np.array([6.0, 6.0, 6.0]), geom).ravel()
+    nodules = pd.DataFrame({"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [7.0]})
+    table = tune.sweep_shape(cands, nodules, 2, [0, 1, 2, 8]).set_index("shape_weight")
+    # Peak ranking: the vessel (0.5 FP per scan, 2 scans) comes before the nodule, so the
+    # sensitivity is 0 at 1/8 and 1/4 FP per scan and 1 from 1/2 on: CPM 5/7.
+    assert table.loc[0, "cpm"] == pytest.approx(5 / 7)
+    assert table.loc[0, "sens@0.125"] == 0 and table.loc[0, "sens@0.5"] == 1
+    # Any positive weight here puts the ball first: found before any false positive.
+    assert (table.loc[[1, 2, 8], "cpm"] == 1).all()
+    assert tune.best_shape_weight(table.reset_index()) == 1
