@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = sweep_shape(cands, nodules, len(cases), args.shape_weights)
     print(shapes.round(4).to_string(index=False))
     weight = best_shape_weight(shapes)
-    print(f"best: inference.shape_weight {weight:g} (val CPM {shapes.set_index('shape_weight').loc[weight, 'cpm']:.4f}; "
-          f"now {cfg['shape_weight']:g})")
+    cpm = shapes.set_index("shape_weight").loc[weight, "cpm"]
+    print(f"best: inference.shape_weight {weight:g} (val CPM {cpm:.4f}; now {cfg['shape_weight']:g})")
     return 0
 
 

@@ -69,7 +69,8 @@ def tiny_params() -> dict:
     return {
         "base": {"seed": 0},
         "inference": {"threshold": 0.5, "component_threshold": 0.5, "roi_size": 32, "overlap": 0.25,
-                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "views": ["axial", "coronal", "sagittal"],
+                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "shape_weight": 2.0,
+                      "views": ["axial", "coronal", "sagittal"],
                       "mirror_axes": [1]},
         "quantize": {
             **common,
