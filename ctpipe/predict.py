@@ -7,7 +7,9 @@ inference with Gaussian blending over the views and mirrored passes the spec nam
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
     seg.dcm       the same mask as a DICOM Segmentation (highdicom) referencing the source series
-    nodules.csv   detected nodules: world coordinates (LPS mm), equivalent diameter, score
+    nodules.csv   detected nodules: world coordinates (LPS mm), equivalent diameter, score (the
+                  peak probability discounted by elongation, ``shape_weight`` of the spec), peak,
+                  elongation, volume
 
 Series whose modality or geometry the model was not trained for are refused with the reason.
 """
