@@ -57,6 +57,13 @@ def operating_score(threshold: float, component_threshold: float) -> float:
     return max(float(threshold), float(component_threshold))
 
 
+def at_operating_point(candidates: pd.DataFrame, threshold: float, component_threshold: float) -> pd.Series:
+    """Which candidates (of :func:`candidates_from_probability`) count as detections: those whose
+    ``peak``, not their ranking ``score``, reaches :func:`operating_score`, so that the lesion
+    figures describe the components the mask keeps whatever the shape weight."""
+    return candidates["peak"] >= operating_score(threshold, component_threshold)
+
+
 def elongation(labels: np.ndarray, n: int, spacing_kji: np.ndarray) -> np.ndarray:
     """How far each labelled component is from round: ``sqrt(largest / smallest eigenvalue)`` of
     its second-moment matrix in mm, the component taken as a solid of voxel boxes.

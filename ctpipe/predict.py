@@ -3,7 +3,8 @@
 Needs only the model package (``models/export``), ONNX Runtime, NumPy, SimpleITK, pydicom and
 highdicom: no PyTorch. For every CT series in STUDY_DIR it applies the preprocessing that
 ``input_spec.json`` states (resample, body crop, intensity normalisation), runs sliding-window
-inference with Gaussian blending over the views and mirrored passes the spec names, and writes to ``OUT_DIR/<SeriesInstanceUID>/``:
+inference with Gaussian blending over the views and mirrored passes the spec names, and writes to
+``OUT_DIR/<SeriesInstanceUID>/``:
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
     seg.dcm       the same mask as a DICOM Segmentation (highdicom) referencing the source series
@@ -26,7 +27,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
-from ctpipe.detect import candidates_from_probability, operating_score, segment
+from ctpipe.detect import at_operating_point, candidates_from_probability, segment
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
 from ctpipe.views import mean_over_views, slab_by_slab
@@ -158,7 +159,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     write_seg(folder / "seg.dcm", sources, mask)
     nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]),
                                           float(post.get("shape_weight", 0.0)))
-    nodules = nodules[nodules["peak"] >= operating_score(threshold, component_threshold)]  # those the mask keeps
+    nodules = nodules[at_operating_point(nodules, threshold, component_threshold)]  # those the mask keeps
     write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
     return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
 

@@ -39,7 +39,7 @@ def sweep(probs: list[np.ndarray], truths: list[np.ndarray], cands: pd.DataFrame
         for h in component_thresholds:
             masks = [detect.segment(p, t, h) for p in probs]
             per_case = [quant.pooled_dice([m], [g]) for m, g in zip(masks, truths) if g.any()]
-            op = metrics.froc(cands[cands["peak"] >= detect.operating_score(t, h)], nodules, len(probs))
+            op = metrics.froc(cands[detect.at_operating_point(cands, t, h)], nodules, len(probs))
             rows.append({"threshold": t, "component_threshold": h, "dice": float(np.mean(per_case)),
                          "dice_pooled": quant.pooled_dice(masks, truths),
                          "sensitivity": op["sensitivity"], "fp_per_scan": op["fp_per_scan"]})

@@ -96,12 +96,12 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     plt.close(fig)
 
 
-def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, score: float) -> pd.DataFrame:
-    """One row per nodule (detected or missed) and per false candidate, at the operating point
-    (candidates whose peak reaches ``score``: the components the mask keeps)."""
-    hits = matched[(matched["peak"] >= score) & matched["is_tp"]]["nodule_index"]
+def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, detected: pd.Series) -> pd.DataFrame:
+    """One row per nodule (detected or missed) and per false candidate, among the ``detected``
+    candidates (:func:`ctpipe.detect.at_operating_point`, aligned with ``matched``)."""
+    hits = matched[detected & matched["is_tp"]]["nodule_index"]
     found = set(int(i) for i in hits)
-    fps = int(((matched["peak"] >= score) & (matched["nodule_index"] < 0)).sum())
+    fps = int((detected & (matched["nodule_index"] < 0)).sum())
     rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
     rows += [{"actual": "background", "predicted": "nodule"}] * fps
     return pd.DataFrame(rows, columns=["actual", "predicted"])
@@ -117,7 +117,6 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     all_nodules = data.load_nodules(processed)
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
-    operating_score = detect.operating_score(cfg["threshold"], cfg["component_threshold"])
     rows, candidates, kept = [], [], {}
     for case, image, truth, prob, geom in predict_cases(net, processed, cases, cfg,
                                                         int(ckpt["train_params"]["context_slices"])):
@@ -133,7 +132,8 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     cands = pd.concat(candidates, ignore_index=True)
     froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
     boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
-    operating = metrics.froc(cands[cands["peak"] >= operating_score], nodules, len(cases), FP_RATES)
+    detected = detect.at_operating_point(cands, cfg["threshold"], cfg["component_threshold"])
+    operating = metrics.froc(cands[detected], nodules, len(cases), FP_RATES)
 
     if plots.exists():
         shutil.rmtree(plots)
@@ -141,7 +141,7 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     write_csv(plots / "per_case.csv", per_case.round(4))
     matched = metrics.match_candidates(cands, nodules)
     write_csv(plots / "candidates.csv", matched)
-    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, operating_score))
+    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, detected))
     curve = froc["curve"]
     write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
                                                 "sensitivity": curve["sensitivity"]}).round(4))

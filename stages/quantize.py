@@ -10,9 +10,10 @@ Calibration uses seeded 2.5D slabs of the TRAIN split only. The sweep (schemes x
 methods) is scored on seeded labelled slabs of the VAL split (Dice pooled over the slabs, each
 predicted whole), so the test split plays no part in choosing, and choosing stays cheap. The
 chosen configuration is then measured on the whole TEST volumes, through the same sliding-window
-inference as evaluate but one pass per view (evaluate's test-time mirroring would take four passes of
-each model, and mirroring cannot undo a difference between the two graphs), against fp32: Dice pooled over all test voxels (the gate: the stage fails if
-it drops by more than ``max_dice_drop``), the per-case mean as evaluate reports it, and CPM.
+inference as evaluate but one pass per view (evaluate's test-time mirroring would take four passes
+of each model, and mirroring cannot undo a difference between the two graphs), against fp32: Dice
+pooled over all test voxels (the gate: the stage fails if it drops by more than
+``max_dice_drop``), the per-case mean as evaluate reports it, and CPM.
 Latency: PyTorch eager, ORT fp32 and ORT INT8 on one fixed batch of validation slabs at the
 evaluation ROI size, warm-up then median and p90 over ``latency_runs``.
 """

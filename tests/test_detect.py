@@ -8,10 +8,10 @@ import pytest
 from scipy import ndimage
 
 from ctpipe.detect import (
+    at_operating_point,
     candidates_from_probability,
     elongation,
     nodule_mask,
-    operating_score,
     segment,
     shape_score,
 )
@@ -130,12 +130,12 @@ def test_operating_score_counts_exactly_the_components_the_mask_keeps(geom, thre
     prob[18, 20:23, 40] = 0.79
     mask = segment(prob, threshold, component_threshold)
     cands = candidates_from_probability(prob, geom, threshold)
-    detected = cands[cands["peak"] >= operating_score(threshold, component_threshold)]
+    detected = cands[at_operating_point(cands, threshold, component_threshold)]
     assert detected["volume_mm3"].sum() == pytest.approx(mask.sum() * geom.voxel_volume_mm3)
     assert len(detected) == ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
     # The shape weight reorders the FROC ranking, not the components the mask keeps.
     weighted = candidates_from_probability(prob, geom, threshold, shape_weight=4.0)
-    assert sorted(weighted[weighted["peak"] >= operating_score(threshold, component_threshold)]["volume_mm3"]) \
+    assert sorted(weighted[at_operating_point(weighted, threshold, component_threshold)]["volume_mm3"]) \
         == pytest.approx(sorted(detected["volume_mm3"]))
 
 
