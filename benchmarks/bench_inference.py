@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # stages/ is a folder of scripts, importable from the repository root
 from ctpipe import data, infer, nets  # noqa: E402
-from stages.evaluate import make_predictor  # noqa: E402
+from ctpipe.runtime import make_predictor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

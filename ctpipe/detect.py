@@ -111,24 +111,29 @@ def shape_score(peak: np.ndarray, elong: np.ndarray, weight: float) -> np.ndarra
     return p / (p + (1.0 - p) * np.asarray(elong, dtype=np.float64) ** float(weight))
 
 
-def candidates_from_probability(
+def label_candidates(
     prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0, shape_weight: float = 0.0
-) -> pd.DataFrame:
-    """Nodule candidates: 26-connected components of ``prob >= threshold``.
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Nodule candidates: 26-connected components of ``prob >= threshold``, with their labels.
+
+    This is the one definition of a finding: the mask (:func:`find_nodules`), the operating point,
+    the FROC and ``predict``'s ``nodules.csv`` all take their components from here, so two nodules
+    joined by a bridge under ``threshold`` are two candidates, as they are two mask components.
 
     Args:
         prob: foreground probability, numpy ``[k, j, i]`` order, on the grid of ``geom``.
         geom: geometry of that grid.
         threshold: lowest probability that belongs to a candidate; > 0, so that every component
             has a probability-weighted centroid.
-        min_volume_mm3: components smaller than this are dropped.
+        min_volume_mm3: components smaller than this are dropped (from the mask too).
         shape_weight: exponent of the elongation in ``score`` (:func:`shape_score`); 0: the peak.
 
     Returns:
-        One row per component, sorted by ``score`` (descending): ``coordX, coordY, coordZ`` (world
-        mm, probability-weighted centroid), ``diameter_mm`` (equivalent-sphere diameter),
-        ``score`` (the ranking score of the FROC), ``peak`` (highest probability in the
-        component), ``elongation`` (:func:`elongation`), ``volume_mm3`` (voxels * voxel volume).
+        The component labels (``int32``, 0 = background, the same shape as ``prob``) and one row
+        per kept component, sorted by ``score`` (descending): ``coordX, coordY, coordZ`` (world mm,
+        probability-weighted centroid), ``diameter_mm`` (equivalent-sphere diameter), ``score`` (the
+        ranking score of the FROC), ``peak`` (highest probability in the component),
+        ``elongation`` (:func:`elongation`), ``volume_mm3`` (voxels * voxel volume), ``label``.
     """
     prob = np.asarray(prob)
     if prob.ndim != 3:
@@ -137,7 +142,8 @@ def candidates_from_probability(
         raise ValueError(f"threshold must be > 0, got {threshold}")
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
     if n == 0:
-        return pd.DataFrame({c: pd.Series(dtype=np.float64) for c in CANDIDATE_COLUMNS})
+        return labels, pd.DataFrame({c: pd.Series(dtype=np.float64) for c in CANDIDATE_COLUMNS}).assign(
+            label=pd.Series(dtype=np.int64))
     index = np.arange(1, n + 1)
     weights = prob.astype(np.float64)
     volume = np.bincount(labels.ravel(), minlength=n + 1)[1:] * geom.voxel_volume_mm3
@@ -155,10 +161,46 @@ def candidates_from_probability(
             "peak": peak,
             "elongation": elong,
             "volume_mm3": volume,
+            "label": index,
         }
     )
     out = out[out["volume_mm3"] >= min_volume_mm3]
-    return out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    return labels, out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def candidates_from_probability(
+    prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0, shape_weight: float = 0.0
+) -> pd.DataFrame:
+    """The candidate table of :func:`label_candidates` (without the labels and their column)."""
+    return label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)[1].drop(columns="label")
+
+
+def mask_of(labels: np.ndarray, candidates: pd.DataFrame, threshold: float, component_threshold: float) -> np.ndarray:
+    """The nodule mask: the voxels of the candidates (of :func:`label_candidates` at ``threshold``)
+    that :func:`at_operating_point` counts as detections, and nothing else."""
+    keep = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
+    keep[candidates.loc[at_operating_point(candidates, threshold, component_threshold), "label"].to_numpy(int)] = True
+    return keep[labels]
+
+
+def find_nodules(
+    prob: np.ndarray,
+    geom: Geometry,
+    threshold: float,
+    component_threshold: float,
+    min_volume_mm3: float = 0.0,
+    shape_weight: float = 0.0,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Mask and candidates of one probability map, from one labelling.
+
+    Returns the boolean mask (:func:`mask_of`) and every candidate (:func:`label_candidates`,
+    without ``label``) with ``detected``: True for the candidates whose components form the mask,
+    the detections at the operating point. Each mask component is exactly one detected row.
+    """
+    labels, cands = label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)
+    mask = mask_of(labels, cands, threshold, component_threshold)
+    detected = at_operating_point(cands, threshold, component_threshold)
+    return mask, cands.drop(columns="label").assign(detected=detected.to_numpy(bool))
 
 
 def nodule_mask(

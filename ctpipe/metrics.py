@@ -43,7 +43,7 @@ from monai.metrics import (
 )
 from monai.networks.utils import one_hot
 
-from ctpipe.detect import candidates_from_probability, segment
+from ctpipe.detect import find_nodules
 from ctpipe.geometry import Geometry
 
 LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -137,21 +137,19 @@ def score_volume(
     *,
     threshold: float,
     component_threshold: float,
-    candidate_threshold: float,
     min_candidate_mm3: float,
     shape_weight: float = 0.0,
     surface_tolerance_mm: float = 1.0,
 ) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
-    """How one predicted volume is scored, the same in evaluate and quantize.
+    """How one predicted volume is scored, the same in evaluate, postprocess and quantize.
 
-    Returns the voxel metrics of the nodule mask (:func:`ctpipe.detect.segment` of ``prob`` with
-    ``threshold`` and ``component_threshold``) against ``truth``, the nodule candidates of ``prob``
-    (components above ``candidate_threshold``, scored with ``shape_weight``) for the lesion-level
-    FROC, and the mask.
+    Returns the voxel metrics of the nodule mask against ``truth``, the nodule candidates (with
+    ``detected``: the components the mask keeps) for the lesion-level figures, and the mask, all
+    from one labelling (:func:`ctpipe.detect.find_nodules`).
     """
-    mask = segment(prob, threshold, component_threshold)
+    mask, cands = find_nodules(prob, geom, threshold, component_threshold, min_candidate_mm3, shape_weight)
     voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
-    return voxel, candidates_from_probability(prob, geom, candidate_threshold, min_candidate_mm3, shape_weight), mask
+    return voxel, cands, mask
 
 
 def aggregate(per_case: list[dict]) -> dict:
@@ -364,6 +362,25 @@ def froc(
         "n_fp": n_fp,
         "n_ignored": len(matched) - n_tp - n_fp,
     }
+
+
+def operating_point(candidates: pd.DataFrame, nodules: pd.DataFrame, n_scans: int) -> dict:
+    """Lesion figures at the operating point: only the ``detected`` candidates (the mask's
+    components, :func:`ctpipe.detect.find_nodules`) are matched, so a nodule counts as found
+    exactly when a mask component hits it, whatever the scores of the other candidates.
+
+    Returns ``sensitivity``, ``fp_per_scan`` and ``confusion``: one row per nodule (``actual``
+    nodule, ``predicted`` nodule or background) and one per false detection (background, nodule).
+    """
+    detected = candidates[candidates["detected"].to_numpy(bool)]
+    result = froc(detected, nodules, n_scans)
+    matched = match_candidates(detected, nodules)
+    found = set(int(i) for i in matched.loc[matched["is_tp"], "nodule_index"])
+    fps = int((matched["nodule_index"] < 0).sum())
+    rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
+    rows += [{"actual": "background", "predicted": "nodule"}] * fps
+    return {"sensitivity": result["sensitivity"], "fp_per_scan": result["fp_per_scan"],
+            "confusion": pd.DataFrame(rows, columns=["actual", "predicted"])}
 
 
 def _interval(values: np.ndarray, estimate: float, confidence: float) -> dict[str, float]:

@@ -27,7 +27,7 @@ import pydicom
 import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
-from ctpipe.detect import at_operating_point, candidates_from_probability, segment
+from ctpipe.detect import find_nodules
 from ctpipe.fileio import read_json, write_csv
 from ctpipe.geometry import Geometry
 from ctpipe.views import mean_over_views, slab_by_slab
@@ -149,17 +149,17 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     prob = predict_probability(session, volume, int(spec["context_slices"]), int(inf["roi_size"]),
                                float(inf["sliding_window_overlap"]), views=inf.get("views", ["axial"]),
                                mirror_axes=inf.get("mirror_axes", []))
-    threshold = float(post["threshold"])
-    component_threshold = float(post.get("component_threshold", threshold))
-    mask = back_to_source(segment(prob, threshold, component_threshold), cgeom, hu, geom)
+    # One labelling gives both the mask and the nodules listed: each row is one mask component.
+    found, nodules = find_nodules(prob, cgeom, float(post["threshold"]),
+                                  float(post.get("component_threshold", post["threshold"])),
+                                  float(post["min_candidate_mm3"]), float(post.get("shape_weight", 0.0)))
+    mask = back_to_source(found, cgeom, hu, geom)
     uid = str(sources[0].SeriesInstanceUID)
     folder = out / uid
     folder.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(folder / "mask.nii.gz"))
     write_seg(folder / "seg.dcm", sources, mask)
-    nodules = candidates_from_probability(prob, cgeom, threshold, float(post["min_candidate_mm3"]),
-                                          float(post.get("shape_weight", 0.0)))
-    nodules = nodules[at_operating_point(nodules, threshold, component_threshold)]  # those the mask keeps
+    nodules = nodules[nodules["detected"]].drop(columns="detected")
     write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
     return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
 

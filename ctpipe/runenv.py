@@ -26,6 +26,27 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+# Instruction-set extensions that decide which kernels oneDNN (PyTorch on the CPU) and ONNX Runtime
+# dispatch to; two CPUs that differ here compute a training step with other roundings.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
+    """CPU model name and the :data:`ISA_FLAGS` it has (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():  # the first processor's entry is enough: all cores are alike
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"model": model, "isa_flags": [f for f in ISA_FLAGS if f in flags]}
+
+
 def _device() -> dict:
     try:
         import torch
@@ -34,7 +55,8 @@ def _device() -> dict:
     if torch.cuda.is_available():
         return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                 "cuda": torch.version.cuda}
-    return {"kind": "cpu", "torch_threads": torch.get_num_threads()}
+    return {"kind": "cpu", "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def environment() -> dict:
@@ -47,7 +69,7 @@ def environment() -> dict:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "device": _device(),
         "packages": versions,

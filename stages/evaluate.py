@@ -1,14 +1,16 @@
 """Stage evaluate: the trained model on the held-out test split, voxel- and lesion-level.
 
-In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``evaluate``, ``inference``
-     and ``base.seed``. The network runs on ``evaluate.runtime`` (auto: PyTorch on a CUDA GPU, else
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), ``--postprocessing``
+     (models/postprocessing.json: threshold, component threshold and shape weight chosen on the
+     validation split by the postprocess stage), params ``evaluate``, ``inference`` and
+     ``base.seed``. The network runs on ``inference.runtime`` (auto: PyTorch on a CUDA GPU, else
      ONNX Runtime on the CPU), every test volume read along ``inference.views`` and mirrored along
      ``inference.mirror_axes``.
 Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
-     positives per scan, and sensitivity / false positives per scan at the operating point (a
-     candidate whose peak probability reaches ``max(threshold, component_threshold)``, the ones
-     the nodule mask keeps).
+     positives per scan, and sensitivity / false positives per scan at the operating point (the
+     components the nodule mask keeps, :func:`ctpipe.detect.find_nodules`: one definition of a
+     detection for the mask, the operating point, the FROC and the lesion confusion table).
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
      ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
      ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
@@ -20,7 +22,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -32,51 +33,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ctpipe import data, detect, infer, metrics, nets, onnxtools  # noqa: E402
+from ctpipe import data, metrics, nets, postprocess, runtime  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.params import stage_params
 from ctpipe.runenv import record as record_environment  # noqa: E402
 
 log = logging.getLogger("evaluate")
 FP_RATES = metrics.LUNA16_FP_RATES
-
-
-RUNTIMES = ("auto", "torch", "onnxruntime")
-
-
-def resolve_runtime(runtime: str) -> str:
-    """``auto``: PyTorch on a CUDA GPU when there is one, else ONNX Runtime (on CPU it runs this
-    network about 1.6x faster than PyTorch eager, and it is the runtime the exported package uses)."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"evaluate.runtime must be one of {list(RUNTIMES)}, got {runtime!r}")
-    if runtime == "auto":
-        return "torch" if torch.cuda.is_available() else "onnxruntime"
-    return runtime
-
-
-def make_predictor(net: torch.nn.Module, channels: int, runtime: str, workdir: Path) -> infer.Predictor:
-    """The network as a predictor on ``runtime`` (:func:`resolve_runtime`): PyTorch (CUDA when
-    present), or ONNX Runtime on CPU through an fp32 ONNX export written to ``workdir``."""
-    runtime = resolve_runtime(runtime)
-    if runtime == "torch":
-        return infer.torch_predictor(net, "cuda" if torch.cuda.is_available() else "cpu")
-    path = workdir / "model.onnx"
-    onnxtools.export_onnx(net, channels, path, onnxtools.DEFAULT_OPSET)
-    return infer.onnx_predictor(onnxtools.ort_session(path))
-
-
-def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int, desc: str = "evaluate"):
-    """Yield ``(case, image, truth, prob, geometry)`` for each case, inferred on ``cfg["runtime"]``
-    with the views and test-time mirroring of ``cfg`` (also used by
-    ``scripts/tune_postprocessing.py`` on the validation split)."""
-    with tempfile.TemporaryDirectory(prefix="ctpipe-evaluate-") as tmp:
-        predictor = make_predictor(net, 2 * context + 1, cfg["runtime"], Path(tmp))
-        for case in tqdm(cases, desc=desc, unit="case"):
-            image, label, geom = data.load_case(processed, case["case_id"])
-            image = np.asarray(image, dtype=np.float32)
-            prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
-                                        views=cfg["views"], mirror_axes=cfg["mirror_axes"])
-            yield case, image, np.asarray(label) > 0, prob, geom
 
 
 def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:
@@ -96,17 +59,6 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     plt.close(fig)
 
 
-def lesion_confusion(matched: pd.DataFrame, nodules: pd.DataFrame, detected: pd.Series) -> pd.DataFrame:
-    """One row per nodule (detected or missed) and per false candidate, among the ``detected``
-    candidates (:func:`ctpipe.detect.at_operating_point`, aligned with ``matched``)."""
-    hits = matched[detected & matched["is_tp"]]["nodule_index"]
-    found = set(int(i) for i in hits)
-    fps = int((detected & (matched["nodule_index"] < 0)).sum())
-    rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
-    rows += [{"actual": "background", "predicted": "nodule"}] * fps
-    return pd.DataFrame(rows, columns=["actual", "predicted"])
-
-
 def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
     torch.manual_seed(seed)
@@ -118,12 +70,12 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
     rows, candidates, kept = [], [], {}
-    for case, image, truth, prob, geom in predict_cases(net, processed, cases, cfg,
-                                                        int(ckpt["train_params"]["context_slices"])):
+    for case, image, truth, prob, geom in runtime.predict_cases(net, processed, cases, cfg,
+                                                                int(ckpt["train_params"]["context_slices"]), "evaluate"):
         voxel, cands, pred = metrics.score_volume(
             prob, truth, geom, threshold=float(cfg["threshold"]), component_threshold=float(cfg["component_threshold"]),
-            candidate_threshold=float(cfg["candidate_threshold"]), min_candidate_mm3=float(cfg["min_candidate_mm3"]),
-            shape_weight=float(cfg["shape_weight"]), surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
+            min_candidate_mm3=float(cfg["min_candidate_mm3"]), shape_weight=float(cfg["shape_weight"]),
+            surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
         rows.append({"case_id": case["case_id"], "seriesuid": case["seriesuid"], "nodules": int(case["nodules"]),
                      "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum()), **voxel})
         candidates.append(cands.assign(seriesuid=case["seriesuid"]))
@@ -132,16 +84,14 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     cands = pd.concat(candidates, ignore_index=True)
     froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
     boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
-    detected = detect.at_operating_point(cands, cfg["threshold"], cfg["component_threshold"])
-    operating = metrics.froc(cands[detected], nodules, len(cases), FP_RATES)
+    operating = metrics.operating_point(cands, nodules, len(cases))
 
     if plots.exists():
         shutil.rmtree(plots)
     plots.mkdir(parents=True)
     write_csv(plots / "per_case.csv", per_case.round(4))
-    matched = metrics.match_candidates(cands, nodules)
-    write_csv(plots / "candidates.csv", matched)
-    write_csv(plots / "lesion_confusion.csv", lesion_confusion(matched, nodules, detected))
+    write_csv(plots / "candidates.csv", metrics.match_candidates(cands, nodules))
+    write_csv(plots / "lesion_confusion.csv", operating["confusion"])
     curve = froc["curve"]
     write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
                                                 "sensitivity": curve["sensitivity"]}).round(4))
@@ -170,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)")
+    parser.add_argument("--postprocessing", type=Path, required=True,
+                        help="post-processing chosen on validation (models/postprocessing.json)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
+    cfg.update(postprocess.load(args.postprocessing))
     record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
     write_json(args.metrics, result)

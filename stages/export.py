@@ -1,7 +1,9 @@
 """Stage export: the deployable, verified model package.
 
 In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), ``QUANT_DIR`` (models/quantized,
-     for ``model_int8.onnx``), params ``export`` + ``base.seed``; read if present:
+     for ``model_int8.onnx``), ``--postprocessing`` (models/postprocessing.json, the post-processing
+     chosen on validation, written into ``input_spec.json``), params ``export``, ``inference`` and
+     ``base.seed``; read if present:
      ``--evaluate-metrics`` (metrics/evaluate.json) and ``--quantize-metrics`` (metrics/quantize.json)
      for the model card.
 Out: ``OUT_DIR`` (models/export): ``model.onnx`` (dynamo export, pinned opset, one file, dynamic
@@ -31,7 +33,7 @@ import onnx
 import torch
 import yaml
 
-from ctpipe import data, nets, onnxtools
+from ctpipe import data, nets, onnxtools, postprocess
 from ctpipe.fileio import read_json, write_json
 from ctpipe.infer import onnx_predictor
 from ctpipe.params import stage_params
@@ -121,10 +123,11 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
             "threshold": float(cfg["threshold"]),
             "component_threshold": float(cfg["component_threshold"]),
             "connected_components": "26-connected, on the stacked 3D probability",
-            "mask": "voxels >= threshold, in components whose highest probability is >= component_threshold; "
-            "the nodules listed are those components",
-            "candidate_threshold": float(cfg["candidate_threshold"]),
+            "mask": "voxels >= threshold, in components of at least min_candidate_mm3 whose highest probability "
+            "is >= component_threshold; the nodules listed are those components, one row each",
             "min_candidate_mm3": float(cfg["min_candidate_mm3"]),
+            "chosen_on": "threshold, component_threshold and shape_weight chosen on the validation split after "
+            "training (postprocess stage, models/postprocessing.json)",
             "shape_weight": float(cfg["shape_weight"]),
             "score": "each nodule's score is its peak probability p with the odds divided by its elongation e "
             "(sqrt of the largest over the smallest eigenvalue of its second moments in mm) to the power "
@@ -191,8 +194,10 @@ def model_card(
             if version.get("git_revision")
             else ""
         )
-        + f". Training: up to {tp.get('epochs')} epochs, patch {tp.get('patch_size')}, best validation "
-        f"Dice {_fmt(ckpt.get('best_val_dice'))} (epoch {ckpt.get('epoch', 'n/a')})."
+        + f". Training: up to {tp.get('epochs')} epochs, patch {tp.get('patch_size')}; the model is the "
+        f"{ckpt.get('selected', 'best')} checkpoint (epoch {ckpt.get('epoch', -1) + 1}, weight average decay "
+        f"{tp.get('ema_decay', 0)}), validation Dice during training (axial, threshold 0.5) "
+        f"{_fmt(ckpt.get('val_dice', ckpt.get('best_val_dice')))}; post-processing chosen on validation."
     )
     fig = verification["onnx_vs_torch"]
     verified = (
@@ -406,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("quant_dir", type=Path, help="quantize stage output (models/quantized)")
     parser.add_argument("out_dir", type=Path, help="the package (models/export)")
+    parser.add_argument("--postprocessing", type=Path, required=True,
+                        help="post-processing chosen on validation (models/postprocessing.json)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/export.json"))
     parser.add_argument("--evaluate-metrics", type=Path, default=Path("metrics/evaluate.json"))
@@ -414,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     onnxtools.quiet_exporter_logs()
     cfg, seed = stage_params("export", args.params, shared=("inference",))
+    cfg.update(postprocess.load(args.postprocessing))
     record_environment("export", Path(args.metrics).parent / "env")
     result = run(
         args.model,

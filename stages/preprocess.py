@@ -3,7 +3,8 @@
 In:  ``IN_DIR/`` from anonymize: ``dicom/`` (DICOM series) or ``images/`` (.mhd), ``annotations.csv``
 Out: ``OUT_DIR/`` (layout in ``ctpipe/data.py``): ``cases/<id>.image.npy`` (float16),
      ``cases/<id>.label.npy`` (uint8), ``index.json``, ``nodules.csv``, ``plan.json`` (fingerprint
-     and plan), ``splits.json`` (patients per split, seeded, stratified by nodule presence);
+     and plan), ``splits.json`` (patients per split, seeded, stratified by nodule presence; made first, so that
+     the fingerprint and plan come from the train and val cases only);
      ``metrics/preprocess.json``: cases per split, target spacing, nodules outside their volume.
 """
 
@@ -80,9 +81,20 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     for _, row in orphans.iterrows():
         log.warning("annotation for series %s: no such series in the cohort", row["seriesuid"])
 
+    # The split comes first, from the annotations alone, so that the fingerprint and the plan are
+    # made from the training cases (train + val) only: nothing of the test split shapes
+    # preprocessing (nnU-Net fingerprints its training cases).
+    counts = pd.DataFrame({"patient_id": [s["patient_id"] for s in sources],
+                           "nodules": [len(per_case[s["seriesuid"]]) for s in sources]})
+    patients = counts.groupby("patient_id", sort=True)["nodules"].sum().gt(0)
+    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg["split"], seed)
+    split_of = {p: name for name in ("train", "val", "test") for p in splits[name]}
+    fitted = [s for s in sources if split_of[s["patient_id"]] != "test"]
     fingerprint = partial(_fingerprint, cfg=cfg, seed=seed, per_case=per_case)
-    plan = prep.make_plan(_pmap(fingerprint, sources, workers, "fingerprint"), cfg)
-    log.info("plan: target spacing %s mm, normalisation %s", plan["target_spacing_mm"], plan["normalization"])
+    plan = prep.make_plan(_pmap(fingerprint, fitted, workers, "fingerprint"), cfg)
+    plan["fingerprint"]["splits"] = ["train", "val"]
+    log.info("plan from %d train+val cases: target spacing %s mm, normalisation %s", len(fitted),
+             plan["target_spacing_mm"], plan["normalization"])
 
     if out.exists():
         shutil.rmtree(out)
@@ -95,10 +107,6 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     for _, row in outside.iterrows():
         log.warning("nodule at (%.1f, %.1f, %.1f) mm lies outside the volume of %s: not in its mask",
                     row["coordX"], row["coordY"], row["coordZ"], row["case_id"])
-
-    patients = pd.DataFrame(entries).groupby("patient_id", sort=True)["nodules"].sum().gt(0)
-    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg["split"], seed)
-    split_of = {p: name for name in ("train", "val", "test") for p in splits[name]}
     for entry in entries:
         entry["split"] = split_of[entry["patient_id"]]
 

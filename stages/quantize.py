@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctpipe import data, metrics, nets, onnxtools, quant
+from ctpipe import data, metrics, nets, onnxtools, postprocess, quant
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.infer import onnx_predictor
 from ctpipe.params import stage_params
@@ -75,7 +75,6 @@ def evaluate_test(
         voxel, found, mask = metrics.score_volume(
             prob, case["label"], case["geom"], threshold=float(cfg["threshold"]),
             component_threshold=float(cfg["component_threshold"]),
-            candidate_threshold=float(cfg["candidate_threshold"]),
             min_candidate_mm3=float(cfg["min_candidate_mm3"]),
             shape_weight=float(cfg["shape_weight"]),
         )
@@ -350,12 +349,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("out_dir", type=Path, help="fp32 and INT8 ONNX models (models/quantized)")
+    parser.add_argument("--postprocessing", type=Path, required=True,
+                        help="post-processing chosen on validation (models/postprocessing.json)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", type=Path, default=Path("metrics/quantize.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     onnxtools.quiet_exporter_logs()
     cfg, seed = stage_params("quantize", args.params, shared=("inference",))
+    cfg.update(postprocess.load(args.postprocessing))
     record_environment("quantize", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.out_dir, cfg, seed)
     # Metrics first, so a failed gate still leaves the figures to look at.

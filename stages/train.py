@@ -1,10 +1,19 @@
 """Stage train: fit the 2.5D MONAI BasicUNet on the training split; validate on the val split.
 
 In:  ``DATA_DIR`` (data/processed), params ``train`` + ``base.seed``
-Out: ``MODEL`` (models/model.pt: the best checkpoint by validation Dice, with its params and the
-     preprocessing plan), ``CKPT_DIR`` (models/checkpoints: ``last.pt`` / ``best.pt``, persisted
+Out: ``MODEL`` (models/model.pt: with ``train.select: last`` the weights after the last epoch, as an
+     exponential moving average when ``train.ema_decay`` > 0; with ``best`` the checkpoint of the best
+     validation Dice; with its params and the preprocessing plan), ``CKPT_DIR`` (models/checkpoints: ``last.pt`` / ``best.pt``, persisted
      between runs so an interrupted run resumes), ``LIVE_DIR`` (dvclive logs: per-epoch train and
      val loss, val Dice, learning rate, samples/s, data-wait fraction), ``metrics/train.json``.
+
+Why the last (averaged) weights by default: validation during training thresholds axial-only
+predictions at 0.5 on a few cases, a noisy signal that differs from what evaluate reports; choosing
+a mid-training checkpoint by it made the result hinge on numeric noise (another CPU picked epoch 12
+and lost 0.3 test Dice). The cosine schedule ends at zero, and the weight average smooths the last
+epochs. The post-processing of the model is then chosen on validation by the postprocess stage.
+Seeds: ``train.seed`` (null: ``base.seed``) seeds initialisation and patch sampling, apart from the
+cohort and split.
 
 Runs on CUDA with AMP when a GPU is present, on the CPU otherwise; several GPUs or nodes with
 ``torchrun --nproc_per_node N stages/train.py ...`` (DDP; only rank 0 logs and writes).
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from dvclive import Live
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from tqdm import tqdm
@@ -76,6 +86,22 @@ def make_optimizer(net: torch.nn.Module, cfg: dict) -> torch.optim.Optimizer:
     raise ValueError(f"train.optimizer: unknown {cfg['optimizer']!r} (adamw, sgd)")
 
 
+def make_ema(net: torch.nn.Module, cfg: dict) -> AveragedModel | None:
+    """Exponential moving average of the weights (and BatchNorm buffers), updated every step;
+    None when ``train.ema_decay`` is 0."""
+    decay = float(cfg["ema_decay"])
+    if not 0 <= decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
+    if decay == 0:
+        return None
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_seed(cfg: dict, base_seed: int) -> int:
+    """``train.seed``, or ``base.seed`` when it is null."""
+    return base_seed if cfg.get("seed") is None else int(cfg["seed"])
+
+
 def validate(net, processed: Path, cases: list[dict], cfg: dict, device) -> float:
     """Mean Dice over the validation cases (whole volumes, sliding window, threshold 0.5)."""
     predictor = infer.torch_predictor(net, str(device))
@@ -120,7 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg, seed = stage_params("train", args.params)
+    cfg, base_seed = stage_params("train", args.params)
+    seed = train_seed(cfg, base_seed)
+    if cfg["select"] not in ("last", "best"):
+        raise ValueError(f"train.select must be 'last' or 'best', got {cfg['select']!r}")
     if int(os.environ.get("RANK", "0")) == 0:
         record_environment("train", Path(args.metrics).parent / "env")
     device, rank, world, amp = setup_device(cfg)
@@ -139,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                               pin_memory=device.type == "cuda")
     net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
     optimizer = make_optimizer(net, cfg)
+    ema = make_ema(net, cfg)
+    judged = ema.module if ema is not None else net  # the weights validated and written
     steps_per_epoch = len(loader)
     scheduler = make_schedule(optimizer, cfg, steps_per_epoch * int(cfg["epochs"]))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
@@ -153,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, best, stale, history = state["epoch"] + 1, state["best"], state["stale"], state["history"]
         log.info("resuming after epoch %d (best val Dice %.4f)", state["epoch"], best)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -181,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(net)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             steps_done += 1
@@ -198,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             # Validation (whole val volumes) costs about as much as an epoch of training: every
             # val_every epochs, and always after the last one.
             if (epoch + 1) % int(cfg["val_every"]) == 0 or epoch + 1 == int(cfg["epochs"]):
-                record["val_loss"] = _val_loss(net, args.data_dir, val_cases, cfg, seed, loss_fn, device)
-                record["val_dice"] = validate(net, args.data_dir, val_cases, cfg, device)
+                record["val_loss"] = _val_loss(judged, args.data_dir, val_cases, cfg, seed, loss_fn, device)
+                record["val_dice"] = validate(judged, args.data_dir, val_cases, cfg, device)
             best, stale, done[0] = _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state={
-                "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "state_dict": net.state_dict(), "model_state_dict": judged.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "train_params": cfg,
                 "plan": plan, "seed": seed, "data_id": data_id})
         if world > 1:  # rank 0 decides early stopping; every rank must leave the loop together
@@ -209,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         if done[0]:
             break
     if rank == 0:
-        _finish(args, live, history, best)
+        _finish(args, live, history, best, cfg["select"])
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -226,13 +262,20 @@ def _end_epoch(args, live, record, history, epoch, best, stale, cfg, ckpt_state)
     if "val_dice" in record:
         improved = record["val_dice"] > best
         best, stale = (record["val_dice"], 0) if improved else (best, stale + int(cfg["val_every"]))
-    done = stale >= int(cfg["early_stopping_patience"]) or epoch + 1 == int(cfg["epochs"])
+    # With select: last the schedule runs to its end (it ends at a zero learning rate).
+    early = cfg["select"] == "best" and stale >= int(cfg["early_stopping_patience"])
+    done = early or epoch + 1 == int(cfg["epochs"])
     ckpt = {**ckpt_state, "epoch": epoch, "best": best, "stale": stale, "history": history, "complete": done}
     if improved:
         save_checkpoint(args.checkpoints / "best.pt", **ckpt)
     save_checkpoint(args.checkpoints / "last.pt", **ckpt)
     log.info("epoch %d: %s", epoch + 1, rounded(record))
     return best, stale, done
+
+
+def _last_val_dice(history: list[dict]) -> float:
+    """The validation Dice of the last validated epoch of ``history`` (NaN if none)."""
+    return next((r["val_dice"] for r in reversed(history) if "val_dice" in r), float("nan"))
 
 
 def _data_id(processed: Path) -> str:
@@ -256,18 +299,24 @@ def _val_loss(net, processed, val_cases, cfg, seed, loss_fn, device) -> float:
     return float(loss)
 
 
-def _finish(args, live: Live, history: list[dict], best: float) -> None:
-    """Copy the best checkpoint to the model path (flagged complete) and write the metrics."""
-    state = torch.load(args.checkpoints / "best.pt", map_location="cpu", weights_only=False)
-    save_checkpoint(args.model, state_dict=state["state_dict"], train_params=state["train_params"],
-                    plan=state["plan"], seed=state["seed"], epoch=state["epoch"], best_val_dice=best)
+def _finish(args, live: Live, history: list[dict], best: float, select: str) -> None:
+    """Copy the selected checkpoint (``last`` or ``best``) to the model path, flag the last one
+    complete, and write the metrics."""
     last = torch.load(args.checkpoints / "last.pt", map_location="cpu", weights_only=False)
+    state = last if select == "last" else torch.load(args.checkpoints / "best.pt", map_location="cpu",
+                                                     weights_only=False)
+    save_checkpoint(args.model, state_dict=state["model_state_dict"], train_params=state["train_params"],
+                    plan=state["plan"], seed=state["seed"], epoch=state["epoch"], best_val_dice=best,
+                    selected=select, val_dice=_last_val_dice(state["history"]))
     last["complete"] = True
     save_checkpoint(args.checkpoints / "last.pt", **last)
     live.end()
     final = history[-1]
+    best_epoch = 1 + max((i for i, r in enumerate(history) if "val_dice" in r),
+                         key=lambda i: (history[i]["val_dice"], -i), default=-1)
     write_json(args.metrics, rounded({
-        "best_val_dice": best, "best_epoch": state["epoch"] + 1, "epochs_run": len(history),
+        "best_val_dice": best, "best_epoch": best_epoch, "selected": select, "selected_epoch": state["epoch"] + 1,
+        "selected_val_dice": _last_val_dice(state["history"]), "epochs_run": len(history),
         "train_loss": final["train_loss"], "val_loss": final["val_loss"],
     }))
 

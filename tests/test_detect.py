@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from ctpipe.detect import (
     at_operating_point,
+    find_nodules,
     candidates_from_probability,
     elongation,
     nodule_mask,
@@ -250,3 +251,33 @@ def test_sphere_centre_round_trip_through_candidates(geom):
     assert len(cands) == 1
     offset = world_to_array_index(cands[["coordX", "coordY", "coordZ"]].to_numpy()[0], geom)
     assert np.all(np.abs(offset - [9.4, 18.2, 25.7]) < 1.0)  # within a voxel on every axis
+
+
+def test_two_nodules_joined_by_a_weak_bridge_are_two_detections_at_their_centres(geom):
+    """The mask keeps two components (the bridge is under the voxel threshold), so the operating
+    point, the FROC candidates and nodules.csv must see two detections, each at its own nodule,
+    not one whose centroid falls between them (as candidates built at a lower level did)."""
+    c1 = array_index_to_world(np.array([10.0, 14.0, 16.0]), geom)
+    c2 = array_index_to_world(np.array([10.0, 14.0, 30.0]), geom)
+    prob = gaussian_blobs(geom, [c1, c2], [0.95, 0.95])
+    k, j, i = np.mgrid[: SHAPE_KJI[0], : SHAPE_KJI[1], : SHAPE_KJI[2]]
+    bridge = (np.abs(k - 10) <= 1) & (np.abs(j - 14) <= 1) & (i >= 16) & (i <= 30)
+    prob[bridge] = np.maximum(prob[bridge], 0.3)  # a 0.3 bridge joins the two blobs
+    mask, cands = find_nodules(prob, geom, threshold=0.5, component_threshold=0.9)
+    assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] == 2
+    detected = cands[cands["detected"]]
+    assert len(detected) == 2
+    for centre in (c1, c2):
+        dist = np.linalg.norm(detected[["coordX", "coordY", "coordZ"]].to_numpy() - centre, axis=1)
+        assert dist.min() < 1.5, dist
+    # Each detection is one mask component: their volumes add up to the mask.
+    assert detected["volume_mm3"].sum() == pytest.approx(mask.sum() * geom.voxel_volume_mm3)
+
+
+def test_small_components_are_neither_candidates_nor_mask(geom):
+    prob = np.zeros(SHAPE_KJI)
+    prob[5:8, 5:8, 5:8] = 0.95  # 27 voxels of 2.2 mm3
+    prob[15, 30, 30] = 0.99  # one voxel: under min_volume_mm3
+    mask, cands = find_nodules(prob, geom, 0.5, 0.9, min_volume_mm3=5 * geom.voxel_volume_mm3)
+    assert len(cands) == 1 and cands["detected"].all()
+    assert mask.sum() == 27 and not mask[15, 30, 30]

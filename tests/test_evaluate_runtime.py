@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ctpipe import infer, nets
-from stages.evaluate import make_predictor, resolve_runtime
+from ctpipe.runtime import make_predictor, resolve_runtime
 
 TINY = {"context_slices": 1, "features": [4, 4, 8, 8, 16, 4]}
 
@@ -16,7 +16,7 @@ def test_auto_is_torch_on_cuda_and_onnxruntime_otherwise():
 
 
 def test_unknown_runtime_is_refused_by_name():
-    with pytest.raises(ValueError, match="evaluate.runtime"):
+    with pytest.raises(ValueError, match="inference.runtime"):
         resolve_runtime("tensorrt")
 
 

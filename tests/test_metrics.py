@@ -16,6 +16,7 @@ from ctpipe.metrics import (
     bootstrap_froc,
     froc,
     match_candidates,
+    operating_point,
     sensitivity_at_rates,
     voxel_metrics,
 )
@@ -290,3 +291,27 @@ def test_weighting_a_scan_equals_copying_it_under_a_new_id():
 def test_bootstrap_rejects_scans_outside_the_list():
     with pytest.raises(ValueError, match="not in seriesuids"):
         bootstrap_froc(CANDIDATES, NODULES, ["A", "B", "C"], n_bootstrap=5)
+
+
+def test_operating_point_counts_a_nodule_whose_best_scoring_hit_is_not_detected():
+    """Nodule 0 of scan A has two hits: one with the higher FROC score (the shape term ranks it
+    first) whose peak is under the operating point, one that the mask keeps. The nodule is found
+    at the operating point, in the sensitivity and in the confusion table alike."""
+    nodules = nodules_frame([("A", 0.0, 0.0, 0.0, 10.0), ("A", 60.0, 0.0, 0.0, 10.0)])
+    cands = candidates_frame([
+        ("A", 1.0, 0.0, 0.0, 0.97),  # best-scoring hit of nodule 0, not in the mask
+        ("A", 0.0, 2.0, 0.0, 0.90),  # a hit of nodule 0 that the mask keeps
+        ("A", 30.0, 30.0, 30.0, 0.95),  # a false detection
+        ("A", 60.0, 1.0, 0.0, 0.5),  # the only hit of nodule 1, not in the mask
+    ]).assign(detected=[False, True, True, False])
+    op = operating_point(cands, nodules, n_scans=2)
+    assert op["sensitivity"] == 0.5 and op["fp_per_scan"] == 0.5
+    table = op["confusion"]
+    assert table.to_dict("records") == [
+        {"actual": "nodule", "predicted": "nodule"},
+        {"actual": "nodule", "predicted": "background"},
+        {"actual": "background", "predicted": "nodule"},
+    ]
+    # Whatever is not detected plays no part: dropping those rows changes nothing.
+    again = operating_point(cands[cands["detected"]], nodules, n_scans=2)
+    assert again["confusion"].equals(table) and again["sensitivity"] == op["sensitivity"]

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, tiny_params
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "anonymize", "preprocess", "train", "evaluate", "quantize", "export"]
+STAGES = ["ingest", "anonymize", "preprocess", "train", "postprocess", "evaluate", "quantize", "export"]
 COPY = ["ctpipe", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "data/external"]
 
 

@@ -37,7 +37,7 @@ def package(tmp_path_factory) -> Path:
     source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
     plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
     inference = {"roi_size": 64, "overlap": 0.5, "threshold": 0.5, "component_threshold": 0.5,
-                 "candidate_threshold": 0.2, "min_candidate_mm3": 1, "shape_weight": 2.0,
+                 "min_candidate_mm3": 1, "shape_weight": 2.0,
                  "views": ["axial", "coronal", "sagittal"],
                  "mirror_axes": [0, 1]}
     write_json(root / "input_spec.json", export.input_spec({"train_params": TINY_NET}, plan, inference))

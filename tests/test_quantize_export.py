@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from ctpipe import onnxtools, quant
+from ctpipe.fileio import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_onnxtools import make_checkpoint, make_processed, perturbed_copy
@@ -57,6 +58,10 @@ EXPORT_FILES = {
 }
 
 
+# What the postprocess stage would have chosen (a file of its format, written by hand here).
+POSTPROCESSING = {"threshold": 0.5, "component_threshold": 0.5, "shape_weight": 2.0}
+
+
 def load_stage(name: str):
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -68,8 +73,7 @@ def tiny_params() -> dict:
     common = {"threads": 1}
     return {
         "base": {"seed": 0},
-        "inference": {"threshold": 0.5, "component_threshold": 0.5, "roi_size": 32, "overlap": 0.25,
-                      "candidate_threshold": 0.2, "min_candidate_mm3": 1, "shape_weight": 2.0,
+        "inference": {"roi_size": 32, "overlap": 0.25, "min_candidate_mm3": 1, "runtime": "auto",
                       "views": ["axial", "coronal", "sagittal"],
                       "mirror_axes": [1]},
         "quantize": {
@@ -114,6 +118,7 @@ def workspace(tmp_path_factory) -> dict:
     processed = make_processed(root / "processed")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params()))
+    write_json(root / "postprocessing.json", {"chosen": POSTPROCESSING})
     return {
         "root": root,
         "processed": processed,
@@ -132,6 +137,8 @@ def quantized(workspace) -> dict:
         str(out),
         "--params",
         str(w["params"]),
+        "--postprocessing",
+        str(w["root"] / "postprocessing.json"),
         "--metrics",
         str(metrics),
     ]
@@ -170,6 +177,8 @@ def test_quantize_gate_fails_when_no_configuration_passes(workspace, tmp_path):
         str(tmp_path / "q"),
         "--params",
         str(path),
+        "--postprocessing",
+        str(workspace["root"] / "postprocessing.json"),
         "--metrics",
         str(tmp_path / "m.json"),
     ]
@@ -185,6 +194,8 @@ def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]
         str(out),
         "--params",
         str(w["params"]),
+        "--postprocessing",
+        str(w["root"] / "postprocessing.json"),
         "--metrics",
         str(metrics),
         "--evaluate-metrics",
@@ -257,7 +268,9 @@ def test_quantize_fails_on_test_dice_drop_after_writing_metrics(quantized, tmp_p
     )
     monkeypatch.setattr(stage, "run", lambda *args: failing)
     metrics = tmp_path / "quantize.json"
-    argv = ["m.pt", "data", "out", "--params", str(tmp_path / "p.yaml"), "--metrics", str(metrics)]
+    argv = ["m.pt", "data", "out", "--params", str(tmp_path / "p.yaml"), "--metrics", str(metrics),
+            "--postprocessing", str(tmp_path / "post.json")]
+    write_json(tmp_path / "post.json", {"chosen": POSTPROCESSING})
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tiny_params()))
     with pytest.raises(stage.GateError, match="more than quantize.max_dice_drop"):
         stage.main(argv)

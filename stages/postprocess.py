@@ -1,0 +1,92 @@
+"""Stage postprocess: choose the post-processing of the trained model on the VALIDATION split.
+
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``postprocess`` (fixed values
+     or ``auto`` with search grids) and ``inference`` (ROI, overlap, views, mirroring, runtime,
+     smallest candidate). Only the validation cases are read; the test split plays no part.
+Out: ``OUT`` (models/postprocessing.json): the chosen ``threshold``, ``component_threshold`` and
+     ``shape_weight`` with the rule and the validation figures at the choice, read by evaluate,
+     quantize and export; ``TABLES_DIR`` (metrics/postprocess): ``sweep.csv`` (every pair of
+     thresholds: val Dice, pooled Dice, sensitivity, FP per scan) and ``shape.csv`` (every shape
+     weight: val CPM and sensitivities); ``metrics/postprocess.json`` (the choice and its val figures).
+
+The validation volumes are predicted with the same inference as evaluate (views, mirroring), one at a
+time; the rule is in :mod:`ctpipe.postprocess`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from ctpipe import data, nets, postprocess, runtime
+from ctpipe.fileio import rounded, write_csv, write_json
+from ctpipe.params import stage_params
+from ctpipe.runenv import record as record_environment
+
+log = logging.getLogger("postprocess")
+
+
+def val_cases(model_path: Path, processed: Path, cfg: dict) -> tuple[list[postprocess.Case], object]:
+    """Predict every validation case; return them with the validation nodules."""
+    net, ckpt = nets.load_checkpoint(str(model_path))
+    cases = data.cases_in(data.load_index(processed), "val")
+    if not cases:
+        raise ValueError(f"{processed}/index.json: the val split is empty; nothing to choose the post-processing on")
+    nodules = data.load_nodules(processed)
+    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(drop=True)
+    out = [postprocess.Case(prob, truth, geom, case["seriesuid"])
+           for case, _, truth, prob, geom in runtime.predict_cases(
+               net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "validation")]
+    return out, nodules
+
+
+def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, seed: int) -> dict:
+    torch.manual_seed(seed)
+    cases, nodules = val_cases(model_path, processed, cfg)
+    result = postprocess.choose(cases, nodules, cfg)
+    write_csv(tables / "sweep.csv", result["masks"].round(4))
+    write_csv(tables / "shape.csv", result["shape"].round(4))
+    record = {
+        "chosen": result["chosen"],
+        "chosen_on": "val",
+        "fixed_by_params": result["fixed"],
+        "rule": "threshold, component_threshold: highest mean val Dice (cases with nodules), then pooled Dice, "
+        "fewer FP per scan, lower values; shape_weight: highest val CPM at that threshold, then the smallest",
+        "val": result["val"],
+        "model_sha256_16": _sha(model_path),
+    }
+    write_json(out, rounded(record))
+    log.info("chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g (val Dice %.4f, "
+             "CPM %.4f)", result["val"]["cases"], *result["chosen"].values(), result["val"]["dice"],
+             result["val"]["cpm"])
+    return rounded({**result["chosen"],
+                    **{f"val_{k}": v for k, v in result["val"].items()}})
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser.add_argument("out", type=Path, help="chosen post-processing to write (models/postprocessing.json)")
+    parser.add_argument("--tables", type=Path, required=True, help="folder for sweep.csv and shape.csv")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg, seed = stage_params("postprocess", args.params, shared=("inference",))
+    record_environment("postprocess", Path(args.metrics).parent / "env")
+    write_json(args.metrics, run(args.model, args.data_dir, args.out, args.tables, cfg, seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

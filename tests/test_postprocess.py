@@ -1,0 +1,173 @@
+"""Post-processing chosen on validation: the sweeps by hand, and the stage on two models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import ndimage
+
+from ctpipe import data, infer, postprocess
+from ctpipe.detect import candidates_from_probability
+from ctpipe.geometry import Geometry, array_index_to_world
+from stages import postprocess as stage
+from test_onnxtools import make_checkpoint, make_processed
+
+GRIDS = {"threshold": "auto", "threshold_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+         "component_threshold": "auto", "component_threshold_grid": [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99],
+         "shape_weight": "auto", "shape_weight_grid": [0, 1, 2, 4]}
+
+
+def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    shape = (12, 12, 12)
+    truth = np.zeros(shape, dtype=bool)
+    truth[4:7, 4:7, 4:7] = True  # a 27-voxel nodule
+    prob = np.zeros(shape)
+    prob[4:7, 4:7, 4:7] = 0.4  # uncertain rim ...
+    prob[5, 5, 5] = 0.95  # ... around a confident centre
+    prob[9:11, 9:11, 9:11] = 0.6  # a faint false blob of 8 voxels
+    empty = np.zeros(shape)
+    empty[1:3, 1:3, 1:3] = 0.55  # a false blob in a nodule-free case
+    cases = [postprocess.Case(prob, truth, geom, "a"), postprocess.Case(empty, np.zeros(shape, bool), geom, "b")]
+    x, y, z = array_index_to_world(np.array([5.0, 5.0, 5.0]), geom).ravel()
+    nodules = pd.DataFrame({"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [3.0]})
+    table = postprocess.sweep_masks(cases, nodules, [0.3, 0.5], [0.5, 0.9], 0.0)
+    row = table.set_index(["threshold", "component_threshold"])
+    # Plain 0.5: only the centre voxel and the false blob -> 2 / (9 + 27).
+    assert row.loc[(0.5, 0.5), "dice"] == pytest.approx(2 * 1 / (9 + 27))
+    # 0.3 with components peaking >= 0.9: the whole nodule, no false blob.
+    assert row.loc[(0.3, 0.9), "dice"] == pytest.approx(1.0)
+    assert row.loc[(0.3, 0.9), "fp_per_scan"] == 0 and row.loc[(0.3, 0.9), "sensitivity"] == 1
+    # The nodule-free case's blob counts in the pooled Dice and the false positives.
+    assert row.loc[(0.3, 0.5), "dice_pooled"] == pytest.approx(2 * 27 / (27 + 8 + 8 + 27))
+    assert row.loc[(0.3, 0.5), "fp_per_scan"] == pytest.approx(1.0)
+    best = postprocess.best_pair(table)
+    assert (best["threshold"], best["component_threshold"]) == (0.3, 0.9)
+
+
+def test_best_pair_breaks_ties_by_pooled_dice_then_false_positives_then_lower_values():
+    table = pd.DataFrame([
+        {"threshold": 0.5, "component_threshold": 0.9, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 1.0},
+        {"threshold": 0.4, "component_threshold": 0.9, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 0.5},
+        {"threshold": 0.6, "component_threshold": 0.7, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 0.5},
+        {"threshold": 0.3, "component_threshold": 0.5, "dice": 0.8, "dice_pooled": 0.6, "fp_per_scan": 0.0},
+        {"threshold": 0.8, "component_threshold": 0.5, "dice": 0.7, "dice_pooled": 0.9, "fp_per_scan": 0.0},
+    ])
+    best = postprocess.best_pair(table)
+    assert (best["threshold"], best["component_threshold"]) == (0.4, 0.9)
+
+
+def test_shape_sweep_scores_the_ranking_and_picks_the_smallest_best_weight():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    k, j, i = np.mgrid[:20, :20, :30]
+    prob = np.zeros((20, 20, 30))
+    prob[(k - 6) ** 2 + (j - 6) ** 2 + (i - 6) ** 2 <= 9] = 0.98  # the nodule, a ball
+    prob[14:16, 14:16, 2:28] = 0.99  # a vessel taken for a nodule, more confident
+    cands = candidates_from_probability(prob, geom, 0.2).assign(seriesuid="a")
+    x, y, z = array_index_to_world(np.array([6.0, 6.0, 6.0]), geom).ravel()
+    nodules = pd.DataFrame({"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [7.0]})
+    table = postprocess.sweep_shape(cands, nodules, 2, [0, 1, 2, 8]).set_index("shape_weight")
+    # Peak ranking: the vessel (0.5 FP per scan, 2 scans) comes before the nodule, so the
+    # sensitivity is 0 at 1/8 and 1/4 FP per scan and 1 from 1/2 on: CPM 5/7.
+    assert table.loc[0, "cpm"] == pytest.approx(5 / 7)
+    assert table.loc[0, "sens@0.125"] == 0 and table.loc[0, "sens@0.5"] == 1
+    # Any positive weight here puts the ball first: found before any false positive.
+    assert (table.loc[[1, 2, 8], "cpm"] == 1).all()
+    assert postprocess.best_shape_weight(table.reset_index()) == 1
+
+
+def test_grid_is_the_fixed_value_when_params_set_one():
+    assert postprocess.grid(0.45, GRIDS["threshold_grid"], "threshold") == [0.45]
+    assert postprocess.grid("auto", [4, 0, 2, 1, 2], "shape_weight") == [0.0, 1.0, 2.0, 4.0]
+    with pytest.raises(ValueError, match="threshold_grid is empty"):
+        postprocess.grid("auto", [], "threshold")
+
+
+def test_load_names_the_file_and_what_is_missing(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"chosen": {"threshold": 0.5}}))
+    with pytest.raises(ValueError, match=r"p.json: 'chosen' lacks \['component_threshold', 'shape_weight'\]"):
+        postprocess.load(tmp_path / "p.json")
+
+
+# Two "models" of the same data, as functions of the image (the tiny cohort's nodules are 2.5
+# brighter than its background): a confident one, and one that is sure only at each nodule's
+# centre and also sees a faint false blob. Their best post-processing differs.
+def confident(image: np.ndarray) -> np.ndarray:
+    return np.where(image > 0.25, 0.95, 0.05)
+
+
+def hesitant(image: np.ndarray) -> np.ndarray:
+    inside = image > 0.25
+    prob = np.where(inside, 0.45, 0.05)
+    labels, n = ndimage.label(inside)
+    for idx in ndimage.maximum_position(image, labels, range(1, n + 1)):
+        prob[idx] = 0.99
+    prob[0:2, 0:3, 0:3] = 0.6  # a false blob far from every nodule
+    return prob
+
+
+REAL_LOAD_CASE = data.load_case
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("post")
+    processed = make_processed(root / "processed")
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["inference"].update(roi_size=32, views=["axial"], mirror_axes=[], min_candidate_mm3=0)
+    params["postprocess"].update(GRIDS)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return {"root": root, "processed": processed, "model": make_checkpoint(root / "model.pt", processed),
+            "params": root / "params.yaml"}
+
+
+def run_stage(w: dict, out: Path, model_fn, monkeypatch) -> tuple[dict, list[str]]:
+    """The stage's main on the tiny dataset, with ``model_fn`` as the network's probabilities;
+    return the chosen post-processing and the cases it read."""
+    read = []
+
+    def recording_load(processed, case_id):
+        read.append(case_id)
+        return REAL_LOAD_CASE(processed, case_id)
+
+    monkeypatch.setattr(data, "load_case", recording_load)
+    monkeypatch.setattr(infer, "predict_volume", lambda predictor, image, *a, **k: model_fn(image))
+    assert stage.main([str(w["model"]), str(w["processed"]), str(out / "postprocessing.json"),
+                       "--tables", str(out / "tables"), "--params", str(w["params"]),
+                       "--metrics", str(out / "postprocess.json")]) == 0
+    return json.loads((out / "postprocessing.json").read_text()), read
+
+
+def test_two_models_get_their_own_post_processing_from_validation_only(workspace, tmp_path, monkeypatch):
+    index = data.load_index(workspace["processed"])
+    val = [c["case_id"] for c in data.cases_in(index, "val")]
+    a, read_a = run_stage(workspace, tmp_path / "a", confident, monkeypatch)
+    b, read_b = run_stage(workspace, tmp_path / "b", hesitant, monkeypatch)
+    assert read_a == val and read_b == val  # only the validation cases, test and train never
+    assert a["chosen_on"] == "val" and a["val"]["cases"] == len(val)
+    # Confident: every pair under its 0.95 is as good as any other; the lowest values win the tie.
+    assert (a["chosen"]["threshold"], a["chosen"]["component_threshold"]) == (0.3, 0.5)
+    assert a["val"]["dice"] == pytest.approx(1.0, abs=0.01)
+    # Hesitant: the rim needs a low voxel threshold and the false blob (0.6) a component threshold above it.
+    assert b["chosen"]["threshold"] <= 0.4 and b["chosen"]["component_threshold"] == 0.7
+    assert b["val"]["dice"] == pytest.approx(1.0, abs=0.01)
+    assert a["chosen"] != b["chosen"]
+    sweep = pd.read_csv(tmp_path / "b" / "tables" / "sweep.csv")
+    assert len(sweep) == 6 * 7 and {"dice", "dice_pooled", "sensitivity", "fp_per_scan"} <= set(sweep.columns)
+    metrics = json.loads((tmp_path / "b" / "postprocess.json").read_text())
+    assert metrics["component_threshold"] == 0.7 and "val_dice" in metrics
+
+
+def test_a_value_fixed_in_params_is_used_as_is(workspace, tmp_path, monkeypatch):
+    params = yaml.safe_load(workspace["params"].read_text())
+    params["postprocess"]["component_threshold"] = 0.98
+    fixed = {**workspace, "params": tmp_path / "params.yaml"}
+    fixed["params"].write_text(yaml.safe_dump(params))
+    chosen, _ = run_stage(fixed, tmp_path, hesitant, monkeypatch)
+    assert chosen["chosen"]["component_threshold"] == 0.98
+    assert chosen["fixed_by_params"] == ["component_threshold"]
