@@ -11,7 +11,9 @@ Modules, one concern each:
     data      -- 2.5D patch sampling for training
     nets      -- the MONAI segmentation network
     infer     -- sliding-window inference over whole volumes
-    detect    -- nodule masks from annotations, nodule candidates from probabilities
+    detect    -- nodule masks from annotations; candidates, mask and detections from probabilities
+    postprocess -- the post-processing chosen on the validation split (thresholds, shape weight)
+    runtime   -- PyTorch or ONNX Runtime for whole-volume scoring, one case at a time
     metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM with bootstrap intervals
     onnxtools -- ONNX export, parity gate, ORT sessions, package checksums, Triton config
     quant     -- static INT8 quantization (QDQ), calibration, latency measurement

@@ -1,5 +1,5 @@
 """End to end: the real DVC commands on the real dvc.yaml, with tiny params, in a temporary git
-repository: `dvc repro` (all seven stages), a second `dvc repro` doing nothing,
+repository: `dvc repro` (all eight stages), a second `dvc repro` doing nothing,
 `dvc exp run -S`, `dvc exp show` and `dvc metrics diff`."""
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def test_forced_rerun_is_identical(repo):
 def test_exp_run_and_metrics_diff(repo):
     out = sh(repo, "dvc", "exp", "run", "-S", "train.lr=0.01").stdout
     assert "Running stage 'train'" in out
+    assert "Running stage 'postprocess'" in out  # a new model gets its own post-processing
     assert "Running stage 'ingest'" not in out  # only train and what follows it re-run
     diff = sh(repo, "dvc", "params", "diff").stdout
     assert "train.lr" in diff
