@@ -1,7 +1,8 @@
 """Stage quantize: ONNX Runtime static INT8 quantization of the trained model, gated on accuracy.
 
-In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), params ``quantize``, ``inference``
-     (all but ``mirror_axes``) and ``base.seed``
+In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), ``--postprocessing``
+     (models/postprocessing.json, chosen on validation), params ``quantize``, ``inference`` (ROI,
+     overlap, views, smallest candidate; not ``mirror_axes``) and ``base.seed``
 Out: ``OUT_DIR`` (models/quantized): ``model_fp32.onnx`` (the shared dynamo export) and
      ``model_int8.onnx`` (QDQ, per-channel weights, after ``quant_pre_process``);
      ``metrics/quantize.json``.
