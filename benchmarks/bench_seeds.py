@@ -7,9 +7,10 @@ working tree) in a temporary folder, with one seed changed in its ``params.yaml`
 * ``--cohort-seeds``: ``base.seed`` (another synthetic cohort, split and, with ``train.seed: null``,
   training seed).
 
-``dvc repro evaluate`` runs in the clone with this repository's DVC cache, so a stage whose deps,
-params and outputs match ``dvc.lock`` (the committed default run, the data stages of the default
-cohort) is checked out instead of re-run; such runs are marked ``reused``. Prints a table and
+``dvc repro evaluate`` runs in the clone with this repository's DVC cache, after ``dvc checkout``,
+so a stage whose deps and params match ``dvc.lock`` (the committed default run, the data stages
+of the default cohort) is restored instead of re-run; a run whose training was restored is marked
+``reused``. Prints a table and
 writes ``metrics/seeds.json``: per run test Dice, CPM, sensitivity at 1 FP/scan, the training's best
 validation epoch and selected epoch, the post-processing chosen on validation, and seconds; then
 min, mean and standard deviation over the runs. The clones are deleted afterwards (``--keep`` keeps
@@ -62,6 +63,8 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
         params[section].update(values)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(clone, "dvc", "cache", "dir", "--local", str(ROOT / ".dvc" / "cache"), log=log)
+    # dvc repro re-runs a stage whose outputs are missing; restore what the cache has first.
+    sh(clone, "dvc", "checkout", "--allow-missing", log=log)
     start = time.perf_counter()
     sh(clone, "dvc", "repro", "evaluate", log=log)
     seconds = time.perf_counter() - start
