@@ -4,7 +4,7 @@ The evaluate stage's inference (``ctpipe.infer.predict_volume``: 2.5D slabs, MON
 with Gaussian blending, the views of ``params.yaml``) on real preprocessed volumes, in one run:
   torch        the PyTorch module in eval mode, channels-last (what evaluate ran before)
   onnxruntime  the same weights exported to ONNX (fp32) and run by ONNX Runtime on the CPU
-               (``evaluate.runtime: auto`` without a GPU)
+               (``inference.runtime: auto`` without a GPU)
 each with one pass per view and with the mirrored passes of ``inference.mirror_axes``. Prints
 seconds per volume, the speed-up and the largest probability difference between the runtimes.
 

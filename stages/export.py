@@ -61,8 +61,10 @@ LIMITATIONS = [
         "nodules are the hardest cases."
     ),
     (
-        "- Probabilities are not calibrated; the voxel and component thresholds are operating points chosen "
-        "on this cohort's validation split (`scripts/tune_postprocessing.py`); re-choose them on your own data."
+        "- Probabilities are not calibrated; the voxel and component thresholds and the shape weight are "
+        "chosen for this model on this cohort's validation split (postprocess stage); retraining on your own "
+        "data chooses them again. A component whose peak stays under the component threshold is dropped "
+        "whole, large part-solid nodules included."
     ),
     "- INT8 figures hold for the CPU they were measured on; CPUs without VNNI may see no speed-up.",
     "- Intervals are bootstrap intervals over test scans; with few test scans they are wide.",
