@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast review dag clean-outputs
+.PHONY: setup repro test test-fast lint format review dag
 
 # The venv is (re)installed only when requirements.txt or pyproject.toml changed.
 $(STAMP): requirements.txt pyproject.toml
@@ -25,6 +25,17 @@ test: setup
 
 test-fast: setup
 	python -m pytest -m "not slow"
+
+# What CI checks before the tests: ruff's lint rules and formatting (pyproject.toml [tool.ruff]).
+LINTED := ctpipe stages scripts benchmarks tests
+lint: setup
+	ruff check $(LINTED)
+	ruff format --check $(LINTED)
+
+# Rewrite the files as `make lint` wants them (formatting and the safe fixes).
+format: setup
+	ruff format $(LINTED)
+	ruff check --fix $(LINTED)
 
 # What a reviewer pastes into a pull request: params and metrics diff against BASE (default main)
 # in Markdown, and the plots diff rendered to HTML (review_plots/index.html).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +23,22 @@ import numpy as np
 import torch
 import yaml
 
+from ctpipe.deploy.runtime import make_predictor
+from ctpipe.model import data, infer, nets
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # stages/ is a folder of scripts, importable from the repository root
-from ctpipe import data, infer, nets  # noqa: E402
-from ctpipe.runtime import make_predictor  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=ROOT / "models" / "model.pt", help="trained checkpoint")
-    parser.add_argument("--data", type=Path, default=ROOT / "data" / "processed", help="preprocessed dataset")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=ROOT / "models" / "model.pt", help="trained checkpoint"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT / "data" / "processed", help="preprocessed dataset"
+    )
     parser.add_argument("--cases", type=int, default=3, help="test volumes timed")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     args = parser.parse_args(argv)
@@ -43,26 +48,51 @@ def main(argv: list[str] | None = None) -> int:
     context = int(ckpt["train_params"]["context_slices"])
     cases = data.cases_in(data.load_index(args.data), "test")[: args.cases]
     volumes = [np.asarray(data.load_case(args.data, c["case_id"])[0], np.float32) for c in cases]
-    print(f"{len(volumes)} test volumes {[v.shape for v in volumes]}, views {cfg['views']}, "
-          f"ROI {cfg['roi_size']}, overlap {cfg['overlap']}, {torch.get_num_threads()} threads")
+    print(
+        f"{len(volumes)} test volumes {[v.shape for v in volumes]}, views {cfg['views']}, "
+        f"ROI {cfg['roi_size']}, overlap {cfg['overlap']}, {torch.get_num_threads()} threads"
+    )
     results, probs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for runtime in ("torch", "onnxruntime"):
             predictor = make_predictor(net, 2 * context + 1, runtime, Path(tmp))
             for mirror in ((), tuple(cfg["mirror_axes"])):
-                infer.predict_volume(predictor, volumes[0][:4], context, int(cfg["roi_size"]),
-                                     float(cfg["overlap"]), views=cfg["views"])  # warm-up
+                infer.predict_volume(
+                    predictor,
+                    volumes[0][:4],
+                    context,
+                    int(cfg["roi_size"]),
+                    float(cfg["overlap"]),
+                    views=cfg["views"],
+                )  # warm-up
                 start = time.perf_counter()
-                out = [infer.predict_volume(predictor, v, context, int(cfg["roi_size"]), float(cfg["overlap"]),
-                                            views=cfg["views"], mirror_axes=mirror) for v in volumes]
+                out = [
+                    infer.predict_volume(
+                        predictor,
+                        v,
+                        context,
+                        int(cfg["roi_size"]),
+                        float(cfg["overlap"]),
+                        views=cfg["views"],
+                        mirror_axes=mirror,
+                    )
+                    for v in volumes
+                ]
                 results[runtime, mirror] = (time.perf_counter() - start) / len(volumes)
                 probs[runtime, mirror] = out
-                print(f"  {runtime:12s} mirror_axes {list(mirror)!s:8s} {results[runtime, mirror]:6.2f} s/volume",
-                      flush=True)
+                print(
+                    f"  {runtime:12s} mirror_axes {list(mirror)!s:8s} {results[runtime, mirror]:6.2f} s/volume",
+                    flush=True,
+                )
     for mirror in {m for _, m in results}:
-        diff = max(float(np.abs(a - b).max()) for a, b in zip(probs["torch", mirror], probs["onnxruntime", mirror]))
-        print(f"mirror_axes {list(mirror)}: onnxruntime {results['torch', mirror] / results['onnxruntime', mirror]:.2f}x "
-              f"faster than torch; max |probability difference| {diff:.1e}")
+        diff = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(probs["torch", mirror], probs["onnxruntime", mirror])
+        )
+        print(
+            f"mirror_axes {list(mirror)}: onnxruntime {results['torch', mirror] / results['onnxruntime', mirror]:.2f}x "
+            f"faster than torch; max |probability difference| {diff:.1e}"
+        )
     return 0
 
 

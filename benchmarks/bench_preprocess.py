@@ -26,18 +26,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def monai_chain(target_spacing, window, body_hu):
-    from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, LoadImaged,
-                                  ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        Compose,
+        CropForegroundd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     lo, hi = window
-    return Compose([
-        LoadImaged(keys="image", reader="PydicomReader"),
-        EnsureChannelFirstd(keys="image"),
-        Spacingd(keys="image", pixdim=target_spacing, mode="bilinear"),
-        ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd(keys="image", source_key="image",
-                        select_fn=lambda x: x > (body_hu - lo) / (hi - lo), margin=2),
-    ])
+    return Compose(
+        [
+            LoadImaged(keys="image", reader="PydicomReader"),
+            EnsureChannelFirstd(keys="image"),
+            Spacingd(keys="image", pixdim=target_spacing, mode="bilinear"),
+            ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(
+                keys="image",
+                source_key="image",
+                select_fn=lambda x: x > (body_hu - lo) / (hi - lo),
+                margin=2,
+            ),
+        ]
+    )
 
 
 def ours(source: dict, nodules: pd.DataFrame, plan: dict) -> tuple:
@@ -45,7 +57,9 @@ def ours(source: dict, nodules: pd.DataFrame, plan: dict) -> tuple:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
@@ -57,8 +71,10 @@ def main() -> None:
             rows += synth.write_case(Path(tmp), params["base"]["seed"], i, cfg)
         nodules = synth.annotations_frame(rows)
         manifest = dicomio.scan_folder(tmp)
-        sources = [{"kind": "dicom", "index": i, "paths": [str(Path(tmp) / p) for p in paths]}
-                   for i, (uid, paths) in enumerate(dicomio.series_files(manifest).items())]
+        sources = [
+            {"kind": "dicom", "index": i, "paths": [str(Path(tmp) / p) for p in paths]}
+            for i, (uid, paths) in enumerate(dicomio.series_files(manifest).items())
+        ]
         per = [nodules[nodules["seriesuid"] == uid] for uid in dicomio.series_files(manifest)]
         fps = [prep.fingerprint_case(s, n, pcfg, 0) for s, n in zip(sources, per)]
         plan = prep.make_plan(fps, pcfg)
@@ -81,12 +97,18 @@ def main() -> None:
 
     n = len(sources)
     print(f"{n} cases, target spacing {spacing} mm, cpu threads: 1 process unless stated")
-    print(f"MONAI chain (LoadImage[PydicomReader], Spacing, ScaleIntensityRange, CropForeground): "
-          f"{n / t_monai:6.2f} cases/s")
-    print(f"ctpipe preprocess, 1 process:                 {n / t_ours:6.2f} cases/s   "
-          f"ratio {t_monai / t_ours:.2f}x")
-    print(f"ctpipe preprocess, {args.workers} processes:               {n / t_par:6.2f} cases/s   "
-          f"ratio {t_monai / t_par:.2f}x")
+    print(
+        f"MONAI chain (LoadImage[PydicomReader], Spacing, ScaleIntensityRange, CropForeground): "
+        f"{n / t_monai:6.2f} cases/s"
+    )
+    print(
+        f"ctpipe preprocess, 1 process:                 {n / t_ours:6.2f} cases/s   "
+        f"ratio {t_monai / t_ours:.2f}x"
+    )
+    print(
+        f"ctpipe preprocess, {args.workers} processes:               {n / t_par:6.2f} cases/s   "
+        f"ratio {t_monai / t_par:.2f}x"
+    )
 
 
 if __name__ == "__main__":

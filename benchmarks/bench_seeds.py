@@ -36,21 +36,26 @@ from pathlib import Path
 
 import yaml
 
+from ctpipe.fileio import write_json
+from ctpipe.runenv import cpu_info, git_revision
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from ctpipe.fileio import write_json  # noqa: E402
-from ctpipe.runenv import cpu_info  # noqa: E402
 
 FIGURES = ("dice", "froc_cpm", "sensitivity_at_1fp")
 
 
 def sh(cwd: Path, *cmd: str, log: Path | None = None) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     with open(log, "a") if log else open(os.devnull, "w") as out:
         result = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd} (exit {result.returncode}); log: {log}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed in {cwd} (exit {result.returncode}); log: {log}"
+        )
 
 
 def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> dict:
@@ -68,21 +73,34 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
     start = time.perf_counter()
     sh(clone, "dvc", "repro", "evaluate", log=log)
     seconds = time.perf_counter() - start
-    ran = [line.split("'")[1] for line in log.read_text().splitlines() if line.startswith("Running stage '")]
+    ran = [
+        line.split("'")[1]
+        for line in log.read_text().splitlines()
+        if line.startswith("Running stage '")
+    ]
     evaluate = json.loads((clone / "metrics" / "evaluate.json").read_text())
     train = json.loads((clone / "metrics" / "train.json").read_text())
     post = json.loads((clone / "metrics" / "postprocess.json").read_text())
     if not keep:
         shutil.rmtree(clone)
     return {
-        "run": name, "changes": changes, "stages_run": ran, "reused": "train" not in ran,
+        "run": name,
+        "changes": changes,
+        "stages_run": ran,
+        "reused": "train" not in ran,
         "seconds": round(seconds, 1),
-        "dice": evaluate["dice"], "froc_cpm": evaluate["froc_cpm"],
+        "dice": evaluate["dice"],
+        "froc_cpm": evaluate["froc_cpm"],
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
-        "sensitivity": evaluate["sensitivity"], "fp_per_scan": evaluate["fp_per_scan"],
-        "best_epoch": train.get("best_epoch"), "selected_epoch": train.get("selected_epoch"),
-        "postprocessing": {k: post[k] for k in ("threshold", "component_threshold", "shape_weight")},
-        "val_dice": post.get("val_dice"), "val_cpm": post.get("val_cpm"),
+        "sensitivity": evaluate["sensitivity"],
+        "fp_per_scan": evaluate["fp_per_scan"],
+        "best_epoch": train.get("best_epoch"),
+        "selected_epoch": train.get("selected_epoch"),
+        "postprocessing": {
+            k: post[k] for k in ("threshold", "component_threshold", "shape_weight")
+        },
+        "val_dice": post.get("val_dice"),
+        "val_cpm": post.get("val_cpm"),
     }
 
 
@@ -90,52 +108,107 @@ def summary(runs: list[dict]) -> dict:
     out = {}
     for key in FIGURES:
         values = [float(r[key]) for r in runs]
-        out[key] = {"min": min(values), "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0, "max": max(values)}
+        out[key] = {
+            "min": min(values),
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "max": max(values),
+        }
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-seeds", type=int, nargs="*", default=[42, 1, 2],
-                        help="train.seed values on the default cohort (default: %(default)s)")
-    parser.add_argument("--cohort-seeds", type=int, nargs="*", default=[7, 13],
-                        help="base.seed values: other cohorts (default: %(default)s)")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="*",
+        default=[42, 1, 2],
+        help="train.seed values on the default cohort (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cohort-seeds",
+        type=int,
+        nargs="*",
+        default=[7, 13],
+        help="base.seed values: other cohorts (default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "seeds.json")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the clones go (default: a temp folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the clones go (default: a temp folder)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the clones and their logs")
-    args = parser.parse_args(argv)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    return parser.parse_args(argv)
+
+
+def print_table(runs: list[dict], stats: dict) -> None:
+    print(
+        f"\n{'run':<18} {'Dice':>6} {'CPM':>6} {'s@1FP':>6} {'epoch':>6}  post-processing (t, h, w)"
+    )
+    for r in runs:
+        p = r["postprocessing"]
+        print(
+            f"{r['run']:<18} {r['dice']:6.3f} {r['froc_cpm']:6.3f} {r['sensitivity_at_1fp']:6.2f} "
+            f"{r['selected_epoch']!s:>6}  {p['threshold']:g}, {p['component_threshold']:g}, {p['shape_weight']:g}"
+        )
+    for key in FIGURES:
+        s = stats[key]
+        print(
+            f"{key:<18} min {s['min']:.3f}  mean {s['mean']:.3f}  std {s['std']:.3f}  max {s['max']:.3f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     if dirty:
-        print("note: uncommitted changes are not in the runs (each run clones HEAD)", file=sys.stderr)
+        print(
+            "note: uncommitted changes are not in the runs (each run clones HEAD)", file=sys.stderr
+        )
     base_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["seed"])
-    plan = [(f"train_seed_{s}", {"train": {"seed": s}} if s != base_seed else {}) for s in args.train_seeds]
+    plan = [
+        (f"train_seed_{s}", {"train": {"seed": s}} if s != base_seed else {})
+        for s in args.train_seeds
+    ]
     plan += [(f"cohort_seed_{s}", {"base": {"seed": s}}) for s in args.cohort_seeds]
     workdir = Path(tempfile.mkdtemp(prefix="ctpipe-seeds-", dir=args.workdir))
     start, runs = time.perf_counter(), []
     try:
         for i, (name, changes) in enumerate(plan, 1):
-            print(f"[{i}/{len(plan)}] {name}: {changes or 'default params'} (log: {workdir / name}.log)", flush=True)
+            print(
+                f"[{i}/{len(plan)}] {name}: {changes or 'default params'} (log: {workdir / name}.log)",
+                flush=True,
+            )
             runs.append(one_run(workdir, name, changes, args.keep))
             r = runs[-1]
-            print(f"    Dice {r['dice']:.3f}  CPM {r['froc_cpm']:.3f}  sens@1FP {r['sensitivity_at_1fp']:.2f}  "
-                  f"post {r['postprocessing']}  {r['seconds']:.0f} s{' (reused)' if r['reused'] else ''}", flush=True)
+            print(
+                f"    Dice {r['dice']:.3f}  CPM {r['froc_cpm']:.3f}  sens@1FP {r['sensitivity_at_1fp']:.2f}  "
+                f"post {r['postprocessing']}  {r['seconds']:.0f} s{' (reused)' if r['reused'] else ''}",
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     stats = summary(runs)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    write_json(args.out, {"git_revision": head, "cpu": cpu_info(), "cpu_count": os.cpu_count(),
-                          "seconds_total": round(time.perf_counter() - start, 1), "runs": runs, "summary": stats})
-    print(f"\n{'run':<18} {'Dice':>6} {'CPM':>6} {'s@1FP':>6} {'epoch':>6}  post-processing (t, h, w)")
-    for r in runs:
-        p = r["postprocessing"]
-        print(f"{r['run']:<18} {r['dice']:6.3f} {r['froc_cpm']:6.3f} {r['sensitivity_at_1fp']:6.2f} "
-              f"{r['selected_epoch']!s:>6}  {p['threshold']:g}, {p['component_threshold']:g}, {p['shape_weight']:g}")
-    for key in FIGURES:
-        s = stats[key]
-        print(f"{key:<18} min {s['min']:.3f}  mean {s['mean']:.3f}  std {s['std']:.3f}  max {s['max']:.3f}")
+    write_json(
+        args.out,
+        {
+            "git_revision": git_revision(),
+            "cpu": cpu_info(),
+            "cpu_count": os.cpu_count(),
+            "seconds_total": round(time.perf_counter() - start, 1),
+            "runs": runs,
+            "summary": stats,
+        },
+    )
+    print_table(runs, stats)
     print(f"{len(runs)} runs in {time.perf_counter() - start:.0f} s; written {args.out}")
     return 0
 

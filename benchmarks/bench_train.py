@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from monai.data import set_track_meta
 from monai.losses import DiceCELoss
 
-from ctpipe import data, nets
+from ctpipe.model import data, nets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,42 +35,73 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_dataset(tmp: Path, n: int) -> Path:
     """A small preprocessed cohort (ingest + preprocess on the synthetic generator)."""
     from ctpipe import synth
-    from stages import preprocess
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     rows = []
     for i in range(n):
-        rows += synth.write_case(tmp / "in" / "dicom", params["base"]["seed"], i, params["ingest"]["synthetic"])
+        rows += synth.write_case(
+            tmp / "in" / "dicom", params["base"]["seed"], i, params["ingest"]["synthetic"]
+        )
     synth.annotations_frame(rows).to_csv(tmp / "in" / "annotations.csv", index=False)
     params["preprocess"]["split"].update(val_fraction=0.15, test_fraction=0.15)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    preprocess.main([str(tmp / "in"), str(tmp / "processed"), "--params", str(tmp / "params.yaml"),
-                     "--metrics", str(tmp / "pre.json")])
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "stages" / "preprocess.py"),
+            str(tmp / "in"),
+            str(tmp / "processed"),
+            "--params",
+            str(tmp / "params.yaml"),
+            "--metrics",
+            str(tmp / "pre.json"),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return tmp / "processed"
 
 
 def monai_dataset(processed: Path, ids: list[str], cfg: dict, n: int):
     from monai.data import Dataset
-    from monai.transforms import (Compose, Lambdad, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-                                  RandRotate90d, RandScaleIntensityd, RandShiftIntensityd)
+    from monai.transforms import (
+        Compose,
+        Lambdad,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandGaussianNoised,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
 
     c, p = int(cfg["context_slices"]), int(cfg["patch_size"])
     items = []
     for cid in ids:
         image, label, _ = data.load_case(processed, cid, mmap=False)
-        items.append({"image": image[None].astype(np.float32), "label": label[None].astype(np.float32)})
-    chain = Compose([
-        RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=(2 * c + 1, p, p),
-                               pos=1, neg=2, num_samples=1),
-        Lambdad(keys="image", func=lambda x: x[0]),  # [1, 2c+1, P, P] -> slices as channels
-        Lambdad(keys="label", func=lambda x: x[:, c]),  # centre slice
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
-        RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
-        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
-        RandGaussianNoised(keys="image", prob=0.2, std=0.05),
-    ])
+        items.append(
+            {"image": image[None].astype(np.float32), "label": label[None].astype(np.float32)}
+        )
+    chain = Compose(
+        [
+            RandCropByPosNegLabeld(
+                keys=["image", "label"],
+                label_key="label",
+                spatial_size=(2 * c + 1, p, p),
+                pos=1,
+                neg=2,
+                num_samples=1,
+            ),
+            Lambdad(keys="image", func=lambda x: x[0]),  # [1, 2c+1, P, P] -> slices as channels
+            Lambdad(keys="label", func=lambda x: x[:, c]),  # centre slice
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=["image", "label"], prob=0.5, max_k=3),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+            RandGaussianNoised(keys="image", prob=0.2, std=0.05),
+        ]
+    )
     repeated = [items[i % len(items)] for i in range(n)]
     return Dataset(repeated, transform=lambda d: {k: v for k, v in chain(d)[0].items()})
 
@@ -99,11 +133,16 @@ def run(loader, device, cfg, steps: int, amp) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    set_track_meta(False)  # as the train stage runs: plain tensors, no MetaTensor bookkeeping
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "processed")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--cases", type=int, default=6, help="cases to generate when --data is missing")
+    parser.add_argument(
+        "--cases", type=int, default=6, help="cases to generate when --data is missing"
+    )
     args = parser.parse_args()
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
     tmp = None
@@ -114,21 +153,45 @@ def main() -> None:
     n = (args.steps + 3) * int(cfg["batch_size"])
     devices = [("cpu", None)]
     if torch.cuda.is_available():
-        devices.append(("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16))
-    print(f"network BasicUNet 2.5D features={cfg['features']} patch={cfg['patch_size']} "
-          f"batch={cfg['batch_size']} loader workers={args.workers} torch threads={torch.get_num_threads()}")
+        devices.append(
+            ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        )
+    print(
+        f"network BasicUNet 2.5D features={cfg['features']} patch={cfg['patch_size']} "
+        f"batch={cfg['batch_size']} loader workers={args.workers} torch threads={torch.get_num_threads()}"
+    )
     for dev, amp in devices:
-        for name, ds in (("ctpipe SlabPatchDataset", data.SlabPatchDataset(
-                args.data, ids, cfg["patch_size"], cfg["context_slices"], n, cfg["fg_fraction"], 0)),
-                         ("MONAI dict-transform chain", monai_dataset(args.data, ids, cfg, n))):
+        for name, ds in (
+            (
+                "ctpipe SlabPatchDataset",
+                data.SlabPatchDataset(
+                    args.data,
+                    ids,
+                    cfg["patch_size"],
+                    cfg["context_slices"],
+                    n,
+                    cfg["fg_fraction"],
+                    0,
+                ),
+            ),
+            ("MONAI dict-transform chain", monai_dataset(args.data, ids, cfg, n)),
+        ):
             if name.startswith("ctpipe"):  # exactly the loader the train stage builds
-                loader = data.make_loader(ds, int(cfg["batch_size"]), args.workers, pin_memory=dev == "cuda")
+                loader = data.make_loader(
+                    ds, int(cfg["batch_size"]), args.workers, pin_memory=dev == "cuda"
+                )
             else:  # the tutorials' plain DataLoader
-                loader = torch.utils.data.DataLoader(ds, batch_size=int(cfg["batch_size"]),
-                                                     num_workers=args.workers, pin_memory=dev == "cuda")
+                loader = torch.utils.data.DataLoader(
+                    ds,
+                    batch_size=int(cfg["batch_size"]),
+                    num_workers=args.workers,
+                    pin_memory=dev == "cuda",
+                )
             rate, wait = run(loader, torch.device(dev), cfg, args.steps, amp)
-            print(f"{dev:4s} {'amp ' + str(amp).split('.')[-1] if amp else 'fp32':9s} {name:28s} "
-                  f"{rate:8.1f} samples/s   data wait {100 * wait:5.1f}% of step time")
+            print(
+                f"{dev:4s} {'amp ' + str(amp).split('.')[-1] if amp else 'fp32':9s} {name:28s} "
+                f"{rate:8.1f} samples/s   data wait {100 * wait:5.1f}% of step time"
+            )
     if tmp:
         shutil.rmtree(tmp)
 

@@ -1,23 +1,21 @@
 """ctpipe: a reproducible DVC pipeline for lung-nodule segmentation and detection on chest CT.
 
-Modules, one concern each:
+Foundations:
     params    -- reading a stage's section of params.yaml
     fileio    -- atomic writes of JSON, CSV, numpy arrays
+    runenv    -- package versions, CPU, device and git revision of a run
     geometry  -- world (LPS mm) <-> voxel index conversion, the only place it is done
+Data:
     synth     -- the deterministic synthetic chest-CT cohort, written as DICOM with realistic PHI
     dicomio   -- scanning a folder of DICOM files, grouping series, checking and reading them
-    deid      -- de-identification to DICOM PS3.15 Basic Application Level Confidentiality Profile
-    prep      -- fingerprint, plan, resampling, normalisation, label masks, patient split
-    data      -- 2.5D patch sampling for training
-    nets      -- the MONAI segmentation network
-    infer     -- sliding-window inference over whole volumes
-    detect    -- nodule masks from annotations; candidates, mask and detections from probabilities
-    postprocess -- the post-processing chosen on the validation split (thresholds, shape weight)
-    runtime   -- PyTorch or ONNX Runtime for whole-volume scoring, one case at a time
-    metrics   -- voxel metrics and LUNA16 lesion-level FROC / CPM with bootstrap intervals
-    onnxtools -- ONNX export, parity gate, ORT sessions, package checksums, Triton config
-    quant     -- static INT8 quantization (QDQ), calibration, latency measurement
-    predict   -- the exported model on a new DICOM study, without PyTorch
+    deid/     -- de-identification to DICOM PS3.15
+    prep      -- fingerprint, plan, resampling, normalisation, patient split
+    labels    -- annotated nodules painted into label masks
+Model and results:
+    model/          -- the 2.5D network, patch sampling, views, sliding-window inference
+    postprocessing/ -- candidates and masks from probabilities; the choice made on validation
+    evaluation/     -- voxel metrics and LUNA16 FROC / CPM
+    deploy/         -- ONNX export, INT8, parity gates, the package, predict
 """
 
 __version__ = "0.1.0"

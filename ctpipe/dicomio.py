@@ -24,8 +24,18 @@ from ctpipe.geometry import Geometry
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ["path", "status", "reason", "patient_id", "series_uid", "study_uid", "modality",
-                    "position_mm", "instance", "sop_uid"]
+MANIFEST_COLUMNS = [
+    "path",
+    "status",
+    "reason",
+    "patient_id",
+    "series_uid",
+    "study_uid",
+    "modality",
+    "position_mm",
+    "instance",
+    "sop_uid",
+]
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
@@ -38,9 +48,14 @@ def scan_file(path: Path, root: Path) -> dict:
         return {**rec, "status": "skipped", "reason": "not a DICOM file (no DICM preamble)"}
     except Exception as exc:  # pydicom raises many types on damaged files
         return {**rec, "status": "skipped", "reason": f"unreadable DICOM: {exc}"}
-    rec.update(patient_id=str(ds.get("PatientID", "")), series_uid=str(ds.get("SeriesInstanceUID", "")), study_uid=str(ds.get("StudyInstanceUID", "")),
-               modality=str(ds.get("Modality", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
-               instance=int(ds.get("InstanceNumber", 0) or 0))
+    rec.update(
+        patient_id=str(ds.get("PatientID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        modality=str(ds.get("Modality", "")),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        instance=int(ds.get("InstanceNumber", 0) or 0),
+    )
     problem = _header_problem(ds)
     if problem:
         return {**rec, "status": "skipped", "reason": problem}
@@ -49,7 +64,11 @@ def scan_file(path: Path, root: Path) -> dict:
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
         return {**rec, "status": "skipped", "reason": f"geometry unknown: {exc}"}
     if len({(f["iop"], f["spacing"]) for f in frames}) > 1:
-        return {**rec, "status": "skipped", "reason": "frames of one file differ in orientation or spacing"}
+        return {
+            **rec,
+            "status": "skipped",
+            "reason": "frames of one file differ in orientation or spacing",
+        }
     iop = np.array(frames[0]["iop"])
     normal = np.cross(iop[:3], iop[3:])
     rec["frames"] = [(float(np.dot(f["ipp"], normal)), f["ipp"]) for f in frames]
@@ -61,6 +80,7 @@ def scan_file(path: Path, root: Path) -> dict:
 
 def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
     """Position, orientation, spacing and rescale of every frame (single- or multi-frame file)."""
+
     def rescale(groups) -> tuple[float, float]:
         for g in groups:
             if g is not None and "PixelValueTransformationSequence" in g:
@@ -69,10 +89,17 @@ def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
         return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
 
     if "PerFrameFunctionalGroupsSequence" not in ds:  # classic single-frame image
-        return [{"ipp": tuple(float(v) for v in ds.ImagePositionPatient),
-                 "iop": tuple(round(float(v), 6) for v in ds.ImageOrientationPatient),
-                 "spacing": tuple(float(v) for v in ds.PixelSpacing), "rescale": rescale([])}]
-    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+        return [
+            {
+                "ipp": tuple(float(v) for v in ds.ImagePositionPatient),
+                "iop": tuple(round(float(v), 6) for v in ds.ImageOrientationPatient),
+                "spacing": tuple(float(v) for v in ds.PixelSpacing),
+                "rescale": rescale([]),
+            }
+        ]
+    shared = (
+        ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    )
 
     def find(group, seq: str):
         for g in (group, shared):
@@ -80,10 +107,18 @@ def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
                 return g[seq].value[0]
         raise KeyError(f"{seq} in neither per-frame nor shared functional groups")
 
-    return [{"ipp": tuple(float(v) for v in find(g, "PlanePositionSequence").ImagePositionPatient),
-             "iop": tuple(round(float(v), 6) for v in find(g, "PlaneOrientationSequence").ImageOrientationPatient),
-             "spacing": tuple(float(v) for v in find(g, "PixelMeasuresSequence").PixelSpacing),
-             "rescale": rescale([g, shared])} for g in ds.PerFrameFunctionalGroupsSequence]
+    return [
+        {
+            "ipp": tuple(float(v) for v in find(g, "PlanePositionSequence").ImagePositionPatient),
+            "iop": tuple(
+                round(float(v), 6)
+                for v in find(g, "PlaneOrientationSequence").ImageOrientationPatient
+            ),
+            "spacing": tuple(float(v) for v in find(g, "PixelMeasuresSequence").PixelSpacing),
+            "rescale": rescale([g, shared]),
+        }
+        for g in ds.PerFrameFunctionalGroupsSequence
+    ]
 
 
 def _header_problem(ds: pydicom.Dataset) -> str:
@@ -97,13 +132,19 @@ def _header_problem(ds: pydicom.Dataset) -> str:
             return f"missing {key}"
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if syntax in UNCOMPRESSED:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel", 1))
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.BitsAllocated)
+            // 8
+        )
         if len(ds.PixelData) < expected:
             return f"truncated pixel data: {len(ds.PixelData)} of {expected} bytes"
     else:  # compressed: only decoding tells whether it is complete and whether a decoder is installed
         try:
-            ds.pixel_array
+            _ = ds.pixel_array  # decodes: raises when truncated or no decoder is installed
         except Exception as exc:
             return f"compressed pixel data ({syntax}) cannot be decoded: {exc}"
     return ""
@@ -118,15 +159,26 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
     paths = sorted(p for p in root.rglob("*") if p.is_file())
     if workers > 1 and len(paths) > 64:
         with ProcessPoolExecutor(workers) as pool:
-            records = list(tqdm(pool.map(scan_file, paths, [root] * len(paths), chunksize=32),
-                                total=len(paths), desc="scan DICOM", unit="file"))
+            records = list(
+                tqdm(
+                    pool.map(scan_file, paths, [root] * len(paths), chunksize=32),
+                    total=len(paths),
+                    desc="scan DICOM",
+                    unit="file",
+                )
+            )
     else:
         records = [scan_file(p, root) for p in tqdm(paths, desc="scan DICOM", unit="file")]
     return check_series(records, **checks)
 
 
-def check_series(records: list[dict], modalities=("CT",), min_slices: int = 1,
-                 spacing_tolerance: float = 0.05, uneven: str = "reject") -> pd.DataFrame:
+def check_series(
+    records: list[dict],
+    modalities=("CT",),
+    min_slices: int = 1,
+    spacing_tolerance: float = 0.05,
+    uneven: str = "reject",
+) -> pd.DataFrame:
     """Group readable files by series and reject series that would give a wrong volume.
 
     Args:
@@ -177,8 +229,15 @@ def _series_problem(recs, modalities, min_slices, tolerance) -> str:
                 continue
             if prev is rec or len(rec["frames"]) > 1:
                 return f"two frames at position {pos:.2f} mm in {rec['path']}"
-            same = "same SOPInstanceUID" if rec["sop_uid"] == prev["sop_uid"] else "another SOPInstanceUID"
-            rec.update(status="skipped", reason=f"duplicate slice: same position as {prev['path']} ({same})")
+            same = (
+                "same SOPInstanceUID"
+                if rec["sop_uid"] == prev["sop_uid"]
+                else "another SOPInstanceUID"
+            )
+            rec.update(
+                status="skipped",
+                reason=f"duplicate slice: same position as {prev['path']} ({same})",
+            )
             break
         if rec["status"] == "ok":
             seen.update({pos: rec for pos, _ in rec["frames"]})
@@ -200,8 +259,11 @@ def _series_problem(recs, modalities, min_slices, tolerance) -> str:
         return f"gantry tilt of {tilt:.1f} degrees: slices are sheared, resample before use"
     if len(bad):
         b = int(bad[0])
-        what = (f"missing slice(s): gap of {steps[b]:.2f} mm" if steps[b] / step > 1.5
-                else f"non-uniform slice spacing: step of {steps[b]:.2f} mm")
+        what = (
+            f"missing slice(s): gap of {steps[b]:.2f} mm"
+            if steps[b] / step > 1.5
+            else f"non-uniform slice spacing: step of {steps[b]:.2f} mm"
+        )
         return f"uneven: {what} after position {pos[b]:.2f} mm where the series steps {step:.2f} mm"
     return ""
 
@@ -212,7 +274,9 @@ def series_files(manifest: pd.DataFrame) -> dict[str, list[str]]:
     return {uid: list(group["path"]) for uid, group in ok.groupby("series_uid", sort=True)}
 
 
-def read_series(paths: list[Path], uneven: str = "resample", tolerance: float = 0.05) -> tuple[np.ndarray, Geometry]:
+def read_series(
+    paths: list[Path], uneven: str = "resample", tolerance: float = 0.05
+) -> tuple[np.ndarray, Geometry]:
     """Read a series (single- or multi-frame files) into an HU volume ``[k, j, i]`` and its geometry.
 
     Frames are sorted by position along the slice normal. Uneven steps are resampled onto the
@@ -229,8 +293,13 @@ def read_series(paths: list[Path], uneven: str = "resample", tolerance: float = 
         normal = np.cross(iop[:3], iop[3:])
         for f, px in zip(frames, pixels):
             slope, intercept = f["rescale"]
-            slices.append((float(np.dot(f["ipp"], normal)), np.array(f["ipp"]),
-                           px.astype(np.float32) * slope + intercept))
+            slices.append(
+                (
+                    float(np.dot(f["ipp"], normal)),
+                    np.array(f["ipp"]),
+                    px.astype(np.float32) * slope + intercept,
+                )
+            )
     slices.sort(key=lambda t: t[0])
     iop = np.array(first_geom["iop"])
     row_dir, col_dir = iop[:3], iop[3:]
@@ -242,7 +311,11 @@ def read_series(paths: list[Path], uneven: str = "resample", tolerance: float = 
             raise ValueError(f"{paths[0]}: uneven slice steps {np.round(np.diff(pos), 2).tolist()}")
         volume, pos = _even_steps(volume, pos, step)
     dy, dx = first_geom["spacing"]
-    geom = Geometry(slices[0][1], (dx, dy, step), np.column_stack([row_dir, col_dir, np.cross(row_dir, col_dir)]))
+    geom = Geometry(
+        slices[0][1],
+        (dx, dy, step),
+        np.column_stack([row_dir, col_dir, np.cross(row_dir, col_dir)]),
+    )
     return volume, geom
 
 

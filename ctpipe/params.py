@@ -14,8 +14,9 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
-def stage_params(stage: str, path: str | Path = "params.yaml",
-                 shared: tuple[str, ...] = ()) -> tuple[dict[str, Any], int]:
+def stage_params(
+    stage: str, path: str | Path = "params.yaml", shared: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], int]:
     """Return ``(params[stage] merged with the shared sections, params['base']['seed'])``.
 
     ``shared`` names sections several stages read (``inference``); their keys must not repeat a

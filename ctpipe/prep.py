@@ -20,8 +20,8 @@ import SimpleITK as sitk
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from ctpipe import dicomio
-from ctpipe.detect import nodule_mask
 from ctpipe.geometry import Geometry, index_to_world
+from ctpipe.labels import nodule_mask
 
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 
@@ -45,7 +45,9 @@ def fingerprint_case(source: dict, nodules: pd.DataFrame, cfg: dict, seed: int) 
     return {
         "spacing": geom.spacing.tolist(),
         "shape": list(hu.shape[::-1]),
-        "body_sample": rng.choice(body, min(n, body.size), replace=False).tolist() if body.size else [],
+        "body_sample": rng.choice(body, min(n, body.size), replace=False).tolist()
+        if body.size
+        else [],
         "nodule_sample": rng.choice(fg, min(n, fg.size), replace=False).tolist() if fg.size else [],
     }
 
@@ -71,11 +73,17 @@ def make_plan(fingerprints: list[dict], cfg: dict) -> dict[str, Any]:
         lo, hi = (float(v) for v in np.percentile(fg, [0.5, 99.5]))
         stats = np.clip(fg, lo, hi)
     else:
-        raise ValueError(f"preprocess.normalization: unknown {cfg['normalization']!r} (window, percentile)")
+        raise ValueError(
+            f"preprocess.normalization: unknown {cfg['normalization']!r} (window, percentile)"
+        )
     return {
         "target_spacing_mm": [round(float(v), 4) for v in target],
-        "normalization": {"kind": cfg["normalization"], "clip": [round(lo, 2), round(hi, 2)],
-                          "mean": round(float(stats.mean()), 4), "std": round(float(stats.std()), 4)},
+        "normalization": {
+            "kind": cfg["normalization"],
+            "clip": [round(lo, 2), round(hi, 2)],
+            "mean": round(float(stats.mean()), 4),
+            "std": round(float(stats.std()), 4),
+        },
         "interpolation": cfg["interpolation"],
         "body_threshold_hu": float(cfg["body_threshold_hu"]),
         "crop_margin_mm": float(cfg["crop_margin_mm"]),
@@ -96,21 +104,38 @@ def _stats(x: np.ndarray) -> dict[str, float]:
     if x.size == 0:
         return {}
     p = np.percentile(x, [0.5, 50, 99.5])
-    return {"mean": round(float(x.mean()), 2), "std": round(float(x.std()), 2),
-            "p00_5": round(float(p[0]), 2), "p50": round(float(p[1]), 2), "p99_5": round(float(p[2]), 2)}
+    return {
+        "mean": round(float(x.mean()), 2),
+        "std": round(float(x.std()), 2),
+        "p00_5": round(float(p[0]), 2),
+        "p50": round(float(p[1]), 2),
+        "p99_5": round(float(p[2]), 2),
+    }
 
 
-def resample(hu: np.ndarray, geom: Geometry, spacing: np.ndarray, interpolation: str) -> tuple[np.ndarray, Geometry]:
+def resample(
+    hu: np.ndarray, geom: Geometry, spacing: np.ndarray, interpolation: str
+) -> tuple[np.ndarray, Geometry]:
     """Resample to ``spacing`` on the same origin and direction (the physical extent is kept)."""
     image = geom.apply_to(sitk.GetImageFromArray(hu))
     size = np.maximum(np.round(np.array(image.GetSize()) * geom.spacing / spacing), 1).astype(int)
-    out = sitk.Resample(image, [int(s) for s in size], sitk.Transform(), INTERPOLATORS[interpolation],
-                        tuple(geom.origin), tuple(float(s) for s in spacing), tuple(geom.direction.ravel()),
-                        -1024.0, sitk.sitkFloat32)
+    out = sitk.Resample(
+        image,
+        [int(s) for s in size],
+        sitk.Transform(),
+        INTERPOLATORS[interpolation],
+        tuple(geom.origin),
+        tuple(float(s) for s in spacing),
+        tuple(geom.direction.ravel()),
+        -1024.0,
+        sitk.sitkFloat32,
+    )
     return sitk.GetArrayFromImage(out), Geometry(geom.origin, spacing, geom.direction)
 
 
-def crop_to_body(hu: np.ndarray, geom: Geometry, threshold: float, margin_mm: float) -> tuple[np.ndarray, Geometry, tuple]:
+def crop_to_body(
+    hu: np.ndarray, geom: Geometry, threshold: float, margin_mm: float
+) -> tuple[np.ndarray, Geometry, tuple]:
     """Crop to the bounding box of voxels above ``threshold`` plus a margin; shift the origin."""
     body = np.argwhere(hu > threshold)
     if body.size == 0:
@@ -134,10 +159,15 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
     hu, geom = resample(hu, geom, np.asarray(plan["target_spacing_mm"]), plan["interpolation"])
     hu, geom, _ = crop_to_body(hu, geom, plan["body_threshold_hu"], plan["crop_margin_mm"])
     refine = plan["label_hu_threshold"]
-    mask, report = nodule_mask(hu.shape, geom, nodules, hu=hu if refine is not None else None,
-                               hu_threshold=refine)
-    return {"image": normalise(hu, plan["normalization"]).astype(np.float16), "label": mask.astype(np.uint8),
-            "geometry": geom, "nodules": report}
+    mask, report = nodule_mask(
+        hu.shape, geom, nodules, hu=hu if refine is not None else None, hu_threshold=refine
+    )
+    return {
+        "image": normalise(hu, plan["normalization"]).astype(np.float16),
+        "label": mask.astype(np.uint8),
+        "geometry": geom,
+        "nodules": report,
+    }
 
 
 def split_patients(patients: pd.DataFrame, cfg: dict, seed: int) -> dict[str, Any]:

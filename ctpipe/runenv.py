@@ -1,4 +1,7 @@
-"""What a stage ran on: package versions, device, git revision. Written next to its metrics.
+"""What a stage ran on: package versions, CPU, device, git revision; the one place they are read.
+
+:func:`record` writes them next to a stage's metrics; export and quantize use :func:`package_versions`,
+:func:`cpu_info` and :func:`git_revision` for the model package.
 
 Kept out of the metrics JSON themselves so that ``dvc metrics diff`` compares numbers only, and so
 that two runs on different machines can still have identical metrics.
@@ -14,8 +17,22 @@ from pathlib import Path
 
 from ctpipe.fileio import write_json
 
-PACKAGES = ("ctpipe", "torch", "torchvision", "monai", "numpy", "SimpleITK", "pydicom", "highdicom",
-            "scikit-learn", "pandas", "onnx", "onnxruntime", "dvc", "dvclive")
+PACKAGES = (
+    "ctpipe",
+    "torch",
+    "torchvision",
+    "monai",
+    "numpy",
+    "SimpleITK",
+    "pydicom",
+    "highdicom",
+    "scikit-learn",
+    "pandas",
+    "onnx",
+    "onnxruntime",
+    "dvc",
+    "dvclive",
+)
 
 
 def _git(*args: str) -> str:
@@ -26,10 +43,43 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def git_revision() -> str:
+    """The commit checked out here (``git rev-parse HEAD``: packed refs and worktrees included), or
+    ``unknown`` outside a git checkout."""
+    return _git("rev-parse", "HEAD")
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed distribution versions (``importlib.metadata``); None for one not installed."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 # Instruction-set extensions that decide which kernels oneDNN (PyTorch on the CPU) and ONNX Runtime
 # dispatch to; two CPUs that differ here compute a training step with other roundings.
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
@@ -44,7 +94,20 @@ def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:
         fields.setdefault(key.strip(), value.strip())
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = set(fields.get("flags", "").split())
-    return {"model": model, "isa_flags": [f for f in ISA_FLAGS if f in flags]}
+    return {
+        "model": model,
+        "machine": platform.machine(),
+        "cpus_available": available_cpus(),
+        "isa_flags": [f for f in ISA_FLAGS if f in flags],
+    }
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _device() -> dict:
@@ -53,27 +116,28 @@ def _device() -> dict:
     except ImportError:
         return {"kind": "cpu"}
     if torch.cuda.is_available():
-        return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                "cuda": torch.version.cuda}
-    return {"kind": "cpu", "torch_threads": torch.get_num_threads(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        return {
+            "kind": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+        }
+    return {
+        "kind": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def environment() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "device": _device(),
-        "packages": versions,
-        "git_revision": _git("rev-parse", "HEAD"),
+        "packages": package_versions(),
+        "git_revision": git_revision(),
         "git_dirty": _git("status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
     }
 

@@ -15,27 +15,18 @@ byte-identical files.
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from ctpipe.geometry import Geometry, index_to_world, world_grid, world_to_array_index
+from ctpipe.phi import make_phi, phi_dataset
 
-FIRST_NAMES = ["JANE", "JOHN", "MARIA", "AHMED", "WEI", "OLGA", "PIERRE", "AMARA", "LUCA", "SOFIA",
-               "KENJI", "FATIMA", "DAVID", "INGRID", "CARLOS", "NADIA"]
-LAST_NAMES = ["DOE", "SMITH", "GARCIA", "MULLER", "NGUYEN", "KOWALSKI", "ROSSI", "OKAFOR",
-              "JOHANSSON", "DUBOIS", "TANAKA", "HADDAD", "OBRIEN", "SILVA", "PETROV", "LARSEN"]
-STREETS = ["Elm Street", "Harbour Road", "Rue des Lilas", "Kastanienallee", "Via Roma", "Main St"]
-CITIES = ["Springfield", "Lyon", "Leipzig", "Bologna", "Bergen", "Porto"]
-INSTITUTIONS = ["St. Mary's General Hospital", "Universitaetsklinikum Nord", "Clinique du Parc",
-                "Riverside Medical Center"]
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as real exports carry a vendor root
 
 
@@ -57,42 +48,6 @@ class SyntheticCase:
     nodules: list[Nodule]
     anatomy: dict
     hu: np.ndarray | None = None
-
-
-def _date(rng: np.random.Generator, start: dt.date, span_days: int) -> dt.date:
-    return start + dt.timedelta(days=int(rng.integers(0, span_days)))
-
-
-def make_phi(rng: np.random.Generator, index: int) -> dict:
-    """A realistic, fictitious identity and visit for patient ``index``."""
-    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-    birth = _date(rng, dt.date(1940, 1, 1), 365 * 40)
-    study = _date(rng, dt.date(2019, 1, 1), 365 * 5)
-    study_time = dt.time(int(rng.integers(7, 19)), int(rng.integers(0, 60)), int(rng.integers(0, 60)))
-    age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
-    return {
-        "PatientName": f"{last}^{first}",
-        "PatientID": f"MRN{int(rng.integers(10**6, 10**7))}{index:03d}",
-        "PatientBirthDate": birth.strftime("%Y%m%d"),
-        "PatientSex": str(rng.choice(["F", "M"])),
-        "PatientAge": f"{age:03d}Y",
-        "PatientWeight": f"{rng.uniform(50, 110):.1f}",
-        "PatientSize": f"{rng.uniform(1.5, 1.95):.2f}",
-        "PatientAddress": f"{int(rng.integers(1, 200))} {rng.choice(STREETS)}, {rng.choice(CITIES)}",
-        "InstitutionName": str(rng.choice(INSTITUTIONS)),
-        "InstitutionAddress": f"{int(rng.integers(1, 99))} Hospital Way, {rng.choice(CITIES)}",
-        "ReferringPhysicianName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}^^Dr",
-        "PerformingPhysicianName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
-        "OperatorsName": f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
-        "AccessionNumber": f"ACC{int(rng.integers(10**7, 10**8))}",
-        "StudyDate": study.strftime("%Y%m%d"),
-        "StudyTime": study_time.strftime("%H%M%S"),
-        "StudyID": f"{int(rng.integers(1000, 9999))}",
-        "DeviceSerialNumber": f"SN{int(rng.integers(10**5, 10**6))}",
-        "StationName": f"CTROOM{int(rng.integers(1, 9))}",
-        "first": first,
-        "last": last,
-    }
 
 
 def make_geometry(rng: np.random.Generator, cfg: dict, oblique: bool) -> tuple[Geometry, tuple]:
@@ -121,10 +76,14 @@ def make_anatomy(rng: np.random.Generator, centre_z: float, cfg: dict) -> dict:
     body = {"a": rng.uniform(140, 165), "b": rng.uniform(100, 120), "cy": rng.uniform(-5, 5)}
     lungs = []
     for side in (-1, 1):  # LPS: -x is the patient's right
-        lungs.append({
-            "c": np.array([side * rng.uniform(62, 72), rng.uniform(-5, 5), centre_z + rng.uniform(-5, 5)]),
-            "r": np.array([rng.uniform(45, 55), rng.uniform(65, 75), rng.uniform(85, 100)]),
-        })
+        lungs.append(
+            {
+                "c": np.array(
+                    [side * rng.uniform(62, 72), rng.uniform(-5, 5), centre_z + rng.uniform(-5, 5)]
+                ),
+                "r": np.array([rng.uniform(45, 55), rng.uniform(65, 75), rng.uniform(85, 100)]),
+            }
+        )
     hilum_z = centre_z + 25
     trachea = [np.array([0.0, -15.0, centre_z + 120]), np.array([0.0, -15.0, hilum_z])]
     airways = [(trachea[0], trachea[1], 8.0)]
@@ -158,7 +117,11 @@ def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
 
 def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nodule]:
     """0..max nodules inside the lungs, log-uniform diameters, some part-solid."""
-    n = 0 if rng.random() < cfg["fraction_without_nodules"] else int(rng.integers(1, cfg["max_nodules"] + 1))
+    n = (
+        0
+        if rng.random() < cfg["fraction_without_nodules"]
+        else int(rng.integers(1, cfg["max_nodules"] + 1))
+    )
     nodules: list[Nodule] = []
     lo, hi = cfg["diameter_mm"]
     while len(nodules) < n:
@@ -168,7 +131,10 @@ def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nod
         # Keep the whole nodule inside the lung and away from other nodules.
         if np.sum(((c - lung["c"]) / (lung["r"] - d / 2 - 4)) ** 2) > 1:
             continue
-        if any(np.linalg.norm(c - np.array(o.centre_xyz)) < (d + o.diameter_mm) / 2 + 10 for o in nodules):
+        if any(
+            np.linalg.norm(c - np.array(o.centre_xyz)) < (d + o.diameter_mm) / 2 + 10
+            for o in nodules
+        ):
             continue
         solid = 1.0 if rng.random() >= cfg["part_solid_fraction"] else float(rng.uniform(0.3, 0.6))
         nodules.append(Nodule(tuple(np.round(c, 2)), round(d, 2), solid))
@@ -225,7 +191,9 @@ def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
     """
     r_a, r_b = radius if isinstance(radius, tuple) else (radius, radius)
     lo, hi = np.minimum(a, b) - max(r_a, r_b), np.maximum(a, b) + max(r_a, r_b)
-    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    corners = np.array(
+        [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    )
     kji = world_to_array_index(corners, geom)
     start = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
     stop = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, hu.shape)
@@ -256,48 +224,11 @@ def _uid(seed: int, *parts: object) -> str:
     return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(seed), *map(str, parts)])
 
 
-def _phi_dataset(phi: dict, uids: dict) -> Dataset:
-    """The patient / study / equipment modules, with PHI where real exports put it."""
-    ds = Dataset()
-    for key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                "PatientWeight", "PatientSize", "PatientAddress", "InstitutionName",
-                "InstitutionAddress", "ReferringPhysicianName", "PerformingPhysicianName",
-                "OperatorsName", "AccessionNumber", "StudyDate", "StudyTime", "StudyID",
-                "DeviceSerialNumber", "StationName"):
-        setattr(ds, key, phi[key])
-    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = phi["StudyDate"]
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = phi["StudyTime"]
-    ds.StudyDescription = f"CT CHEST LOW DOSE - {phi['first'].title()} {phi['last'].title()}"
-    ds.SeriesDescription = "Lung 1.0 B60f"
-    ds.ImageComments = f"Follow-up for {phi['last']}, {phi['first']} (MRN {phi['PatientID']})"
-    ds.AdditionalPatientHistory = f"Smoker. Patient {phi['first']} {phi['last']} referred by GP."
-    ds.Manufacturer, ds.ManufacturerModelName = "SYNTHETIC", "ctpipe-phantom"
-    ds.SoftwareVersions = "ctpipe-synth 1"
-    ds.OtherPatientIDsSequence = Sequence([Dataset()])
-    ds.OtherPatientIDsSequence[0].PatientID = phi["PatientID"].replace("MRN", "INS")
-    ds.OtherPatientIDsSequence[0].IssuerOfPatientID = phi["InstitutionName"]
-    request = Dataset()
-    request.RequestedProcedureID = phi["AccessionNumber"]
-    request.ScheduledProcedureStepID = phi["StudyID"]
-    request.RequestedProcedureDescription = f"CT thorax for {phi['last']}^{phi['first']}"
-    request.ReferencedStudySequence = Sequence([Dataset()])
-    request.ReferencedStudySequence[0].ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
-    request.ReferencedStudySequence[0].ReferencedSOPInstanceUID = uids["study"]
-    request.ScheduledPerformingPhysicianName = phi["PerformingPhysicianName"]
-    ds.RequestAttributesSequence = Sequence([request])
-    # Vendor private block, as Siemens/GE exports carry: creator + values that repeat the identity.
-    block = ds.private_block(0x0029, "CTPIPE_VENDOR_1", create=True)
-    block.add_new(0x10, "LO", f"{phi['last']}^{phi['first']}")
-    block.add_new(0x11, "LO", phi["PatientID"])
-    block.add_new(0x12, "DS", "1.0")
-    return ds
-
-
 def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, list[Path]]:
     """Write one CT series, one file per slice; return the SeriesInstanceUID and the files."""
     phi, geom, hu = case.phi, case.geometry, case.hu
     uids = {k: _uid(seed, case.index, k) for k in ("study", "series", "frame")}
-    base = _phi_dataset(phi, uids)
+    base = phi_dataset(phi, uids)
     signed = case.index % 2 == 0  # half the cohort signed HU, half unsigned with intercept -1024
     intercept = 0.0 if signed else -1024.0
     study_dir = out_dir / f"{phi['last']}_{phi['first']}_{phi['PatientID']}"
@@ -329,7 +260,10 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
         stored = np.round(hu[k] - intercept).astype(np.int16 if signed else np.uint16)
         ds.PixelData = stored.tobytes()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+            CTImageStorage,
+            ds.SOPInstanceUID,
+        )
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = UID_ROOT + "1"
         ds.file_meta = meta
@@ -342,13 +276,20 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
 def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
     """LUNA16 ``annotations.csv`` rows (world mm) for one series."""
     return [
-        {"seriesuid": series_uid, "coordX": n.centre_xyz[0], "coordY": n.centre_xyz[1],
-         "coordZ": n.centre_xyz[2], "diameter_mm": n.diameter_mm}
+        {
+            "seriesuid": series_uid,
+            "coordX": n.centre_xyz[0],
+            "coordY": n.centre_xyz[1],
+            "coordZ": n.centre_xyz[2],
+            "diameter_mm": n.diameter_mm,
+        }
         for n in nodules
     ]
 
 
-def write_case(out_dir: Path, seed: int, index: int, cfg: dict, oblique: bool = False) -> list[dict]:
+def write_case(
+    out_dir: Path, seed: int, index: int, cfg: dict, oblique: bool = False
+) -> list[dict]:
     """Generate and write patient ``index``; return its annotation rows. Picklable for a pool."""
     case = make_case(seed, index, cfg, oblique)
     series_uid, _ = write_study(case, Path(out_dir), seed)
@@ -357,4 +298,3 @@ def write_case(out_dir: Path, seed: int, index: int, cfg: dict, oblique: bool = 
 
 def annotations_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
-

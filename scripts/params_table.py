@@ -16,7 +16,9 @@ import re
 import sys
 from pathlib import Path
 
-LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$")
+LINE = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$"
+)
 
 
 def rows(text: str) -> list[tuple[str, str, str]]:
@@ -55,8 +57,12 @@ def table(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml"
+    )
     args = parser.parse_args(argv)
     sys.stdout.write(table(args.params.read_text(encoding="utf-8")))
     return 0

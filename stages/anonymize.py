@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
-from pydicom import config
 from tqdm import tqdm
 
-from ctpipe.deid import Deidentifier
-from ctpipe.deid_files import FileResult, Quarantine, copy_mhd, process_file
-from ctpipe.deid_keys import DeidKeyError, Keyring, load_key
-from ctpipe.deid_table import DeidOptions, table_info
-from ctpipe.deid_verify import Evidence, NeedleIndex, build_indexes, scan_file, scan_text
+from ctpipe.deid import batch
+from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
+from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
+from ctpipe.deid.table import DeidOptions, table_info
+from ctpipe.deid.verify import Evidence
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.params import stage_params
 from ctpipe.runenv import record as record_environment
@@ -46,69 +43,11 @@ from ctpipe.runenv import record as record_environment
 log = logging.getLogger("anonymize")
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 OWN_FILES = ("annotations.csv", "audit.csv", "quarantine.csv", "deid_options.json")
-_WORKER: dict = {}  # per-process state, set by the pool initialisers
 
 
-def quiet_pydicom() -> None:
-    """pydicom's value warnings quote the values (PHI): keep them out of logs and consoles."""
-    config.settings.reading_validation_mode = config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pydicom")
-
-
-def _init_deid(options: dict, key: bytes, cfg: dict, out_dir: Path) -> None:
-    quiet_pydicom()
-    _WORKER["deid"] = Deidentifier(DeidOptions(**options), Keyring(key), tuple(cfg["date_shift_days"]))
-    _WORKER["args"] = (out_dir, {m.upper() for m in cfg["burned_in_missing_ok"]},
-                       bool(cfg["keep_linkage"]))
-
-
-def _deid_one(item: tuple[str, str]) -> FileResult:
-    out_dir, burned_ok, keep_linkage = _WORKER["args"]
-    return process_file(Path(item[0]), item[1], _WORKER["deid"], out_dir, burned_ok, keep_linkage)
-
-
-def _init_scan(out_dir: Path, per_patient: dict, cross: NeedleIndex) -> None:
-    quiet_pydicom()
-    _WORKER.update(out_dir=out_dir, per_patient=per_patient, cross=cross)
-
-
-def _scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
-    out_rel, patient = item
-    indexes = [_WORKER["per_patient"].get(patient, NeedleIndex()), _WORKER["cross"]]
-    return out_rel, scan_file(_WORKER["out_dir"] / out_rel, indexes)
-
-
-def run_parallel(func, items: list, workers: int, init, initargs: tuple, desc: str,
-                 chunksize: int) -> list:
-    """``func`` over ``items`` in ``workers`` processes (in this one if 1), with a progress bar."""
-    if workers <= 1 or len(items) <= 1:
-        init(*initargs)
-        return [func(item) for item in tqdm(items, desc=desc, unit="file")]
-    with multiprocessing.Pool(workers, init, initargs) as pool:
-        return list(tqdm(pool.imap_unordered(func, items, chunksize), total=len(items),
-                         desc=desc, unit="file"))
-
-
-def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tuple) -> None:
-    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again, so
-    the output does not depend on which worker finished last; the others are quarantined."""
-    first: dict[str, FileResult] = {}
-    rewrite: set[str] = set()
-    for r in results:
-        if r.out_rel in first:
-            rewrite.add(first[r.out_rel].rel)
-            r.reason, r.detail, r.out_rel = "duplicate_sop_instance", "same SOPInstanceUID", ""
-        elif r.out_rel:
-            first[r.out_rel] = r
-    if rewrite:
-        _init_deid(*initargs)
-        for path, rel in items:
-            if rel in rewrite:
-                _deid_one((path, rel))
-
-
-def discover(input_dir: Path, exclude: list[Path]) -> tuple[str, Path | None, list[tuple[str, str]]]:
+def discover(
+    input_dir: Path, exclude: list[Path]
+) -> tuple[str, Path | None, list[tuple[str, str]]]:
     """Return (cohort source, DICOM root, [(absolute path, path relative to INPUT_DIR)])."""
     cohort = input_dir / "cohort.json"
     source = str(read_json(cohort).get("source", "dicom")) if cohort.is_file() else "real"
@@ -127,8 +66,11 @@ def discover(input_dir: Path, exclude: list[Path]) -> tuple[str, Path | None, li
 def prepare_output(out_dir: Path) -> None:
     """Empty OUTPUT_DIR if a previous run of this stage wrote it; refuse any other content."""
     if out_dir.is_dir():
-        foreign = [p.name for p in out_dir.iterdir()
-                   if p.name not in ("dicom", "images", *OWN_FILES) and not p.name.endswith(".tmp")]
+        foreign = [
+            p.name
+            for p in out_dir.iterdir()
+            if p.name not in ("dicom", "images", *OWN_FILES) and not p.name.endswith(".tmp")
+        ]
         if foreign:
             raise SystemExit(f"{out_dir} holds files this stage did not write, e.g. {foreign[0]}")
         for name in ("dicom", "images"):
@@ -138,15 +80,17 @@ def prepare_output(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def luna16_images(input_dir: Path, out_dir: Path, keyring: Keyring,
-                  evidence: dict[str, Evidence]) -> tuple[list[FileResult], list[Path]]:
+def luna16_images(
+    input_dir: Path, out_dir: Path, keyring: Keyring, evidence: dict[str, Evidence]
+) -> tuple[list[FileResult], list[Path]]:
     """Copy every ``images/*.mhd`` pair renamed to the remapped series UID."""
     results, written = [], []
     for mhd in tqdm(sorted((input_dir / "images").rglob("*.mhd")), desc="luna16", unit="image"):
         rel = str(mhd.relative_to(input_dir))
         new = keyring.uid(mhd.stem)
-        result = FileResult(rel=rel, patient=new, series=new, study=new,
-                            out_rel=f"images/{new}.mhd")
+        result = FileResult(
+            rel=rel, patient=new, series=new, study=new, out_rel=f"images/{new}.mhd"
+        )
         try:
             paths, dropped = copy_mhd(mhd, out_dir / "images", new)
         except Quarantine as q:
@@ -154,14 +98,20 @@ def luna16_images(input_dir: Path, out_dir: Path, keyring: Keyring,
         else:
             written += paths
             evidence[new].ident.add(mhd.stem.lower())
-            result.audit = {"file": result.out_rel, "sop_class": "", "modality": "mhd",
-                            "n_X": dropped, "actions": "ElementDataFile=U"}
+            result.audit = {
+                "file": result.out_rel,
+                "sop_class": "",
+                "modality": "mhd",
+                "n_X": dropped,
+                "actions": "ElementDataFile=U",
+            }
         results.append(result)
     return results, written
 
 
-def remap_annotations(input_dir: Path, keyring: Keyring, series_out: set[str]
-                      ) -> tuple[pd.DataFrame, int]:
+def remap_annotations(
+    input_dir: Path, keyring: Keyring, series_out: set[str]
+) -> tuple[pd.DataFrame, int]:
     """Annotations with ``seriesuid`` remapped; rows of series not written are dropped."""
     path = input_dir / "annotations.csv"
     if not path.is_file():
@@ -170,100 +120,185 @@ def remap_annotations(input_dir: Path, keyring: Keyring, series_out: set[str]
     frame["seriesuid"] = [keyring.uid(u) for u in frame["seriesuid"].astype(str)]
     kept = frame[frame["seriesuid"].isin(series_out)]
     if len(kept) < len(frame):
-        log.warning("%d annotation rows refer to series not written (quarantined or absent)",
-                    len(frame) - len(kept))
+        log.warning(
+            "%d annotation rows refer to series not written (quarantined or absent)",
+            len(frame) - len(kept),
+        )
     return kept[ANNOTATION_COLUMNS].reset_index(drop=True), len(frame)
 
 
-def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> NeedleIndex:
-    """Needles for names and tables shared by all patients: all text and UID-like values."""
-    index = NeedleIndex(cross.text and set().union(*cross.text.values()))
-    for patient in per_patient.values():
-        for tuples in patient.text.values():
-            for n in tuples:
-                index.add(n)
-        for n in patient.exact:
-            if n.count(".") >= 2:
-                index.add(n)
-    return index
-
-
-def verify(out_dir: Path, results: list[FileResult], evidence: dict[str, Evidence],
-           extra_files: list[Path], cfg: dict) -> list[tuple[str, str]]:
-    """Scan every output for the input's identifying values; return (file, finding) pairs."""
-    per_patient, cross = build_indexes(evidence, int(cfg["leak_min_chars"]))
-    shared = global_index(per_patient, cross)
-    items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
-    scanned = run_parallel(_scan_one, items, int(cfg["workers"]), _init_scan,
-                           (out_dir, per_patient, cross), "verify", int(cfg["chunksize"]))
-    leaks = [(rel, finding) for rel, findings in scanned for finding in findings]
-    for path in extra_files:  # mhd headers, CSVs, JSON
-        text = path.read_text(encoding="latin-1")
-        cells = text.replace(",", "\n").replace('"', "\n").splitlines()
-        leaks += [(str(path.relative_to(out_dir)), f) for f in scan_text(cells, [shared])]
-    names = [part for r in results if r.out_rel for part in Path(r.out_rel).parts]
-    leaks += [("<file names>", f) for f in scan_text(names, [shared])]
-    return leaks
-
-
-def write_tables(out_dir: Path, private_dir: Path, results: list[FileResult], keyring: Keyring,
-                 options: DeidOptions, meta: dict) -> None:
+def write_tables(
+    out_dir: Path,
+    private_dir: Path,
+    results: list[FileResult],
+    keyring: Keyring,
+    options: DeidOptions,
+    meta: dict,
+) -> None:
     """audit.csv, quarantine.csv (public and private), linkage.csv, deid_options.json."""
     codes = ";".join(options.codes())
     audit = pd.DataFrame([{**r.audit, "options": codes} for r in results if not r.reason])
     write_csv(out_dir / "audit.csv", audit.sort_values("file") if len(audit) else audit)
     bad = [r for r in results if r.reason]
-    public = pd.DataFrame([{"path_hash": keyring.path_hash(r.rel), "reason": r.reason} for r in bad],
-                          columns=["path_hash", "reason"])
+    public = pd.DataFrame(
+        [{"path_hash": keyring.path_hash(r.rel), "reason": r.reason} for r in bad],
+        columns=["path_hash", "reason"],
+    )
     write_csv(out_dir / "quarantine.csv", public.sort_values("path_hash"))
-    private = pd.DataFrame([{"path": r.rel, "path_hash": keyring.path_hash(r.rel),
-                             "reason": r.reason, "detail": r.detail} for r in bad],
-                           columns=["path", "path_hash", "reason", "detail"])
+    private = pd.DataFrame(
+        [
+            {
+                "path": r.rel,
+                "path_hash": keyring.path_hash(r.rel),
+                "reason": r.reason,
+                "detail": r.detail,
+            }
+            for r in bad
+        ],
+        columns=["path", "path_hash", "reason", "detail"],
+    )
     write_csv(private_dir / "quarantine.csv", private.sort_values("path"))
     linkage = sorted({row for r in results for row in r.linkage})
     if linkage:
-        write_csv(private_dir / "linkage.csv",
-                  pd.DataFrame(linkage, columns=["kind", "original", "pseudonym"]))
+        write_csv(
+            private_dir / "linkage.csv",
+            pd.DataFrame(linkage, columns=["kind", "original", "pseudonym"]),
+        )
     write_json(out_dir / "deid_options.json", meta)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("input_dir", type=Path, help="raw cohort (data/raw), holds PHI")
+    parser.add_argument("output_dir", type=Path, help="de-identified cohort (data/anonymized)")
+    parser.add_argument(
+        "--private-dir",
+        type=Path,
+        default=None,
+        help="push: false folder for original paths and linkage (default: OUTPUT_DIR + '_private')",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="figures of the run (dvc.yaml: metrics/anonymize.json; "
+        "default: PRIVATE_DIR/anonymize.json)",
+    )
+    return parser.parse_args(argv)
+
+
+def deid_meta(
+    options: DeidOptions, source: str, keyring: Keyring, key_source: str, cfg: dict
+) -> dict:
+    """deid_options.json: the profile, options and table this cohort was de-identified with."""
+    info = table_info()
+    return {
+        "profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
+        "codes": options.codes(),
+        "options": options.as_dict(),
+        "cohort_source": source,
+        "table": {
+            k: info[k]
+            for k in (
+                "table",
+                "version",
+                "rows",
+                "deid_profile_csv_sha256",
+                "safe_private_rows",
+                "sources",
+            )
+        },
+        "uid_scheme": "2.25.<int(HMAC-SHA256(key, uid)[:16])>",
+        "key_source": key_source,
+        "key_fingerprint": keyring.fingerprint(),
+        **{k: cfg[k] for k in ("date_shift_days", "burned_in_missing_ok", "leak_min_chars")},
+    }
+
+
+def run_metrics(
+    results: list[FileResult],
+    written: list[FileResult],
+    n_annotations: int,
+    annotations: pd.DataFrame,
+    leaks: list,
+    seconds: float,
+) -> dict:
+    reasons = Counter(r.reason for r in results if r.reason)
+    return {
+        "files_in": len(results),
+        "files_out": len(written),
+        "files_quarantined": sum(reasons.values()),
+        "series_out": len({r.series for r in written}),
+        "patients_out": len({r.patient for r in written}),
+        "annotations_in": n_annotations,
+        "annotations_out": len(annotations),
+        "leaks_found": len(leaks),
+        "seconds": seconds,
+        "files_per_s": len(results) / seconds if seconds else 0.0,
+        "quarantine_reasons": dict(sorted(reasons.items())),
+    }
+
+
+def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
+    """Delete every output file the leak gate found an identifier in; list them privately."""
+    write_csv(private_dir / "leaks.csv", pd.DataFrame(leaks, columns=["file", "finding"]))
+    for rel in sorted({rel for rel, _ in leaks}):
+        (out_dir / rel).unlink(missing_ok=True)
+    log.error(
+        "%d identifying values survived in %d files (deleted; details in %s)",
+        len(leaks),
+        len({rel for rel, _ in leaks}),
+        private_dir / "leaks.csv",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input_dir", type=Path, help="raw cohort (data/raw), holds PHI")
-    parser.add_argument("output_dir", type=Path, help="de-identified cohort (data/anonymized)")
-    parser.add_argument("--private-dir", type=Path, default=None,
-                        help="push: false folder for original paths and linkage "
-                             "(default: OUTPUT_DIR + '_private')")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/anonymize.json"))
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
-    record_environment("anonymize", Path(args.metrics).parent / "env")
     start = time.perf_counter()
     out_dir, input_dir = args.output_dir, args.input_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
-    if private_dir.resolve() == out_dir.resolve() or out_dir.resolve() in private_dir.resolve().parents:
+    metrics_path = args.metrics or private_dir / "anonymize.json"
+    if (
+        private_dir.resolve() == out_dir.resolve()
+        or out_dir.resolve() in private_dir.resolve().parents
+    ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
+    record_environment("anonymize", metrics_path.parent / "env")
 
     source, _root, items = discover(input_dir, [out_dir, private_dir])
     try:
-        key, key_source = load_key(cfg["key_file"], source == "synthetic",
-                                   [input_dir, out_dir, private_dir])
+        key, key_source = load_key(
+            cfg["key_file"], source == "synthetic", [input_dir, out_dir, private_dir]
+        )
     except DeidKeyError as err:
         log.error("%s", err)
         return 2
     keyring, options = Keyring(key), DeidOptions.from_params(cfg)
     prepare_output(out_dir)
     private_dir.mkdir(parents=True, exist_ok=True)
-    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source,
-             options.codes())
+    log.info(
+        "%s cohort, %d files, key from %s, options %s",
+        source,
+        len(items),
+        key_source,
+        options.codes(),
+    )
 
     initargs = (options.as_dict(), key, cfg, out_dir)
-    results = run_parallel(_deid_one, items, int(cfg["workers"]), _init_deid, initargs,
-                           "anonymize", int(cfg["chunksize"]))
+    results = batch.run_parallel(
+        batch.deid_one,
+        items,
+        int(cfg["workers"]),
+        batch.init_deid,
+        initargs,
+        "anonymize",
+        int(cfg["chunksize"]),
+    )
     results.sort(key=lambda r: r.rel)
-    dedupe(results, items, initargs)
+    batch.dedupe(results, items, initargs)
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
@@ -275,37 +310,31 @@ def main(argv: list[str] | None = None) -> int:
     written = [r for r in results if not r.reason]
     annotations, n_annotations = remap_annotations(input_dir, keyring, {r.series for r in written})
     write_csv(out_dir / "annotations.csv", annotations)
-    info = table_info()
-    meta = {"profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
-            "codes": options.codes(), "options": options.as_dict(), "cohort_source": source,
-            "table": {k: info[k] for k in ("table", "version", "rows", "deid_profile_csv_sha256",
-                                           "safe_private_rows", "sources")},
-            "uid_scheme": "2.25.<int(HMAC-SHA256(key, uid)[:16])>", "key_source": key_source,
-            "key_fingerprint": keyring.fingerprint(),
-            **{k: cfg[k] for k in ("date_shift_days", "burned_in_missing_ok", "leak_min_chars")}}
-    write_tables(out_dir, private_dir, results, keyring, options, meta)
+    write_tables(
+        out_dir,
+        private_dir,
+        results,
+        keyring,
+        options,
+        deid_meta(options, source, keyring, key_source, cfg),
+    )
 
     extra += [out_dir / name for name in OWN_FILES]
-    leaks = verify(out_dir, written, evidence, extra, cfg)
-    seconds = time.perf_counter() - start
-    reasons = Counter(r.reason for r in results if r.reason)
-    metrics = {
-        "files_in": len(results), "files_out": len(written), "files_quarantined": sum(reasons.values()),
-        "series_out": len({r.series for r in written}), "patients_out": len({r.patient for r in written}),
-        "annotations_in": n_annotations, "annotations_out": len(annotations),
-        "leaks_found": len(leaks), "seconds": seconds,
-        "files_per_s": len(results) / seconds if seconds else 0.0,
-        "quarantine_reasons": dict(sorted(reasons.items())),
-    }
-    write_json(args.metrics, rounded(metrics))
-    log.info("%d in, %d out, %d quarantined %s, %.1f files/s", metrics["files_in"],
-             metrics["files_out"], metrics["files_quarantined"], dict(reasons), metrics["files_per_s"])
+    leaks = batch.verify(out_dir, written, evidence, extra, cfg)
+    metrics = run_metrics(
+        results, written, n_annotations, annotations, leaks, time.perf_counter() - start
+    )
+    write_json(metrics_path, rounded(metrics))
+    log.info(
+        "%d in, %d out, %d quarantined %s, %.1f files/s",
+        metrics["files_in"],
+        metrics["files_out"],
+        metrics["files_quarantined"],
+        metrics["quarantine_reasons"],
+        metrics["files_per_s"],
+    )
     if leaks:
-        write_csv(private_dir / "leaks.csv", pd.DataFrame(leaks, columns=["file", "finding"]))
-        for rel in sorted({rel for rel, _ in leaks}):
-            (out_dir / rel).unlink(missing_ok=True)
-        log.error("%d identifying values survived in %d files (deleted; details in %s)",
-                  len(leaks), len({rel for rel, _ in leaks}), private_dir / "leaks.csv")
+        remove_leaking(leaks, out_dir, private_dir)
         return 1
     return 0
 

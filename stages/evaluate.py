@@ -31,15 +31,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from ctpipe import data, metrics, nets, postprocess, runtime  # noqa: E402
+from ctpipe.deploy import runtime
+from ctpipe.evaluation import luna16, scoring
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
+from ctpipe.model import data, nets
 from ctpipe.params import stage_params
+from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment  # noqa: E402
 
 log = logging.getLogger("evaluate")
-FP_RATES = metrics.LUNA16_FP_RATES
+FP_RATES = luna16.LUNA16_FP_RATES
 
 
 def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:
@@ -49,7 +51,9 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     for ax, (name, mask) in zip(axes, [("image", None), ("truth", truth), ("prediction", pred)]):
         ax.imshow(image[k], cmap="gray")
         if mask is not None:
-            ax.contour(mask[k], levels=[0.5], colors="lime" if name == "truth" else "red", linewidths=1)
+            ax.contour(
+                mask[k], levels=[0.5], colors="lime" if name == "truth" else "red", linewidths=1
+            )
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(f"{title} (slice {k})")
@@ -57,6 +61,42 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def write_plots(
+    plots: Path, score: scoring.SplitScore, nodules: pd.DataFrame, operating: dict, kept: dict
+) -> None:
+    """metrics/evaluate/: per-case table, candidates, lesion confusion, FROC curve, overlays of the
+    best and the worst test case with nodules."""
+    per_case, cands, froc = score.per_case, score.candidates, score.froc
+    if plots.exists():
+        shutil.rmtree(plots)
+    plots.mkdir(parents=True)
+    write_csv(plots / "per_case.csv", per_case.round(4))
+    write_csv(plots / "candidates.csv", luna16.match_candidates(cands, nodules))
+    write_csv(plots / "lesion_confusion.csv", operating["confusion"])
+    curve = froc["curve"]
+    write_csv(
+        plots / "froc.csv",
+        pd.DataFrame(
+            {"fps_per_scan": curve["fps_per_scan"], "sensitivity": curve["sensitivity"]}
+        ).round(4),
+    )
+    # Best and worst among the cases with nodules, the cases the Dice figure is about.
+    scored = (
+        per_case[per_case["truth_voxels"] > 0]
+        .dropna(subset=["dice"])
+        .sort_values(["dice", "case_id"])
+    )
+    for name, row in (("worst", scored.iloc[0]), ("best", scored.iloc[-1])) if len(scored) else ():
+        image, truth, pred = kept[row["case_id"]]
+        overlay(
+            plots / "overlays" / f"{name}.png",
+            image,
+            truth,
+            pred,
+            f"{name} test case {row['case_id']}: Dice {row['dice']:.3f}",
+        )
 
 
 def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) -> dict:
@@ -70,64 +110,64 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
     rows, candidates, kept = [], [], {}
-    for case, image, truth, prob, geom in runtime.predict_cases(net, processed, cases, cfg,
-                                                                int(ckpt["train_params"]["context_slices"]), "evaluate"):
-        voxel, cands, pred = metrics.score_volume(
-            prob, truth, geom, threshold=float(cfg["threshold"]), component_threshold=float(cfg["component_threshold"]),
-            min_candidate_mm3=float(cfg["min_candidate_mm3"]), shape_weight=float(cfg["shape_weight"]),
-            surface_tolerance_mm=float(cfg["surface_tolerance_mm"]))
-        rows.append({"case_id": case["case_id"], "seriesuid": case["seriesuid"], "nodules": int(case["nodules"]),
-                     "truth_voxels": int(truth.sum()), "pred_voxels": int(pred.sum()), **voxel})
-        candidates.append(cands.assign(seriesuid=case["seriesuid"]))
+    for case, image, truth, prob, geom in runtime.predict_cases(
+        net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "evaluate"
+    ):
+        row, cands, pred = scoring.score_case(case, prob, truth, geom, cfg)
+        rows.append(row)
+        candidates.append(cands)
         kept[case["case_id"]] = (image, truth, pred)
-    per_case = pd.DataFrame(rows)
-    cands = pd.concat(candidates, ignore_index=True)
-    froc = metrics.froc(cands, nodules, len(cases), FP_RATES)
-    boot = metrics.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
-    operating = metrics.operating_point(cands, nodules, len(cases))
+    score = scoring.summarise(rows, candidates, nodules, FP_RATES)
+    cands, froc, summary = score.candidates, score.froc, score.voxel
+    boot = luna16.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
+    operating = luna16.operating_point(cands, nodules, len(cases))
 
-    if plots.exists():
-        shutil.rmtree(plots)
-    plots.mkdir(parents=True)
-    write_csv(plots / "per_case.csv", per_case.round(4))
-    write_csv(plots / "candidates.csv", metrics.match_candidates(cands, nodules))
-    write_csv(plots / "lesion_confusion.csv", operating["confusion"])
-    curve = froc["curve"]
-    write_csv(plots / "froc.csv", pd.DataFrame({"fps_per_scan": curve["fps_per_scan"],
-                                                "sensitivity": curve["sensitivity"]}).round(4))
-    # Best and worst among the cases with nodules, the cases the Dice figure is about.
-    scored = per_case[per_case["truth_voxels"] > 0].dropna(subset=["dice"]).sort_values(["dice", "case_id"])
-    for name, row in (("worst", scored.iloc[0]), ("best", scored.iloc[-1])) if len(scored) else ():
-        image, truth, pred = kept[row["case_id"]]
-        overlay(plots / "overlays" / f"{name}.png", image, truth, pred,
-                f"{name} test case {row['case_id']}: Dice {row['dice']:.3f}")
-    # Voxel metrics are averaged over the cases that have nodules; cases without one are judged
-    # by the lesion-level figures (their false positives count in fp_per_scan).
-    with_nodules = per_case[per_case["truth_voxels"] > 0]
-    summary = metrics.aggregate(with_nodules[["dice", "iou", "hd95_mm", "surface_dice"]].to_dict("records"))
-    return rounded({
-        "dice": summary["dice"], "iou": summary["iou"], "hd95_mm": summary["hd95_mm"],
-        "surface_dice": summary["surface_dice"],
-        "froc_cpm": froc["cpm"], "froc_cpm_ci95": [boot["cpm"]["lo"], boot["cpm"]["hi"]],
-        "sensitivity_at_fp": {f"{rate:g}": value for rate, value in froc["sensitivity_at"].items()},
-        "sensitivity": operating["sensitivity"], "fp_per_scan": operating["fp_per_scan"],
-        "test_cases": len(cases), "test_nodules": int(len(nodules)),
-    })
+    write_plots(plots, score, nodules, operating, kept)
+    return rounded(
+        {
+            "dice": summary["dice"],
+            "iou": summary["iou"],
+            "hd95_mm": summary["hd95_mm"],
+            "surface_dice": summary["surface_dice"],
+            "froc_cpm": froc["cpm"],
+            "froc_cpm_ci95": [boot["cpm"]["lo"], boot["cpm"]["hi"]],
+            "sensitivity_at_fp": {
+                f"{rate:g}": value for rate, value in froc["sensitivity_at"].items()
+            },
+            "sensitivity": operating["sensitivity"],
+            "fp_per_scan": operating["fp_per_scan"],
+            "test_cases": len(cases),
+            "test_nodules": int(len(nodules)),
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
-    parser.add_argument("plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)")
-    parser.add_argument("--postprocessing", type=Path, required=True,
-                        help="post-processing chosen on validation (models/postprocessing.json)")
+    parser.add_argument(
+        "plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)"
+    )
+    parser.add_argument(
+        "--postprocessing",
+        type=Path,
+        required=True,
+        help="post-processing chosen on validation (models/postprocessing.json)",
+    )
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/evaluate.json"))
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        required=True,
+        help="figures of the run to write (dvc.yaml: metrics/evaluate.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
-    cfg.update(postprocess.load(args.postprocessing))
+    cfg.update(choose.load(args.postprocessing))
     record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
     write_json(args.metrics, result)

@@ -39,11 +39,20 @@ ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 
 def generate_synthetic(out: Path, cfg: dict, seed: int, workers: int) -> pd.DataFrame:
     """Write the synthetic cohort's DICOM studies under ``out``; return its annotations."""
-    job = partial(synth.write_case, out, seed, cfg=cfg["synthetic"],
-                  oblique=float(cfg["synthetic"]["oblique_degrees"]) > 0)
+    job = partial(
+        synth.write_case,
+        out,
+        seed,
+        cfg=cfg["synthetic"],
+        oblique=float(cfg["synthetic"]["oblique_degrees"]) > 0,
+    )
     indices = range(int(cfg["synthetic"]["n_patients"]))
     with ProcessPoolExecutor(max(1, workers)) as pool:
-        rows = list(tqdm(pool.map(job, indices), total=len(indices), desc="synthetic cohort", unit="patient"))
+        rows = list(
+            tqdm(
+                pool.map(job, indices), total=len(indices), desc="synthetic cohort", unit="patient"
+            )
+        )
     return synth.annotations_frame([r for case_rows in rows for r in case_rows])
 
 
@@ -80,29 +89,52 @@ def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(mhd))
             reader.ReadImageInformation()
-            data = mhd.parent / next(line.split("=", 1)[1].strip() for line in mhd.read_text().splitlines()
-                                     if line.startswith("ElementDataFile"))
+            data = mhd.parent / next(
+                line.split("=", 1)[1].strip()
+                for line in mhd.read_text().splitlines()
+                if line.startswith("ElementDataFile")
+            )
             sitk.ReadImage(str(mhd))  # reads the pixels: catches a truncated .raw
         except Exception as exc:
-            rows.append({"path": rel, "status": "skipped", "reason": f"unreadable MetaImage: {exc}"})
+            rows.append(
+                {"path": rel, "status": "skipped", "reason": f"unreadable MetaImage: {exc}"}
+            )
             continue
         paired.add(data)
         uid = mhd.stem
         shutil.copy2(mhd, out / f"{uid}.mhd")
         shutil.copy2(data, out / data.name)
-        rows.append({"path": rel, "status": "ok", "reason": "", "series_uid": uid, "modality": "CT"})
-        rows.append({"path": str(data.relative_to(source)), "status": "ok",
-                     "reason": f"pixel data of {rel}", "series_uid": uid, "modality": "CT"})
+        rows.append(
+            {"path": rel, "status": "ok", "reason": "", "series_uid": uid, "modality": "CT"}
+        )
+        rows.append(
+            {
+                "path": str(data.relative_to(source)),
+                "status": "ok",
+                "reason": f"pixel data of {rel}",
+                "series_uid": uid,
+                "modality": "CT",
+            }
+        )
     for other in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix != ".mhd"):
         if other not in paired and other.name != "annotations.csv":
-            rows.append({"path": str(other.relative_to(source)), "status": "skipped",
-                         "reason": "not part of a readable .mhd/.raw pair"})
+            rows.append(
+                {
+                    "path": str(other.relative_to(source)),
+                    "status": "skipped",
+                    "reason": "not part of a readable .mhd/.raw pair",
+                }
+            )
     return pd.DataFrame(rows, columns=dicomio.MANIFEST_COLUMNS)
 
 
 def _checks(cfg: dict) -> dict:
-    return {"modalities": tuple(cfg["modalities"]), "min_slices": int(cfg["min_slices"]),
-            "spacing_tolerance": float(cfg["spacing_tolerance"]), "uneven": cfg["uneven_slices"]}
+    return {
+        "modalities": tuple(cfg["modalities"]),
+        "min_slices": int(cfg["min_slices"]),
+        "spacing_tolerance": float(cfg["spacing_tolerance"]),
+        "uneven": cfg["uneven_slices"],
+    }
 
 
 def run(cfg: dict, seed: int, out: Path) -> dict:
@@ -125,12 +157,17 @@ def run(cfg: dict, seed: int, out: Path) -> dict:
         manifest = ingest_luna16(Path(cfg["source_dir"]), out / "images")
         annotations = read_annotations(Path(cfg["source_dir"]) / "annotations.csv")
     else:
-        raise ValueError(f"params.yaml ingest.source: unknown source {source!r} (synthetic, dicom, luna16)")
+        raise ValueError(
+            f"params.yaml ingest.source: unknown source {source!r} (synthetic, dicom, luna16)"
+        )
     accepted = set(manifest.loc[manifest["status"] == "ok", "series_uid"])
     unmatched = annotations[~annotations["seriesuid"].isin(accepted)]
     if len(unmatched):
-        log.warning("%d annotation(s) name series that were not accepted; they are kept in "
-                    "annotations.csv and reported by preprocess", len(unmatched))
+        log.warning(
+            "%d annotation(s) name series that were not accepted; they are kept in "
+            "annotations.csv and reported by preprocess",
+            len(unmatched),
+        )
     for _, row in manifest[manifest["status"] != "ok"].iterrows():
         log.warning("skipped %s: %s", row["path"], row["reason"])
     write_csv(out / "manifest.csv", manifest)
@@ -147,10 +184,19 @@ def run(cfg: dict, seed: int, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", type=Path, help="raw cohort folder to write (data/raw)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/ingest.json"), help="metrics JSON to write")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        required=True,
+        help="figures of the run to write (dvc.yaml: metrics/ingest.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("ingest", args.params)

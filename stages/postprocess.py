@@ -23,32 +23,41 @@ from pathlib import Path
 
 import torch
 
-from ctpipe import data, nets, postprocess, runtime
+from ctpipe.deploy import runtime
 from ctpipe.fileio import rounded, write_csv, write_json
+from ctpipe.model import data, nets
 from ctpipe.params import stage_params
+from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("postprocess")
 
 
-def val_cases(model_path: Path, processed: Path, cfg: dict) -> tuple[list[postprocess.Case], object]:
+def val_cases(model_path: Path, processed: Path, cfg: dict) -> tuple[list[choose.Case], object]:
     """Predict every validation case; return them with the validation nodules."""
     net, ckpt = nets.load_checkpoint(str(model_path))
     cases = data.cases_in(data.load_index(processed), "val")
     if not cases:
-        raise ValueError(f"{processed}/index.json: the val split is empty; nothing to choose the post-processing on")
+        raise ValueError(
+            f"{processed}/index.json: the val split is empty; nothing to choose the post-processing on"
+        )
     nodules = data.load_nodules(processed)
-    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(drop=True)
-    out = [postprocess.Case(prob, truth, geom, case["seriesuid"])
-           for case, _, truth, prob, geom in runtime.predict_cases(
-               net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "validation")]
+    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(
+        drop=True
+    )
+    out = [
+        choose.Case(prob, truth, geom, case["seriesuid"])
+        for case, _, truth, prob, geom in runtime.predict_cases(
+            net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "validation"
+        )
+    ]
     return out, nodules
 
 
 def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, seed: int) -> dict:
     torch.manual_seed(seed)
     cases, nodules = val_cases(model_path, processed, cfg)
-    result = postprocess.choose(cases, nodules, cfg)
+    result = choose.choose(cases, nodules, cfg)
     write_csv(tables / "sweep.csv", result["masks"].round(4))
     write_csv(tables / "shape.csv", result["shape"].round(4))
     record = {
@@ -61,11 +70,15 @@ def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, s
         "model_sha256_16": _sha(model_path),
     }
     write_json(out, rounded(record))
-    log.info("chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g (val Dice %.4f, "
-             "CPM %.4f)", result["val"]["cases"], *result["chosen"].values(), result["val"]["dice"],
-             result["val"]["cpm"])
-    return rounded({**result["chosen"],
-                    **{f"val_{k}": v for k, v in result["val"].items()}})
+    log.info(
+        "chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g (val Dice %.4f, "
+        "CPM %.4f)",
+        result["val"]["cases"],
+        *result["chosen"].values(),
+        result["val"]["dice"],
+        result["val"]["cpm"],
+    )
+    return rounded({**result["chosen"], **{f"val_{k}": v for k, v in result["val"].items()}})
 
 
 def _sha(path: Path) -> str:
@@ -73,11 +86,17 @@ def _sha(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
-    parser.add_argument("out", type=Path, help="chosen post-processing to write (models/postprocessing.json)")
-    parser.add_argument("--tables", type=Path, required=True, help="folder for sweep.csv and shape.csv")
+    parser.add_argument(
+        "out", type=Path, help="chosen post-processing to write (models/postprocessing.json)"
+    )
+    parser.add_argument(
+        "--tables", type=Path, required=True, help="folder for sweep.csv and shape.csv"
+    )
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     args = parser.parse_args(argv)

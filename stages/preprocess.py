@@ -35,20 +35,32 @@ def discover(in_dir: Path, workers: int) -> list[dict]:
     sources = []
     if (in_dir / "dicom").is_dir():
         # ingest already chose the series (modality, slice count, uneven steps): accept them all.
-        manifest = dicomio.scan_folder(in_dir / "dicom", workers, modalities=None, uneven="resample")
+        manifest = dicomio.scan_folder(
+            in_dir / "dicom", workers, modalities=None, uneven="resample"
+        )
         for _, row in manifest[manifest["status"] != "ok"].iterrows():
             log.warning("skipped %s: %s", row["path"], row["reason"])
         patients = manifest.drop_duplicates("series_uid").set_index("series_uid")["patient_id"]
         for uid, paths in dicomio.series_files(manifest).items():
-            sources.append({"kind": "dicom", "seriesuid": uid, "patient_id": patients[uid] or uid,
-                            "paths": [str(in_dir / "dicom" / p) for p in paths]})
+            sources.append(
+                {
+                    "kind": "dicom",
+                    "seriesuid": uid,
+                    "patient_id": patients[uid] or uid,
+                    "paths": [str(in_dir / "dicom" / p) for p in paths],
+                }
+            )
     for mhd in sorted((in_dir / "images").glob("*.mhd")) if (in_dir / "images").is_dir() else []:
-        sources.append({"kind": "mhd", "seriesuid": mhd.stem, "patient_id": mhd.stem, "path": str(mhd)})
+        sources.append(
+            {"kind": "mhd", "seriesuid": mhd.stem, "patient_id": mhd.stem, "path": str(mhd)}
+        )
     sources.sort(key=lambda s: s["seriesuid"])
     for i, src in enumerate(sources):
         src["index"], src["case_id"] = i, f"case_{i:03d}"
     if not sources:
-        raise FileNotFoundError(f"{in_dir}: no DICOM series (dicom/) or MetaImages (images/) to preprocess")
+        raise FileNotFoundError(
+            f"{in_dir}: no DICOM series (dicom/) or MetaImages (images/) to preprocess"
+        )
     return sources
 
 
@@ -58,10 +70,15 @@ def _write_case(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
     write_npy(out / "cases" / f"{source['case_id']}.image.npy", result["image"])
     write_npy(out / "cases" / f"{source['case_id']}.label.npy", result["label"])
     report = result["nodules"].assign(case_id=source["case_id"])
-    entry = {"case_id": source["case_id"], "seriesuid": source["seriesuid"],
-             "patient_id": source["patient_id"], "shape": list(result["image"].shape),
-             "geometry": result["geometry"].to_dict(), "nodules": int(len(report)),
-             "foreground_voxels": int(result["label"].sum())}
+    entry = {
+        "case_id": source["case_id"],
+        "seriesuid": source["seriesuid"],
+        "patient_id": source["patient_id"],
+        "shape": list(result["image"].shape),
+        "geometry": result["geometry"].to_dict(),
+        "nodules": int(len(report)),
+        "foreground_voxels": int(result["label"].sum()),
+    }
     return {"entry": entry, "nodules": report}
 
 
@@ -72,29 +89,59 @@ def _pmap(fn, items, workers: int, desc: str) -> list:
     return [fn(item) for item in tqdm(items, desc=desc, unit="case")]
 
 
+def split_cohort(sources: list[dict], per_case: dict, cfg: dict, seed: int) -> tuple[dict, dict]:
+    """The patient split (train / val / test) and the split of each patient.
+
+    The split comes first, from the annotations alone, so that the fingerprint and the plan are
+    made from the training cases (train + val) only: nothing of the test split shapes
+    preprocessing (nnU-Net fingerprints its training cases).
+    """
+    counts = pd.DataFrame(
+        {
+            "patient_id": [s["patient_id"] for s in sources],
+            "nodules": [len(per_case[s["seriesuid"]]) for s in sources],
+        }
+    )
+    patients = counts.groupby("patient_id", sort=True)["nodules"].sum().gt(0)
+    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg["split"], seed)
+    return splits, {p: name for name in ("train", "val", "test") for p in splits[name]}
+
+
+def warn_outside(nodules: pd.DataFrame) -> pd.DataFrame:
+    """Log and return the annotated nodules whose centre lies outside their volume."""
+    outside = nodules[~nodules["inside"]] if len(nodules) else nodules
+    for _, row in outside.iterrows():
+        log.warning(
+            "nodule at (%.1f, %.1f, %.1f) mm lies outside the volume of %s: not in its mask",
+            row["coordX"],
+            row["coordY"],
+            row["coordZ"],
+            row["case_id"],
+        )
+    return outside
+
+
 def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     workers = int(cfg["workers"])
     sources = discover(in_dir, workers)
     annotations = pd.read_csv(in_dir / "annotations.csv")
-    per_case = {s["seriesuid"]: annotations[annotations["seriesuid"] == s["seriesuid"]] for s in sources}
+    per_case = {
+        s["seriesuid"]: annotations[annotations["seriesuid"] == s["seriesuid"]] for s in sources
+    }
     orphans = annotations[~annotations["seriesuid"].isin(per_case)]
     for _, row in orphans.iterrows():
         log.warning("annotation for series %s: no such series in the cohort", row["seriesuid"])
-
-    # The split comes first, from the annotations alone, so that the fingerprint and the plan are
-    # made from the training cases (train + val) only: nothing of the test split shapes
-    # preprocessing (nnU-Net fingerprints its training cases).
-    counts = pd.DataFrame({"patient_id": [s["patient_id"] for s in sources],
-                           "nodules": [len(per_case[s["seriesuid"]]) for s in sources]})
-    patients = counts.groupby("patient_id", sort=True)["nodules"].sum().gt(0)
-    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg["split"], seed)
-    split_of = {p: name for name in ("train", "val", "test") for p in splits[name]}
+    splits, split_of = split_cohort(sources, per_case, cfg, seed)
     fitted = [s for s in sources if split_of[s["patient_id"]] != "test"]
     fingerprint = partial(_fingerprint, cfg=cfg, seed=seed, per_case=per_case)
     plan = prep.make_plan(_pmap(fingerprint, fitted, workers, "fingerprint"), cfg)
     plan["fingerprint"]["splits"] = ["train", "val"]
-    log.info("plan from %d train+val cases: target spacing %s mm, normalisation %s", len(fitted),
-             plan["target_spacing_mm"], plan["normalization"])
+    log.info(
+        "plan from %d train+val cases: target spacing %s mm, normalisation %s",
+        len(fitted),
+        plan["target_spacing_mm"],
+        plan["normalization"],
+    )
 
     if out.exists():
         shutil.rmtree(out)
@@ -103,10 +150,7 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     results = _pmap(job, sources, workers, "preprocess")
     entries = [r["entry"] for r in results]
     nodules = pd.concat([r["nodules"] for r in results], ignore_index=True)
-    outside = nodules[~nodules["inside"]] if len(nodules) else nodules
-    for _, row in outside.iterrows():
-        log.warning("nodule at (%.1f, %.1f, %.1f) mm lies outside the volume of %s: not in its mask",
-                    row["coordX"], row["coordY"], row["coordZ"], row["case_id"])
+    outside = warn_outside(nodules)
     for entry in entries:
         entry["split"] = split_of[entry["patient_id"]]
 
@@ -132,11 +176,20 @@ def _fingerprint(source: dict, cfg: dict, seed: int, per_case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("in_dir", type=Path, help="de-identified cohort (data/anonymized)")
     parser.add_argument("out_dir", type=Path, help="preprocessed dataset to write (data/processed)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/preprocess.json"))
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        required=True,
+        help="figures of the run to write (dvc.yaml: metrics/preprocess.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg, seed = stage_params("preprocess", args.params)

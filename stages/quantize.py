@@ -35,10 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctpipe import data, metrics, nets, onnxtools, postprocess, quant
+from ctpipe.deploy import onnx_export, parity, quant, sessions
+from ctpipe.evaluation import overlap, scoring
 from ctpipe.fileio import atomic_path, rounded, write_json
-from ctpipe.infer import onnx_predictor
+from ctpipe.model import data, nets
+from ctpipe.model.infer import onnx_predictor, torch_predictor
 from ctpipe.params import stage_params
+from ctpipe.postprocessing import choose
+from ctpipe.runenv import cpu_info
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("quantize")
@@ -70,38 +74,30 @@ def load_split(processed: Path, split: str) -> list[dict]:
 def evaluate_test(
     probs: list[np.ndarray], cases: list[dict], nodules: pd.DataFrame, cfg: dict
 ) -> dict:
-    """Pooled Dice, per-case voxel metrics (cases with nodules, as evaluate reports), CPM, masks."""
-    per_case, cands, masks = [], [], []
+    """Pooled Dice, the voxel metrics and CPM as evaluate reports them (:mod:`ctpipe.evaluation.scoring`), masks."""
+    rows, cands, masks = [], [], []
     for prob, case in zip(probs, cases):
-        voxel, found, mask = metrics.score_volume(
-            prob, case["label"], case["geom"], threshold=float(cfg["threshold"]),
-            component_threshold=float(cfg["component_threshold"]),
-            min_candidate_mm3=float(cfg["min_candidate_mm3"]),
-            shape_weight=float(cfg["shape_weight"]),
-        )
-        if case["label"].any():
-            per_case.append(voxel)
-        cands.append(found.assign(seriesuid=case["seriesuid"]))
+        row, found, mask = scoring.score_case(case, prob, case["label"], case["geom"], cfg)
+        rows.append(row)
+        cands.append(found)
         masks.append(mask)
-    summary = metrics.aggregate(per_case)
-    froc = metrics.froc(pd.concat(cands, ignore_index=True), nodules, len(cases))
+    score = scoring.summarise(rows, cands, nodules)
     return {
-        "dice": quant.pooled_dice(masks, [c["label"] for c in cases]),
-        "dice_case_mean": summary.get("dice", float("nan")),
-        "hd95_mm": summary.get("hd95_mm", float("nan")),
-        "cpm": froc["cpm"],
+        "dice": overlap.pooled_dice(masks, [c["label"] for c in cases]),
+        "dice_case_mean": score.voxel.get("dice", float("nan")),
+        "hd95_mm": score.voxel.get("hd95_mm", float("nan")),
+        "cpm": score.froc["cpm"],
         "masks": masks,
     }
 
 
 def patch_dice(session, patches: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> float:
     """Dice pooled over a set of labelled slabs, predicted whole (no sliding window)."""
-    inter = total = 0
-    for x, label in patches:
-        pred = onnxtools.foreground(session.run(None, {onnxtools.INPUT_NAME: x})[0], threshold)
-        inter += int(np.logical_and(pred, label).sum())
-        total += int(pred.sum()) + int(label.sum())
-    return 1.0 if total == 0 else 2.0 * inter / total
+    preds = [
+        parity.foreground(session.run(None, {onnx_export.INPUT_NAME: x})[0], threshold)
+        for x, _ in patches
+    ]
+    return overlap.pooled_dice(preds, [label for _, label in patches])
 
 
 def sweep(
@@ -134,10 +130,10 @@ def sweep(
             path = quant.quantize(
                 prepared, work / f"{name}.onnx", ranges, scheme, method, bool(cfg["per_channel"])
             )
-            session = onnxtools.ort_session(path, cfg["threads"], cfg["graph_optimization"])
+            session = sessions.ort_session(path, cfg["threads"], cfg["graph_optimization"])
             if scheme not in scheme_ms:
                 scheme_ms[scheme] = quant.latency_ms(
-                    lambda s=session: s.run(None, {onnxtools.INPUT_NAME: x_latency}),
+                    lambda s=session: s.run(None, {onnx_export.INPUT_NAME: x_latency}),
                     int(cfg["latency_warmup"]),
                     int(cfg["sweep_latency_runs"]),
                 )["median_ms"]
@@ -162,20 +158,19 @@ def sweep(
 
 
 def latencies(net: torch.nn.Module, fp32: Path, int8: Path, x: np.ndarray, cfg: dict) -> dict:
-    """Median and p90 milliseconds of PyTorch eager, ORT fp32 and ORT INT8 on one batch.
+    """Median and p90 milliseconds of PyTorch eager (channels-last), ORT fp32 and ORT INT8 on one batch.
 
     Also the 1-minute load average before and after, since other processes on a shared CPU
     change these figures more than anything the stage does.
     """
     xt = torch.from_numpy(x)
-    sessions = {
-        n: onnxtools.ort_session(p, cfg["threads"], cfg["graph_optimization"])
+    torch_run = torch_predictor(net)  # channels-last, as evaluate and bench_inference run it
+    ort = {
+        n: sessions.ort_session(p, cfg["threads"], cfg["graph_optimization"])
         for n, p in (("fp32", fp32), ("int8", int8))
     }
-    runs = {"torch": lambda: net(xt)}
-    runs.update(
-        {n: (lambda s=s: s.run(None, {onnxtools.INPUT_NAME: x})) for n, s in sessions.items()}
-    )
+    runs = {"torch": lambda: torch_run(xt)}
+    runs.update({n: (lambda s=s: s.run(None, {onnx_export.INPUT_NAME: x})) for n, s in ort.items()})
     load_before = os.getloadavg()[0]
     with torch.inference_mode():
         out = quant.rotated_latency_ms(
@@ -190,7 +185,7 @@ def choose_int8(
     """Calibrate on train slabs, sweep, pick by the gate on val slabs; copy the winner to ``int8``."""
     roi, batch, threshold = int(cfg["roi_size"]), int(cfg["latency_batch"]), float(cfg["threshold"])
     n_calib = math.ceil(int(cfg["calibration_slabs"]) / int(cfg["calibration_batch"]))
-    calib = onnxtools.sample_slabs(
+    calib = parity.sample_slabs(
         processed,
         "train",
         context,
@@ -198,7 +193,7 @@ def choose_int8(
         seed,
         float(cfg["calibration_fg_fraction"]),
     )
-    patches = onnxtools.sample_patches(
+    patches = parity.sample_patches(
         processed,
         "val",
         context,
@@ -207,7 +202,7 @@ def choose_int8(
         float(cfg["sweep_fg_fraction"]),
     )
     dice_fp32 = patch_dice(
-        onnxtools.ort_session(fp32, cfg["threads"], cfg["graph_optimization"]), patches, threshold
+        sessions.ort_session(fp32, cfg["threads"], cfg["graph_optimization"]), patches, threshold
     )
     with tempfile.TemporaryDirectory(dir=int8.parent, prefix=".quantize.") as tmp:
         prepared = quant.prepare(fp32, Path(tmp) / "prepared.onnx")
@@ -256,7 +251,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
     probs = {}
     for name, path in (("fp32", fp32), ("int8", int8)):
         predictor = onnx_predictor(
-            onnxtools.ort_session(path, cfg["threads"], cfg["graph_optimization"])
+            sessions.ort_session(path, cfg["threads"], cfg["graph_optimization"])
         )
         probs[name] = quant.segment_volumes(
             predictor,
@@ -275,7 +270,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
         "dice_definition": f"pooled over all voxels of the {len(test)} test cases, the nodule mask as evaluate "
         f"makes it (probability >= {cfg['threshold']}, components peaking >= {cfg['component_threshold']}), "
         "from one pass per view (evaluate also averages mirrored passes)",
-        "dice_int8_vs_fp32": quant.pooled_dice(q["masks"], f["masks"]),
+        "dice_int8_vs_fp32": overlap.pooled_dice(q["masks"], f["masks"]),
         "dice_case_mean_fp32": f["dice_case_mean"],
         "dice_case_mean_int8": q["dice_case_mean"],
         "hd95_mm_fp32": f["hd95_mm"],
@@ -291,13 +286,13 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
 
 def run(model_path: Path, processed: Path, out_dir: Path, cfg: dict, seed: int) -> dict:
     start = time.perf_counter()
-    threads = onnxtools.resolve_threads(cfg["threads"])
+    threads = sessions.resolve_threads(cfg["threads"])
     torch.set_num_threads(threads)
     net, ckpt = nets.load_checkpoint(str(model_path))
     context = int(ckpt["train_params"]["context_slices"])
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32, int8 = out_dir / "model_fp32.onnx", out_dir / "model_int8.onnx"
-    onnxtools.export_onnx(
+    onnx_export.export_onnx(
         net,
         nets.in_channels(ckpt["train_params"]),
         fp32,
@@ -334,7 +329,7 @@ def run(model_path: Path, processed: Path, out_dir: Path, cfg: dict, seed: int) 
             "size_ratio": int8.stat().st_size / fp32.stat().st_size,
             "threads": threads,
             "graph_optimization": cfg["graph_optimization"],
-            "cpu": quant.cpu_info(),
+            "cpu": cpu_info(),
             "opset": int(cfg["opset"]),
             "seconds": time.perf_counter() - start,
             "seconds_by_phase": phases,
@@ -350,15 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("out_dir", type=Path, help="fp32 and INT8 ONNX models (models/quantized)")
-    parser.add_argument("--postprocessing", type=Path, required=True,
-                        help="post-processing chosen on validation (models/postprocessing.json)")
+    parser.add_argument(
+        "--postprocessing",
+        type=Path,
+        required=True,
+        help="post-processing chosen on validation (models/postprocessing.json)",
+    )
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/quantize.json"))
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        required=True,
+        help="figures of the run to write (dvc.yaml: metrics/quantize.json)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    onnxtools.quiet_exporter_logs()
+    onnx_export.quiet_exporter_logs()
     cfg, seed = stage_params("quantize", args.params, shared=("inference",))
-    cfg.update(postprocess.load(args.postprocessing))
+    cfg.update(choose.load(args.postprocessing))
     record_environment("quantize", Path(args.metrics).parent / "env")
     result = run(args.model, args.data_dir, args.out_dir, cfg, seed)
     # Metrics first, so a failed gate still leaves the figures to look at.

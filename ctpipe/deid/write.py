@@ -24,11 +24,19 @@ from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from ctpipe.deid_verify import raw_vr
+from ctpipe.deid.verify import raw_vr
 
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
-NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "SV": "q",
-                  "UV": "Q"}
+NUMBER_FORMATS = {
+    "US": "H",
+    "SS": "h",
+    "UL": "I",
+    "SL": "i",
+    "FL": "f",
+    "FD": "d",
+    "SV": "q",
+    "UV": "Q",
+}
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -98,7 +106,9 @@ class Encoder:
     def element(self, ds: Dataset, tag: int, elem) -> bytes:
         vr = elem.VR
         if elem.is_raw and (elem.is_implicit_VR, elem.is_little_endian) != (
-                self.implicit, self.endian == "<"):
+            self.implicit,
+            self.endian == "<",
+        ):
             # Raw bytes in another encoding: the items of a sequence that was stored as UN
             # (always implicit VR little endian). Same byte order: only the VR needs looking up.
             vr = None if self.implicit else raw_vr(elem, tag)
@@ -112,9 +122,13 @@ class Encoder:
                 vr = "UN"  # PS3.5 6.2.2: too long for a 16-bit length
             return self.header(tag, vr, len(value)) + value
         if vr == "SQ":
-            items = [self.header(ITEM, None, UNDEFINED) + self.dataset(item)
-                     + self.delimiter(ITEM_END) for item in elem.value or []]
-            return self.header(tag, "SQ", UNDEFINED) + b"".join(items) + self.delimiter(SEQUENCE_END)
+            items = [
+                self.header(ITEM, None, UNDEFINED) + self.dataset(item) + self.delimiter(ITEM_END)
+                for item in elem.value or []
+            ]
+            return (
+                self.header(tag, "SQ", UNDEFINED) + b"".join(items) + self.delimiter(SEQUENCE_END)
+            )
         buffer = DicomBytesIO()  # a value pydicom decoded: let pydicom encode it
         buffer.is_implicit_VR, buffer.is_little_endian = self.implicit, self.endian == "<"
         write_data_element(buffer, elem, ds._character_set)
@@ -127,17 +141,24 @@ def _meta_element(tag: int, vr: str, value: bytes) -> bytes:
     return Encoder(False, True).header(tag, vr, len(value)) + value
 
 
-def encode_file(ds: Dataset, sop_class: str, sop_instance: str, transfer_syntax: str,
-                implementation: tuple[str, str]) -> bytes:
+def encode_file(
+    ds: Dataset,
+    sop_class: str,
+    sop_instance: str,
+    transfer_syntax: str,
+    implementation: tuple[str, str],
+) -> bytes:
     """Zero preamble, ``DICM``, fresh file meta, then the dataset in its transfer syntax."""
-    meta = b"".join([
-        _meta_element(0x00020001, "OB", b"\x00\x01"),
-        _meta_element(0x00020002, "UI", sop_class.encode("ascii")),
-        _meta_element(0x00020003, "UI", sop_instance.encode("ascii")),
-        _meta_element(0x00020010, "UI", transfer_syntax.encode("ascii")),
-        _meta_element(0x00020012, "UI", implementation[0].encode("ascii")),
-        _meta_element(0x00020013, "SH", implementation[1].encode("ascii")),
-    ])
+    meta = b"".join(
+        [
+            _meta_element(0x00020001, "OB", b"\x00\x01"),
+            _meta_element(0x00020002, "UI", sop_class.encode("ascii")),
+            _meta_element(0x00020003, "UI", sop_instance.encode("ascii")),
+            _meta_element(0x00020010, "UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x00020012, "UI", implementation[0].encode("ascii")),
+            _meta_element(0x00020013, "SH", implementation[1].encode("ascii")),
+        ]
+    )
     group_length = _meta_element(0x00020000, "UL", struct.pack("<I", len(meta)))
     implicit = transfer_syntax == "1.2.840.10008.1.2"
     little = transfer_syntax != "1.2.840.10008.1.2.2"

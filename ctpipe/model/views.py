@@ -38,7 +38,9 @@ def slabs(volume: np.ndarray, indices: np.ndarray, context: int) -> np.ndarray:
     return np.asarray(volume[ks], dtype=np.float32)
 
 
-def slab_by_slab(seen: np.ndarray, context: int, batch_slices: int, mirror_axes, window_prob) -> np.ndarray:
+def slab_by_slab(
+    seen: np.ndarray, context: int, batch_slices: int, mirror_axes, window_prob
+) -> np.ndarray:
     """Probability ``[n, H, W]`` of a volume seen along a view ``[n, H, W]``: the 2.5D slab of every
     slice, ``batch_slices`` at a time, through ``window_prob`` (slabs [b, 2c+1, H, W] -> [b, H, W])
     with the mirrored passes of ``mirror_axes`` (:func:`mean_over_mirrors`). Edge slices are
@@ -67,8 +69,12 @@ def mirror_combinations(axes) -> list[tuple[int, ...]]:
     first: ``[]`` gives one pass, ``[0, 1]`` four (nnU-Net's test-time mirroring, in 2D)."""
     axes = tuple(int(a) for a in axes)
     if any(a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
-        raise ValueError(f"mirror_axes must be distinct values out of [0, 1] (slab rows, columns), got {list(axes)}")
-    return [tuple(a for bit, a in enumerate(axes) if mask >> bit & 1) for mask in range(2 ** len(axes))]
+        raise ValueError(
+            f"mirror_axes must be distinct values out of [0, 1] (slab rows, columns), got {list(axes)}"
+        )
+    return [
+        tuple(a for bit, a in enumerate(axes) if mask >> bit & 1) for mask in range(2 ** len(axes))
+    ]
 
 
 def mean_over_mirrors(slabs: np.ndarray, axes, predict) -> np.ndarray:

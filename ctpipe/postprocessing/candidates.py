@@ -1,7 +1,7 @@
-"""Nodules as points and as masks: candidates from a probability map, masks from annotations.
+"""Nodules from a probability map: connected components as candidates, the mask they keep, detections.
 
-Both directions go through world (LPS mm) coordinates with :mod:`ctpipe.geometry`, so candidates
-and LUNA16 ``annotations.csv`` rows are comparable whatever the grid (spacing, direction, origin).
+Candidates are reported in world (LPS mm) coordinates with :mod:`ctpipe.geometry`, so they are
+comparable with LUNA16 ``annotations.csv`` rows whatever the grid (spacing, direction, origin).
 """
 
 from __future__ import annotations
@@ -10,9 +10,20 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ctpipe.geometry import Geometry, array_index_to_world, contains, sphere_mask
+from ctpipe.geometry import Geometry, array_index_to_world
 
-CANDIDATE_COLUMNS = ["coordX", "coordY", "coordZ", "diameter_mm", "score", "peak", "elongation", "volume_mm3"]
+CANDIDATE_COLUMNS = [
+    "coordX",
+    "coordY",
+    "coordZ",
+    "diameter_mm",
+    "score",
+    "peak",
+    "elongation",
+    "volume_mm3",
+]
+
+
 # 26-connectivity: voxels touching at an edge or a corner belong to the same nodule.
 CONNECTIVITY_26 = ndimage.generate_binary_structure(3, 3)
 
@@ -44,7 +55,9 @@ def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0
     mask = prob >= threshold
     if component_threshold <= threshold or not mask.any():
         return mask
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(prob.ndim, prob.ndim))
+    labels, n = ndimage.label(
+        mask, structure=ndimage.generate_binary_structure(prob.ndim, prob.ndim)
+    )
     peak = np.asarray(ndimage.maximum(prob, labels, np.arange(1, n + 1)))
     keep = np.concatenate([[False], peak >= component_threshold])
     return keep[labels]
@@ -57,7 +70,9 @@ def operating_score(threshold: float, component_threshold: float) -> float:
     return max(float(threshold), float(component_threshold))
 
 
-def at_operating_point(candidates: pd.DataFrame, threshold: float, component_threshold: float) -> pd.Series:
+def at_operating_point(
+    candidates: pd.DataFrame, threshold: float, component_threshold: float
+) -> pd.Series:
     """Which candidates (of :func:`candidates_from_probability`) count as detections: those whose
     ``peak``, not their ranking ``score``, reaches :func:`operating_score`, so that the lesion
     figures describe the components the mask keeps whatever the shape weight."""
@@ -112,7 +127,11 @@ def shape_score(peak: np.ndarray, elong: np.ndarray, weight: float) -> np.ndarra
 
 
 def label_candidates(
-    prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0, shape_weight: float = 0.0
+    prob: np.ndarray,
+    geom: Geometry,
+    threshold: float,
+    min_volume_mm3: float = 0.0,
+    shape_weight: float = 0.0,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Nodule candidates: 26-connected components of ``prob >= threshold``, with their labels.
 
@@ -142,8 +161,9 @@ def label_candidates(
         raise ValueError(f"threshold must be > 0, got {threshold}")
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
     if n == 0:
-        return labels, pd.DataFrame({c: pd.Series(dtype=np.float64) for c in CANDIDATE_COLUMNS}).assign(
-            label=pd.Series(dtype=np.int64))
+        return labels, pd.DataFrame(
+            {c: pd.Series(dtype=np.float64) for c in CANDIDATE_COLUMNS}
+        ).assign(label=pd.Series(dtype=np.int64))
     index = np.arange(1, n + 1)
     weights = prob.astype(np.float64)
     volume = np.bincount(labels.ravel(), minlength=n + 1)[1:] * geom.voxel_volume_mm3
@@ -169,17 +189,29 @@ def label_candidates(
 
 
 def candidates_from_probability(
-    prob: np.ndarray, geom: Geometry, threshold: float, min_volume_mm3: float = 0.0, shape_weight: float = 0.0
+    prob: np.ndarray,
+    geom: Geometry,
+    threshold: float,
+    min_volume_mm3: float = 0.0,
+    shape_weight: float = 0.0,
 ) -> pd.DataFrame:
     """The candidate table of :func:`label_candidates` (without the labels and their column)."""
-    return label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)[1].drop(columns="label")
+    return label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)[1].drop(
+        columns="label"
+    )
 
 
-def mask_of(labels: np.ndarray, candidates: pd.DataFrame, threshold: float, component_threshold: float) -> np.ndarray:
+def mask_of(
+    labels: np.ndarray, candidates: pd.DataFrame, threshold: float, component_threshold: float
+) -> np.ndarray:
     """The nodule mask: the voxels of the candidates (of :func:`label_candidates` at ``threshold``)
     that :func:`at_operating_point` counts as detections, and nothing else."""
     keep = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
-    keep[candidates.loc[at_operating_point(candidates, threshold, component_threshold), "label"].to_numpy(int)] = True
+    keep[
+        candidates.loc[
+            at_operating_point(candidates, threshold, component_threshold), "label"
+        ].to_numpy(int)
+    ] = True
     return keep[labels]
 
 
@@ -201,53 +233,3 @@ def find_nodules(
     mask = mask_of(labels, cands, threshold, component_threshold)
     detected = at_operating_point(cands, threshold, component_threshold)
     return mask, cands.drop(columns="label").assign(detected=detected.to_numpy(bool))
-
-
-def nodule_mask(
-    shape_kji: tuple[int, int, int],
-    geom: Geometry,
-    nodules: pd.DataFrame,
-    hu: np.ndarray | None = None,
-    hu_threshold: float | None = None,
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """Paint annotated nodules (world-mm centre, diameter) as spheres into a label mask.
-
-    With ``hu`` and ``hu_threshold`` only sphere voxels brighter than the threshold are kept, which
-    trims the sphere to the dense nodule tissue ("Deep Learning with PyTorch", part 2).
-
-    Args:
-        shape_kji: shape of the volume, numpy ``[k, j, i]`` order.
-        geom: geometry of the volume.
-        nodules: ``coordX, coordY, coordZ, diameter_mm`` (world mm), one scan's annotations.
-        hu: intensities of the volume in HU, shape ``shape_kji``; needs ``hu_threshold``.
-        hu_threshold: HU above which a sphere voxel is kept; needs ``hu``.
-
-    Returns:
-        The ``uint8`` mask (1 = nodule) and a copy of ``nodules`` with ``inside`` (the centre lies
-        in the volume, :func:`ctpipe.geometry.contains`) and ``voxels`` (voxels this nodule
-        painted; overlapping nodules each count the shared voxels). A nodule outside the volume
-        is reported with ``inside == False``, not dropped; its sphere may still reach in.
-    """
-    shape_kji = tuple(int(s) for s in shape_kji)
-    if (hu is None) != (hu_threshold is None):
-        raise ValueError("hu and hu_threshold must be given together")
-    if hu is not None and np.shape(hu) != shape_kji:
-        raise ValueError(f"hu has shape {np.shape(hu)}, expected {shape_kji}")
-    missing = [c for c in ("coordX", "coordY", "coordZ", "diameter_mm") if c not in nodules]
-    if missing:
-        raise ValueError(f"nodules lacks columns {missing}; has {list(nodules.columns)}")
-    bright = None if hu is None else np.asarray(hu) > hu_threshold
-    mask = np.zeros(shape_kji, dtype=np.uint8)
-    inside, voxels = [], []
-    centres = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
-    for centre, diameter in zip(centres, nodules["diameter_mm"].to_numpy(np.float64)):
-        sphere = sphere_mask(shape_kji, geom, centre, diameter / 2.0)
-        if bright is not None:
-            sphere &= bright
-        mask[sphere] = 1
-        inside.append(contains(shape_kji, geom, centre))
-        voxels.append(int(sphere.sum()))
-    out = nodules.copy()
-    out["inside"] = np.asarray(inside, dtype=bool)
-    out["voxels"] = np.asarray(voxels, dtype=np.int64)
-    return mask, out

@@ -15,8 +15,6 @@ S8S8 convolutions in fp32 behind transposes, so S8S8 can be slower than fp32 on 
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +35,8 @@ from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
-from ctpipe.infer import Predictor, predict_volume
-from ctpipe.onnxtools import INPUT_NAME, available_threads
+from ctpipe.deploy.onnx_export import INPUT_NAME
+from ctpipe.model.infer import Predictor, predict_volume
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,6 @@ SCHEMES = {
     "S8S8": (QuantType.QInt8, QuantType.QInt8),
     "U8S8": (QuantType.QUInt8, QuantType.QInt8),
 }
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 # What quantize_static quantizes by default, so the ranges cover every tensor it will need.
 CALIBRATED_OPS = sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
 METHODS = {
@@ -167,21 +164,6 @@ def segment_volumes(
     ]
 
 
-def pooled_dice(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
-    """Dice pooled over all voxels of all volumes (cases without nodules count their FPs).
-
-    Pooling keeps nodule-free cases meaningful, where a per-case Dice is undefined. With another
-    prediction's masks as ``labels`` it is the agreement of two models (INT8 against fp32).
-    """
-    inter = pred = truth = 0
-    for m, g in zip(masks, labels):
-        m, g = np.asarray(m) > 0, np.asarray(g) > 0
-        inter += int(np.logical_and(m, g).sum())
-        pred += int(m.sum())
-        truth += int(g.sum())
-    return 1.0 if pred + truth == 0 else 2.0 * inter / (pred + truth)
-
-
 def select(configs: list[dict[str, Any]], max_drop: float, rule: str) -> dict[str, Any] | None:
     """The configuration the accuracy gate admits and ``rule`` prefers, or None if none passes.
 
@@ -232,27 +214,3 @@ def rotated_latency_ms(
         }
         for name, t in times.items()
     }
-
-
-def cpu_info() -> dict[str, Any]:
-    """CPU model, the SIMD flags that decide int8 speed (VNNI), and the CPUs available."""
-    info: dict[str, Any] = {
-        "machine": platform.machine(),
-        "cpus_available": available_threads(),
-        "cpus_total": os.cpu_count(),
-    }
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
-    )
-    flags = set(
-        next(
-            (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-        )
-    )
-    info["model"] = model or platform.processor()
-    info["flags"] = {f: f in flags for f in CPU_FLAGS}
-    return info

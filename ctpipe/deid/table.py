@@ -1,8 +1,8 @@
 """The PS3.15 Annex E Basic Profile table, compiled for one set of options.
 
-The table is versioned data, not code: ``deid_profile.csv`` (every attribute of Table E.1-1 with
-the Basic Profile action and the action of each option), ``deid_safe_private.csv`` (the Safe
-Private Attributes of Table E.3.10-1) and ``deid_profile.json`` (provenance, the CSV's SHA-256, and
+The table is versioned data, not code: ``profile.csv`` (every attribute of Table E.1-1 with
+the Basic Profile action and the action of each option), ``safe_private.csv`` (the Safe
+Private Attributes of Table E.3.10-1) and ``profile.json`` (provenance, the CSV's SHA-256, and
 the attribute types per IOD). ``scripts/make_deid_table.py`` generates all three from pinned
 packages. Loading checks the CSV against the recorded hash, so an edited table is refused.
 
@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
 
-TABLE_CSV = "deid_profile.csv"
-SAFE_PRIVATE_CSV = "deid_safe_private.csv"
-TABLE_JSON = "deid_profile.json"
+TABLE_CSV = "profile.csv"
+SAFE_PRIVATE_CSV = "safe_private.csv"
+TABLE_JSON = "profile.json"
 
 # CID 7050 codes (PS3.16) for the profile and the options this stage offers.
 BASIC_PROFILE_CODE = "113100"
@@ -72,7 +72,7 @@ class DeidOptions:
 
 
 def _read_text(name: str) -> str:
-    return resources.files("ctpipe").joinpath(name).read_text(encoding="utf-8")
+    return resources.files("ctpipe.deid").joinpath(name).read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)
@@ -82,8 +82,9 @@ def table_info() -> dict:
     digest = hashlib.sha256(_read_text(TABLE_CSV).encode("utf-8")).hexdigest()
     if digest != meta["deid_profile_csv_sha256"]:
         raise RuntimeError(
-            f"ctpipe/{TABLE_CSV} does not match the SHA-256 in {TABLE_JSON}: regenerate it with "
-            "scripts/make_deid_table.py instead of editing it")
+            f"ctpipe/deid/{TABLE_CSV} does not match the SHA-256 in {TABLE_JSON}: regenerate it with "
+            "scripts/make_deid_table.py instead of editing it"
+        )
     return meta
 
 
@@ -98,8 +99,10 @@ def table_rows() -> list[dict[str, str]]:
 def safe_private() -> frozenset[tuple[int, str, int]]:
     """Allow-list of the Retain Safe Private option: (group, creator, element low byte)."""
     rows = csv.DictReader(io.StringIO(_read_text(SAFE_PRIVATE_CSV)))
-    return frozenset((int(r["group"], 16), r["creator"].strip(), int(r["element"].replace("xx", ""), 16))
-                     for r in rows)
+    return frozenset(
+        (int(r["group"], 16), r["creator"].strip(), int(r["element"].replace("xx", ""), 16))
+        for r in rows
+    )
 
 
 def _resolve(code: str, required: int | None) -> str:
@@ -157,7 +160,9 @@ class Profile:
                     for tag, t in entry[where].items():
                         types[tag] = min(types.get(tag, 9), TYPE_RANK[t])
             else:
-                types = {t: TYPE_RANK[v] for t, v in self.iod_types.get(iod, {}).get(where, {}).items()}
+                types = {
+                    t: TYPE_RANK[v] for t, v in self.iod_types.get(iod, {}).get(where, {}).items()
+                }
             self._compiled[key] = {
                 tag: _resolve(code, types.get(f"{tag:08X}")) for tag, code in self.codes.items()
             }

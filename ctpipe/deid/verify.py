@@ -52,13 +52,51 @@ from pydicom.datadict import DicomDictionary, dictionary_VR
 WORD = re.compile(r"[0-9a-z\x80-\xff]+")
 SEPARATOR = " \xa0\xa0 "  # between values, so no word sequence spans two values
 LETTER = re.compile(r"[a-z\x80-\xff]")
-GENERIC = frozenset({
-    "anonymous", "anonymized", "anonymised", "unknown", "none", "null", "n/a", "other",
-    "removed", "deleted", "dummy", "test", "patient", "yes", "no", "true", "false", "0000",
-})
+GENERIC = frozenset(
+    {
+        "anonymous",
+        "anonymized",
+        "anonymised",
+        "unknown",
+        "none",
+        "null",
+        "n/a",
+        "other",
+        "removed",
+        "deleted",
+        "dummy",
+        "test",
+        "patient",
+        "yes",
+        "no",
+        "true",
+        "false",
+        "0000",
+    }
+)
 BULK_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x54001010, 0x56000020})
-NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT", "OF", "OD", "OL",
-                         "OV", "OW", "US or SS", "US or OW", "US or SS or OW", "OB or OW"})
+NUMERIC_VRS = frozenset(
+    {
+        "US",
+        "SS",
+        "UL",
+        "SL",
+        "FL",
+        "FD",
+        "SV",
+        "UV",
+        "AT",
+        "OF",
+        "OD",
+        "OL",
+        "OV",
+        "OW",
+        "US or SS",
+        "US or OW",
+        "US or SS or OW",
+        "OB or OW",
+    }
+)
 MAX_BINARY = 4096
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -171,13 +209,14 @@ class NeedleIndex:
         for i, w in enumerate(words):
             if w in starts:
                 for tup in self.text[w]:
-                    if tuple(words[i:i + len(tup)]) == tup:
+                    if tuple(words[i : i + len(tup)]) == tup:
                         found.add(tup)
         return found
 
 
-def build_indexes(evidence: dict[str, Evidence], min_chars: int
-                  ) -> tuple[dict[str, NeedleIndex], NeedleIndex]:
+def build_indexes(
+    evidence: dict[str, Evidence], min_chars: int
+) -> tuple[dict[str, NeedleIndex], NeedleIndex]:
     """Per-patient needle indexes and the cross-patient index (multi-word text needles)."""
     per_patient: dict[str, NeedleIndex] = {}
     cross: set[tuple[str, ...] | str] = set()
@@ -241,7 +280,7 @@ def _parse(buf: bytes, pos: int, end: int, implicit: bool, little: bool, out: li
         if implicit:
             vr, pos = None, pos + 8
         else:
-            vr = buf[pos + 4:pos + 6].decode("latin-1")
+            vr = buf[pos + 4 : pos + 6].decode("latin-1")
             if vr in LONG_VRS:
                 length = struct.unpack_from(e + "I", buf, pos + 8)[0]
                 pos += 12
@@ -259,15 +298,19 @@ def _parse(buf: bytes, pos: int, end: int, implicit: bool, little: bool, out: li
             continue
         if pos + length > end:
             raise ValueError(f"element {tag:08X} runs past the end")
-        if tag not in BULK_TAGS and vr not in NUMERIC_VRS and not (
-                vr in ("OB", "UN") and length > MAX_BINARY):
-            out.extend(s for s in (norm(p) for p in buf[pos:pos + length].split(b"\\")) if s)
+        if (
+            tag not in BULK_TAGS
+            and vr not in NUMERIC_VRS
+            and not (vr in ("OB", "UN") and length > MAX_BINARY)
+        ):
+            out.extend(s for s in (norm(p) for p in buf[pos : pos + length].split(b"\\")) if s)
         pos += length
     return pos
 
 
-def _sequence(buf: bytes, pos: int, length: int, implicit: bool, little: bool,
-              out: list[str] | None) -> int:
+def _sequence(
+    buf: bytes, pos: int, length: int, implicit: bool, little: bool, out: list[str] | None
+) -> int:
     """Walk the items of a sequence (or skip pixel fragments when ``out`` is None)."""
     e = "<" if little else ">"
     end = len(buf) if length == UNDEFINED else pos + length
@@ -289,7 +332,9 @@ def _sequence(buf: bytes, pos: int, length: int, implicit: bool, little: bool,
 
 def _implicit_vr(tag: int, buf: bytes, pos: int, length: int, e: str) -> str:
     """VR of an implicit-VR element: the dictionary's, or SQ when its value is items."""
-    if length == UNDEFINED or (length >= 8 and struct.unpack_from(e + "HH", buf, pos) == (0xFFFE, 0xE000)):
+    if length == UNDEFINED or (
+        length >= 8 and struct.unpack_from(e + "HH", buf, pos) == (0xFFFE, 0xE000)
+    ):
         return "SQ"
     return _dictionary_vr(tag)
 

@@ -14,14 +14,14 @@ the other two; a nodule is round in all three.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ctpipe.nets import MEMORY_FORMAT
-from ctpipe.views import mean_over_views, slab_by_slab
+from ctpipe.model.nets import MEMORY_FORMAT
+from ctpipe.model.views import mean_over_views, slab_by_slab
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,13 +43,23 @@ def predict_volume(
 
     def window_prob(x: np.ndarray) -> np.ndarray:
         logits = sliding_window_inference(
-            torch.from_numpy(x), (roi_size, roi_size), sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+            torch.from_numpy(x),
+            (roi_size, roi_size),
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
         )
         return torch.softmax(logits.float(), dim=1)[:, 1].numpy()
 
     with torch.inference_mode():
-        return mean_over_views(volume, views, lambda seen: slab_by_slab(
-            np.ascontiguousarray(seen), context, batch_slices, mirror_axes, window_prob))
+        return mean_over_views(
+            volume,
+            views,
+            lambda seen: slab_by_slab(
+                np.ascontiguousarray(seen), context, batch_slices, mirror_axes, window_prob
+            ),
+        )
 
 
 def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:

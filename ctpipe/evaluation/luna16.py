@@ -1,9 +1,4 @@
-"""Evaluation metrics: voxel overlap and surface metrics per case, LUNA16 lesion-level FROC / CPM.
-
-Voxel metrics wrap MONAI (``compute_dice``, ``compute_iou``, ``compute_hausdorff_distance``,
-``compute_surface_dice``) on one-hot ``[B, C, k, j, i]`` tensors, with spacing in the same
-``[k, j, i]`` order as the arrays. Empty masks follow one documented rule (see
-:func:`voxel_metrics`).
+"""LUNA16 lesion-level evaluation: candidates matched to nodules, FROC, CPM, bootstrap intervals.
 
 Lesion-level evaluation follows the official LUNA16 script (``noduleCADEvaluationLUNA16.py``):
 
@@ -28,153 +23,26 @@ with it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
-from monai.metrics import (
-    compute_dice,
-    compute_hausdorff_distance,
-    compute_iou,
-    compute_surface_dice,
-)
-from monai.networks.utils import one_hot
-
-from ctpipe.detect import find_nodules
-from ctpipe.geometry import Geometry
 
 LUNA16_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 # LUNA16 gives findings without a measured size diameter -1 and matches them with a 10 mm sphere.
 UNKNOWN_DIAMETER_MM = 10.0
+
+
 XYZ = ["coordX", "coordY", "coordZ"]
+
+
 CANDIDATE_COLUMNS = ["seriesuid", *XYZ, "score"]
+
+
 NODULE_COLUMNS = ["seriesuid", *XYZ, "diameter_mm"]
-VOXEL_KEYS = ("dice", "iou", "hd95_mm", "surface_dice")
-
-
-# --------------------------------------------------------------------------------------------
-# Voxel metrics
-# --------------------------------------------------------------------------------------------
-
-
-def _crop_to_union(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Crop both masks to the bounding box of their union plus one background voxel.
-
-    Whole CT volumes as float one-hot tensors cost gigabytes; the margin keeps every surface voxel
-    (MONAI finds surfaces by erosion), so all four metrics are unchanged.
-    """
-    nz = np.argwhere(pred | truth)
-    lo = np.maximum(nz.min(axis=0) - 1, 0)
-    hi = np.minimum(nz.max(axis=0) + 2, pred.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    return pred[box], truth[box]
-
-
-def _one_hot(mask: np.ndarray) -> torch.Tensor:
-    """Binary ``[k, j, i]`` mask -> one-hot ``[1, 2, k, j, i]`` float tensor (background, fg)."""
-    return one_hot(torch.from_numpy(mask.astype(np.float32))[None, None], num_classes=2, dim=1)
-
-
-def voxel_metrics(
-    pred: np.ndarray,
-    truth: np.ndarray,
-    spacing_kji: Sequence[float],
-    surface_tolerance_mm: float = 1.0,
-) -> dict[str, float]:
-    """Dice, IoU, 95th-percentile Hausdorff distance and surface Dice of one case.
-
-    Empty masks: the overlap scores (``dice``, ``iou``, ``surface_dice``) are 1.0 when both masks
-    are empty (nothing to find, nothing found) and 0.0 when exactly one is; ``hd95_mm`` is NaN
-    when either mask is empty (no surface to measure from), so ``aggregate`` leaves such cases out
-    of its mean and reports how many contributed.
-
-    Args:
-        pred: binary prediction, numpy ``[k, j, i]`` order.
-        truth: binary ground truth, same shape.
-        spacing_kji: voxel size in mm in the same ``[k, j, i]`` order (``geom.spacing[::-1]``).
-        surface_tolerance_mm: distance within which surface voxels count as agreeing.
-
-    Returns:
-        ``{"dice", "iou", "hd95_mm", "surface_dice"}`` as floats.
-    """
-    pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
-    if pred.shape != truth.shape or pred.ndim != 3:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} must be the same 3D shape")
-    spacing = [float(s) for s in spacing_kji]
-    if len(spacing) != 3:
-        raise ValueError(f"spacing_kji must have 3 values, got {spacing}")
-    has_pred, has_truth = bool(pred.any()), bool(truth.any())
-    if not (has_pred and has_truth):
-        score = 1.0 if has_pred == has_truth else 0.0
-        return {"dice": score, "iou": score, "hd95_mm": float("nan"), "surface_dice": score}
-
-    p, t = (_one_hot(m) for m in _crop_to_union(pred, truth))
-    with warnings.catch_warnings():
-        # MONAI 1.6 calls its own deprecated get_mask_edges argument internally.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-        hd95 = compute_hausdorff_distance(
-            p, t, include_background=False, percentile=95, spacing=spacing
-        )
-        nsd = compute_surface_dice(
-            p, t, class_thresholds=[surface_tolerance_mm], include_background=False,
-            spacing=spacing,
-        )
-    return {
-        "dice": float(compute_dice(p, t, include_background=False).item()),
-        "iou": float(compute_iou(p, t, include_background=False).item()),
-        "hd95_mm": float(hd95.item()),
-        "surface_dice": float(nsd.item()),
-    }
-
-
-def score_volume(
-    prob: np.ndarray,
-    truth: np.ndarray,
-    geom: Geometry,
-    *,
-    threshold: float,
-    component_threshold: float,
-    min_candidate_mm3: float,
-    shape_weight: float = 0.0,
-    surface_tolerance_mm: float = 1.0,
-) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
-    """How one predicted volume is scored, the same in evaluate, postprocess and quantize.
-
-    Returns the voxel metrics of the nodule mask against ``truth``, the nodule candidates (with
-    ``detected``: the components the mask keeps) for the lesion-level figures, and the mask, all
-    from one labelling (:func:`ctpipe.detect.find_nodules`).
-    """
-    mask, cands = find_nodules(prob, geom, threshold, component_threshold, min_candidate_mm3, shape_weight)
-    voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
-    return voxel, cands, mask
-
-
-def aggregate(per_case: list[dict]) -> dict:
-    """NaN-skipping mean of each metric over cases.
-
-    Args:
-        per_case: dicts as returned by :func:`voxel_metrics` (extra numeric keys are averaged too).
-
-    Returns:
-        ``{key: mean, f"{key}_n": number of cases with a non-NaN value, "n_cases": len(per_case)}``
-        (NaN mean for a key no case has a value for).
-    """
-    out: dict = {"n_cases": len(per_case)}
-    keys = list(dict.fromkeys(k for case in per_case for k in case))
-    for key in keys:
-        values = np.array([case.get(key, np.nan) for case in per_case], dtype=np.float64)
-        finite = ~np.isnan(values)
-        out[key] = float(values[finite].mean()) if finite.any() else float("nan")
-        out[f"{key}_n"] = int(finite.sum())
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# LUNA16 lesion-level evaluation
-# --------------------------------------------------------------------------------------------
 
 
 def _check_frame(frame: pd.DataFrame, columns: list[str], name: str) -> None:
@@ -377,10 +245,16 @@ def operating_point(candidates: pd.DataFrame, nodules: pd.DataFrame, n_scans: in
     matched = match_candidates(detected, nodules)
     found = set(int(i) for i in matched.loc[matched["is_tp"], "nodule_index"])
     fps = int((matched["nodule_index"] < 0).sum())
-    rows = [{"actual": "nodule", "predicted": "nodule" if i in found else "background"} for i in range(len(nodules))]
+    rows = [
+        {"actual": "nodule", "predicted": "nodule" if i in found else "background"}
+        for i in range(len(nodules))
+    ]
     rows += [{"actual": "background", "predicted": "nodule"}] * fps
-    return {"sensitivity": result["sensitivity"], "fp_per_scan": result["fp_per_scan"],
-            "confusion": pd.DataFrame(rows, columns=["actual", "predicted"])}
+    return {
+        "sensitivity": result["sensitivity"],
+        "fp_per_scan": result["fp_per_scan"],
+        "confusion": pd.DataFrame(rows, columns=["actual", "predicted"]),
+    }
 
 
 def _interval(values: np.ndarray, estimate: float, confidence: float) -> dict[str, float]:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ctpipe import data, infer, onnxtools
+from ctpipe.deploy import onnx_export, sessions
+from ctpipe.model import data, infer
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
@@ -30,19 +31,22 @@ def resolve_runtime(runtime: str) -> str:
     return runtime
 
 
-def make_predictor(net: torch.nn.Module, channels: int, runtime: str, workdir: Path) -> infer.Predictor:
+def make_predictor(
+    net: torch.nn.Module, channels: int, runtime: str, workdir: Path
+) -> infer.Predictor:
     """The network as a predictor on ``runtime`` (:func:`resolve_runtime`): PyTorch (CUDA when
     present), or ONNX Runtime on CPU through an fp32 ONNX export written to ``workdir``."""
     runtime = resolve_runtime(runtime)
     if runtime == "torch":
         return infer.torch_predictor(net, "cuda" if torch.cuda.is_available() else "cpu")
     path = workdir / "model.onnx"
-    onnxtools.export_onnx(net, channels, path, onnxtools.DEFAULT_OPSET)
-    return infer.onnx_predictor(onnxtools.ort_session(path))
+    onnx_export.export_onnx(net, channels, path, onnx_export.DEFAULT_OPSET)
+    return infer.onnx_predictor(sessions.ort_session(path))
 
 
-def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: int,
-                  desc: str = "predict") -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
+def predict_cases(
+    net, processed: Path, cases: list[dict], cfg: dict, context: int, desc: str = "predict"
+) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
     """Yield ``(case, image, truth, prob, geometry)`` for each case, one volume in memory at a time,
     inferred on ``cfg["runtime"]`` with the ROI, overlap, views and test-time mirroring of ``cfg``
     (the ``inference`` params)."""
@@ -51,6 +55,13 @@ def predict_cases(net, processed: Path, cases: list[dict], cfg: dict, context: i
         for case in tqdm(cases, desc=desc, unit="case"):
             image, label, geom = data.load_case(processed, case["case_id"])
             image = np.asarray(image, dtype=np.float32)
-            prob = infer.predict_volume(predictor, image, context, int(cfg["roi_size"]), float(cfg["overlap"]),
-                                        views=cfg["views"], mirror_axes=cfg["mirror_axes"])
+            prob = infer.predict_volume(
+                predictor,
+                image,
+                context,
+                int(cfg["roi_size"]),
+                float(cfg["overlap"]),
+                views=cfg["views"],
+                mirror_axes=cfg["mirror_axes"],
+            )
             yield case, image, np.asarray(label) > 0, prob, geom

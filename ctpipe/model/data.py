@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
+from monai.data import ThreadDataLoader
 from monai.transforms import (
     Compose,
     RandAdjustContrast,
@@ -31,12 +31,11 @@ from monai.transforms import (
     RandScaleIntensity,
     RandShiftIntensity,
 )
-
-from monai.data import ThreadDataLoader, set_track_meta
+from scipy import ndimage
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
-from ctpipe.views import VIEWS, check_views, in_view
+from ctpipe.model.views import VIEWS, check_views, in_view
 
 
 def load_index(processed: str | Path) -> dict[str, Any]:
@@ -68,27 +67,27 @@ def load_case(
     return image, label, Geometry.from_dict(entry["geometry"])
 
 
-# Patches are plain arrays: MONAI's MetaTensor bookkeeping would cost more than the transforms.
-set_track_meta(False)
-
-
 def spatial_augmentations() -> Compose:
     """MONAI random in-plane flips and 90-degree turns, applied to image and label together."""
-    return Compose([
-        RandFlip(prob=0.5, spatial_axis=0),
-        RandFlip(prob=0.5, spatial_axis=1),
-        RandRotate90(prob=0.5, max_k=3, spatial_axes=(0, 1)),
-    ])
+    return Compose(
+        [
+            RandFlip(prob=0.5, spatial_axis=0),
+            RandFlip(prob=0.5, spatial_axis=1),
+            RandRotate90(prob=0.5, max_k=3, spatial_axes=(0, 1)),
+        ]
+    )
 
 
 def intensity_augmentations() -> Compose:
     """MONAI random intensity jitter and noise, applied to the image only."""
-    return Compose([
-        RandScaleIntensity(factors=0.1, prob=0.5, channel_wise=False),
-        RandShiftIntensity(offsets=0.1, prob=0.5),
-        RandAdjustContrast(gamma=(0.8, 1.25), prob=0.2, invert_image=False, retain_stats=True),
-        RandGaussianNoise(prob=0.2, std=0.05),
-    ])
+    return Compose(
+        [
+            RandScaleIntensity(factors=0.1, prob=0.5, channel_wise=False),
+            RandShiftIntensity(offsets=0.1, prob=0.5),
+            RandAdjustContrast(gamma=(0.8, 1.25), prob=0.2, invert_image=False, retain_stats=True),
+            RandGaussianNoise(prob=0.2, std=0.05),
+        ]
+    )
 
 
 class SlabPatchDataset(torch.utils.data.Dataset):
@@ -100,8 +99,8 @@ class SlabPatchDataset(torch.utils.data.Dataset):
     Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training
     sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
     A fraction ``fg_fraction`` of the patches is centred on a nodule voxel (nnU-Net oversamples a
-    third), drawn per case or per nodule (``fg_sampling``); the rest are centred anywhere in the volume, which shows the network the vessels and
-    airways it must learn to ignore.
+    third), drawn per case or per nodule (``fg_sampling``); the rest are centred anywhere in the
+    volume, which shows the network the vessels and airways it must learn to ignore.
     """
 
     def __init__(
@@ -159,7 +158,9 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         case, centre = self._centre(rng)
         image, label = self.volumes[case]
         # The slab is taken along one of the views, drawn per item (no draw with a single view).
-        view = self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
+        view = (
+            self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
+        )
         if view != "axial":
             image, label = in_view(image, view), in_view(label, view)
             centre = np.asarray(centre)[list(VIEWS[view])]
@@ -181,8 +182,10 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             both = np.asarray(self.spatial(np.concatenate([img, lbl.astype(np.float32)])))
             img = np.asarray(self.intensity(both[:-1]))
             lbl = both[-1:]
-        return {"image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
-                "label": torch.from_numpy(np.ascontiguousarray(lbl, dtype=np.int64))}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
+            "label": torch.from_numpy(np.ascontiguousarray(lbl, dtype=np.int64)),
+        }
 
 
 def _crop2d(arr: np.ndarray, j0: int, i0: int, size: int, pad_value: float) -> np.ndarray:
@@ -196,13 +199,32 @@ def _crop2d(arr: np.ndarray, j0: int, i0: int, size: int, pad_value: float) -> n
     return out
 
 
-def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
-                sampler: torch.utils.data.Sampler | None = None, pin_memory: bool = False):
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    workers: int,
+    sampler: torch.utils.data.Sampler | None = None,
+    pin_memory: bool = False,
+):
     """The training loader: worker processes, or with ``workers == 0`` MONAI's ThreadDataLoader,
     which prepares the next batches in a background thread while the network computes (torch
     releases the GIL); the batch order is the same either way."""
     if workers == 0:
-        return ThreadDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
-                                drop_last=True, pin_memory=pin_memory, buffer_size=2)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       drop_last=True, pin_memory=pin_memory, persistent_workers=True)
+        return ThreadDataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=0,
+            drop_last=True,
+            pin_memory=pin_memory,
+            buffer_size=2,
+        )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=True,
+    )

@@ -40,8 +40,9 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def load_key(key_file: str | Path | None, synthetic: bool,
-             forbidden: list[Path] | None = None) -> tuple[bytes, str]:
+def load_key(
+    key_file: str | Path | None, synthetic: bool, forbidden: list[Path] | None = None
+) -> tuple[bytes, str]:
     """Return ``(key, source)`` with source ``env``, ``file`` or ``demo``.
 
     Args:
@@ -60,21 +61,29 @@ def load_key(key_file: str | Path | None, synthetic: bool,
         path = Path(key_file).expanduser()
         for folder in forbidden or []:
             if _inside(path, folder):
-                raise DeidKeyError(f"key file {path} is inside {folder}, which DVC may push; "
-                                   "move it outside the repository's outputs")
+                raise DeidKeyError(
+                    f"key file {path} is inside {folder}, which DVC may push; "
+                    "move it outside the repository's outputs"
+                )
         key, source = path.read_bytes().strip(), "file"
     elif synthetic:
-        log.warning("no %s and no key file %s: using the public DEMO key, acceptable only for "
-                    "the synthetic cohort", KEY_ENV, key_file)
+        log.warning(
+            "no %s and no key file %s: using the public DEMO key, acceptable only for "
+            "the synthetic cohort",
+            KEY_ENV,
+            key_file,
+        )
         return DEMO_KEY, "demo"
     else:
         raise DeidKeyError(
             f"refusing to de-identify a real cohort without a secret: set {KEY_ENV} or create the "
-            f"key file {key_file} (e.g. `python -c \"import secrets; print(secrets.token_hex(32))\" "
-            f"> {key_file}`), outside git and outside every DVC output")
+            f'key file {key_file} (e.g. `python -c "import secrets; print(secrets.token_hex(32))" '
+            f"> {key_file}`), outside git and outside every DVC output"
+        )
     if len(key) < MIN_KEY_BYTES:
-        raise DeidKeyError(f"the de-identification key ({source}) must be at least "
-                           f"{MIN_KEY_BYTES} bytes")
+        raise DeidKeyError(
+            f"the de-identification key ({source}) must be at least {MIN_KEY_BYTES} bytes"
+        )
     return key, source
 
 

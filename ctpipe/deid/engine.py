@@ -36,18 +36,27 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 from pydicom.valuerep import VR
 
-from ctpipe.deid_keys import Keyring
-from ctpipe.deid_table import DeidOptions, Profile, safe_private
-from ctpipe.deid_verify import Evidence, element_strings, known_public, norm, raw_vr
-from ctpipe.deid_write import Encoder, encode_file, set_number, set_raw, set_text, text, text_of
+from ctpipe.deid.keys import Keyring
+from ctpipe.deid.table import DeidOptions, Profile, safe_private
+from ctpipe.deid.verify import Evidence, element_strings, known_public, norm, raw_vr
+from ctpipe.deid.write import Encoder, encode_file, set_number, set_raw, set_text, text, text_of
 
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
-BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW", "US or OW",
-                        "US or SS or OW"})
+BINARY_VRS = frozenset(
+    {"OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+)
 WEAK_VRS = frozenset({"LT", "ST", "UT", "CS"}) | BINARY_VRS  # free text, codes, bytes
 NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "US or SS", "AT"})
-DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000Y", "DS": "0",
-         "IS": "0", "PN": "ANONYMIZED", "UR": ""}
+DUMMY = {
+    "DA": "19000101",
+    "DT": "19000101000000",
+    "TM": "000000",
+    "AS": "000Y",
+    "DS": "0",
+    "IS": "0",
+    "PN": "ANONYMIZED",
+    "UR": "",
+}
 DUMMY_TEXT = "ANONYMIZED"
 KEEP_UID_SUFFIXES = ("ClassUID", "SyntaxUID", "SchemeUID")
 VALID_VRS = frozenset(v.value for v in VR)
@@ -56,7 +65,8 @@ IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, f"PYDICOM {pydicom_version}"[:16])
 # Free-text patterns removed by Clean, whatever the file says: dates, long digit runs, UIDs.
 GENERIC_PHI = re.compile(
     r"(?<!\d)(?:(?:19|20)\d\d[-/.]?(?:0[1-9]|1[0-2])[-/.]?(?:0[1-9]|[12]\d|3[01])"
-    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:19|20)?\d\d|\d+(?:\.\d+){3,}|\d{6,})(?!\d)")
+    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:19|20)?\d\d|\d+(?:\.\d+){3,}|\d{6,})(?!\d)"
+)
 PN_PARTS = re.compile(r"[\^=]+")
 SPACES = re.compile(r"\s{2,}")
 
@@ -116,8 +126,12 @@ def clean_pattern(terms: frozenset[str]) -> re.Pattern | None:
 class Deidentifier:
     """Applies the compiled profile to datasets; one instance per worker process."""
 
-    def __init__(self, options: DeidOptions, keyring: Keyring,
-                 date_shift_days: tuple[int, int] = (-3650, -365)) -> None:
+    def __init__(
+        self,
+        options: DeidOptions,
+        keyring: Keyring,
+        date_shift_days: tuple[int, int] = (-3650, -365),
+    ) -> None:
         self.options = options
         self.profile = Profile(options)
         self.keyring = keyring
@@ -228,8 +242,16 @@ class Deidentifier:
             return "K" if values and all(v in UID_dictionary for v in values) else "U"
         return "K"
 
-    def _private(self, ds: Dataset, tag: int, elem, st: FileDeid, depth: int,
-                 creators: list[int], kept_blocks: set[tuple[int, int]]) -> None:
+    def _private(
+        self,
+        ds: Dataset,
+        tag: int,
+        elem,
+        st: FileDeid,
+        depth: int,
+        creators: list[int],
+        kept_blocks: set[tuple[int, int]],
+    ) -> None:
         element = tag & 0xFFFF
         if 0x10 <= element <= 0xFF:
             creators.append(tag)
@@ -250,8 +272,9 @@ class Deidentifier:
         del ds._dict[tag]
 
     # -- actions -----------------------------------------------------------------------------
-    def _apply(self, ds: Dataset, tag: int, elem, vr: str, action: str, st: FileDeid,
-               depth: int) -> None:
+    def _apply(
+        self, ds: Dataset, tag: int, elem, vr: str, action: str, st: FileDeid, depth: int
+    ) -> None:
         if vr == "SQ":
             if action in ("X", "Z"):
                 self._collect(ds, tag, elem, vr, st)
@@ -268,7 +291,9 @@ class Deidentifier:
             if action == "X":
                 del ds._dict[tag]
             elif tag in (PATIENT_NAME, PATIENT_ID) and action in ("Z", "D"):
-                pseudo = self.keyring.patient_name if tag == PATIENT_NAME else self.keyring.patient_id
+                pseudo = (
+                    self.keyring.patient_name if tag == PATIENT_NAME else self.keyring.patient_id
+                )
                 set_text(ds, tag, vr, pseudo(st.patient_key), st.enc)
             elif action == "Z" or vr in BINARY_VRS:
                 set_raw(ds, tag, vr, b"", st.enc)
@@ -303,8 +328,9 @@ class Deidentifier:
         else:  # free text: cleaned after the walk, once every identifying value is known
             st.deferred.append((ds, tag, vr))
 
-    def _collect(self, ds: Dataset, tag: int, elem, vr: str, st: FileDeid,
-                 weak: bool = False) -> None:
+    def _collect(
+        self, ds: Dataset, tag: int, elem, vr: str, st: FileDeid, weak: bool = False
+    ) -> None:
         """Record the values an element removes/replaces as leak evidence and clean terms."""
         if vr == "SQ":  # a removed/emptied sequence: the evidence of everything inside it
             key = (tag, elem.value, weak, "SQ") if isinstance(elem.value, bytes) else None
@@ -316,8 +342,9 @@ class Deidentifier:
                         sub_vr = raw_vr(sub, sub_tag)
                         action = "X" if sub_tag >> 16 & 1 else st.nested.get(sub_tag, "K")
                         if action != "K" or sub_vr == "SQ":
-                            self._collect(item, sub_tag, sub, sub_vr, inner,
-                                          weak or bool(sub_tag >> 16 & 1))
+                            self._collect(
+                                item, sub_tag, sub, sub_vr, inner, weak or bool(sub_tag >> 16 & 1)
+                            )
                 found = (inner.evidence.ident, inner.evidence.weak, inner.clean_terms)
                 if key:  # the same raw sequence in the patient's next file: no parsing
                     self._collected[key] = found
@@ -337,8 +364,9 @@ class Deidentifier:
         (st.evidence.weak if weak else st.evidence.ident).update(values)
         st.clean_terms.update(terms)
 
-    def _evidence_of(self, ds: Dataset, tag: int, elem, vr: str, weak: bool
-                     ) -> tuple[bool, list[str], list[str]]:
+    def _evidence_of(
+        self, ds: Dataset, tag: int, elem, vr: str, weak: bool
+    ) -> tuple[bool, list[str], list[str]]:
         """(weak?, normalised values, clean terms) of one element's value."""
         weak = weak or vr in WEAK_VRS or tag in self.profile.descriptive
         values = element_strings(elem, tag)
@@ -389,6 +417,6 @@ class Deidentifier:
             encoder = Encoder(*st.enc)
             sequence = DataElement(0x00120064, "SQ", Sequence(items))
             encoded = encoder.element(Dataset(), 0x00120064, sequence)
-            self._stamps[st.enc] = encoded[8 if st.enc[0] else 12:-8]  # items, no header/end
+            self._stamps[st.enc] = encoded[8 if st.enc[0] else 12 : -8]  # items, no header/end
         set_raw(ds, 0x00120064, "SQ", self._stamps[st.enc], st.enc)
         set_text(ds, 0x00280303, "CS", "MODIFIED" if st.offset is not None else "REMOVED", st.enc)

@@ -44,9 +44,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from ctpipe.deid import BadVR, Deidentifier
-from ctpipe.deid_verify import Evidence
-from ctpipe.deid_write import text_of, write_file
+from ctpipe.deid.engine import BadVR, Deidentifier
+from ctpipe.deid.verify import Evidence
+from ctpipe.deid.write import text_of, write_file
 from ctpipe.fileio import atomic_path
 
 DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
@@ -56,8 +56,12 @@ ENCAPSULATED_DOCUMENT = "1.2.840.10008.5.1.4.1.1.104."
 SCREEN_SAVE_TYPES = frozenset({"SCREEN SAVE", "SCREENSAVE", "SCREEN_SAVE", "SCREENSHOT"})
 DOSE_TYPES = frozenset({"DOSE", "DOSE INFO", "DOSE_INFO", "DOSE REPORT", "DOSE_REPORT"})
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-LINKED = {0x00100020: "patient_id", 0x00100010: "patient_name", 0x0020000D: "study_uid",
-          0x0020000E: "series_uid"}  # what the optional linkage table maps
+LINKED = {
+    0x00100020: "patient_id",
+    0x00100010: "patient_name",
+    0x0020000D: "study_uid",
+    0x0020000E: "series_uid",
+}  # what the optional linkage table maps
 
 
 class Quarantine(Exception):
@@ -145,10 +149,18 @@ def _no_meta_or_not_dicom(path: Path) -> str:
 def _check_complete(ds) -> None:
     """pydicom reads truncated files silently: compare each raw length with what was read."""
     for tag, elem in ds._dict.items():
-        if (getattr(elem, "is_raw", False) and elem.length != 0xFFFFFFFF
-                and elem.value is not None and len(elem.value) < elem.length):
+        if (
+            getattr(elem, "is_raw", False)
+            and elem.length != 0xFFFFFFFF
+            and elem.value is not None
+            and len(elem.value) < elem.length
+        ):
             raise Quarantine("truncated", f"element {tag:08X} ends beyond the end of file")
-    if 0x00280010 in ds._dict and 0x00280100 in ds._dict and not any(t in ds._dict for t in PIXEL_TAGS):
+    if (
+        0x00280010 in ds._dict
+        and 0x00280100 in ds._dict
+        and not any(t in ds._dict for t in PIXEL_TAGS)
+    ):
         raise Quarantine("truncated", "image attributes but no pixel data")
 
 
@@ -175,18 +187,29 @@ def gate(ds, burned_in_missing_ok: set[str]) -> None:
         if burned and burned != "NO":
             raise Quarantine("burned_in_annotation", f"BurnedInAnnotation={burned}")
         if not burned and modality not in burned_in_missing_ok:
-            raise Quarantine("burned_in_annotation",
-                             f"no BurnedInAnnotation and modality {modality or '-'} may carry it")
+            raise Quarantine(
+                "burned_in_annotation",
+                f"no BurnedInAnnotation and modality {modality or '-'} may carry it",
+            )
         if text_of(ds, 0x00280302).upper() == "YES":
             raise Quarantine("burned_in_annotation", "RecognizableVisualFeatures=YES")
-    for tag, keyword in ((0x0020000D, "StudyInstanceUID"), (0x0020000E, "SeriesInstanceUID"),
-                         (0x00080018, "SOPInstanceUID")):
+    for tag, keyword in (
+        (0x0020000D, "StudyInstanceUID"),
+        (0x0020000E, "SeriesInstanceUID"),
+        (0x00080018, "SOPInstanceUID"),
+    ):
         if not text_of(ds, tag):
             raise Quarantine("missing_uids", f"no {keyword}")
 
 
-def process_file(path: Path, rel: str, deid: Deidentifier, out_dir: Path,
-                 burned_in_missing_ok: set[str], keep_linkage: bool) -> FileResult:
+def process_file(
+    path: Path,
+    rel: str,
+    deid: Deidentifier,
+    out_dir: Path,
+    burned_in_missing_ok: set[str],
+    keep_linkage: bool,
+) -> FileResult:
     """Read, gate, de-identify and write one file; never raises for a bad input."""
     result = FileResult(rel=rel)
     try:
@@ -223,19 +246,41 @@ def process_file(path: Path, rel: str, deid: Deidentifier, out_dir: Path,
         "actions": ";".join(sorted(state.applied)),
     }
     if keep_linkage:
-        result.linkage = [(kind, old, text_of(ds, tag))
-                          for (tag, kind), old in zip(LINKED.items(), original)]
+        result.linkage = [
+            (kind, old, text_of(ds, tag)) for (tag, kind), old in zip(LINKED.items(), original)
+        ]
     return result
 
 
 # MetaImage header keys copied through; any other key (free text, names, dates) is dropped.
-MHD_KEYS = frozenset({
-    "ObjectType", "NDims", "BinaryData", "BinaryDataByteOrderMSB", "ElementByteOrderMSB",
-    "CompressedData", "CompressedDataSize", "TransformMatrix", "Rotation", "Orientation",
-    "Offset", "Position", "Origin", "CenterOfRotation", "AnatomicalOrientation", "ElementSpacing",
-    "ElementSize", "DimSize", "HeaderSize", "ElementNumberOfChannels", "ElementType",
-    "ElementMin", "ElementMax", "ElementDataFile",
-})
+MHD_KEYS = frozenset(
+    {
+        "ObjectType",
+        "NDims",
+        "BinaryData",
+        "BinaryDataByteOrderMSB",
+        "ElementByteOrderMSB",
+        "CompressedData",
+        "CompressedDataSize",
+        "TransformMatrix",
+        "Rotation",
+        "Orientation",
+        "Offset",
+        "Position",
+        "Origin",
+        "CenterOfRotation",
+        "AnatomicalOrientation",
+        "ElementSpacing",
+        "ElementSize",
+        "DimSize",
+        "HeaderSize",
+        "ElementNumberOfChannels",
+        "ElementType",
+        "ElementMin",
+        "ElementMax",
+        "ElementDataFile",
+    }
+)
 
 
 def copy_mhd(mhd: Path, out_images: Path, new_uid: str) -> tuple[list[Path], int]:

@@ -1,0 +1,9 @@
+"""De-identification to DICOM PS3.15 (Basic Application Level Confidentiality Profile and options).
+
+table   -- the versioned action table (profile.csv, safe_private.csv, profile.json) and options
+keys    -- the pseudonymisation key: where it comes from, keyed hashes of identifiers
+engine  -- applying the table to one dataset (:class:`engine.Deidentifier`)
+write   -- writing the changed elements back without re-encoding the rest
+files   -- one file in, one file out or a quarantine entry with its reason
+verify  -- the leak gate: every source identifier looked for in every output byte
+"""

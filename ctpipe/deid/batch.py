@@ -1,0 +1,138 @@
+"""Many files at once: de-identification and the leak scan in worker processes.
+
+The anonymize stage hands each worker the options, key and output folder once (the pool
+initialisers); each file is then one call. The leak scan reads every output back and looks for the
+identifying values collected from the inputs (:mod:`ctpipe.deid.verify`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import warnings
+from pathlib import Path
+
+from pydicom import config
+from tqdm import tqdm
+
+from ctpipe.deid.engine import Deidentifier
+from ctpipe.deid.files import FileResult, process_file
+from ctpipe.deid.keys import Keyring
+from ctpipe.deid.table import DeidOptions
+from ctpipe.deid.verify import Evidence, NeedleIndex, build_indexes, scan_file, scan_text
+
+_WORKER: dict = {}  # per-process state, set by the pool initialisers
+
+
+def quiet_pydicom() -> None:
+    """pydicom's value warnings quote the values (PHI): keep them out of logs and consoles."""
+    config.settings.reading_validation_mode = config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
+def init_deid(options: dict, key: bytes, cfg: dict, out_dir: Path) -> None:
+    quiet_pydicom()
+    _WORKER["deid"] = Deidentifier(
+        DeidOptions(**options), Keyring(key), tuple(cfg["date_shift_days"])
+    )
+    _WORKER["args"] = (
+        out_dir,
+        {m.upper() for m in cfg["burned_in_missing_ok"]},
+        bool(cfg["keep_linkage"]),
+    )
+
+
+def deid_one(item: tuple[str, str]) -> FileResult:
+    out_dir, burned_ok, keep_linkage = _WORKER["args"]
+    return process_file(Path(item[0]), item[1], _WORKER["deid"], out_dir, burned_ok, keep_linkage)
+
+
+def init_scan(out_dir: Path, per_patient: dict, cross: NeedleIndex) -> None:
+    quiet_pydicom()
+    _WORKER.update(out_dir=out_dir, per_patient=per_patient, cross=cross)
+
+
+def scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
+    out_rel, patient = item
+    indexes = [_WORKER["per_patient"].get(patient, NeedleIndex()), _WORKER["cross"]]
+    return out_rel, scan_file(_WORKER["out_dir"] / out_rel, indexes)
+
+
+def run_parallel(
+    func, items: list, workers: int, init, initargs: tuple, desc: str, chunksize: int
+) -> list:
+    """``func`` over ``items`` in ``workers`` processes (in this one if 1), with a progress bar."""
+    if workers <= 1 or len(items) <= 1:
+        init(*initargs)
+        return [func(item) for item in tqdm(items, desc=desc, unit="file")]
+    with multiprocessing.Pool(workers, init, initargs) as pool:
+        return list(
+            tqdm(
+                pool.imap_unordered(func, items, chunksize),
+                total=len(items),
+                desc=desc,
+                unit="file",
+            )
+        )
+
+
+def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tuple) -> None:
+    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again, so
+    the output does not depend on which worker finished last; the others are quarantined."""
+    first: dict[str, FileResult] = {}
+    rewrite: set[str] = set()
+    for r in results:
+        if r.out_rel in first:
+            rewrite.add(first[r.out_rel].rel)
+            r.reason, r.detail, r.out_rel = "duplicate_sop_instance", "same SOPInstanceUID", ""
+        elif r.out_rel:
+            first[r.out_rel] = r
+    if rewrite:
+        init_deid(*initargs)
+        for path, rel in items:
+            if rel in rewrite:
+                deid_one((path, rel))
+
+
+def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> NeedleIndex:
+    """Needles for names and tables shared by all patients: all text and UID-like values."""
+    index = NeedleIndex(cross.text and set().union(*cross.text.values()))
+    for patient in per_patient.values():
+        for tuples in patient.text.values():
+            for n in tuples:
+                index.add(n)
+        for n in patient.exact:
+            if n.count(".") >= 2:
+                index.add(n)
+    return index
+
+
+def verify(
+    out_dir: Path,
+    results: list[FileResult],
+    evidence: dict[str, Evidence],
+    extra_files: list[Path],
+    cfg: dict,
+) -> list[tuple[str, str]]:
+    """Scan every output for the input's identifying values; return (file, finding) pairs."""
+    per_patient, cross = build_indexes(evidence, int(cfg["leak_min_chars"]))
+    shared = global_index(per_patient, cross)
+    items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
+    scanned = run_parallel(
+        scan_one,
+        items,
+        int(cfg["workers"]),
+        init_scan,
+        (out_dir, per_patient, cross),
+        "verify",
+        int(cfg["chunksize"]),
+    )
+    leaks = [(rel, finding) for rel, findings in scanned for finding in findings]
+    for path in extra_files:  # mhd headers, CSVs, JSON
+        text = path.read_text(encoding="latin-1")
+        cells = text.replace(",", "\n").replace('"', "\n").splitlines()
+        leaks += [(str(path.relative_to(out_dir)), f) for f in scan_text(cells, [shared])]
+    names = [part for r in results if r.out_rel for part in Path(r.out_rel).parts]
+    leaks += [("<file names>", f) for f in scan_text(names, [shared])]
+    return leaks

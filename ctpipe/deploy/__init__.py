@@ -1,0 +1,13 @@
+"""Deployment: the trained network as ONNX, INT8 and a verified package, and predicting with it.
+
+    onnx_export -- the one dynamo export path (pinned opset, dynamic batch and H/W)
+    sessions    -- ONNX Runtime CPU sessions
+    parity      -- real slabs and the parity gate between two predictors
+    quant       -- static INT8 quantization (QDQ), calibration, latency
+    package     -- SHA256SUMS, Triton configuration, versions of the runtime stack
+    card        -- the model card written into the package
+    runtime     -- PyTorch or ONNX Runtime for whole-volume scoring in evaluate and postprocess
+    predict     -- a package on a new DICOM study, without PyTorch (``python -m ctpipe.predict``)
+
+Nothing here is imported by this ``__init__``: ``predict`` must run where PyTorch is not installed.
+"""

@@ -1,0 +1,65 @@
+"""A split scored the one way evaluate reports it (quantize scores its fp32 and INT8 models alike).
+
+Per case: the voxel metrics of the post-processed mask and the nodule candidates
+(:func:`ctpipe.evaluation.overlap.score_volume`). Over the split: voxel metrics averaged over the
+cases that have nodules (cases without one are judged by the lesion-level figures, their false
+positives count in FPs per scan) and the LUNA16 FROC over all scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ctpipe.evaluation import luna16, overlap
+from ctpipe.geometry import Geometry
+
+
+@dataclass
+class SplitScore:
+    per_case: pd.DataFrame  # case_id, seriesuid, nodules, truth_voxels, pred_voxels, voxel metrics
+    candidates: pd.DataFrame  # every candidate, with seriesuid and ``detected``
+    voxel: dict[str, float]  # voxel metrics averaged over the cases with nodules
+    froc: dict  # luna16.froc of the candidates
+
+
+def score_case(
+    case: dict, prob: np.ndarray, truth: np.ndarray, geom: Geometry, cfg: dict
+) -> tuple[dict, pd.DataFrame, np.ndarray]:
+    """One case's row, candidates and mask under the post-processing in ``cfg``."""
+    voxel, cands, mask = overlap.score_volume(
+        prob,
+        truth,
+        geom,
+        threshold=float(cfg["threshold"]),
+        component_threshold=float(cfg["component_threshold"]),
+        min_candidate_mm3=float(cfg["min_candidate_mm3"]),
+        shape_weight=float(cfg["shape_weight"]),
+        surface_tolerance_mm=float(cfg.get("surface_tolerance_mm", 1.0)),
+    )
+    row = {
+        "case_id": case["case_id"],
+        "seriesuid": case["seriesuid"],
+        "nodules": int(case["nodules"]),
+        "truth_voxels": int(np.count_nonzero(truth)),
+        "pred_voxels": int(np.count_nonzero(mask)),
+        **voxel,
+    }
+    return row, cands.assign(seriesuid=case["seriesuid"]), mask
+
+
+def summarise(
+    rows: list[dict],
+    candidates: list[pd.DataFrame],
+    nodules: pd.DataFrame,
+    fp_rates: Sequence[float] = luna16.LUNA16_FP_RATES,
+) -> SplitScore:
+    """The split's figures from the rows and candidates of :func:`score_case`."""
+    per_case = pd.DataFrame(rows)
+    cands = pd.concat(candidates, ignore_index=True)
+    with_nodules = per_case[per_case["truth_voxels"] > 0]
+    voxel = overlap.aggregate(with_nodules[list(overlap.VOXEL_KEYS)].to_dict("records"))
+    return SplitScore(per_case, cands, voxel, luna16.froc(cands, nodules, len(rows), fp_rates))

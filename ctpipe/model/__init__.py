@@ -1,0 +1,7 @@
+"""The 2.5D network and what feeds it.
+
+nets   -- the MONAI BasicUNet, checkpoints, memory format
+data   -- preprocessed cases on disk, 2.5D patch sampling and augmentation for training
+views  -- axial / coronal / sagittal views, slabs, test-time mirroring (numpy only)
+infer  -- sliding-window inference over whole volumes
+"""
