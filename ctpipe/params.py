@@ -1,7 +1,10 @@
-"""Reading params.yaml: every stage reads only its own section plus ``base``."""
+"""Reading params.yaml (every stage reads only its own section plus ``base``) and the command line
+all stages share."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +40,36 @@ def stage_params(
             raise ValueError(f"{path}: keys {sorted(clash)} are in both '{stage}' and '{name}'")
         cfg.update(params[name])
     return cfg, int(params["base"]["seed"])
+
+
+def stage_parser(doc: str, stage: str) -> argparse.ArgumentParser:
+    """The command line all stages share: the script's docstring as ``--help``, ``--params`` and a
+    required ``--metrics`` (no default, so a stage run by hand never overwrites a tracked file)."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        type=Path,
+        required=True,
+        help=f"figures of the run to write (dvc.yaml: metrics/{stage}.json)",
+    )
+    return parser
+
+
+def add_model_inputs(parser: argparse.ArgumentParser, postprocessing: bool = True) -> None:
+    """``MODEL`` and ``DATA_DIR`` (and ``--postprocessing``): what the stages after train read."""
+    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    if postprocessing:
+        parser.add_argument(
+            "--postprocessing",
+            type=Path,
+            required=True,
+            help="post-processing chosen on validation (models/postprocessing.json)",
+        )
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -37,7 +37,7 @@ from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
 from ctpipe.deid.verify import Evidence
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
-from ctpipe.params import stage_params
+from ctpipe.params import setup_logging, stage_params
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("anonymize")
@@ -253,8 +253,36 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
     )
 
 
+def deidentify(
+    items: list[tuple[str, str]], initargs: tuple, source: str, input_dir: Path, keyring: Keyring
+) -> tuple[list[FileResult], dict[str, Evidence], list[Path]]:
+    """Every input file de-identified (in ``workers`` processes), sorted by input path; the
+    identifying values found per patient (for the leak gate); for luna16 the image files too."""
+    out_dir, cfg = initargs[3], initargs[2]
+    results = batch.run_parallel(
+        batch.deid_one,
+        items,
+        int(cfg["workers"]),
+        batch.init_deid,
+        initargs,
+        "anonymize",
+        int(cfg["chunksize"]),
+    )
+    results.sort(key=lambda r: r.rel)
+    batch.dedupe(results, items, initargs)
+    evidence: dict[str, Evidence] = defaultdict(Evidence)
+    for r in results:
+        if r.patient:
+            evidence[r.patient].update(r.evidence)
+    extra: list[Path] = []
+    if source == "luna16":
+        image_results, extra = luna16_images(input_dir, out_dir, keyring, evidence)
+        results += image_results
+    return results, evidence, extra
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
     start = time.perf_counter()
@@ -287,26 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         options.codes(),
     )
 
-    initargs = (options.as_dict(), key, cfg, out_dir)
-    results = batch.run_parallel(
-        batch.deid_one,
-        items,
-        int(cfg["workers"]),
-        batch.init_deid,
-        initargs,
-        "anonymize",
-        int(cfg["chunksize"]),
+    results, evidence, extra = deidentify(
+        items, (options.as_dict(), key, cfg, out_dir), source, input_dir, keyring
     )
-    results.sort(key=lambda r: r.rel)
-    batch.dedupe(results, items, initargs)
-    evidence: dict[str, Evidence] = defaultdict(Evidence)
-    for r in results:
-        if r.patient:
-            evidence[r.patient].update(r.evidence)
-    extra: list[Path] = []
-    if source == "luna16":
-        image_results, extra = luna16_images(input_dir, out_dir, keyring, evidence)
-        results += image_results
     written = [r for r in results if not r.reason]
     annotations, n_annotations = remap_annotations(input_dir, keyring, {r.series for r in written})
     write_csv(out_dir / "annotations.csv", annotations)
@@ -326,12 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_json(metrics_path, rounded(metrics))
     log.info(
-        "%d in, %d out, %d quarantined %s, %.1f files/s",
-        metrics["files_in"],
-        metrics["files_out"],
-        metrics["files_quarantined"],
-        metrics["quarantine_reasons"],
-        metrics["files_per_s"],
+        "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "
+        "%(files_per_s).1f files/s",
+        metrics,
     )
     if leaks:
         remove_leaking(leaks, out_dir, private_dir)

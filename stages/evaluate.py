@@ -18,7 +18,6 @@ Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over te
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -36,7 +35,7 @@ from ctpipe.deploy import runtime
 from ctpipe.evaluation import luna16, scoring
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.model import data, nets
-from ctpipe.params import stage_params
+from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment  # noqa: E402
 
@@ -143,29 +142,13 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
-    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser = stage_parser(__doc__, "evaluate")
+    add_model_inputs(parser)
     parser.add_argument(
         "plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)"
     )
-    parser.add_argument(
-        "--postprocessing",
-        type=Path,
-        required=True,
-        help="post-processing chosen on validation (models/postprocessing.json)",
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        required=True,
-        help="figures of the run to write (dvc.yaml: metrics/evaluate.json)",
-    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
     cfg.update(choose.load(args.postprocessing))
     record_environment("evaluate", Path(args.metrics).parent / "env")

@@ -19,7 +19,6 @@ The package is built in a temporary folder and moved into place only when everyt
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from ctpipe.deploy import card, onnx_export, package, parity, sessions
 from ctpipe.fileio import read_json, write_json
 from ctpipe.model import data, nets
 from ctpipe.model.infer import onnx_predictor
-from ctpipe.params import stage_params
+from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment
 
@@ -285,26 +284,10 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
-    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser = stage_parser(__doc__, "export")
+    add_model_inputs(parser)
     parser.add_argument("quant_dir", type=Path, help="quantize stage output (models/quantized)")
     parser.add_argument("out_dir", type=Path, help="the package (models/export)")
-    parser.add_argument(
-        "--postprocessing",
-        type=Path,
-        required=True,
-        help="post-processing chosen on validation (models/postprocessing.json)",
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        required=True,
-        help="figures of the run to write (dvc.yaml: metrics/export.json)",
-    )
     parser.add_argument(
         "--evaluate-metrics",
         type=Path,
@@ -318,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         help="INT8 figures for the model card (dvc.yaml: metrics/quantize.json)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     onnx_export.quiet_exporter_logs()
     cfg, seed = stage_params("export", args.params, shared=("inference",))
     cfg.update(choose.load(args.postprocessing))

@@ -15,7 +15,6 @@ Out: ``OUT_DIR/`` (holds PHI: a ``push: false`` output)
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from ctpipe import dicomio, synth
 from ctpipe.fileio import write_csv, write_json
-from ctpipe.params import stage_params
+from ctpipe.params import setup_logging, stage_params, stage_parser
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("ingest")
@@ -184,21 +183,10 @@ def run(cfg: dict, seed: int, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = stage_parser(__doc__, "ingest")
     parser.add_argument("out_dir", type=Path, help="raw cohort folder to write (data/raw)")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        required=True,
-        help="figures of the run to write (dvc.yaml: metrics/ingest.json)",
-    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg, seed = stage_params("ingest", args.params)
     record_environment("ingest", Path(args.metrics).parent / "env")
     start = time.perf_counter()

@@ -15,7 +15,6 @@ time; the rule is in :mod:`ctpipe.postprocess`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -26,7 +25,7 @@ import torch
 from ctpipe.deploy import runtime
 from ctpipe.fileio import rounded, write_csv, write_json
 from ctpipe.model import data, nets
-from ctpipe.params import stage_params
+from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment
 
@@ -86,21 +85,16 @@ def _sha(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
-    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser = stage_parser(__doc__, "postprocess")
+    add_model_inputs(parser, postprocessing=False)
     parser.add_argument(
         "out", type=Path, help="chosen post-processing to write (models/postprocessing.json)"
     )
     parser.add_argument(
         "--tables", type=Path, required=True, help="folder for sweep.csv and shape.csv"
     )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg, seed = stage_params("postprocess", args.params, shared=("inference",))
     record_environment("postprocess", Path(args.metrics).parent / "env")
     write_json(args.metrics, run(args.model, args.data_dir, args.out, args.tables, cfg, seed))

@@ -10,7 +10,6 @@ Out: ``OUT_DIR/`` (layout in ``ctpipe/data.py``): ``cases/<id>.image.npy`` (floa
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from ctpipe import dicomio, prep
 from ctpipe.fileio import write_csv, write_json, write_npy
-from ctpipe.params import stage_params
+from ctpipe.params import setup_logging, stage_params, stage_parser
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("preprocess")
@@ -176,22 +175,11 @@ def _fingerprint(source: dict, cfg: dict, seed: int, per_case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = stage_parser(__doc__, "preprocess")
     parser.add_argument("in_dir", type=Path, help="de-identified cohort (data/anonymized)")
     parser.add_argument("out_dir", type=Path, help="preprocessed dataset to write (data/processed)")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        required=True,
-        help="figures of the run to write (dvc.yaml: metrics/preprocess.json)",
-    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg, seed = stage_params("preprocess", args.params)
     record_environment("preprocess", Path(args.metrics).parent / "env")
     start = time.perf_counter()

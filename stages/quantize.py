@@ -21,7 +21,6 @@ evaluation ROI size, warm-up then median and p90 over ``latency_runs``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from ctpipe.evaluation import overlap, scoring
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.model import data, nets
 from ctpipe.model.infer import onnx_predictor, torch_predictor
-from ctpipe.params import stage_params
+from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import cpu_info
 from ctpipe.runenv import record as record_environment
@@ -339,27 +338,11 @@ def run(model_path: Path, processed: Path, out_dir: Path, cfg: dict, seed: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
-    parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser = stage_parser(__doc__, "quantize")
+    add_model_inputs(parser)
     parser.add_argument("out_dir", type=Path, help="fp32 and INT8 ONNX models (models/quantized)")
-    parser.add_argument(
-        "--postprocessing",
-        type=Path,
-        required=True,
-        help="post-processing chosen on validation (models/postprocessing.json)",
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        required=True,
-        help="figures of the run to write (dvc.yaml: metrics/quantize.json)",
-    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     onnx_export.quiet_exporter_logs()
     cfg, seed = stage_params("quantize", args.params, shared=("inference",))
     cfg.update(choose.load(args.postprocessing))

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ctpipe.fileio import rounded, write_json
 from ctpipe.model import data, nets, training
-from ctpipe.params import stage_params
+from ctpipe.params import setup_logging, stage_params, stage_parser
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("train")
@@ -52,9 +52,7 @@ def train_seed(cfg: dict, base_seed: int) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = stage_parser(__doc__, "train")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("model", type=Path, help="model to write (models/model.pt)")
     parser.add_argument(
@@ -62,10 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--live", type=Path, required=True, help="dvclive directory (metrics/train)"
-    )
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument(
-        "--metrics", type=Path, required=True, help="figures of the run (metrics/train.json)"
     )
     parser.add_argument(
         "--stop-after-steps", type=int, default=0, help=argparse.SUPPRESS
@@ -218,7 +212,7 @@ def checkpoint_state(run: SimpleNamespace, cfg: dict, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     # Patches are plain tensors: MONAI's MetaTensor bookkeeping would cost more than the transforms.
     set_track_meta(False)
     cfg, base_seed = stage_params("train", args.params)
