@@ -1,6 +1,6 @@
 """Whole-volume inference time: PyTorch eager against ONNX Runtime, and what test-time mirroring costs.
 
-The evaluate stage's inference (``ctpipe.infer.predict_volume``: 2.5D slabs, MONAI sliding window
+The evaluate stage's inference (``ctpipe.model.infer.predict_volume``: 2.5D slabs, MONAI sliding window
 with Gaussian blending, the views of ``params.yaml``) on real preprocessed volumes, in one run:
   torch        the PyTorch module in eval mode, channels-last (what evaluate ran before)
   onnxruntime  the same weights exported to ONNX (fp32) and run by ONNX Runtime on the CPU

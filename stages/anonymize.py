@@ -14,7 +14,7 @@ Out: OUTPUT_DIR (pushable, no PHI): ``dicom/<Study UID>/<Series UID>/<SOP UID>.d
      ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds, files/s.
 Secret: ``CTPIPE_DEID_KEY``, else ``anonymize.key_file``; only the synthetic cohort may fall back
 to the public demo key. After writing, every output (values at every depth, file names, CSVs) is
-scanned for the identifying values found in the input (``ctpipe.deid_verify``): any survivor
+scanned for the identifying values found in the input (``ctpipe.deid.verify``): any survivor
 fails the stage and its file is deleted.
 """
 

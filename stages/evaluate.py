@@ -9,7 +9,7 @@ In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), ``--postprocess
 Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
      positives per scan, and sensitivity / false positives per scan at the operating point (the
-     components the nodule mask keeps, :func:`ctpipe.detect.find_nodules`: one definition of a
+     components the nodule mask keeps, :func:`ctpipe.postprocessing.candidates.find_nodules`: one definition of a
      detection for the mask, the operating point, the FROC and the lesion confusion table).
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
      ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
@@ -62,8 +62,32 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
     plt.close(fig)
 
 
+class Overlays:
+    """The best and the worst test case with nodules (by Dice, ties by case id), kept while the
+    cases stream past: two volumes in memory, whatever the size of the test split."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, tuple] = {}
+        self._keys: dict[str, tuple] = {}
+
+    def offer(self, row: dict, image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> None:
+        if row["truth_voxels"] == 0 or np.isnan(row["dice"]):
+            return
+        key = (row["dice"], row["case_id"])
+        for name, better in (
+            ("worst", key < self._keys.get("worst", (np.inf, ""))),
+            ("best", key > self._keys.get("best", (-np.inf, ""))),
+        ):
+            if better:
+                self._keys[name], self.kept[name] = key, (row, image, truth, pred)
+
+
 def write_plots(
-    plots: Path, score: scoring.SplitScore, nodules: pd.DataFrame, operating: dict, kept: dict
+    plots: Path,
+    score: scoring.SplitScore,
+    nodules: pd.DataFrame,
+    operating: dict,
+    overlays: Overlays,
 ) -> None:
     """metrics/evaluate/: per-case table, candidates, lesion confusion, FROC curve, overlays of the
     best and the worst test case with nodules."""
@@ -81,14 +105,7 @@ def write_plots(
             {"fps_per_scan": curve["fps_per_scan"], "sensitivity": curve["sensitivity"]}
         ).round(4),
     )
-    # Best and worst among the cases with nodules, the cases the Dice figure is about.
-    scored = (
-        per_case[per_case["truth_voxels"] > 0]
-        .dropna(subset=["dice"])
-        .sort_values(["dice", "case_id"])
-    )
-    for name, row in (("worst", scored.iloc[0]), ("best", scored.iloc[-1])) if len(scored) else ():
-        image, truth, pred = kept[row["case_id"]]
+    for name, (row, image, truth, pred) in overlays.kept.items():
         overlay(
             plots / "overlays" / f"{name}.png",
             image,
@@ -108,20 +125,20 @@ def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) ->
     all_nodules = data.load_nodules(processed)
     test_uids = [c["seriesuid"] for c in cases]
     nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
-    rows, candidates, kept = [], [], {}
+    rows, candidates, overlays = [], [], Overlays()
     for case, image, truth, prob, geom in runtime.predict_cases(
         net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "evaluate"
     ):
         row, cands, pred = scoring.score_case(case, prob, truth, geom, cfg)
         rows.append(row)
         candidates.append(cands)
-        kept[case["case_id"]] = (image, truth, pred)
+        overlays.offer(row, image, truth, pred)
     score = scoring.summarise(rows, candidates, nodules, FP_RATES)
     cands, froc, summary = score.candidates, score.froc, score.voxel
     boot = luna16.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
     operating = luna16.operating_point(cands, nodules, len(cases))
 
-    write_plots(plots, score, nodules, operating, kept)
+    write_plots(plots, score, nodules, operating, overlays)
     return rounded(
         {
             "dice": summary["dice"],

@@ -79,6 +79,25 @@ def _postprocessing_spec(cfg: dict) -> dict:
     }
 
 
+def accepted_input(plan: dict, cfg: dict) -> dict:
+    """What predict accepts: finer spacings than training are resampled to the plan; what the
+    model cannot see (much coarser slices, a partial scan, another modality) is refused."""
+    fingerprint = plan.get("fingerprint", {})
+    coarsest = fingerprint.get("spacing_max", [1e9] * 3)
+    factor = float(cfg["max_spacing_factor"])
+    return {
+        "modalities": ["CT"],
+        "max_spacing_mm": [round(factor * float(s), 3) for s in coarsest],
+        "min_extent_mm": float(cfg["min_extent_mm"]),
+        "training_spacing_range_mm": [fingerprint.get("spacing_min", [0.0] * 3), coarsest],
+        "rule": "a CT series of any finer spacing is resampled to target_spacing_mm_xyz; it is refused "
+        "when a spacing is coarser than max_spacing_mm (max_spacing_factor times the coarsest "
+        "spacing seen in training), when it covers less than min_extent_mm along the slice normal, "
+        "when it is a localizer or not an image of a listed modality, or when ingest's series checks "
+        "fail (missing or duplicate slices, gantry tilt, mixed orientations)",
+    }
+
+
 def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
     """How to feed the model and read its output, from the checkpoint, the plan and the params."""
     tp = ckpt["train_params"]
@@ -118,13 +137,7 @@ def input_spec(ckpt: dict, plan: dict, cfg: dict) -> dict:
         "postprocessing": _postprocessing_spec(cfg),
         "deep_supervision": False,
         # What predict accepts: the modality and the range of acquisition spacings seen in training.
-        "accepted_input": {
-            "modalities": ["CT"],
-            "spacing_range_mm": [
-                plan.get("fingerprint", {}).get("spacing_min", [0.0] * 3),
-                plan.get("fingerprint", {}).get("spacing_max", [1e9] * 3),
-            ],
-        },
+        "accepted_input": accepted_input(plan, cfg),
     }
 
 

@@ -10,7 +10,7 @@ Out: ``OUT`` (models/postprocessing.json): the chosen ``threshold``, ``component
      weight: val CPM and sensitivities); ``metrics/postprocess.json`` (the choice and its val figures).
 
 The validation volumes are predicted with the same inference as evaluate (views, mirroring), one at a
-time; the rule is in :mod:`ctpipe.postprocess`.
+time; the rule is in :mod:`ctpipe.postprocessing.choose`.
 """
 
 from __future__ import annotations

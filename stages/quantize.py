@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from ctpipe.deploy import onnx_export, parity, quant, sessions
 from ctpipe.evaluation import overlap, scoring
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.model import data, nets
-from ctpipe.model.infer import onnx_predictor, torch_predictor
+from ctpipe.model.infer import onnx_predictor, predict_volume, torch_predictor
 from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import cpu_info
@@ -49,45 +50,6 @@ log = logging.getLogger("quantize")
 
 class GateError(RuntimeError):
     """INT8 accuracy fell below the gate."""
-
-
-def load_split(processed: Path, split: str) -> list[dict]:
-    """Cases of one split with their float32 image, boolean label and geometry, in memory."""
-    cases = data.cases_in(data.load_index(processed), split)
-    if not cases:
-        raise ValueError(f"{processed}/index.json: the '{split}' split is empty")
-    out = []
-    for case in cases:
-        image, label, geom = data.load_case(processed, case["case_id"])
-        out.append(
-            {
-                **case,
-                "image": np.asarray(image, dtype=np.float32),
-                "label": np.asarray(label) > 0,
-                "geom": geom,
-            }
-        )
-    return out
-
-
-def evaluate_test(
-    probs: list[np.ndarray], cases: list[dict], nodules: pd.DataFrame, cfg: dict
-) -> dict:
-    """Pooled Dice, the voxel metrics and CPM as evaluate reports them (:mod:`ctpipe.evaluation.scoring`), masks."""
-    rows, cands, masks = [], [], []
-    for prob, case in zip(probs, cases):
-        row, found, mask = scoring.score_case(case, prob, case["label"], case["geom"], cfg)
-        rows.append(row)
-        cands.append(found)
-        masks.append(mask)
-    score = scoring.summarise(rows, cands, nodules)
-    return {
-        "dice": overlap.pooled_dice(masks, [c["label"] for c in cases]),
-        "dice_case_mean": score.voxel.get("dice", float("nan")),
-        "hd95_mm": score.voxel.get("hd95_mm", float("nan")),
-        "cpm": score.froc["cpm"],
-        "masks": masks,
-    }
 
 
 def patch_dice(session, patches: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> float:
@@ -239,29 +201,70 @@ def choose_int8(
     }
 
 
+class SplitTally:
+    """One model's figures over the test split, accumulated one case at a time: the rows and
+    candidates :mod:`ctpipe.evaluation.scoring` summarises, and the pooled Dice counts."""
+
+    def __init__(self) -> None:
+        self.rows, self.cands = [], []
+        self.inter = self.pred = self.truth = 0
+
+    def add(self, case: dict, prob: np.ndarray, label: np.ndarray, geom, cfg: dict) -> np.ndarray:
+        row, found, mask = scoring.score_case(case, prob, label, geom, cfg)
+        self.rows.append(row)
+        self.cands.append(found)
+        self.inter += int(np.logical_and(mask, label).sum())
+        self.pred += int(np.count_nonzero(mask))
+        self.truth += int(np.count_nonzero(label))
+        return mask
+
+    def figures(self, nodules: pd.DataFrame) -> dict:
+        score = scoring.summarise(self.rows, self.cands, nodules)
+        total = self.pred + self.truth
+        return {
+            "dice": 1.0 if total == 0 else 2.0 * self.inter / total,
+            "dice_case_mean": score.voxel.get("dice", float("nan")),
+            "hd95_mm": score.voxel.get("hd95_mm", float("nan")),
+            "cpm": score.froc["cpm"],
+        }
+
+
 def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cfg: dict) -> dict:
-    """fp32 and INT8 on the whole test volumes: pooled and per-case Dice, HD95, CPM; the gate."""
-    test = load_split(processed, "test")
+    """fp32 and INT8 on the whole test volumes: pooled and per-case Dice, HD95, CPM; the gate.
+
+    One test volume at a time (both models on it, then the next), so memory does not grow with
+    the size of the test split.
+    """
+    test = data.cases_in(data.load_index(processed), "test")
+    if not test:
+        raise ValueError(f"{processed}/index.json: the 'test' split is empty")
     nodules = data.load_nodules(processed)
-    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in test])].reset_index(
-        drop=True
-    )
+    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in test])]
+    nodules = nodules.reset_index(drop=True)
+    predictors = {
+        name: onnx_predictor(sessions.ort_session(path, cfg["threads"], cfg["graph_optimization"]))
+        for name, path in (("fp32", fp32), ("int8", int8))
+    }
+    tally = {name: SplitTally() for name in predictors}
+    agree = [0, 0]  # INT8 against fp32 masks: intersection, sum of sizes
+    for case in tqdm(test, desc="test fp32 + int8", unit="case"):
+        image, label, geom = data.load_case(processed, case["case_id"])
+        image, label = np.asarray(image, dtype=np.float32), np.asarray(label) > 0
+        masks = {}
+        for name, predictor in predictors.items():
+            prob = predict_volume(
+                predictor,
+                image,
+                context,
+                int(cfg["roi_size"]),
+                float(cfg["overlap"]),
+                views=cfg["views"],
+            )
+            masks[name] = tally[name].add(case, prob, label, geom, cfg)
+        agree[0] += int(np.logical_and(masks["fp32"], masks["int8"]).sum())
+        agree[1] += int(np.count_nonzero(masks["fp32"])) + int(np.count_nonzero(masks["int8"]))
+    f, q = (tally[n].figures(nodules) for n in ("fp32", "int8"))
     max_drop = float(cfg["max_dice_drop"])
-    probs = {}
-    for name, path in (("fp32", fp32), ("int8", int8)):
-        predictor = onnx_predictor(
-            sessions.ort_session(path, cfg["threads"], cfg["graph_optimization"])
-        )
-        probs[name] = quant.segment_volumes(
-            predictor,
-            [c["image"] for c in test],
-            context,
-            int(cfg["roi_size"]),
-            float(cfg["overlap"]),
-            f"test {name}",
-            views=cfg["views"],
-        )
-    f, q = (evaluate_test(probs[n], test, nodules, cfg) for n in ("fp32", "int8"))
     return {
         "dice_fp32": f["dice"],
         "dice_int8": q["dice"],
@@ -269,7 +272,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
         "dice_definition": f"pooled over all voxels of the {len(test)} test cases, the nodule mask as evaluate "
         f"makes it (probability >= {cfg['threshold']}, components peaking >= {cfg['component_threshold']}), "
         "from one pass per view (evaluate also averages mirrored passes)",
-        "dice_int8_vs_fp32": overlap.pooled_dice(q["masks"], f["masks"]),
+        "dice_int8_vs_fp32": 1.0 if agree[1] == 0 else 2.0 * agree[0] / agree[1],
         "dice_case_mean_fp32": f["dice_case_mean"],
         "dice_case_mean_int8": q["dice_case_mean"],
         "hd95_mm_fp32": f["hd95_mm"],

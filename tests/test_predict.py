@@ -13,18 +13,20 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from conftest import ROOT, write_tiny_cohort
-from ctpipe import dicomio, nets, predict, prep, synth
-from ctpipe.fileio import write_json
+from ctpipe import dicomio, prep, synth
+from ctpipe.deploy import predict, report
+from ctpipe.deploy.onnx_export import export_onnx
+from ctpipe.fileio import read_json, write_json
 from ctpipe.geometry import Geometry, sphere_mask
-from ctpipe.onnxtools import export_onnx
+from ctpipe.model import nets
 from stages import export
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = {"context_slices": 1, "features": [4, 4, 8, 8, 16, 4], "patch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory) -> Path:
+def package(tmp_path_factory, write_tiny_cohort) -> Path:
     """A model package as export writes it, around a random tiny network (mechanics, not skill)."""
     root = tmp_path_factory.mktemp("pkg")
     torch.manual_seed(0)
@@ -32,19 +34,29 @@ def package(tmp_path_factory) -> Path:
     shutil.copy(root / "model.onnx", root / "model_int8.onnx")
     write_tiny_cohort(root / "fp", n=1, seed=3)
     manifest = dicomio.scan_folder(root / "fp")
-    (uid, paths), = dicomio.series_files(manifest).items()
+    ((uid, paths),) = dicomio.series_files(manifest).items()
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]
     source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
     plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
-    inference = {"roi_size": 64, "overlap": 0.5, "threshold": 0.5, "component_threshold": 0.5,
-                 "min_candidate_mm3": 1, "shape_weight": 2.0,
-                 "views": ["axial", "coronal", "sagittal"],
-                 "mirror_axes": [0, 1]}
-    write_json(root / "input_spec.json", export.input_spec({"train_params": TINY_NET}, plan, inference))
+    inference = {
+        "roi_size": 64,
+        "overlap": 0.5,
+        "threshold": 0.5,
+        "component_threshold": 0.5,
+        "min_candidate_mm3": 1,
+        "shape_weight": 2.0,
+        "views": ["axial", "coronal", "sagittal"],
+        "mirror_axes": [0, 1],
+        "max_spacing_factor": 2.0,
+        "min_extent_mm": 100,
+    }
+    write_json(
+        root / "input_spec.json", export.input_spec({"train_params": TINY_NET}, plan, inference)
+    )
     return root
 
 
-def test_outputs_on_the_source_grid_and_seg_references_series(package, tmp_path):
+def test_outputs_on_the_source_grid_and_seg_references_series(package, tmp_path, write_tiny_cohort):
     write_tiny_cohort(tmp_path / "study", n=1, seed=11)
     out = tmp_path / "out"
     assert predict.main([str(tmp_path / "study"), str(out), "--package", str(package)]) == 0
@@ -59,52 +71,224 @@ def test_outputs_on_the_source_grid_and_seg_references_series(package, tmp_path)
     seg = pydicom.dcmread(folder / "seg.dcm")
     assert seg.Modality == "SEG"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
-    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
     assert seg.NumberOfFrames == len(files)
     nodules = pd.read_csv(folder / "nodules.csv")
     assert {"coordX", "coordY", "coordZ", "diameter_mm", "score"} <= set(nodules.columns)
 
 
-def test_refuses_other_modalities(package, tmp_path):
+def test_refuses_other_modalities(package, tmp_path, write_tiny_cohort):
     write_tiny_cohort(tmp_path / "study", n=1, seed=12)
     for f in (tmp_path / "study").rglob("*.dcm"):
         ds = pydicom.dcmread(f)
         ds.Modality = "MR"
         ds.save_as(f)
-    assert predict.main([str(tmp_path / "study"), str(tmp_path / "out"), "--package", str(package)]) == 2
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "study"), str(out), "--package", str(package)]) == 2
+    assert [p.name for p in out.iterdir()] == ["summary.json"]  # no series folder, the reason
+    ((uid, entry),) = read_json(out / "summary.json")["series"].items()
+    assert entry["status"] == "skipped" and "modality MR" in entry["reason"], entry
 
 
-def test_refuses_spacing_far_outside_training(package):
+def spacing_geometry(spacing_xyz) -> Geometry:
+    return Geometry((0.0, 0.0, 0.0), tuple(float(v) for v in spacing_xyz))
+
+
+def ct_header(**attrs) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.Modality, ds.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_acceptance_rule_refuses_only_what_the_model_cannot_see(package):
     spec = predict.read_json(package / "input_spec.json")
-    first = pydicom.Dataset()
-    first.Modality = "CT"
-    with pytest.raises(predict.RefusedSeries, match="spacing"):
-        predict.check_series(spec, first, Geometry((0, 0, 0), (20.0, 20.0, 40.0)))
+    accepted = spec["accepted_input"]
+    coarsest = np.asarray(accepted["max_spacing_mm"])
+    assert accepted["min_extent_mm"] > 0 and "rule" in accepted
+    fine = spacing_geometry(
+        [0.68, 0.68, 1.25]
+    )  # the most common chest protocol, finer than training
+    predict.check_series(spec, ct_header(), fine, (240, 512, 512))
+    thick = spacing_geometry([0.7, 0.7, max(10.0, coarsest[2] + 1)])  # 10 mm slices
+    with pytest.raises(predict.RefusedSeries, match="coarser than the model can work on"):
+        predict.check_series(spec, ct_header(), thick, (40, 512, 512))
+    with pytest.raises(predict.RefusedSeries, match="less than"):
+        predict.check_series(spec, ct_header(), fine, (20, 512, 512))
+    with pytest.raises(predict.RefusedSeries, match="localizer"):
+        localizer = ct_header(ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+        predict.check_series(spec, localizer, fine, (240, 512, 512))
+    with pytest.raises(predict.RefusedSeries, match="SOP class"):
+        capture = ct_header(SOPClassUID="1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
+        predict.check_series(spec, capture, fine, (240, 512, 512))
+
+
+def test_fine_spacing_series_is_predicted(package, tmp_path, write_tiny_cohort):
+    """A series at 0.7 mm in-plane and 1.25 mm slices (finer than the tiny plan's 5-6 mm): it is
+    resampled to the plan and predicted, the mask on its own grid."""
+    write_tiny_cohort(
+        tmp_path / "study",
+        n=1,
+        seed=21,
+        matrix=96,
+        pixel_spacing_mm=[0.7, 0.7],
+        slice_spacing_mm=[1.25],
+        z_extent_mm=120,
+    )
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "study"), str(out), "--package", str(package)]) == 0
+    ((uid, entry),) = read_json(out / "summary.json")["series"].items()
+    assert entry["status"] == "predicted", entry
+    mask = sitk.ReadImage(str(out / uid / "mask.nii.gz"))
+    np.testing.assert_allclose(mask.GetSpacing(), [0.7, 0.7, 1.25], atol=1e-3)
+
+
+def test_series_without_type2_attributes_gets_a_valid_seg(package, tmp_path, write_tiny_cohort):
+    write_tiny_cohort(tmp_path / "study", n=1, seed=13)
+    missing = (
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    )
+    for f in (tmp_path / "study").rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        for keyword in missing:
+            delattr(ds, keyword)
+        ds.save_as(f)
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "study"), str(out), "--package", str(package)]) == 0
+    ((uid, entry),) = read_json(out / "summary.json")["series"].items()
+    assert entry["status"] == "predicted", entry
+    seg = pydicom.dcmread(out / uid / "seg.dcm")
+    assert seg.Modality == "SEG" and seg.PatientBirthDate == "" and seg.AccessionNumber == ""
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+    sr = pydicom.dcmread(out / uid / "sr.dcm")
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500" and sr.PatientBirthDate == ""
+    nodules = pd.read_csv(out / uid / "nodules.csv")
+    reported = report.read_sr(out / uid / "sr.dcm")
+    assert len(reported) == len(nodules)
+    cols = list(report.REPORT_COLUMNS)
+    np.testing.assert_allclose(reported[cols].to_numpy(), nodules[cols].to_numpy(), atol=1e-3)
+
+
+def copy_as_series(src: Path, dst: Path, **attrs) -> str:
+    """Write every file of ``src`` again under ``dst`` as a new series (new UIDs), with ``attrs``."""
+    uid = pydicom.uid.generate_uid()
+    dst.mkdir(parents=True)
+    for f in sorted(src.rglob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        ds.save_as(dst / f.name)
+    return uid
+
+
+def test_whole_study_every_series_accounted_for(package, tmp_path, write_tiny_cohort):
+    """A study folder as a PACS exports it: two reconstructions, a localizer, a secondary capture,
+    a dose report (no pixel data) and a stray text file."""
+    write_tiny_cohort(tmp_path / "gen", n=1, seed=14)
+    study = tmp_path / "study"
+    (gen,) = list((tmp_path / "gen").iterdir())
+    lung = copy_as_series(gen, study / "lung", SeriesDescription="Lung 1.0 B60f")
+    soft = copy_as_series(gen, study / "soft", SeriesDescription="Mediastinum 1.0 B30f")
+    scout = copy_as_series(gen, study / "scout", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    capture = copy_as_series(gen, study / "sc", SOPClassUID="1.2.840.10008.5.1.4.1.1.7")
+    dose = pydicom.dcmread(next(gen.glob("*.dcm")))
+    dose.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    dose.SeriesInstanceUID = pydicom.uid.generate_uid()
+    del dose.PixelData
+    dose.save_as(study / "dose.dcm")
+    (study / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    assert predict.main([str(study), str(out), "--package", str(package)]) == 0
+    summary = read_json(out / "summary.json")
+    series = summary["series"]
+    assert series[lung]["status"] == series[soft]["status"] == "predicted"
+    assert (out / lung / "seg.dcm").is_file() and (out / soft / "seg.dcm").is_file()
+    assert series[scout]["status"] == "refused" and "localizer" in series[scout]["reason"]
+    assert series[capture]["status"] == "refused" and "SOP class" in series[capture]["reason"]
+    assert series[dose.SeriesInstanceUID]["status"] == "skipped", series
+    assert "no pixel data" in series[dose.SeriesInstanceUID]["reason"]
+    assert [f["path"] for f in summary["unused_files"]] == ["notes.txt"]
+    assert summary["predicted"] == 2 and not (out / scout).exists() and not (out / capture).exists()
+
+
+def test_a_failing_series_leaves_no_partial_output_and_the_others_run(
+    package, tmp_path, write_tiny_cohort, monkeypatch
+):
+    write_tiny_cohort(tmp_path / "gen", n=1, seed=15)
+    (gen,) = list((tmp_path / "gen").iterdir())
+    first = copy_as_series(gen, tmp_path / "study" / "a")
+    second = copy_as_series(gen, tmp_path / "study" / "b")
+    real = predict.write_seg
+
+    def fail_once(path, sources, mask):
+        if sources[0].SeriesInstanceUID == first:
+            raise RuntimeError("disk full")
+        return real(path, sources, mask)
+
+    monkeypatch.setattr(predict, "write_seg", fail_once)
+    out = tmp_path / "out"
+    assert predict.main([str(tmp_path / "study"), str(out), "--package", str(package)]) == 0
+    series = read_json(out / "summary.json")["series"]
+    assert (
+        series[first]["status"] == "failed" and series[first]["reason"] == "RuntimeError: disk full"
+    )
+    assert series[second]["status"] == "predicted"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.json", second])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "models" / "export" / "model.onnx").is_file(),
-                    reason="needs the trained package from `make repro` (models/export)")
+@pytest.mark.skipif(
+    not (ROOT / "models" / "export" / "model.onnx").is_file(),
+    reason="needs the trained package from `make repro` (models/export)",
+)
 def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path):
     """A patient the pipeline never saw (index beyond the cohort): nodules >= 10 mm are found and
     the mask, in world coordinates, overlaps the truth."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     cfg = params["ingest"]["synthetic"]
-    index = next(i for i in range(1000, 1100)
-                 if any(n.diameter_mm >= 10 for n in synth.make_case(params["base"]["seed"], i, cfg).nodules))
+    index = next(
+        i
+        for i in range(1000, 1100)
+        if any(n.diameter_mm >= 10 for n in synth.make_case(params["base"]["seed"], i, cfg).nodules)
+    )
     rows = synth.write_case(tmp_path / "study", params["base"]["seed"], index, cfg)
-    assert predict.main([str(tmp_path / "study"), str(tmp_path / "out"), "--package",
-                         str(ROOT / "models" / "export")]) == 0
+    assert (
+        predict.main(
+            [
+                str(tmp_path / "study"),
+                str(tmp_path / "out"),
+                "--package",
+                str(ROOT / "models" / "export"),
+            ]
+        )
+        == 0
+    )
     truth = synth.annotations_frame(rows)
     uid = truth["seriesuid"].iloc[0]
     found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
+    reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")  # the SR says what the CSV says
+    cols = list(report.REPORT_COLUMNS)
+    assert len(found) > 0
+    np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
     mask_img = sitk.ReadImage(str(tmp_path / "out" / uid / "mask.nii.gz"))
     mask, geom = sitk.GetArrayFromImage(mask_img) > 0, Geometry.from_sitk(mask_img)
     for _, nod in truth[truth["diameter_mm"] >= 10].iterrows():
         centre = nod[["coordX", "coordY", "coordZ"]].to_numpy(float)
-        dist = np.linalg.norm(found[["coordX", "coordY", "coordZ"]].to_numpy(float) - centre, axis=1)
+        dist = np.linalg.norm(
+            found[["coordX", "coordY", "coordZ"]].to_numpy(float) - centre, axis=1
+        )
         assert (dist < nod["diameter_mm"] / 2).any(), f"missed nodule of {nod['diameter_mm']} mm"
         sphere = sphere_mask(mask.shape, geom, centre, nod["diameter_mm"] / 2)
         assert (mask & sphere).sum() > 0.3 * sphere.sum()

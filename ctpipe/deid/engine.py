@@ -1,11 +1,11 @@
 """De-identify one DICOM dataset to PS3.15 Annex E (Basic Profile + the options in params).
 
 :class:`Deidentifier` walks the dataset once, at every depth, and looks each tag up in the
-compiled table (:mod:`ctpipe.deid_table`). Elements it keeps stay undecoded raw bytes; elements it
-changes get new raw bytes (:mod:`ctpipe.deid_write`), so no value is decoded by pydicom. Actions:
+compiled table (:mod:`ctpipe.deid.table`). Elements it keeps stay undecoded raw bytes; elements it
+changes get new raw bytes (:mod:`ctpipe.deid.write`), so no value is decoded by pydicom. Actions:
 
 - X remove; Z empty (Patient's Name and ID get the keyed pseudonym instead); D dummy value of the
-  VR (UIDs: the keyed UID); U keyed UID (:meth:`ctpipe.deid_keys.Keyring.uid`) for every value;
+  VR (UIDs: the keyed UID); U keyed UID (:meth:`ctpipe.deid.keys.Keyring.uid`) for every value;
 - K keep; C clean: dates and date-times shifted by the patient's keyed offset (times kept, since
   the offset is whole days), free text stripped of every identifying value found in the file
   (names and their components, IDs, addresses...) and of date-, ID- and UID-like patterns;

@@ -8,18 +8,29 @@ inference with Gaussian blending over the views and mirrored passes the spec nam
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
     seg.dcm       the same mask as a DICOM Segmentation (highdicom) referencing the source series
+    sr.dcm        the nodules as a DICOM SR (Comprehensive 3D SR, TID 1500 measurement report):
+                  per nodule its centre, diameter, volume and score, referencing seg.dcm
     nodules.csv   detected nodules: world coordinates (LPS mm), equivalent diameter, score (the
                   peak probability discounted by elongation, ``shape_weight`` of the spec), peak,
                   elongation, volume
 
-Series whose modality or geometry the model was not trained for are refused with the reason.
+Every series of the study is considered (a study folder may hold a localizer, several
+reconstructions, a dose report, secondary captures): each CT image series the model can work on is
+predicted, every other one is skipped or refused with its reason (the rule is ``accepted_input``
+of ``input_spec.json``; finer spacings than training are resampled, much coarser ones and partial
+scans are refused). ``OUT_DIR/summary.json`` lists every series and every unused file with what
+happened to it. A series' folder appears complete or not at all. Exit status: 0 when at least one
+series was predicted, 2 when none was.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +38,8 @@ import pydicom
 import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
-from ctpipe.fileio import read_json, write_csv
+from ctpipe.deploy import report
+from ctpipe.fileio import read_json, write_csv, write_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import mean_over_views, slab_by_slab
 from ctpipe.postprocessing.candidates import find_nodules
@@ -87,7 +99,7 @@ def predict_probability(
     mirror_axes=(),
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session:
-    the mean over ``views`` (:mod:`ctpipe.views`) of the slab-by-slab prediction along each, each
+    the mean over ``views`` (:mod:`ctpipe.model.views`) of the slab-by-slab prediction along each, each
     slab also mirrored along ``mirror_axes``."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
@@ -104,17 +116,37 @@ def predict_probability(
     )
 
 
-def check_series(spec: dict, first: pydicom.Dataset, geom: Geometry) -> None:
-    """Refuse what the model was not trained for: other modalities, spacings far off its range."""
+# SOP classes predict reads as a CT volume: CT Image Storage and Enhanced CT Image Storage.
+IMAGE_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+
+
+def check_series(spec: dict, first: pydicom.Dataset, geom: Geometry, shape: tuple) -> None:
+    """Refuse what the model cannot work on (``accepted_input`` of the spec, see its ``rule``)."""
     accepted = spec.get("accepted_input", {})
     modality = str(first.get("Modality", ""))
     if modality not in accepted.get("modalities", ["CT"]):
         raise RefusedSeries(f"modality {modality or 'missing'}: the model was trained on CT only")
-    lo, hi = (np.asarray(v) for v in accepted.get("spacing_range_mm", [[0, 0, 0], [np.inf] * 3]))
-    if np.any(geom.spacing < 0.5 * lo) or np.any(geom.spacing > 2 * hi):
+    sop_class = str(first.get("SOPClassUID", ""))
+    if sop_class not in IMAGE_SOP_CLASSES:
+        name = pydicom.uid.UID(sop_class).name if sop_class else "missing"
+        raise RefusedSeries(f"SOP class {name}: not a CT image series")
+    image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
+    if "LOCALIZER" in image_type:
+        raise RefusedSeries("a localizer (ImageType LOCALIZER), not a volume")
+    if "max_spacing_mm" in accepted:
+        coarsest = np.asarray(accepted["max_spacing_mm"], dtype=float)
+    else:  # packages written before the rule: twice the coarsest training spacing
+        coarsest = 2 * np.asarray(accepted.get("spacing_range_mm", [0, [np.inf] * 3])[1], float)
+    if np.any(geom.spacing > coarsest):
         raise RefusedSeries(
-            f"spacing {np.round(geom.spacing, 2).tolist()} mm is far outside the training "
-            f"range {lo.tolist()}..{hi.tolist()} mm"
+            f"spacing {np.round(geom.spacing, 2).tolist()} mm is coarser than the model can "
+            f"work on ({coarsest.tolist()} mm at most)"
+        )
+    extent = float(geom.spacing[2]) * (int(shape[0]) - 1)
+    if extent < float(accepted.get("min_extent_mm", 0.0)):
+        raise RefusedSeries(
+            f"covers {extent:.0f} mm along the slice normal, less than the "
+            f"{accepted['min_extent_mm']:g} mm of a chest CT the model needs"
         )
 
 
@@ -163,14 +195,18 @@ def write_seg(path: Path, sources: list[pydicom.Dataset], mask: np.ndarray) -> N
 
 
 def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> dict:
-    """Run the whole chain on one sorted series; return a summary."""
+    """Run the whole chain on one sorted series into ``out/<SeriesInstanceUID>``; return a summary.
+
+    The outputs are written to a temporary folder next to it and moved into place when complete,
+    so a failure leaves no partial folder.
+    """
     import onnxruntime as ort
 
     spec = read_json(package / "input_spec.json")
     pre, inf, post = spec["preprocessing"], spec["inference"], spec["postprocessing"]
     sources = [pydicom.dcmread(p) for p in paths]
     hu, geom = dicomio.read_series(paths)
-    check_series(spec, sources[0], geom)
+    check_series(spec, sources[0], geom, hu.shape)
     resampled, rgeom = prep.resample(
         hu, geom, np.asarray(pre["target_spacing_mm_xyz"]), pre["interpolation"]
     )
@@ -202,16 +238,25 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     )
     mask = back_to_source(found, cgeom, hu, geom)
     uid = str(sources[0].SeriesInstanceUID)
-    folder = out / uid
-    folder.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(folder / "mask.nii.gz"))
-    write_seg(folder / "seg.dcm", sources, mask)
-    nodules = nodules[nodules["detected"]].drop(columns="detected")
-    write_csv(folder / "nodules.csv", nodules.assign(seriesuid=uid).round(3))
-    return {"series": uid, "nodules": len(nodules), "mask_voxels": int(mask.sum())}
+    nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
+    try:
+        sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(tmp / "mask.nii.gz"))
+        headers = [report.header_with_type2(ds) for ds in sources]  # headers as they come
+        write_seg(tmp / "seg.dcm", headers, mask)
+        report.write_sr(tmp / "sr.dcm", headers, pydicom.dcmread(tmp / "seg.dcm"), nodules)
+        write_csv(tmp / "nodules.csv", nodules.round(3))
+        os.chmod(tmp, 0o755)
+        if (out / uid).exists():
+            shutil.rmtree(out / uid)
+        os.replace(tmp, out / uid)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"nodules": len(nodules), "mask_voxels": int(mask.sum()), "slices": len(paths)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m ctpipe.predict",
         description=__doc__,
@@ -219,41 +264,73 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("study_dir", type=Path, help="folder with the DICOM files of one study")
     parser.add_argument(
-        "out_dir", type=Path, help="where to write mask.nii.gz, seg.dcm, nodules.csv"
+        "out_dir", type=Path, help="where to write <series>/{mask.nii.gz,seg.dcm,nodules.csv}"
     )
     parser.add_argument("--model", choices=["fp32", "int8"], default="fp32")
     parser.add_argument(
         "--package", type=Path, default=Path("models/export"), help="exported model package"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def unused_files(manifest) -> tuple[dict[str, dict], list[dict]]:
+    """Series skipped by the checks of :func:`ctpipe.dicomio.check_series` (by series) and files
+    that belong to no series (not DICOM, no pixel data, ...), each with its reason."""
+    skipped = manifest[manifest["status"] != "ok"]
+    series: dict[str, dict] = {}
+    for uid, group in skipped[skipped["series_uid"].notna()].groupby("series_uid", sort=True):
+        series[str(uid)] = {
+            "status": "skipped",
+            "reason": str(group["reason"].iloc[0]),
+            "files": len(group),
+        }
+    loose = skipped[skipped["series_uid"].isna()]
+    files = [{"path": str(r["path"]), "reason": str(r["reason"])} for _, r in loose.iterrows()]
+    return series, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    accepted = read_json(args.package / "input_spec.json").get("accepted_input", {})
     manifest = dicomio.scan_folder(
-        args.study_dir,
-        modalities=tuple(
-            read_json(args.package / "input_spec.json")
-            .get("accepted_input", {})
-            .get("modalities", ["CT"])
-        ),
+        args.study_dir, modalities=tuple(accepted.get("modalities", ["CT"]))
     )
-    series = dicomio.series_files(manifest)
-    for _, row in manifest[manifest["status"] != "ok"].iterrows():
-        log.warning("not used: %s: %s", row["path"], row["reason"])
-    if not series:
-        log.error("%s: no usable CT series (reasons above)", args.study_dir)
-        return 2
-    refused = 0
-    for uid, rel in series.items():
+    report, files = unused_files(manifest)
+    for uid, entry in report.items():
+        log.warning("series %s skipped: %s", uid, entry["reason"])
+    for entry in files:
+        log.warning("not used: %s: %s", entry["path"], entry["reason"])
+    for uid, rel in dicomio.series_files(manifest).items():
+        paths = [args.study_dir / p for p in rel]
         try:
-            log.info(
-                "%s",
-                predict_series(
-                    [args.study_dir / p for p in rel], args.package, args.model, args.out_dir
-                ),
-            )
+            result = predict_series(paths, args.package, args.model, args.out_dir)
+            report[uid] = {"status": "predicted", **result}
+            log.info("series %s: %s", uid, result)
         except RefusedSeries as exc:
-            refused += 1
+            report[uid] = {"status": "refused", "reason": str(exc), "files": len(rel)}
             log.error("series %s refused: %s", uid, exc)
-    return 2 if refused == len(series) else 0
+        except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the others
+            report[uid] = {
+                "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}",
+                "files": len(rel),
+            }
+            log.exception("series %s failed", uid)
+    predicted = sum(e["status"] == "predicted" for e in report.values())
+    summary = {
+        "study_dir": str(args.study_dir),
+        "model": args.model,
+        "predicted": predicted,
+        "series": dict(sorted(report.items())),
+        "unused_files": files,
+    }
+    write_json(args.out_dir / "summary.json", summary)
+    if not predicted:
+        log.error(
+            "%s: no series predicted (reasons in %s)", args.study_dir, args.out_dir / "summary.json"
+        )
+    return 0 if predicted else 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""ONNX Runtime static INT8 quantization (QDQ, per-channel weights), whole-volume evaluation and
-latency measurement.
+"""ONNX Runtime static INT8 quantization (QDQ, per-channel weights), calibration, configuration
+selection and latency measurement.
 
 The fp32 model goes through ``quant_pre_process`` once (ORT graph optimisation and shape
 inference; symbolic shape inference is skipped, it does not follow the dynamo export's
 ``16*h`` dims), then ``quantize_static`` for each configuration of the sweep: a scheme
 (activation / weight integer types) and a calibration method. Calibration slabs are real 2.5D
-patches drawn, seeded, from the training split only (:func:`ctpipe.onnxtools.sample_slabs`).
+patches drawn, seeded, from the training split only (:func:`ctpipe.deploy.parity.sample_slabs`).
 
 Schemes: ``S8S8`` (int8 activations and weights, what ORT recommends first) and ``U8S8`` (uint8
 activations). On x86 with VNNI the U8S8 QLinearConv kernels are the fast ones; ORT keeps some
@@ -33,10 +33,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from tqdm import tqdm
 
 from ctpipe.deploy.onnx_export import INPUT_NAME
-from ctpipe.model.infer import Predictor, predict_volume
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +144,6 @@ def quantize(
         extra_options={"WeightSymmetric": True},
     )
     return Path(out_path)
-
-
-def segment_volumes(
-    predictor: Predictor,
-    volumes: Sequence[np.ndarray],
-    context: int,
-    roi_size: int,
-    overlap: float,
-    desc: str,
-    views=("axial",),
-) -> list[np.ndarray]:
-    """Foreground probability of each volume, through the shared sliding-window inference."""
-    return [
-        predict_volume(predictor, v, context, roi_size, overlap, views=views)
-        for v in tqdm(volumes, desc=desc, unit="vol", leave=False)
-    ]
 
 
 def select(configs: list[dict[str, Any]], max_drop: float, rule: str) -> dict[str, Any] | None:

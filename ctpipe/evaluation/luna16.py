@@ -234,7 +234,7 @@ def froc(
 
 def operating_point(candidates: pd.DataFrame, nodules: pd.DataFrame, n_scans: int) -> dict:
     """Lesion figures at the operating point: only the ``detected`` candidates (the mask's
-    components, :func:`ctpipe.detect.find_nodules`) are matched, so a nodule counts as found
+    components, :func:`ctpipe.postprocessing.candidates.find_nodules`) are matched, so a nodule counts as found
     exactly when a mask component hits it, whatever the scores of the other candidates.
 
     Returns ``sensitivity``, ``fp_per_scan`` and ``confusion``: one row per nodule (``actual``

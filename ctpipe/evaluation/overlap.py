@@ -117,7 +117,7 @@ def score_volume(
 
     Returns the voxel metrics of the nodule mask against ``truth``, the nodule candidates (with
     ``detected``: the components the mask keeps) for the lesion-level figures, and the mask, all
-    from one labelling (:func:`ctpipe.detect.find_nodules`).
+    from one labelling (:func:`ctpipe.postprocessing.candidates.find_nodules`).
     """
     mask, cands = find_nodules(
         prob, geom, threshold, component_threshold, min_candidate_mm3, shape_weight

@@ -93,7 +93,7 @@ def intensity_augmentations() -> Compose:
 class SlabPatchDataset(torch.utils.data.Dataset):
     """Random 2.5D patches: ``image [2c+1, P, P]`` and the centre slice's ``label [P, P]``.
 
-    With several ``views`` (:data:`ctpipe.views.VIEWS`) each patch is sliced along one of them,
+    With several ``views`` (:data:`ctpipe.model.views.VIEWS`) each patch is sliced along one of them,
     drawn per item, so one network learns to read axial, coronal and sagittal slabs.
 
     Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training

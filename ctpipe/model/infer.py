@@ -39,7 +39,7 @@ def predict_volume(
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
     over ``views`` of the probability predicted slab by slab along each view's axis, each slab
-    also mirrored along ``mirror_axes`` (:func:`ctpipe.views.mean_over_mirrors`)."""
+    also mirrored along ``mirror_axes`` (:func:`ctpipe.model.views.mean_over_mirrors`)."""
 
     def window_prob(x: np.ndarray) -> np.ndarray:
         logits = sliding_window_inference(
@@ -64,7 +64,7 @@ def predict_volume(
 
 def torch_predictor(net: torch.nn.Module, device: str = "cpu") -> Predictor:
     """Wrap a PyTorch module as a predictor returning CPU logits. Puts ``net`` in eval mode, on
-    ``device``, in :data:`ctpipe.nets.MEMORY_FORMAT` (in place)."""
+    ``device``, in :data:`ctpipe.model.nets.MEMORY_FORMAT` (in place)."""
     net.eval().to(device=device, memory_format=MEMORY_FORMAT)
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ minutes on two CPU cores and gives ONNX Runtime a graph it quantizes well: Conv 
 (folded) + ReLU and bilinear up-sampling (``upsample="nontrainable"``), no ConvTranspose, which
 has no quantized CPU kernel. A few axial slices are not enough to tell a nodule from a vessel that
 crosses the axial plane, so the same network is also trained on and applied to coronal and
-sagittal slabs (``train.views``, ``inference.views``; :mod:`ctpipe.views`).
+sagittal slabs (``train.views``, ``inference.views``; :mod:`ctpipe.model.views`).
 """
 
 from __future__ import annotations

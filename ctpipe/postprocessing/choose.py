@@ -1,6 +1,6 @@
 """Post-processing chosen on the validation split after every training, as nnU-Net does.
 
-Three values turn a probability map into findings (:func:`ctpipe.detect.find_nodules`):
+Three values turn a probability map into findings (:func:`ctpipe.postprocessing.candidates.find_nodules`):
 ``threshold`` (how far a nodule extends; also the level at which candidates are components),
 ``component_threshold`` (the peak a component needs to be kept in the mask and counted at the
 operating point) and ``shape_weight`` (how much elongation lowers a candidate's FROC score). They
@@ -63,7 +63,7 @@ def sweep_masks(
     """One row per pair: case-mean Dice (cases with nodules), pooled Dice, operating point.
 
     The components of each case are labelled once per threshold; every component threshold
-    then only selects among them (:func:`ctpipe.detect.mask_of`).
+    then only selects among them (:func:`ctpipe.postprocessing.candidates.mask_of`).
     """
     rows = []
     for t in thresholds:
