@@ -10,6 +10,7 @@ describe (origin, spacing, direction), in HU (RescaleSlope/Intercept applied).
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,9 +40,30 @@ MANIFEST_COLUMNS = [
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
+# Header values that, when unreadable, make a file useless: read through one guard each.
+BAD_VALUE = (AttributeError, KeyError, IndexError, TypeError, ValueError, OverflowError)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "")
+    except BAD_VALUE:
+        return ""
+
+
+def _number(ds: pydicom.Dataset, keyword: str, default: int = 0) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except BAD_VALUE:
+        return default
+
+
 def scan_file(path: Path, root: Path) -> dict:
-    """Read one file's header and check that it is a complete single-image DICOM slice."""
-    rec = {"path": str(path.relative_to(root)), "status": "ok", "reason": ""}
+    """Read one file's header and check that it is a complete single-image DICOM slice.
+
+    Never raises for a bad file: every problem becomes the ``reason`` of a ``skipped`` record.
+    """
+    rec = {"path": display_path(path, root), "status": "ok", "reason": ""}
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
@@ -49,33 +71,84 @@ def scan_file(path: Path, root: Path) -> dict:
     except Exception as exc:  # pydicom raises many types on damaged files
         return {**rec, "status": "skipped", "reason": f"unreadable DICOM: {exc}"}
     rec.update(
-        patient_id=str(ds.get("PatientID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        modality=str(ds.get("Modality", "")),
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        instance=int(ds.get("InstanceNumber", 0) or 0),
+        patient_id=_text(ds, "PatientID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        frame_uid=_text(ds, "FrameOfReferenceUID"),
+        modality=_text(ds, "Modality"),
+        sop_uid=_text(ds, "SOPInstanceUID"),
+        instance=_number(ds, "InstanceNumber"),
     )
-    problem = _header_problem(ds)
+    try:
+        problem = _header_problem(ds)
+        if problem:
+            return {**rec, "status": "skipped", "reason": problem}
+        frames = frame_geometry(ds)
+        problem = _geometry_problem(frames)
+        grid = (int(ds.Rows), int(ds.Columns), *np.round(frames[0]["spacing"], 4))
+    except BAD_VALUE as exc:
+        return {**rec, "status": "skipped", "reason": f"bad header value: {exc}"}
     if problem:
         return {**rec, "status": "skipped", "reason": problem}
-    try:
-        frames = frame_geometry(ds)
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
-        return {**rec, "status": "skipped", "reason": f"geometry unknown: {exc}"}
-    if len({(f["iop"], f["spacing"]) for f in frames}) > 1:
-        return {
-            **rec,
-            "status": "skipped",
-            "reason": "frames of one file differ in orientation or spacing",
-        }
     iop = np.array(frames[0]["iop"])
     normal = np.cross(iop[:3], iop[3:])
     rec["frames"] = [(float(np.dot(f["ipp"], normal)), f["ipp"]) for f in frames]
     rec["position_mm"] = rec["frames"][0][0]
     rec["iop"] = tuple(np.round(iop, 4))
-    rec["grid"] = (int(ds.Rows), int(ds.Columns), *np.round(frames[0]["spacing"], 4))
+    rec["grid"] = grid
     return rec
+
+
+def _geometry_problem(frames: list[dict]) -> str:
+    """Why the frames' geometry cannot place voxels in the world, or ''."""
+    if len({(f["iop"], f["spacing"]) for f in frames}) > 1:
+        return "frames of one file differ in orientation or spacing"
+    spacing, iop = np.asarray(frames[0]["spacing"]), np.asarray(frames[0]["iop"])
+    if spacing.shape != (2,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        return f"PixelSpacing {spacing.tolist()} is not two positive numbers"
+    if any(len(f["ipp"]) != 3 or not np.all(np.isfinite(f["ipp"])) for f in frames):
+        return "ImagePositionPatient is not three finite numbers"
+    if iop.shape != (6,) or not np.all(np.isfinite(iop)):
+        return "ImageOrientationPatient is not six finite numbers"
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3:
+        return "ImageOrientationPatient rows and columns are not unit vectors"
+    if abs(float(row @ col)) > 1e-3:
+        return "ImageOrientationPatient rows and columns are not perpendicular"
+    return ""
+
+
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as text that can be written anywhere (undecodable bytes of a
+    file name shown as ``\\xNN``)."""
+    rel = os.fsencode(path.relative_to(root))
+    return rel.decode("utf-8", errors="backslashreplace")
+
+
+def list_files(root: Path) -> tuple[list[Path], list[dict]]:
+    """Files under ``root`` to scan, and records for what cannot be scanned: symbolic links to
+    folders (not followed, so no loop), dangling links, FIFOs, sockets, devices, file names that
+    are not UTF-8. A link to a regular file is followed once."""
+    files, skipped = [], []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
+
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in dirs:
+            if (Path(folder) / name).is_symlink():
+                skip(Path(folder) / name, "symbolic link to a folder: not followed")
+        for name in names:
+            path = Path(folder) / name
+            if display_path(path, root) != str(path.relative_to(root)):
+                skip(path, "file name is not valid UTF-8")
+            elif path.is_symlink() and not path.exists():
+                skip(path, "dangling symbolic link")
+            elif not path.is_file():
+                skip(path, "not a regular file (FIFO, socket or device)")
+            else:
+                files.append(path)
+    return sorted(files), skipped
 
 
 def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
@@ -127,9 +200,17 @@ def _header_problem(ds: pydicom.Dataset) -> str:
         return "no SeriesInstanceUID"
     if "PixelData" not in ds:
         return "no pixel data (not an image)"
-    for key in ("Rows", "Columns"):
+    for key in ("Rows", "Columns", "BitsAllocated"):
         if key not in ds:
             return f"missing {key}"
+    if int(ds.Rows) <= 0 or int(ds.Columns) <= 0:
+        return f"Rows x Columns {ds.Rows} x {ds.Columns}: no pixels"
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        return f"SamplesPerPixel {samples}: not a greyscale image"
+    bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated) or 0)
+    if bits not in (8, 16, 32) or not 0 < stored <= bits:
+        return f"BitsAllocated {bits} / BitsStored {stored}: not a valid pixel format"
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if syntax in UNCOMPRESSED:
         expected = (
@@ -156,7 +237,7 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
     ``checks`` go to :func:`check_series` (modalities, min_slices, spacing_tolerance, uneven).
     """
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    paths, unscannable = list_files(root)
     if workers > 1 and len(paths) > 64:
         with ProcessPoolExecutor(workers) as pool:
             records = list(
@@ -169,7 +250,7 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
             )
     else:
         records = [scan_file(p, root) for p in tqdm(paths, desc="scan DICOM", unit="file")]
-    return check_series(records, **checks)
+    return check_series(records + unscannable, **checks)
 
 
 def check_series(
@@ -213,6 +294,14 @@ def _series_problem(recs, modalities, min_slices, tolerance) -> str:
 
     A reason starting with ``uneven: `` concerns slice steps only (the ``uneven`` option applies).
     """
+    acquisitions = {(r.get("frame_uid", ""), r["patient_id"]) for r in recs}
+    if len(acquisitions) > 1:
+        return (
+            f"SeriesInstanceUID shared by {len(acquisitions)} acquisitions (another "
+            "FrameOfReferenceUID or PatientID): not one volume"
+        )
+    if len({r["modality"] for r in recs}) > 1:
+        return f"slices of several modalities {sorted({r['modality'] for r in recs})}"
     modality = recs[0]["modality"]
     if modalities is not None and modality not in modalities:
         return f"modality {modality or 'missing'} is not one of {list(modalities)}"

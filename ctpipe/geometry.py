@@ -36,7 +36,12 @@ class Geometry:
         )
         if np.any(self.spacing <= 0):
             raise ValueError(f"spacing must be positive, got {self.spacing}")
-        if abs(abs(np.linalg.det(self.direction)) - 1.0) > 1e-3:
+        if not np.all(np.isfinite(self.origin)) or not np.all(np.isfinite(self.spacing)):
+            raise ValueError(
+                f"origin and spacing must be finite, got {self.origin}, {self.spacing}"
+            )
+        # D^T D = I: unit, mutually perpendicular columns (a determinant of 1 also admits shears)
+        if not np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-3):
             raise ValueError(f"direction is not orthonormal: {self.direction.tolist()}")
 
     @classmethod

@@ -165,6 +165,11 @@ def write_tables(
             pd.DataFrame(linkage, columns=["kind", "original", "pseudonym"]),
         )
     write_json(out_dir / "deid_options.json", meta)
+    # Which key made this cohort, kept where it is not pushed (it would be a guessing oracle).
+    write_json(
+        private_dir / "deid_key.json",
+        {"key_fingerprint": keyring.fingerprint(), "key_source": meta["key_source"]},
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -211,7 +216,6 @@ def deid_meta(
         },
         "uid_scheme": "2.25.<int(HMAC-SHA256(key, uid)[:16])>",
         "key_source": key_source,
-        "key_fingerprint": keyring.fingerprint(),
         **{k: cfg[k] for k in ("date_shift_days", "burned_in_missing_ok", "leak_min_chars")},
     }
 

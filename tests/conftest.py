@@ -1,21 +1,43 @@
-"""Shared fixtures: a tiny synthetic cohort written as DICOM, and tiny params for every stage."""
+"""Shared fixtures: a tiny synthetic cohort written as DICOM, tiny params for every stage, and a
+tiny processed dataset with a random-init network.
+
+Test files reach these helpers through the fixtures below, never by importing this file or another
+test file."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
+import pydicom
 import pytest
 import yaml
 
 from ctpipe import synth
+from ctpipe.fileio import write_json, write_npy
+from ctpipe.geometry import Geometry
+
+# torch, onnx and ctpipe.model are imported where used: collecting the light test files (geometry,
+# de-identification, params) should not pay for them.
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_SYNTH = {
-    "n_patients": 4, "matrix": 48, "pixel_spacing_mm": [5.0, 6.0], "slice_spacing_mm": [5.0],
-    "z_extent_mm": 200, "oblique_degrees": 0, "vessels_per_lung": 2, "fraction_without_nodules": 0.0,
-    "max_nodules": 2, "diameter_mm": [12, 30], "part_solid_fraction": 0.25, "blur_voxels": 0.6,
+    "n_patients": 4,
+    "matrix": 48,
+    "pixel_spacing_mm": [5.0, 6.0],
+    "slice_spacing_mm": [5.0],
+    "z_extent_mm": 200,
+    "oblique_degrees": 0,
+    "vessels_per_lung": 2,
+    "fraction_without_nodules": 0.0,
+    "max_nodules": 2,
+    "diameter_mm": [12, 30],
+    "part_solid_fraction": 0.25,
+    "blur_voxels": 0.6,
     "noise_hu": 20,
 }
 
@@ -24,16 +46,37 @@ def tiny_params() -> dict:
     """params.yaml with every section shrunk so that the whole pipeline runs in about a minute."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["ingest"].update(workers=1, min_slices=8, synthetic=copy.deepcopy(TINY_SYNTH))
-    params["preprocess"].update(workers=1, split={"val_fraction": 0.25, "test_fraction": 0.25, "folds": 0})
-    params["train"].update(features=[4, 4, 8, 8, 16, 4], patch_size=32, batch_size=4, epochs=2,
-                           samples_per_epoch=8, val_roi_size=64)
+    params["preprocess"].update(
+        workers=1, split={"val_fraction": 0.25, "test_fraction": 0.25, "folds": 0}
+    )
+    params["train"].update(
+        features=[4, 4, 8, 8, 16, 4],
+        patch_size=32,
+        batch_size=4,
+        epochs=2,
+        samples_per_epoch=8,
+        val_roi_size=64,
+    )
     params["inference"].update(roi_size=64)
     params["evaluate"].update(bootstrap=20)
     # An untrained tiny model: the INT8 gate is opened, the sweep and timings shrunk.
-    params["quantize"].update(max_dice_drop=1.0, calibration_slabs=8, sweep_slabs=16,
-                              latency_runs=3, latency_rounds=1, sweep_latency_runs=2, entropy_bins=256)
+    params["quantize"].update(
+        max_dice_drop=1.0,
+        calibration_slabs=8,
+        sweep_slabs=16,
+        latency_runs=3,
+        latency_rounds=1,
+        sweep_latency_runs=2,
+        entropy_bins=256,
+    )
     params["export"].update(parity_shapes=[[1, 32, 48], [2, 48, 32]])
     return params
+
+
+@pytest.fixture(scope="session", name="tiny_params")
+def tiny_params_factory():
+    """``tiny_params()``: a fresh dict of the tiny params (for tests that edit them first)."""
+    return tiny_params
 
 
 @pytest.fixture
@@ -50,3 +93,176 @@ def write_tiny_cohort(out: Path, n: int = 3, seed: int = 7, **overrides) -> list
     for i in range(n):
         rows += synth.write_case(out, seed, i, cfg, oblique=float(cfg["oblique_degrees"]) > 0)
     return rows
+
+
+@pytest.fixture(scope="session", name="write_tiny_cohort")
+def write_tiny_cohort_factory():
+    """``write_tiny_cohort(out, n=3, seed=7, **synth_overrides)`` -> annotation rows."""
+    return write_tiny_cohort
+
+
+@pytest.fixture(scope="session")
+def tiny_synth() -> dict:
+    """The synthetic-cohort params of :func:`write_tiny_cohort` (a copy: edit at will)."""
+    return copy.deepcopy(TINY_SYNTH)
+
+
+def scramble_slice_order(study: Path, seed: int = 0) -> list[Path]:
+    """Give the slices of ``study`` file names and InstanceNumbers in two random orders, neither
+    of them (nor its reverse) the order of the slices along the normal; return the files in
+    position order.
+
+    Only sorting by ImagePositionPatient along the slice normal then finds the true order.
+    """
+    files = sorted(study.glob("*.dcm"))  # synth writes IM0001.dcm ... in position order
+    rng = np.random.default_rng(seed)
+    numbers, names = rng.permutation(len(files)), rng.permutation(len(files))
+    for order in (numbers, names):
+        assert not (np.all(np.diff(order) > 0) or np.all(np.diff(order) < 0))
+    out = []
+    for f, number, name in zip(files, numbers, names):
+        ds = pydicom.dcmread(f)
+        ds.InstanceNumber = int(number) + 1
+        ds.save_as(f)
+        out.append(f.rename(study / f"S{name:04d}.dcm"))
+    return out
+
+
+@pytest.fixture(scope="session", name="scramble_slice_order")
+def scramble_slice_order_factory():
+    """``scramble_slice_order(study_dir, seed=0)``: names and InstanceNumbers out of order."""
+    return scramble_slice_order
+
+
+# A tiny processed dataset and a random-init network, for the export, quantize and postprocess
+# tests: one case per entry of PROCESSED_SPLITS, each with a sphere nodule.
+TINY_NET = {
+    "context_slices": 1,
+    "features": [4, 4, 8, 8, 16, 4],
+    "patch_size": 32,
+    "val_roi_size": 32,
+}
+PROCESSED_SPLITS = ("train", "train", "val", "test")
+PROCESSED_SHAPE = (12, 64, 48)  # k, j, i: non-square slices
+PROCESSED_SPACING = (1.0, 1.0, 2.0)  # x, y, z mm
+PROCESSED_PLAN = {
+    "target_spacing_mm": list(PROCESSED_SPACING),
+    "interpolation": "linear",
+    "normalization": {"kind": "window", "clip": [-1000, 400], "mean": -500.0, "std": 400.0},
+}
+
+
+def make_processed(root: Path, test_offset: float = 0.0) -> Path:
+    """Write the tiny processed dataset under ``root``; return ``root``.
+
+    ``test_offset`` is added to the test case's image, so a test can tell its slabs apart.
+    """
+    shape, spacing = PROCESSED_SHAPE, PROCESSED_SPACING
+    rng = np.random.default_rng(0)
+    (root / "cases").mkdir(parents=True)
+    entries, nodules = [], []
+    kk, jj, ii = np.indices(shape)
+    for n, split in enumerate(PROCESSED_SPLITS):
+        case_id, uid = f"case_{n:03d}", f"1.2.3.{n}"
+        centre = np.array([shape[0] // 2, 20 + 4 * n, 18 + 3 * n])  # k, j, i
+        radius_mm = 5.0 + n
+        dist = np.sqrt(
+            ((kk - centre[0]) * spacing[2]) ** 2
+            + ((jj - centre[1]) * spacing[1]) ** 2
+            + ((ii - centre[2]) * spacing[0]) ** 2
+        )
+        label = (dist <= radius_mm).astype(np.uint8)
+        offset = test_offset if split == "test" else 0.0
+        image = rng.normal(-1.0, 0.3, shape) + 2.5 * label + offset
+        write_npy(root / "cases" / f"{case_id}.image.npy", image.astype(np.float16))
+        write_npy(root / "cases" / f"{case_id}.label.npy", label)
+        geom = Geometry(origin=[0.0, 0.0, 0.0], spacing=spacing)
+        entries.append(
+            {
+                "case_id": case_id,
+                "seriesuid": uid,
+                "patient_id": f"p{n}",
+                "split": split,
+                "shape": list(shape),
+                "geometry": geom.to_dict(),
+                "nodules": 1,
+                "foreground_voxels": int(label.sum()),
+            }
+        )
+        x, y, z = centre[2] * spacing[0], centre[1] * spacing[1], centre[0] * spacing[2]
+        nodules.append(
+            {"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": 2 * radius_mm}
+        )
+    write_json(root / "index.json", {"cases": entries})
+    write_json(
+        root / "plan.json",
+        {**PROCESSED_PLAN, "body_threshold_hu": -500.0, "crop_margin_mm": 5.0},
+    )
+    pd.DataFrame(nodules).to_csv(root / "nodules.csv", index=False)
+    return root
+
+
+def tiny_net(seed: int = 0, cfg: dict | None = None):
+    """A random-init tiny BasicUNet whose final bias is set so about half the pixels are nodule.
+
+    Half foreground makes the parity Dice a real test (two empty masks would agree trivially).
+    """
+    import torch
+
+    from ctpipe.model import nets
+
+    cfg = cfg or TINY_NET
+    torch.manual_seed(seed)
+    net = nets.build_network(cfg).eval()
+    x = torch.randn(2, nets.in_channels(cfg), 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        logits = net(x)
+        net.final_conv.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
+    return net
+
+
+def make_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A checkpoint of :func:`tiny_net` as train writes one, for :func:`make_processed` data."""
+    import torch
+
+    torch.save(
+        {
+            "state_dict": tiny_net(seed).state_dict(),
+            "train_params": dict(TINY_NET, epochs=1),
+            "plan": copy.deepcopy(PROCESSED_PLAN),
+            "epoch": 1,
+            "best_val_dice": 0.0,
+        },
+        path,
+    )
+    return path
+
+
+def perturbed_copy(path: Path, out: Path, scale: float = 0.1) -> Path:
+    """The ONNX model with relative noise of ``scale`` added to every convolution weight."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(1)
+    for weight in (t for t in model.graph.initializer if len(t.dims) == 4):
+        arr = numpy_helper.to_array(weight)
+        noisy = arr * (1 + scale * rng.standard_normal(arr.shape)).astype(arr.dtype)
+        weight.CopyFrom(numpy_helper.from_array(noisy, weight.name))
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> SimpleNamespace:
+    """The tiny processed dataset and network helpers above, for module-scoped fixtures too:
+    ``make_processed(root, test_offset=0.0)``, ``tiny_net(seed=0)``, ``make_checkpoint(path)``,
+    ``perturbed_copy(onnx_path, out)``, and the constants ``net_params`` and ``spacing``."""
+    return SimpleNamespace(
+        make_processed=make_processed,
+        tiny_net=tiny_net,
+        make_checkpoint=make_checkpoint,
+        perturbed_copy=perturbed_copy,
+        net_params=TINY_NET,
+        spacing=PROCESSED_SPACING,
+    )

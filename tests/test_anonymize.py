@@ -19,20 +19,38 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import XRayRadiationDoseSRStorage
 
 from ctpipe import synth
-from ctpipe.deid_keys import DEMO_KEY, KEY_ENV, Keyring
+from ctpipe.deid.engine import Deidentifier
+from ctpipe.deid.keys import DEMO_KEY, KEY_ENV, Keyring
 from ctpipe.fileio import write_csv, write_json
 from stages import anonymize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
-CFG = {"matrix": 32, "pixel_spacing_mm": [1.6, 2.2], "slice_spacing_mm": [2.5], "z_extent_mm": 40,
-       "oblique_degrees": 0, "vessels_per_lung": 1, "fraction_without_nodules": 0.0,
-       "max_nodules": 2, "diameter_mm": [5, 20], "part_solid_fraction": 0.25, "blur_voxels": 0.6,
-       "noise_hu": 20}
+CFG = {
+    "matrix": 32,
+    "pixel_spacing_mm": [1.6, 2.2],
+    "slice_spacing_mm": [2.5],
+    "z_extent_mm": 40,
+    "oblique_degrees": 0,
+    "vessels_per_lung": 1,
+    "fraction_without_nodules": 0.0,
+    "max_nodules": 2,
+    "diameter_mm": [5, 20],
+    "part_solid_fraction": 0.25,
+    "blur_voxels": 0.6,
+    "noise_hu": 20,
+}
 SECTION = {
-    "key_file": "", "workers": 1, "chunksize": 4, "retain_modified_dates": True,
-    "retain_patient_characteristics": True, "clean_descriptors": True,
-    "retain_device_identity": False, "retain_safe_private": False, "keep_linkage": False,
-    "date_shift_days": [-3650, -365], "burned_in_missing_ok": ["CT", "MR", "PT", "NM", "RTDOSE", "SEG"],
+    "key_file": "",
+    "workers": 1,
+    "chunksize": 4,
+    "retain_modified_dates": True,
+    "retain_patient_characteristics": True,
+    "clean_descriptors": True,
+    "retain_device_identity": False,
+    "retain_safe_private": False,
+    "keep_linkage": False,
+    "date_shift_days": [-3650, -365],
+    "burned_in_missing_ok": ["CT", "MR", "PT", "NM", "RTDOSE", "SEG"],
     "leak_min_chars": 4,
 }
 
@@ -51,8 +69,18 @@ def params(tmp_path: Path, **overrides) -> Path:
 def stage(inputs: Path, tmp_path: Path, name: str = "out", **overrides) -> tuple[int, Path, dict]:
     out = tmp_path / name
     metrics = tmp_path / f"{name}_metrics.json"
-    code = anonymize.main([str(inputs), str(out), "--private-dir", str(tmp_path / f"{name}_private"),
-                           "--params", str(params(tmp_path, **overrides)), "--metrics", str(metrics)])
+    code = anonymize.main(
+        [
+            str(inputs),
+            str(out),
+            "--private-dir",
+            str(tmp_path / f"{name}_private"),
+            "--params",
+            str(params(tmp_path, **overrides)),
+            "--metrics",
+            str(metrics),
+        ]
+    )
     return code, out, json.loads(metrics.read_text()) if metrics.is_file() else {}
 
 
@@ -73,17 +101,33 @@ def phi_of(raw: Path) -> set[str]:
     phi = set()
     for path in (raw / "dicom").rglob("*.dcm"):
         ds = dcmread(path)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress",
-                        "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-                        "PerformingPhysicianName", "OperatorsName", "AccessionNumber", "StudyDate",
-                        "DeviceSerialNumber", "StationName", "StudyInstanceUID", "SeriesInstanceUID",
-                        "SOPInstanceUID", "FrameOfReferenceUID"):
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientAddress",
+            "InstitutionName",
+            "InstitutionAddress",
+            "ReferringPhysicianName",
+            "PerformingPhysicianName",
+            "OperatorsName",
+            "AccessionNumber",
+            "StudyDate",
+            "DeviceSerialNumber",
+            "StationName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameOfReferenceUID",
+        ):
             value = str(ds.get(keyword, ""))
             phi.add(value)
             phi.update(re.split(r"[\^ ,]+", value))
         phi.add(ds.OtherPatientIDsSequence[0].PatientID)
         phi.add(path.parent.name)
-    return {p.lower() for p in phi if len(p) >= 4 and p.lower() not in ("hospital", "street", "road")}
+    return {
+        p.lower() for p in phi if len(p) >= 4 and p.lower() not in ("hospital", "street", "road")
+    }
 
 
 def series_images(root: Path) -> dict[str, sitk.Image]:
@@ -105,8 +149,11 @@ def assert_same_image(a: sitk.Image, b: sitk.Image) -> None:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_synthetic_cohort(cohort: Path, tmp_path: Path):
@@ -120,7 +167,10 @@ def test_synthetic_cohort(cohort: Path, tmp_path: Path):
     for path in files[:5]:
         ds = dcmread(path)
         assert path.relative_to(out / "dicom").parts == (
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID + ".dcm")
+            ds.StudyInstanceUID,
+            ds.SeriesInstanceUID,
+            ds.SOPInstanceUID + ".dcm",
+        )
     # no PHI in any pushable byte or name (times are kept: whole-day date shifts)
     phi = phi_of(cohort)
     for path in [p for p in out.rglob("*") if p.is_file()]:
@@ -130,8 +180,10 @@ def test_synthetic_cohort(cohort: Path, tmp_path: Path):
     before, after = pd.read_csv(cohort / "annotations.csv"), pd.read_csv(out / "annotations.csv")
     keyring = Keyring(DEMO_KEY)
     assert list(after["seriesuid"]) == [keyring.uid(u) for u in before["seriesuid"]]
-    assert np.allclose(after[["coordX", "coordY", "coordZ", "diameter_mm"]],
-                       before[["coordX", "coordY", "coordZ", "diameter_mm"]])
+    assert np.allclose(
+        after[["coordX", "coordY", "coordZ", "diameter_mm"]],
+        before[["coordX", "coordY", "coordZ", "diameter_mm"]],
+    )
     assert set(after["seriesuid"]) == {p.name for p in (out / "dicom").glob("*/*")}
     # images read the same, geometry and voxels
     raw_images, new_images = series_images(cohort / "dicom"), series_images(out / "dicom")
@@ -139,7 +191,9 @@ def test_synthetic_cohort(cohort: Path, tmp_path: Path):
         assert_same_image(image, new_images[keyring.uid(uid)])
     # audit, quarantine, options
     audit = pd.read_csv(out / "audit.csv")
-    assert len(audit) == n_in and (audit["n_U"] >= 4).all() and (audit["n_private_removed"] == 3).all()
+    assert (
+        len(audit) == n_in and (audit["n_U"] >= 4).all() and (audit["n_private_removed"] == 3).all()
+    )
     assert audit["options"].iloc[0] == "113100;113105;113107;113108"
     assert "00100010=Z" in audit["actions"].iloc[0]
     assert pd.read_csv(out / "quarantine.csv").empty
@@ -160,23 +214,55 @@ def test_same_key_same_bytes_other_key_other_uids(cohort: Path, tmp_path: Path, 
 
 
 def test_real_cohort_needs_a_key(tmp_path: Path, monkeypatch):
-    plain = tmp_path / "plain"  # no dicom/, no cohort.json: any folder of DICOM files, a real cohort
+    plain = (
+        tmp_path / "plain"
+    )  # no dicom/, no cohort.json: any folder of DICOM files, a real cohort
     synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
     code, out, _ = stage(plain, tmp_path, key_file=str(tmp_path / "missing.key"))
     assert code == 2 and not out.exists()
     key_file = tmp_path / "keys" / "deid.key"
     key_file.parent.mkdir()
-    key_file.write_text("a-long-enough-secret-for-tests\n")
+    key_file.write_text("a-long-enough-secret-for-tests-0123456789\n")
     code, out, metrics = stage(plain, tmp_path, key_file=str(key_file))
     assert code == 0 and metrics["files_out"] == 4
     assert json.loads((out / "deid_options.json").read_text())["key_source"] == "file"
     inside = plain / "deid.key"  # a key inside a folder the stage reads or writes is refused
-    inside.write_text("a-long-enough-secret-for-tests\n")
+    inside.write_text("a-long-enough-secret-for-tests-0123456789\n")
     assert stage(plain, tmp_path, "again", key_file=str(inside))[0] == 2
 
 
+@pytest.mark.parametrize(
+    "key", ["hospital-2024", "correct horse battery staple and more words", "a" * 40, "abab" * 10]
+)
+def test_a_typed_key_is_refused(key, tmp_path: Path):
+    """Short keys, passphrases and repetitive keys are guessable: refused for a real cohort."""
+    plain = tmp_path / "plain"
+    synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
+    key_file = tmp_path / "keys" / "deid.key"
+    key_file.parent.mkdir()
+    key_file.write_text(key + "\n")
+    code, out, _ = stage(plain, tmp_path, key_file=str(key_file))
+    assert code == 2 and not out.exists()
+
+
+def test_nothing_public_is_derived_from_the_key_alone(tmp_path: Path, monkeypatch):
+    """The key's fingerprint (HMAC of a constant) would let anyone test guesses offline: it is
+    written to the private folder, never to the pushable output."""
+    key = "0123456789abcdef" * 4
+    monkeypatch.setenv(KEY_ENV, key)
+    plain = tmp_path / "plain"
+    synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
+    code, out, _ = stage(plain, tmp_path)
+    assert code == 0
+    fingerprint = Keyring(key.encode()).fingerprint()
+    public = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert fingerprint.encode() not in public
+    private = json.loads((out.with_name(out.name + "_private") / "deid_key.json").read_text())
+    assert private == {"key_fingerprint": fingerprint, "key_source": "env"}
+
+
 def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789")
+    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789-abcdefXYZ")
     raw = tmp_path / "mixed"
     _, files = synth.write_study(synth.make_case(5, 0, {**CFG, "z_extent_mm": 20}), raw, 5)
     expected = {}
@@ -225,7 +311,7 @@ def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch)
 
 def test_a_surviving_value_fails_the_stage(cohort: Path, tmp_path: Path, monkeypatch):
     """Break the profile (keep Patient's Name): the verification must catch it and clean up."""
-    original = anonymize.Deidentifier.deidentify
+    original = Deidentifier.deidentify
 
     def leaky(self, ds):
         name = ds.PatientName
@@ -233,7 +319,7 @@ def test_a_surviving_value_fails_the_stage(cohort: Path, tmp_path: Path, monkeyp
         ds.ImageComments = f"seen by {name}"  # a leak the table knows nothing about
         return state
 
-    monkeypatch.setattr(anonymize.Deidentifier, "deidentify", leaky)
+    monkeypatch.setattr(Deidentifier, "deidentify", leaky)
     code, out, metrics = stage(cohort, tmp_path)
     assert code == 1 and metrics["leaks_found"] > 0
     leaks = pd.read_csv(tmp_path / "out_private" / "leaks.csv")
@@ -252,7 +338,7 @@ def test_keep_linkage_goes_to_the_private_folder_only(cohort: Path, tmp_path: Pa
 
 def test_pydicom_series_keep_their_geometry(tmp_path: Path, monkeypatch):
     """The multi-file series that ship with pydicom (CT and MR): SimpleITK reads them the same."""
-    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789")
+    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789-abcdefXYZ")
     raw = tmp_path / "series"
     for path in map(Path, get_testdata_files()):
         if path.parent.name in ("CT2", "CT2N", "CT5N", "MR1", "MR2", "MR700") and path.is_file():
@@ -261,13 +347,19 @@ def test_pydicom_series_keep_their_geometry(tmp_path: Path, monkeypatch):
             shutil.copy(path, target)
     code, out, metrics = stage(raw, tmp_path)
     assert code == 0 and metrics["files_quarantined"] == 0 and metrics["leaks_found"] == 0
-    keyring = Keyring(b"pytest-secret-key-0123456789")
+    keyring = Keyring(b"pytest-secret-key-0123456789-abcdefXYZ")
     before, after = series_images(raw), series_images(out / "dicom")
     assert len(before) >= 8
     for folder in raw.iterdir():
         files = sorted(folder.iterdir())
-        news = [out / "dicom" / keyring.uid(dcmread(f).StudyInstanceUID) / keyring.uid(folder.name)
-                / (keyring.uid(dcmread(f).SOPInstanceUID) + ".dcm") for f in files]
+        news = [
+            out
+            / "dicom"
+            / keyring.uid(dcmread(f).StudyInstanceUID)
+            / keyring.uid(folder.name)
+            / (keyring.uid(dcmread(f).SOPInstanceUID) + ".dcm")
+            for f in files
+        ]
         for old, new in zip(files, news):  # every slice, as an image of its own
             assert_same_image(sitk.ReadImage(str(old)), sitk.ReadImage(str(new)))
         if len({tuple(dcmread(f).ImageOrientationPatient) for f in files}) == 1:
@@ -285,14 +377,26 @@ def test_luna16_images_are_renamed_and_annotations_remapped(tmp_path: Path, monk
     sitk.WriteImage(image, str(raw / "images" / f"{uid}.mhd"))
     with open(raw / "images" / f"{uid}.mhd", "a") as f:
         f.write("PatientName = DOE^JANE\n")  # a header key no MetaImage reader needs
-    write_csv(raw / "annotations.csv", pd.DataFrame(
-        [{"seriesuid": uid, "coordX": -9.0, "coordY": 21.0, "coordZ": -298.0, "diameter_mm": 5.0}]))
+    write_csv(
+        raw / "annotations.csv",
+        pd.DataFrame(
+            [
+                {
+                    "seriesuid": uid,
+                    "coordX": -9.0,
+                    "coordY": 21.0,
+                    "coordZ": -298.0,
+                    "diameter_mm": 5.0,
+                }
+            ]
+        ),
+    )
     write_json(raw / "cohort.json", {"source": "luna16"})
     assert stage(raw, tmp_path, "refused")[0] == 2  # a real cohort: no demo key
-    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789")
+    monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789-abcdefXYZ")
     code, out, metrics = stage(raw, tmp_path)
     assert code == 0 and metrics["leaks_found"] == 0
-    new = Keyring(b"pytest-secret-key-0123456789").uid(uid)
+    new = Keyring(b"pytest-secret-key-0123456789-abcdefXYZ").uid(uid)
     header = (out / "images" / f"{new}.mhd").read_text()
     assert f"ElementDataFile = {new}.raw" in header and uid not in header and "DOE" not in header
     assert_same_image(image, sitk.ReadImage(str(out / "images" / f"{new}.mhd")))

@@ -14,16 +14,26 @@ from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from ctpipe import synth
-from ctpipe.deid import Deidentifier
-from ctpipe.deid_files import process_file
-from ctpipe.deid_keys import DEMO_KEY, Keyring
-from ctpipe.deid_table import DeidOptions
+from ctpipe.deid.engine import Deidentifier
+from ctpipe.deid.files import process_file
+from ctpipe.deid.keys import DEMO_KEY, Keyring
+from ctpipe.deid.table import DeidOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
-CFG = {"matrix": 32, "pixel_spacing_mm": [1.6, 2.2], "slice_spacing_mm": [2.5], "z_extent_mm": 10,
-       "oblique_degrees": 0, "vessels_per_lung": 1, "fraction_without_nodules": 0.0,
-       "max_nodules": 1, "diameter_mm": [5, 20], "part_solid_fraction": 0.25, "blur_voxels": 0.6,
-       "noise_hu": 20}
+CFG = {
+    "matrix": 32,
+    "pixel_spacing_mm": [1.6, 2.2],
+    "slice_spacing_mm": [2.5],
+    "z_extent_mm": 10,
+    "oblique_degrees": 0,
+    "vessels_per_lung": 1,
+    "fraction_without_nodules": 0.0,
+    "max_nodules": 1,
+    "diameter_mm": [5, 20],
+    "part_solid_fraction": 0.25,
+    "blur_voxels": 0.6,
+    "noise_hu": 20,
+}
 NONE = DeidOptions(False, False, False, False, False)
 
 
@@ -63,15 +73,20 @@ def test_modified_dates_shift_each_patient_by_one_keyed_offset(slices, tmp_path)
     for path in (slices[0], slices[1], slices[4]):
         original, new, _ = run(path, tmp_path, DeidOptions())
         offset = keyring.date_offset("id:" + original.PatientID, -3650, -365)
-        assert dt.datetime.strptime(new.StudyDate, "%Y%m%d") - dt.datetime.strptime(
-            original.StudyDate, "%Y%m%d") == offset
+        assert (
+            dt.datetime.strptime(new.StudyDate, "%Y%m%d")
+            - dt.datetime.strptime(original.StudyDate, "%Y%m%d")
+            == offset
+        )
         assert new.StudyTime == original.StudyTime and new.ContentDate == new.StudyDate
         assert new.LongitudinalTemporalInformationModified == "MODIFIED"
         assert new.PatientBirthDate == ""  # Z in the profile, not shifted by the option
         offsets.append(offset)
         if path == slices[0]:  # the interval between study and acquisition is preserved
             day = dt.datetime.strptime
-            assert day(new.AcquisitionDate, "%Y%m%d") - day(new.StudyDate, "%Y%m%d") == dt.timedelta(1)
+            assert day(new.AcquisitionDate, "%Y%m%d") - day(
+                new.StudyDate, "%Y%m%d"
+            ) == dt.timedelta(1)
     assert offsets[0] == offsets[1] != offsets[2]
 
 
@@ -84,11 +99,15 @@ def test_without_the_dates_option_dates_are_gone(slices, tmp_path):
 
 
 def test_patient_characteristics(slices, tmp_path):
-    original, kept, _ = run(slices[0], tmp_path / "on", DeidOptions(retain_patient_characteristics=True))
+    original, kept, _ = run(
+        slices[0], tmp_path / "on", DeidOptions(retain_patient_characteristics=True)
+    )
     for keyword in ("PatientSex", "PatientAge", "PatientSize", "PatientWeight"):
         assert kept[keyword].value == original[keyword].value
     _, removed, _ = run(slices[0], tmp_path / "off", NONE)
-    assert removed.PatientSex == "" and not {"PatientAge", "PatientSize", "PatientWeight"} & set(removed.dir())
+    assert removed.PatientSex == "" and not {"PatientAge", "PatientSize", "PatientWeight"} & set(
+        removed.dir()
+    )
 
 
 def test_device_identity(slices, tmp_path):
@@ -104,8 +123,12 @@ def test_clean_descriptors_keep_text_but_no_identity(slices, tmp_path):
     original, new, _ = run(slices[0], tmp_path / "on", DeidOptions(clean_descriptors=True))
     name = original.PatientName
     assert new.StudyDescription.startswith("CT CHEST LOW DOSE") and new.SeriesDescription
-    for text in (new.StudyDescription, new.ImageComments, new.AdditionalPatientHistory,
-                 new.RequestAttributesSequence[0].RequestedProcedureDescription):
+    for text in (
+        new.StudyDescription,
+        new.ImageComments,
+        new.AdditionalPatientHistory,
+        new.RequestAttributesSequence[0].RequestedProcedureDescription,
+    ):
         low = text.lower()
         assert name.family_name.lower() not in low and name.given_name.lower() not in low
         assert original.PatientID.lower() not in low
@@ -117,7 +140,9 @@ def test_safe_private_allow_list(slices, tmp_path):
     _, kept, _ = run(slices[0], tmp_path / "on", DeidOptions(retain_safe_private=True))
     block = kept.private_block(0x0019, "GEMS_ACQU_01")
     assert block[0x23].value == "1.375"
-    assert [e.tag.element & 0xFF for e in kept if e.tag.group == 0x0019 and e.tag.element > 0xFF] == [0x23]
+    assert [
+        e.tag.element & 0xFF for e in kept if e.tag.group == 0x0019 and e.tag.element > 0xFF
+    ] == [0x23]
     assert not [e for e in kept if e.tag.group == 0x0029]  # the vendor block that repeats the name
     _, removed, _ = run(slices[0], tmp_path / "off", DeidOptions())
     assert not any(e.tag.is_private for e in removed.iterall())
@@ -128,7 +153,9 @@ def test_nested_sequences_and_references(slices, tmp_path):
     keyring = Keyring(DEMO_KEY)
     assert "OtherPatientIDsSequence" not in new
     request = new.RequestAttributesSequence[0]  # kept (C): its items are walked
-    assert "ScheduledPerformingPhysicianName" not in request and "RequestedProcedureID" not in request
+    assert (
+        "ScheduledPerformingPhysicianName" not in request and "RequestedProcedureID" not in request
+    )
     assert "ReferencedStudySequence" not in request  # X/Z, Type 3 here: removed with its content
     source = new.SourceImageSequence[0]  # X/Z/U*: kept, UID replaced as in the other file
     assert source.ReferencedSOPInstanceUID == keyring.uid(dcmread(slices[1]).SOPInstanceUID)
@@ -145,8 +172,9 @@ def test_same_key_same_output_other_key_differs(slices, tmp_path):
     assert one.PixelData == other.PixelData
 
 
-@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian,
-                                    DeflatedExplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    "syntax", [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian]
+)
 def test_transfer_syntaxes(slices, tmp_path, syntax):
     original = dcmread(slices[3])
     ds = Dataset()  # decoded copy: pydicom encodes it afresh in the new transfer syntax

@@ -7,21 +7,21 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from ctpipe.detect import (
-    at_operating_point,
-    find_nodules,
-    candidates_from_probability,
-    elongation,
-    nodule_mask,
-    segment,
-    shape_score,
-)
 from ctpipe.geometry import (
     Geometry,
     array_index_to_world,
     sphere_mask,
     world_grid,
     world_to_array_index,
+)
+from ctpipe.labels import nodule_mask
+from ctpipe.postprocessing.candidates import (
+    at_operating_point,
+    candidates_from_probability,
+    elongation,
+    find_nodules,
+    segment,
+    shape_score,
 )
 
 SHAPE_KJI = (20, 40, 48)
@@ -58,7 +58,14 @@ def test_candidates_come_back_at_the_blob_centres(geom):
     prob = gaussian_blobs(geom, [c1, c2], [0.9, 0.7])
     cands = candidates_from_probability(prob, geom, threshold=0.3)
     assert list(cands.columns) == [
-        "coordX", "coordY", "coordZ", "diameter_mm", "score", "peak", "elongation", "volume_mm3"
+        "coordX",
+        "coordY",
+        "coordZ",
+        "diameter_mm",
+        "score",
+        "peak",
+        "elongation",
+        "volume_mm3",
     ]
     assert len(cands) == 2
     xyz = cands[["coordX", "coordY", "coordZ"]].to_numpy()
@@ -122,7 +129,9 @@ def test_segment_keeps_the_whole_extent_of_confident_components_only():
 
 
 @pytest.mark.parametrize("threshold, component_threshold", [(0.3, 0.8), (0.5, 0.5), (0.6, 0.2)])
-def test_operating_score_counts_exactly_the_components_the_mask_keeps(geom, threshold, component_threshold):
+def test_operating_score_counts_exactly_the_components_the_mask_keeps(
+    geom, threshold, component_threshold
+):
     prob = np.zeros(SHAPE_KJI)
     prob[5:8, 5:8, 5:8] = 0.4
     prob[6, 6, 6] = 0.9
@@ -136,8 +145,9 @@ def test_operating_score_counts_exactly_the_components_the_mask_keeps(geom, thre
     assert len(detected) == ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
     # The shape weight reorders the FROC ranking, not the components the mask keeps.
     weighted = candidates_from_probability(prob, geom, threshold, shape_weight=4.0)
-    assert sorted(weighted[at_operating_point(weighted, threshold, component_threshold)]["volume_mm3"]) \
-        == pytest.approx(sorted(detected["volume_mm3"]))
+    assert sorted(
+        weighted[at_operating_point(weighted, threshold, component_threshold)]["volume_mm3"]
+    ) == pytest.approx(sorted(detected["volume_mm3"]))
 
 
 def test_elongation_of_rods_voxels_and_a_ball_by_hand():
@@ -167,8 +177,12 @@ def test_elongation_of_rods_voxels_and_a_ball_by_hand():
 
 
 def test_shape_score_divides_the_odds_by_the_elongation():
-    assert shape_score(np.array([0.9]), np.array([3.0]), 2.0)[0] == pytest.approx(0.9 / (0.9 + 0.1 * 9))  # 0.5
-    assert shape_score(np.array([0.8]), np.array([1.0]), 5.0)[0] == pytest.approx(0.8)  # a ball keeps its peak
+    assert shape_score(np.array([0.9]), np.array([3.0]), 2.0)[0] == pytest.approx(
+        0.9 / (0.9 + 0.1 * 9)
+    )  # 0.5
+    assert shape_score(np.array([0.8]), np.array([1.0]), 5.0)[0] == pytest.approx(
+        0.8
+    )  # a ball keeps its peak
     peak = np.array([0.3, 0.97, 1.0])
     np.testing.assert_array_equal(shape_score(peak, np.array([5.0, 5.0, 5.0]), 0.0), peak)
     # Saturated peaks (exactly 1) are still ordered by shape, and stay below 1.

@@ -10,11 +10,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from conftest import write_tiny_cohort
 from ctpipe import dicomio
 
 
-def single_frame_series(tmp_path: Path) -> list[Path]:
+def single_frame_series(tmp_path: Path, write_tiny_cohort) -> list[Path]:
     write_tiny_cohort(tmp_path / "single", n=1)
     return sorted((tmp_path / "single").rglob("*.dcm"))
 
@@ -25,9 +24,20 @@ def to_multiframe(files: list[Path], out: Path) -> Path:
     first = slices[0]
     ds = Dataset()
     ds.file_meta = first.file_meta
-    for key in ("PatientID", "PatientName", "StudyInstanceUID", "Modality", "Rows", "Columns",
-                "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
-                "HighBit", "PixelRepresentation"):
+    for key in (
+        "PatientID",
+        "PatientName",
+        "StudyInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+    ):
         setattr(ds, key, getattr(first, key))
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage
     ds.SOPInstanceUID = generate_uid()
@@ -55,8 +65,8 @@ def to_multiframe(files: list[Path], out: Path) -> Path:
     return out
 
 
-def test_multiframe_reads_like_single_frames(tmp_path):
-    files = single_frame_series(tmp_path)
+def test_multiframe_reads_like_single_frames(tmp_path, write_tiny_cohort):
+    files = single_frame_series(tmp_path, write_tiny_cohort)
     multi = to_multiframe(files, tmp_path / "multi" / "enhanced.dcm")
     manifest = dicomio.scan_folder(tmp_path / "multi")
     assert manifest["status"].tolist() == ["ok"], manifest["reason"].tolist()
@@ -67,8 +77,8 @@ def test_multiframe_reads_like_single_frames(tmp_path):
     np.testing.assert_allclose(geom_m.spacing, geom_s.spacing)
 
 
-def test_missing_slice_rejected_or_resampled(tmp_path):
-    files = single_frame_series(tmp_path)
+def test_missing_slice_rejected_or_resampled(tmp_path, write_tiny_cohort):
+    files = single_frame_series(tmp_path, write_tiny_cohort)
     full, geom = dicomio.read_series(files)
     files[7].unlink()
     root = tmp_path / "single"
@@ -78,7 +88,7 @@ def test_missing_slice_rejected_or_resampled(tmp_path):
     accepted = dicomio.scan_folder(root, uneven="resample")
     assert set(accepted["status"]) == {"ok"}
     assert accepted["reason"].str.contains("resampled to even slice steps").all()
-    (uid, paths), = dicomio.series_files(accepted).items()
+    ((uid, paths),) = dicomio.series_files(accepted).items()
     vol, g = dicomio.read_series([root / p for p in paths])
     assert vol.shape == full.shape
     np.testing.assert_allclose(g.spacing, geom.spacing)

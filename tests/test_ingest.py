@@ -10,12 +10,11 @@ import pandas as pd
 import pydicom
 import yaml
 
-from conftest import write_tiny_cohort
 from ctpipe import dicomio, synth
 from stages import ingest, preprocess
 
 
-def make_messy_folder(root: Path) -> dict[str, str]:
+def make_messy_folder(root: Path, write_tiny_cohort) -> dict[str, str]:
     """Three good studies plus one of each defect; returns {path: expected reason fragment}."""
     rows = write_tiny_cohort(root, n=5)
     synth.annotations_frame(rows).to_csv(root / "annotations.csv", index=False)
@@ -46,9 +45,9 @@ def make_messy_folder(root: Path) -> dict[str, str]:
     return expected
 
 
-def test_every_file_in_manifest_with_reason(tmp_path):
+def test_every_file_in_manifest_with_reason(tmp_path, write_tiny_cohort):
     src = tmp_path / "src"
-    expected = make_messy_folder(src)
+    expected = make_messy_folder(src, write_tiny_cohort)
     manifest = dicomio.scan_folder(src, workers=1, min_slices=8)
     all_files = {str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()}
     assert set(manifest["path"]) == all_files
@@ -62,11 +61,13 @@ def test_every_file_in_manifest_with_reason(tmp_path):
     assert (manifest["status"] == "ok").sum() + len(expected) <= len(manifest)
 
 
-def test_ingest_stage_on_user_folder(tmp_path, params_file):
+def test_ingest_stage_on_user_folder(tmp_path, params_file, write_tiny_cohort):
     src = tmp_path / "src"
-    expected = make_messy_folder(src)
+    expected = make_messy_folder(src, write_tiny_cohort)
     params = yaml.safe_load(params_file.read_text())
-    params["ingest"].update(source="dicom", source_dir=str(src), annotations=str(src / "annotations.csv"))
+    params["ingest"].update(
+        source="dicom", source_dir=str(src), annotations=str(src / "annotations.csv")
+    )
     params_file.write_text(yaml.safe_dump(params))
     out, metrics = tmp_path / "raw", tmp_path / "ingest.json"
     assert ingest.main([str(out), "--params", str(params_file), "--metrics", str(metrics)]) == 0
@@ -78,24 +79,37 @@ def test_ingest_stage_on_user_folder(tmp_path, params_file):
     assert not copied & set(expected)
     assert (out / "annotations.csv").is_file() and (out / "cohort.json").is_file()
     # The good series go on through preprocess (its layout is what anonymize also writes).
-    assert preprocess.main([str(out), str(tmp_path / "processed"), "--params", str(params_file),
-                            "--metrics", str(tmp_path / "pre.json")]) == 0
+    assert (
+        preprocess.main(
+            [
+                str(out),
+                str(tmp_path / "processed"),
+                "--params",
+                str(params_file),
+                "--metrics",
+                str(tmp_path / "pre.json"),
+            ]
+        )
+        == 0
+    )
     cases = json.loads((tmp_path / "processed" / "index.json").read_text())["cases"]
     good = set(manifest.loc[manifest["status"] == "ok", "series_uid"])
     assert {c["seriesuid"] for c in cases} == good and len(good) >= 2
 
 
-def test_slices_sorted_by_position_not_name(tmp_path):
-    """Reversed file names and instance numbers must not reverse the volume."""
+def test_slices_sorted_by_position_not_name_or_instance_number(
+    tmp_path, write_tiny_cohort, scramble_slice_order, tiny_synth
+):
+    """File names and InstanceNumbers in random orders must not reorder the volume."""
     write_tiny_cohort(tmp_path / "a", n=1)
     study = next((tmp_path / "a").iterdir())
-    files = sorted(study.glob("*.dcm"))
-    for f in files:  # rename so that name order is the reverse of position order
-        f.rename(study / f"x{len(files) - int(f.stem[2:]):04d}.dcm")
+    by_position = scramble_slice_order(study)
     manifest = dicomio.scan_folder(tmp_path / "a", workers=1)
-    (uid, paths), = dicomio.series_files(manifest).items()
-    volume, geom = dicomio.read_series([tmp_path / "a" / p for p in paths])
-    case = synth.make_case(7, 0, {**__import__("conftest").TINY_SYNTH})
+    ((uid, paths),) = dicomio.series_files(manifest).items()
+    assert [tmp_path / "a" / p for p in paths] == by_position
+    volume, geom = dicomio.read_series([tmp_path / "a" / p for p in sorted(paths)])
+    case = synth.make_case(7, 0, tiny_synth)
     assert volume.shape == case.hu.shape
     assert abs(volume - case.hu).max() <= 1.0  # stored as integers: rounding only
     assert abs(geom.origin - case.geometry.origin).max() < 1e-3
+    assert abs(geom.spacing - case.geometry.spacing).max() < 1e-4

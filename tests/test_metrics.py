@@ -9,17 +9,16 @@ import pandas as pd
 import pytest
 from monai.metrics.froc import compute_froc_curve_data, compute_froc_score
 
-from ctpipe.metrics import (
+from ctpipe.evaluation.luna16 import (
     LUNA16_FP_RATES,
     _Scored,
-    aggregate,
     bootstrap_froc,
     froc,
     match_candidates,
     operating_point,
     sensitivity_at_rates,
-    voxel_metrics,
 )
+from ctpipe.evaluation.overlap import aggregate, voxel_metrics
 
 SPACING_KJI = (2.5, 0.7, 1.3)  # anisotropic, and different on every axis, to catch axis mix-ups
 
@@ -298,12 +297,14 @@ def test_operating_point_counts_a_nodule_whose_best_scoring_hit_is_not_detected(
     first) whose peak is under the operating point, one that the mask keeps. The nodule is found
     at the operating point, in the sensitivity and in the confusion table alike."""
     nodules = nodules_frame([("A", 0.0, 0.0, 0.0, 10.0), ("A", 60.0, 0.0, 0.0, 10.0)])
-    cands = candidates_frame([
-        ("A", 1.0, 0.0, 0.0, 0.97),  # best-scoring hit of nodule 0, not in the mask
-        ("A", 0.0, 2.0, 0.0, 0.90),  # a hit of nodule 0 that the mask keeps
-        ("A", 30.0, 30.0, 30.0, 0.95),  # a false detection
-        ("A", 60.0, 1.0, 0.0, 0.5),  # the only hit of nodule 1, not in the mask
-    ]).assign(detected=[False, True, True, False])
+    cands = candidates_frame(
+        [
+            ("A", 1.0, 0.0, 0.0, 0.97),  # best-scoring hit of nodule 0, not in the mask
+            ("A", 0.0, 2.0, 0.0, 0.90),  # a hit of nodule 0 that the mask keeps
+            ("A", 30.0, 30.0, 30.0, 0.95),  # a false detection
+            ("A", 60.0, 1.0, 0.0, 0.5),  # the only hit of nodule 1, not in the mask
+        ]
+    ).assign(detected=[False, True, True, False])
     op = operating_point(cands, nodules, n_scans=2)
     assert op["sensitivity"] == 0.5 and op["fp_per_scan"] == 0.5
     table = op["confusion"]

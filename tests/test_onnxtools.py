@@ -9,131 +9,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ctpipe import nets, onnxtools, quant
-from ctpipe.fileio import write_json, write_npy
-from ctpipe.geometry import Geometry
-from ctpipe.infer import onnx_predictor
-
-TINY = {"context_slices": 1, "features": [4, 4, 8, 8, 16, 4], "patch_size": 32, "val_roi_size": 32}
-SPLITS = ("train", "train", "val", "test")
-SHAPE = (12, 64, 48)  # k, j, i: non-square slices
-SPACING = (1.0, 1.0, 2.0)  # x, y, z mm
-
-
-def make_processed(root: Path, test_offset: float = 0.0) -> Path:
-    """A tiny processed dataset: one case per entry of SPLITS, each with a sphere nodule.
-
-    ``test_offset`` is added to the test case's image, so a test can tell its slabs apart.
-    """
-    rng = np.random.default_rng(0)
-    (root / "cases").mkdir(parents=True)
-    entries, nodules = [], []
-    kk, jj, ii = np.indices(SHAPE)
-    for n, split in enumerate(SPLITS):
-        case_id, uid = f"case_{n:03d}", f"1.2.3.{n}"
-        centre = np.array([SHAPE[0] // 2, 20 + 4 * n, 18 + 3 * n])  # k, j, i
-        radius_mm = 5.0 + n
-        dist = np.sqrt(
-            ((kk - centre[0]) * SPACING[2]) ** 2
-            + ((jj - centre[1]) * SPACING[1]) ** 2
-            + ((ii - centre[2]) * SPACING[0]) ** 2
-        )
-        label = (dist <= radius_mm).astype(np.uint8)
-        image = (
-            rng.normal(-1.0, 0.3, SHAPE) + 2.5 * label + (test_offset if split == "test" else 0.0)
-        )
-        write_npy(root / "cases" / f"{case_id}.image.npy", image.astype(np.float16))
-        write_npy(root / "cases" / f"{case_id}.label.npy", label)
-        geom = Geometry(origin=[0.0, 0.0, 0.0], spacing=SPACING)
-        entries.append(
-            {
-                "case_id": case_id,
-                "seriesuid": uid,
-                "patient_id": f"p{n}",
-                "split": split,
-                "shape": list(SHAPE),
-                "geometry": geom.to_dict(),
-                "nodules": 1,
-                "foreground_voxels": int(label.sum()),
-            }
-        )
-        x, y, z = centre[2] * SPACING[0], centre[1] * SPACING[1], centre[0] * SPACING[2]
-        nodules.append(
-            {"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": 2 * radius_mm}
-        )
-    write_json(root / "index.json", {"cases": entries})
-    write_json(
-        root / "plan.json",
-        {
-            "target_spacing_mm": list(SPACING),
-            "interpolation": "linear",
-            "normalization": {"kind": "window", "clip": [-1000, 400], "mean": -500.0, "std": 400.0},
-            "body_threshold_hu": -500.0,
-            "crop_margin_mm": 5.0,
-        },
-    )
-    pd.DataFrame(nodules).to_csv(root / "nodules.csv", index=False)
-    return root
-
-
-def tiny_net(seed: int = 0, cfg: dict | None = None) -> torch.nn.Module:
-    """A random-init tiny BasicUNet whose final bias is set so about half the pixels are nodule.
-
-    Half foreground makes the parity Dice a real test (two empty masks would agree trivially).
-    """
-    cfg = cfg or TINY
-    torch.manual_seed(seed)
-    net = nets.build_network(cfg).eval()
-    x = torch.randn(2, nets.in_channels(cfg), 32, 32, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        logits = net(x)
-        net.final_conv.bias[1] -= (logits[:, 1] - logits[:, 0]).median()
-    return net
-
-
-def make_checkpoint(path: Path, processed: Path, seed: int = 0) -> Path:
-    net = tiny_net(seed)
-    plan = {
-        "target_spacing_mm": list(SPACING),
-        "interpolation": "linear",
-        "normalization": {"kind": "window", "clip": [-1000, 400], "mean": -500.0, "std": 400.0},
-    }
-    torch.save(
-        {
-            "state_dict": net.state_dict(),
-            "train_params": dict(TINY, epochs=1),
-            "plan": plan,
-            "epoch": 1,
-            "best_val_dice": 0.0,
-        },
-        path,
-    )
-    return path
+from ctpipe import runenv
+from ctpipe.deploy import onnx_export, package, parity, quant, sessions
+from ctpipe.evaluation import overlap
+from ctpipe.model import nets
+from ctpipe.model.infer import onnx_predictor
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    net = tiny_net()
+def exported(tmp_path_factory, tiny_models) -> tuple[torch.nn.Module, Path]:
+    net = tiny_models.tiny_net()
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    onnxtools.export_onnx(net, nets.in_channels(TINY), path, opset=18)
+    onnx_export.export_onnx(net, nets.in_channels(tiny_models.net_params), path, opset=18)
     return net, path
-
-
-def perturbed_copy(path: Path, out: Path, scale: float = 0.1) -> Path:
-    """The ONNX model with relative noise of ``scale`` added to every convolution weight."""
-    model = onnx.load(str(path))
-    rng = np.random.default_rng(1)
-    for weight in (t for t in model.graph.initializer if len(t.dims) == 4):
-        arr = numpy_helper.to_array(weight)
-        noisy = arr * (1 + scale * rng.standard_normal(arr.shape)).astype(arr.dtype)
-        weight.CopyFrom(numpy_helper.from_array(noisy, weight.name))
-    onnx.save(model, str(out))
-    return out
 
 
 def test_export_is_one_file_with_named_dynamic_io(exported):
@@ -141,7 +33,7 @@ def test_export_is_one_file_with_named_dynamic_io(exported):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # no .onnx.data
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert onnxtools.onnx_opset(path) == 18
+    assert onnx_export.onnx_opset(path) == 18
     (inp,), (out,) = model.graph.input, model.graph.output
     assert (inp.name, out.name) == ("image", "logits")
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
@@ -153,9 +45,9 @@ def test_roundtrip_onnxruntime_matches_pytorch(exported):
     net, path = exported
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal(s).astype(np.float32) for s in ((1, 3, 48, 80), (2, 3, 64, 32))]
-    figures = onnxtools.parity_figures(
-        onnxtools.module_predictor(net),
-        onnx_predictor(onnxtools.ort_session(path, threads=1)),
+    figures = parity.parity_figures(
+        parity.module_predictor(net),
+        onnx_predictor(sessions.ort_session(path, threads=1)),
         batches,
         0.5,
     )
@@ -164,25 +56,25 @@ def test_roundtrip_onnxruntime_matches_pytorch(exported):
         b.shape[0] * b.shape[2] * b.shape[3] for b in batches
     )
     assert figures["max_abs_diff"] < 1e-4
-    checked = onnxtools.assert_parity(figures, atol=1e-4, min_dice=0.999, what="tiny")
+    checked = parity.assert_parity(figures, atol=1e-4, min_dice=0.999, what="tiny")
     assert checked["passed"] and checked["dice_min"] >= 0.999
 
 
-def test_parity_gate_raises_on_perturbed_model(exported, tmp_path):
+def test_parity_gate_raises_on_perturbed_model(exported, tmp_path, tiny_models):
     net, path = exported
-    bad = perturbed_copy(path, tmp_path / "bad.onnx")
+    bad = tiny_models.perturbed_copy(path, tmp_path / "bad.onnx")
     batches = [np.random.default_rng(0).standard_normal((2, 3, 32, 48)).astype(np.float32)]
-    figures = onnxtools.parity_figures(
-        onnxtools.module_predictor(net),
-        onnx_predictor(onnxtools.ort_session(bad, threads=1)),
+    figures = parity.parity_figures(
+        parity.module_predictor(net),
+        onnx_predictor(sessions.ort_session(bad, threads=1)),
         batches,
         0.5,
     )
-    with pytest.raises(onnxtools.ParityError, match="parity gate failed"):
-        onnxtools.assert_parity(figures, atol=1e-3, min_dice=0.999, what="perturbed")
+    with pytest.raises(parity.ParityError, match="parity gate failed"):
+        parity.assert_parity(figures, atol=1e-3, min_dice=0.999, what="perturbed")
     # The Dice limit alone also trips: only the logit tolerance relaxed.
-    with pytest.raises(onnxtools.ParityError):
-        onnxtools.assert_parity(figures, atol=1e9, min_dice=0.999, what="perturbed")
+    with pytest.raises(parity.ParityError):
+        parity.assert_parity(figures, atol=1e9, min_dice=0.999, what="perturbed")
 
 
 def test_strip_noop_pads_removes_only_zero_pads():
@@ -204,7 +96,7 @@ def test_strip_noop_pads_removes_only_zero_pads():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     original = onnx.ModelProto()
     original.CopyFrom(model)
-    assert onnxtools.strip_noop_pads(model) == 1
+    assert onnx_export.strip_noop_pads(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Relu", "Pad"]
     assert model.graph.node[0].input[0] == "x"
     assert [t.name for t in model.graph.initializer] == ["one"]
@@ -219,17 +111,17 @@ def test_strip_noop_pads_removes_only_zero_pads():
     np.testing.assert_array_equal(before, after)
 
 
-def test_sample_slabs_shapes_and_split(tmp_path):
-    processed = make_processed(tmp_path / "processed", test_offset=100.0)
-    batches = onnxtools.sample_slabs(processed, "train", 1, [(3, 32, 16), (2, 80, 48)], seed=0)
+def test_sample_slabs_shapes_and_split(tmp_path, tiny_models):
+    processed = tiny_models.make_processed(tmp_path / "processed", test_offset=100.0)
+    batches = parity.sample_slabs(processed, "train", 1, [(3, 32, 16), (2, 80, 48)], seed=0)
     assert [b.shape for b in batches] == [(3, 3, 32, 16), (2, 3, 80, 48)]  # 80 > 64 rows: padded
     assert all(b.dtype == np.float32 and b.max() < 50 for b in batches)  # never the test case
-    test = onnxtools.sample_slabs(processed, "test", 1, [(2, 32, 32)], seed=0)[0]
+    test = parity.sample_slabs(processed, "test", 1, [(2, 32, 32)], seed=0)[0]
     assert test.min() > 50
-    again = onnxtools.sample_slabs(processed, "train", 1, [(3, 32, 16), (2, 80, 48)], seed=0)
+    again = parity.sample_slabs(processed, "train", 1, [(3, 32, 16), (2, 80, 48)], seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))  # seeded
     with pytest.raises(ValueError, match="no cases in split"):
-        onnxtools.sample_slabs(processed, "nope", 1, [(1, 16, 16)], seed=0)
+        parity.sample_slabs(processed, "nope", 1, [(1, 16, 16)], seed=0)
 
 
 def test_sha256sums_verify_and_detect_tampering(tmp_path):
@@ -237,10 +129,10 @@ def test_sha256sums_verify_and_detect_tampering(tmp_path):
     (root / "triton" / "m" / "1").mkdir(parents=True)
     (root / "a.json").write_text("{}\n")
     (root / "triton" / "m" / "1" / "model.onnx").write_bytes(b"\x00\x01binary")
-    onnxtools.write_sha256sums(root)
+    package.write_sha256sums(root)
     listed = (root / "SHA256SUMS").read_text().splitlines()
     assert [ln.split("  ")[1] for ln in listed] == ["a.json", "triton/m/1/model.onnx"]
-    assert onnxtools.verify_sha256sums(root) == []
+    assert package.verify_sha256sums(root) == []
     if shutil.which("sha256sum"):
         assert (
             subprocess.run(
@@ -250,7 +142,7 @@ def test_sha256sums_verify_and_detect_tampering(tmp_path):
         )
     (root / "a.json").write_text('{"x": 1}\n')
     (root / "extra.txt").write_text("new")
-    assert onnxtools.verify_sha256sums(root) == ["a.json", "extra.txt"]
+    assert package.verify_sha256sums(root) == ["a.json", "extra.txt"]
     if shutil.which("sha256sum"):
         assert (
             subprocess.run(
@@ -261,7 +153,7 @@ def test_sha256sums_verify_and_detect_tampering(tmp_path):
 
 
 def test_triton_config_dynamic_dims():
-    text = onnxtools.triton_config("seg", 5, 16)
+    text = package.triton_config("seg", 5, 16)
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 16" in text
     assert "dims: [ 5, -1, -1 ]" in text and "dims: [ 2, -1, -1 ]" in text
     assert 'name: "image"' in text and 'name: "logits"' in text
@@ -270,18 +162,20 @@ def test_triton_config_dynamic_dims():
 def test_latency_and_machine_info():
     lat = quant.latency_ms(lambda: sum(range(100)), warmup=1, runs=5)
     assert lat["runs"] == 5 and 0 <= lat["median_ms"] <= lat["p90_ms"]
-    info = quant.cpu_info()
-    assert info["cpus_available"] >= 1 and set(info["flags"]) == set(quant.CPU_FLAGS)
-    assert {"torch", "onnx", "onnxruntime", "python", "opset"} <= set(onnxtools.versions(18))
+    info = runenv.cpu_info()
+    assert info["cpus_available"] >= 1 and set(info["isa_flags"]) <= set(runenv.ISA_FLAGS)
+    assert {"torch", "onnx", "onnxruntime", "python", "opset"} <= set(package.versions(18))
 
 
 def test_pooled_dice_and_selection():
     masks = [np.array([[[1, 0], [1, 0]]]), np.zeros((1, 2, 2))]
     labels = [np.array([[[1, 0], [0, 1]]]), np.zeros((1, 2, 2))]
-    assert quant.pooled_dice(masks, labels) == pytest.approx(2 * 1 / (2 + 2))
+    assert overlap.pooled_dice(masks, labels) == pytest.approx(2 * 1 / (2 + 2))
     # A false positive in the nodule-free case counts against the pooled figure.
-    assert quant.pooled_dice([masks[0], np.ones((1, 2, 2))], labels) == pytest.approx(2 * 1 / (6 + 2))
-    assert quant.pooled_dice([np.zeros(3)], [np.zeros(3)]) == 1.0
+    assert overlap.pooled_dice([masks[0], np.ones((1, 2, 2))], labels) == pytest.approx(
+        2 * 1 / (6 + 2)
+    )
+    assert overlap.pooled_dice([np.zeros(3)], [np.zeros(3)]) == 1.0
     configs = [
         {"name": "a", "dice": 0.80, "dice_drop": 0.02, "latency_ms": 1.0},
         {"name": "b", "dice": 0.81, "dice_drop": 0.005, "latency_ms": 3.0},

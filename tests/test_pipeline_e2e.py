@@ -14,26 +14,51 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, tiny_params
-
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "anonymize", "preprocess", "train", "postprocess", "evaluate", "quantize", "export"]
-COPY = ["ctpipe", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "data/external"]
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = [
+    "ingest",
+    "anonymize",
+    "preprocess",
+    "train",
+    "postprocess",
+    "evaluate",
+    "quantize",
+    "export",
+]
+COPY = [
+    "ctpipe",
+    "stages",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvcignore",
+    "data/synthetic",
+]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("CTPIPE_DEID_KEY", None)
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(tmp_path_factory, tiny_params) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     for name in COPY:
         src = ROOT / name
@@ -79,11 +104,14 @@ def test_second_repro_does_nothing(repo):
 
 def test_forced_rerun_is_identical(repo):
     """Same params, same machine: identical data hashes up to preprocess, identical CPU metrics."""
+
     def snapshot():
         lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
         # Data outputs only: metrics/env/<stage>.json records the environment, not results.
-        hashes = {s: [(o["path"], o["md5"]) for o in lock[s]["outs"] if o["path"].startswith("data/")]
-                  for s in ("ingest", "anonymize", "preprocess")}
+        hashes = {
+            s: [(o["path"], o["md5"]) for o in lock[s]["outs"] if o["path"].startswith("data/")]
+            for s in ("ingest", "anonymize", "preprocess")
+        }
         metrics = {s: (repo / "metrics" / f"{s}.json").read_text() for s in ("train", "evaluate")}
         return hashes, metrics
 

@@ -11,15 +11,20 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from ctpipe import data, infer, postprocess
-from ctpipe.detect import candidates_from_probability
 from ctpipe.geometry import Geometry, array_index_to_world
+from ctpipe.model import data, infer
+from ctpipe.postprocessing import choose
+from ctpipe.postprocessing.candidates import candidates_from_probability
 from stages import postprocess as stage
-from test_onnxtools import make_checkpoint, make_processed
 
-GRIDS = {"threshold": "auto", "threshold_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
-         "component_threshold": "auto", "component_threshold_grid": [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99],
-         "shape_weight": "auto", "shape_weight_grid": [0, 1, 2, 4]}
+GRIDS = {
+    "threshold": "auto",
+    "threshold_grid": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    "component_threshold": "auto",
+    "component_threshold_grid": [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99],
+    "shape_weight": "auto",
+    "shape_weight_grid": [0, 1, 2, 4],
+}
 
 
 def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
@@ -33,10 +38,15 @@ def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
     prob[9:11, 9:11, 9:11] = 0.6  # a faint false blob of 8 voxels
     empty = np.zeros(shape)
     empty[1:3, 1:3, 1:3] = 0.55  # a false blob in a nodule-free case
-    cases = [postprocess.Case(prob, truth, geom, "a"), postprocess.Case(empty, np.zeros(shape, bool), geom, "b")]
+    cases = [
+        choose.Case(prob, truth, geom, "a"),
+        choose.Case(empty, np.zeros(shape, bool), geom, "b"),
+    ]
     x, y, z = array_index_to_world(np.array([5.0, 5.0, 5.0]), geom).ravel()
-    nodules = pd.DataFrame({"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [3.0]})
-    table = postprocess.sweep_masks(cases, nodules, [0.3, 0.5], [0.5, 0.9], 0.0)
+    nodules = pd.DataFrame(
+        {"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [3.0]}
+    )
+    table = choose.sweep_masks(cases, nodules, [0.3, 0.5], [0.5, 0.9], 0.0)
     row = table.set_index(["threshold", "component_threshold"])
     # Plain 0.5: only the centre voxel and the false blob -> 2 / (9 + 27).
     assert row.loc[(0.5, 0.5), "dice"] == pytest.approx(2 * 1 / (9 + 27))
@@ -46,19 +56,51 @@ def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
     # The nodule-free case's blob counts in the pooled Dice and the false positives.
     assert row.loc[(0.3, 0.5), "dice_pooled"] == pytest.approx(2 * 27 / (27 + 8 + 8 + 27))
     assert row.loc[(0.3, 0.5), "fp_per_scan"] == pytest.approx(1.0)
-    best = postprocess.best_pair(table)
+    best = choose.best_pair(table)
     assert (best["threshold"], best["component_threshold"]) == (0.3, 0.9)
 
 
 def test_best_pair_breaks_ties_by_pooled_dice_then_false_positives_then_lower_values():
-    table = pd.DataFrame([
-        {"threshold": 0.5, "component_threshold": 0.9, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 1.0},
-        {"threshold": 0.4, "component_threshold": 0.9, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 0.5},
-        {"threshold": 0.6, "component_threshold": 0.7, "dice": 0.8, "dice_pooled": 0.7, "fp_per_scan": 0.5},
-        {"threshold": 0.3, "component_threshold": 0.5, "dice": 0.8, "dice_pooled": 0.6, "fp_per_scan": 0.0},
-        {"threshold": 0.8, "component_threshold": 0.5, "dice": 0.7, "dice_pooled": 0.9, "fp_per_scan": 0.0},
-    ])
-    best = postprocess.best_pair(table)
+    table = pd.DataFrame(
+        [
+            {
+                "threshold": 0.5,
+                "component_threshold": 0.9,
+                "dice": 0.8,
+                "dice_pooled": 0.7,
+                "fp_per_scan": 1.0,
+            },
+            {
+                "threshold": 0.4,
+                "component_threshold": 0.9,
+                "dice": 0.8,
+                "dice_pooled": 0.7,
+                "fp_per_scan": 0.5,
+            },
+            {
+                "threshold": 0.6,
+                "component_threshold": 0.7,
+                "dice": 0.8,
+                "dice_pooled": 0.7,
+                "fp_per_scan": 0.5,
+            },
+            {
+                "threshold": 0.3,
+                "component_threshold": 0.5,
+                "dice": 0.8,
+                "dice_pooled": 0.6,
+                "fp_per_scan": 0.0,
+            },
+            {
+                "threshold": 0.8,
+                "component_threshold": 0.5,
+                "dice": 0.7,
+                "dice_pooled": 0.9,
+                "fp_per_scan": 0.0,
+            },
+        ]
+    )
+    best = choose.best_pair(table)
     assert (best["threshold"], best["component_threshold"]) == (0.4, 0.9)
 
 
@@ -70,28 +112,32 @@ def test_shape_sweep_scores_the_ranking_and_picks_the_smallest_best_weight():
     prob[14:16, 14:16, 2:28] = 0.99  # a vessel taken for a nodule, more confident
     cands = candidates_from_probability(prob, geom, 0.2).assign(seriesuid="a")
     x, y, z = array_index_to_world(np.array([6.0, 6.0, 6.0]), geom).ravel()
-    nodules = pd.DataFrame({"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [7.0]})
-    table = postprocess.sweep_shape(cands, nodules, 2, [0, 1, 2, 8]).set_index("shape_weight")
+    nodules = pd.DataFrame(
+        {"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [7.0]}
+    )
+    table = choose.sweep_shape(cands, nodules, 2, [0, 1, 2, 8]).set_index("shape_weight")
     # Peak ranking: the vessel (0.5 FP per scan, 2 scans) comes before the nodule, so the
     # sensitivity is 0 at 1/8 and 1/4 FP per scan and 1 from 1/2 on: CPM 5/7.
     assert table.loc[0, "cpm"] == pytest.approx(5 / 7)
     assert table.loc[0, "sens@0.125"] == 0 and table.loc[0, "sens@0.5"] == 1
     # Any positive weight here puts the ball first: found before any false positive.
     assert (table.loc[[1, 2, 8], "cpm"] == 1).all()
-    assert postprocess.best_shape_weight(table.reset_index()) == 1
+    assert choose.best_shape_weight(table.reset_index()) == 1
 
 
 def test_grid_is_the_fixed_value_when_params_set_one():
-    assert postprocess.grid(0.45, GRIDS["threshold_grid"], "threshold") == [0.45]
-    assert postprocess.grid("auto", [4, 0, 2, 1, 2], "shape_weight") == [0.0, 1.0, 2.0, 4.0]
+    assert choose.grid(0.45, GRIDS["threshold_grid"], "threshold") == [0.45]
+    assert choose.grid("auto", [4, 0, 2, 1, 2], "shape_weight") == [0.0, 1.0, 2.0, 4.0]
     with pytest.raises(ValueError, match="threshold_grid is empty"):
-        postprocess.grid("auto", [], "threshold")
+        choose.grid("auto", [], "threshold")
 
 
 def test_load_names_the_file_and_what_is_missing(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"chosen": {"threshold": 0.5}}))
-    with pytest.raises(ValueError, match=r"p.json: 'chosen' lacks \['component_threshold', 'shape_weight'\]"):
-        postprocess.load(tmp_path / "p.json")
+    with pytest.raises(
+        ValueError, match=r"p.json: 'chosen' lacks \['component_threshold', 'shape_weight'\]"
+    ):
+        choose.load(tmp_path / "p.json")
 
 
 # Two "models" of the same data, as functions of the image (the tiny cohort's nodules are 2.5
@@ -115,15 +161,19 @@ REAL_LOAD_CASE = data.load_case
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
+def workspace(tmp_path_factory, tiny_models) -> dict:
     root = tmp_path_factory.mktemp("post")
-    processed = make_processed(root / "processed")
+    processed = tiny_models.make_processed(root / "processed")
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["inference"].update(roi_size=32, views=["axial"], mirror_axes=[], min_candidate_mm3=0)
     params["postprocess"].update(GRIDS)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return {"root": root, "processed": processed, "model": make_checkpoint(root / "model.pt", processed),
-            "params": root / "params.yaml"}
+    return {
+        "root": root,
+        "processed": processed,
+        "model": tiny_models.make_checkpoint(root / "model.pt"),
+        "params": root / "params.yaml",
+    }
 
 
 def run_stage(w: dict, out: Path, model_fn, monkeypatch) -> tuple[dict, list[str]]:
@@ -137,13 +187,28 @@ def run_stage(w: dict, out: Path, model_fn, monkeypatch) -> tuple[dict, list[str
 
     monkeypatch.setattr(data, "load_case", recording_load)
     monkeypatch.setattr(infer, "predict_volume", lambda predictor, image, *a, **k: model_fn(image))
-    assert stage.main([str(w["model"]), str(w["processed"]), str(out / "postprocessing.json"),
-                       "--tables", str(out / "tables"), "--params", str(w["params"]),
-                       "--metrics", str(out / "postprocess.json")]) == 0
+    assert (
+        stage.main(
+            [
+                str(w["model"]),
+                str(w["processed"]),
+                str(out / "postprocessing.json"),
+                "--tables",
+                str(out / "tables"),
+                "--params",
+                str(w["params"]),
+                "--metrics",
+                str(out / "postprocess.json"),
+            ]
+        )
+        == 0
+    )
     return json.loads((out / "postprocessing.json").read_text()), read
 
 
-def test_two_models_get_their_own_post_processing_from_validation_only(workspace, tmp_path, monkeypatch):
+def test_two_models_get_their_own_post_processing_from_validation_only(
+    workspace, tmp_path, monkeypatch
+):
     index = data.load_index(workspace["processed"])
     val = [c["case_id"] for c in data.cases_in(index, "val")]
     a, read_a = run_stage(workspace, tmp_path / "a", confident, monkeypatch)
@@ -158,7 +223,9 @@ def test_two_models_get_their_own_post_processing_from_validation_only(workspace
     assert b["val"]["dice"] == pytest.approx(1.0, abs=0.01)
     assert a["chosen"] != b["chosen"]
     sweep = pd.read_csv(tmp_path / "b" / "tables" / "sweep.csv")
-    assert len(sweep) == 6 * 7 and {"dice", "dice_pooled", "sensitivity", "fp_per_scan"} <= set(sweep.columns)
+    assert len(sweep) == 6 * 7 and {"dice", "dice_pooled", "sensitivity", "fp_per_scan"} <= set(
+        sweep.columns
+    )
     metrics = json.loads((tmp_path / "b" / "postprocess.json").read_text())
     assert metrics["component_threshold"] == 0.7 and "val_dice" in metrics
 

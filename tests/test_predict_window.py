@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ctpipe.nets import build_network
-from ctpipe.predict import gaussian_weights, sliding_window
+from ctpipe.deploy.predict import gaussian_weights, sliding_window
+from ctpipe.model.nets import build_network
 
 
 def test_pointwise_predictor_is_reproduced_exactly():
@@ -21,7 +21,9 @@ def test_matches_monai_on_a_network():
     net = build_network({"context_slices": 1, "features": [4, 4, 8, 8, 16, 4]}).eval()
     x = np.random.default_rng(1).normal(size=(2, 3, 80, 56)).astype(np.float32)
     with torch.no_grad():
-        ref = sliding_window_inference(torch.from_numpy(x), (32, 32), 4, net, overlap=0.5, mode="gaussian").numpy()
+        ref = sliding_window_inference(
+            torch.from_numpy(x), (32, 32), 4, net, overlap=0.5, mode="gaussian"
+        ).numpy()
         ours = sliding_window(lambda a: net(torch.from_numpy(a)).numpy(), x, roi=32, overlap=0.5)
     assert ours.shape == ref.shape
     # Same windows, same Gaussian (sigma = roi / 8); MONAI clamps tiny weights slightly differently.

@@ -1,5 +1,6 @@
 """Preprocess: geometry survives oblique grids and shuffled files, LUNA16 MetaImages give the same
-masks as DICOM, and a re-run writes byte-identical outputs."""
+masks as DICOM, the split keeps each patient's series together, and a re-run writes
+byte-identical outputs."""
 
 from __future__ import annotations
 
@@ -9,20 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import write_tiny_cohort
-from ctpipe import data, dicomio, synth
+from ctpipe import dicomio, synth
 from ctpipe.geometry import Geometry
+from ctpipe.model import data
 from stages import ingest, preprocess
 
 
-def ingest_like(root: Path, n: int = 3, **overrides) -> Path:
-    """A folder laid out as ingest/anonymize write it: dicom/ + annotations.csv."""
-    rows = write_tiny_cohort(root / "dicom", n=n, **overrides)
-    synth.annotations_frame(rows).to_csv(root / "annotations.csv", index=False)
-    return root
+@pytest.fixture
+def ingest_like(write_tiny_cohort):
+    """``ingest_like(root, n=3, **synth_overrides)``: a folder laid out as ingest/anonymize write
+    it (dicom/ + annotations.csv); returns ``root``."""
+
+    def make(root: Path, n: int = 3, **overrides) -> Path:
+        rows = write_tiny_cohort(root / "dicom", n=n, **overrides)
+        synth.annotations_frame(rows).to_csv(root / "annotations.csv", index=False)
+        return root
+
+    return make
 
 
 def run_preprocess(in_dir: Path, out: Path, params_file: Path, **changes) -> dict:
@@ -30,7 +38,12 @@ def run_preprocess(in_dir: Path, out: Path, params_file: Path, **changes) -> dic
     params["preprocess"].update(changes)
     params_file.write_text(yaml.safe_dump(params))
     metrics = out.parent / f"{out.name}.json"
-    assert preprocess.main([str(in_dir), str(out), "--params", str(params_file), "--metrics", str(metrics)]) == 0
+    assert (
+        preprocess.main(
+            [str(in_dir), str(out), "--params", str(params_file), "--metrics", str(metrics)]
+        )
+        == 0
+    )
     return json.loads(metrics.read_text())
 
 
@@ -40,22 +53,33 @@ def to_sitk(array: np.ndarray, geom: Geometry) -> sitk.Image:
 
 def world_dice(a: sitk.Image, b: sitk.Image) -> float:
     """Dice after resampling ``b`` onto ``a``'s grid (nearest neighbour), i.e. in world space."""
-    b_on_a = sitk.GetArrayFromImage(sitk.Resample(b, a, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0))
+    b_on_a = sitk.GetArrayFromImage(
+        sitk.Resample(b, a, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0)
+    )
     a_arr = sitk.GetArrayFromImage(a)
-    return 2 * float(((a_arr > 0) & (b_on_a > 0)).sum()) / float((a_arr > 0).sum() + (b_on_a > 0).sum())
+    return (
+        2
+        * float(((a_arr > 0) & (b_on_a > 0)).sum())
+        / float((a_arr > 0).sum() + (b_on_a > 0).sum())
+    )
 
 
-def test_oblique_and_reversed_files_give_same_world_masks(tmp_path, params_file):
-    axial = ingest_like(tmp_path / "axial")
-    oblique = ingest_like(tmp_path / "oblique", oblique_degrees=25)
-    for study in (oblique / "dicom").iterdir():  # file names in reverse slice order
-        files = sorted(study.glob("*.dcm"))
-        for i, f in enumerate(files):
-            f.rename(study / f"tmp{len(files) - i:04d}.dcm")
+def test_oblique_and_scrambled_files_give_same_world_masks(
+    tmp_path, params_file, ingest_like, scramble_slice_order
+):
+    """The same patients on an axial grid and on an oblique one whose files have names and
+    InstanceNumbers in random orders: the masks agree in world space and sit on the nodules."""
+    cohorts = {
+        "axial": ingest_like(tmp_path / "axial"),
+        "oblique": ingest_like(tmp_path / "oblique", oblique_degrees=25),
+    }
+    for seed, study in enumerate(sorted((cohorts["oblique"] / "dicom").iterdir())):
+        scramble_slice_order(study, seed)
     # Same target spacing for both, so that voxel counts are comparable.
-    for name in ("axial", "oblique"):
-        run_preprocess(tmp_path / name, tmp_path / f"{name}_out", params_file, target_spacing_mm=[4.0, 4.0, 4.0])
+    for name, folder in cohorts.items():
+        run_preprocess(folder, tmp_path / f"{name}_out", params_file, target_spacing_mm=[4.0] * 3)
     a_idx, o_idx = (data.load_index(tmp_path / f"{n}_out") for n in ("axial", "oblique"))
+    assert [c["seriesuid"] for c in a_idx["cases"]] == [c["seriesuid"] for c in o_idx["cases"]]
     for a_case, o_case in zip(a_idx["cases"], o_idx["cases"]):
         a_img, a_lbl, a_geom = data.load_case(tmp_path / "axial_out", a_case["case_id"])
         o_img, o_lbl, o_geom = data.load_case(tmp_path / "oblique_out", o_case["case_id"])
@@ -71,7 +95,7 @@ def test_oblique_and_reversed_files_give_same_world_masks(tmp_path, params_file)
             assert inside > lung + 200 / norm["std"]
 
 
-def test_luna16_metaimage_gives_same_masks_as_dicom(tmp_path, params_file):
+def test_luna16_metaimage_gives_same_masks_as_dicom(tmp_path, params_file, ingest_like):
     dicom_root = ingest_like(tmp_path / "dicom_cohort", n=2)
     luna = tmp_path / "luna_cohort" / "images"
     luna.mkdir(parents=True)
@@ -85,11 +109,24 @@ def test_luna16_metaimage_gives_same_masks_as_dicom(tmp_path, params_file):
     params = yaml.safe_load(params_file.read_text())
     params["ingest"].update(source="luna16", source_dir=str(luna.parent))
     params_file.write_text(yaml.safe_dump(params))
-    assert ingest.main([str(tmp_path / "luna_raw"), "--params", str(params_file),
-                        "--metrics", str(tmp_path / "ingest.json")]) == 0
+    assert (
+        ingest.main(
+            [
+                str(tmp_path / "luna_raw"),
+                "--params",
+                str(params_file),
+                "--metrics",
+                str(tmp_path / "ingest.json"),
+            ]
+        )
+        == 0
+    )
     manifest = pd.read_csv(tmp_path / "luna_raw" / "manifest.csv", keep_default_na=False)
-    assert set(manifest["path"]) == {str(p.relative_to(luna.parent)) for p in luna.parent.rglob("*")
-                                     if p.is_file() and p.name != "annotations.csv"}
+    assert set(manifest["path"]) == {
+        str(p.relative_to(luna.parent))
+        for p in luna.parent.rglob("*")
+        if p.is_file() and p.name != "annotations.csv"
+    }
     assert manifest.set_index("path").loc["README.txt", "status"] == "skipped"
     run_preprocess(dicom_root, tmp_path / "from_dicom", params_file)
     run_preprocess(tmp_path / "luna_raw", tmp_path / "from_luna", params_file)
@@ -102,12 +139,15 @@ def test_luna16_metaimage_gives_same_masks_as_dicom(tmp_path, params_file):
         np.testing.assert_allclose(d_geom.origin, l_geom.origin, atol=1e-4)
 
 
-def test_rerun_is_byte_identical(tmp_path, params_file):
+def test_rerun_is_byte_identical(tmp_path, params_file, ingest_like):
     root = ingest_like(tmp_path / "cohort", n=3)
 
     def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
     first = run_preprocess(root, tmp_path / "one", params_file, workers=2)
     second = run_preprocess(root, tmp_path / "two", params_file, workers=1)
@@ -115,8 +155,26 @@ def test_rerun_is_byte_identical(tmp_path, params_file):
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
 
 
-def test_split_is_by_patient_and_nodules_reported(tmp_path, params_file):
-    root = ingest_like(tmp_path / "cohort", n=4)
+def several_series_per_patient(root: Path, cfg: dict, patients: int, visits: int) -> dict:
+    """A cohort where each patient has ``visits`` studies (other seeds draw other scans under the
+    same identity), as ingest/anonymize lay it out; return {SeriesInstanceUID: PatientID}."""
+    owner, rows = {}, []
+    for i in range(patients):
+        phi = synth.make_phi(np.random.default_rng([100, i]), i)
+        for visit in range(visits):
+            case = synth.make_case(7 + visit, i, cfg)
+            case.phi = phi
+            uid, _ = synth.write_study(case, root / "dicom" / f"visit{visit}", 7 + visit)
+            owner[uid] = phi["PatientID"]
+            rows += synth.annotation_rows(uid, case.nodules)
+    synth.annotations_frame(rows).to_csv(root / "annotations.csv", index=False)
+    return owner
+
+
+def test_split_is_by_patient_and_nodules_reported(tmp_path, params_file, tiny_synth):
+    root = tmp_path / "cohort"
+    owner = several_series_per_patient(root, tiny_synth, patients=4, visits=3)
+    assert len(owner) == 12 and len(set(owner.values())) == 4
     # An annotation outside every volume is reported, not silently dropped.
     ann = pd.read_csv(root / "annotations.csv")
     far = ann.iloc[[0]].assign(coordZ=ann["coordZ"].iloc[0] + 5000)
@@ -126,8 +184,16 @@ def test_split_is_by_patient_and_nodules_reported(tmp_path, params_file):
     nodules = pd.read_csv(tmp_path / "out" / "nodules.csv")
     assert (~nodules["inside"]).sum() == 1
     index = data.load_index(tmp_path / "out")
-    by_patient = {}
+    assert {c["seriesuid"] for c in index["cases"]} == set(owner)
+    # Each patient's three series land in one split (the patients as written, not as recorded).
+    by_patient: dict[str, set[str]] = {}
     for case in index["cases"]:
-        by_patient.setdefault(case["patient_id"], set()).add(case["split"])
-    assert all(len(splits) == 1 for splits in by_patient.values())
-    assert {c["split"] for c in index["cases"]} == {"train", "val", "test"}
+        by_patient.setdefault(owner[case["seriesuid"]], set()).add(case["split"])
+    spanning = {p: sorted(s) for p, s in by_patient.items() if len(s) > 1}
+    assert not spanning, f"patients in more than one split: {spanning}"
+    assert sorted(s for (s,) in by_patient.values()) == ["test", "train", "train", "val"]
+    assert all(c["patient_id"] == owner[c["seriesuid"]] for c in index["cases"])
+    splits = json.loads((tmp_path / "out" / "splits.json").read_text())
+    assert sorted(p for name in ("train", "val", "test") for p in splits[name]) == sorted(
+        by_patient
+    )

@@ -12,30 +12,52 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, write_tiny_cohort
 from ctpipe import synth
 from stages import preprocess, train
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory) -> Path:
+def processed(tmp_path_factory, write_tiny_cohort, tiny_params) -> Path:
     """A tiny preprocessed dataset shared by the tests of this module."""
-    from conftest import tiny_params
-
     root = tmp_path_factory.mktemp("cohort")
     rows = write_tiny_cohort(root / "in" / "dicom", n=4)
     synth.annotations_frame(rows).to_csv(root / "in" / "annotations.csv", index=False)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params()))
-    assert preprocess.main([str(root / "in"), str(root / "processed"), "--params", str(params),
-                            "--metrics", str(root / "pre.json")]) == 0
+    assert (
+        preprocess.main(
+            [
+                str(root / "in"),
+                str(root / "processed"),
+                "--params",
+                str(params),
+                "--metrics",
+                str(root / "pre.json"),
+            ]
+        )
+        == 0
+    )
     return root / "processed"
 
 
 def run_train(processed: Path, out: Path, params_file: Path, *extra: str) -> int:
-    return train.main([str(processed), str(out / "model.pt"), "--checkpoints", str(out / "ckpt"),
-                       "--live", str(out / "live"), "--params", str(params_file),
-                       "--metrics", str(out / "train.json"), *extra])
+    return train.main(
+        [
+            str(processed),
+            str(out / "model.pt"),
+            "--checkpoints",
+            str(out / "ckpt"),
+            "--live",
+            str(out / "live"),
+            "--params",
+            str(params_file),
+            "--metrics",
+            str(out / "train.json"),
+            *extra,
+        ]
+    )
 
 
 def test_smoke_writes_model_and_logs(processed, tmp_path, params_file):
@@ -56,8 +78,12 @@ def test_validation_every_n_epochs_and_after_the_last(processed, tmp_path, param
     params_file.write_text(yaml.safe_dump(params))
     assert run_train(processed, tmp_path, params_file) == 0
     for name in ("val_loss", "val_dice"):
-        rows = (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
-        assert [int(r.split("\t")[0]) for r in rows] == [1, 2], name  # dvclive steps of epochs 2 and 3
+        rows = (
+            (tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()[1:]
+        )
+        assert [int(r.split("\t")[0]) for r in rows] == [1, 2], (
+            name
+        )  # dvclive steps of epochs 2 and 3
     assert torch.load(tmp_path / "model.pt", weights_only=False)["epoch"] in (1, 2)
 
 
@@ -95,10 +121,26 @@ def test_finished_run_is_not_resumed(processed, tmp_path, params_file):
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(processed, tmp_path, params_file):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "stages" / "train.py"), str(processed), str(tmp_path / "model.pt"),
-           "--checkpoints", str(tmp_path / "ckpt"), "--live", str(tmp_path / "live"),
-           "--params", str(params_file), "--metrics", str(tmp_path / "train.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "stages" / "train.py"),
+        str(processed),
+        str(tmp_path / "model.pt"),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--live",
+        str(tmp_path / "live"),
+        "--params",
+        str(params_file),
+        "--metrics",
+        str(tmp_path / "train.json"),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     params = yaml.safe_load((tmp_path / "live" / "params.yaml").read_text())

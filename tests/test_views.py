@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from ctpipe import data, infer
+from ctpipe.deploy.predict import predict_probability
 from ctpipe.fileio import write_json
-from ctpipe.predict import predict_probability
-from ctpipe.views import VIEWS, check_views, from_view, in_view, mean_over_mirrors, mirror_combinations
+from ctpipe.model import data, infer
+from ctpipe.model.views import (
+    VIEWS,
+    check_views,
+    from_view,
+    in_view,
+    mean_over_mirrors,
+    mirror_combinations,
+)
 
 ALL = ("axial", "coronal", "sagittal")
 
@@ -42,7 +49,9 @@ def test_views_put_every_prediction_back_where_it_belongs():
     vol = np.random.default_rng(1).normal(size=(9, 20, 14)).astype(np.float32)
     expected = 1 / (1 + np.exp(-2 * vol))
     for views in (("axial",), ("coronal",), ("sagittal",), ALL):
-        prob = infer.predict_volume(_pointwise, vol, context=1, roi_size=16, overlap=0.5, views=views)
+        prob = infer.predict_volume(
+            _pointwise, vol, context=1, roi_size=16, overlap=0.5, views=views
+        )
         np.testing.assert_allclose(prob, expected, atol=1e-5, err_msg=str(views))
 
 
@@ -83,7 +92,9 @@ def test_predict_without_torch_agrees_with_the_pipeline_on_three_views(mirror_ax
     assert np.abs(ours - ref).max() < 1e-2
 
 
-@pytest.mark.parametrize("axes, expected", [([], [()]), ([1], [(), (1,)]), ([0, 1], [(), (0,), (1,), (0, 1)])])
+@pytest.mark.parametrize(
+    "axes, expected", [([], [()]), ([1], [(), (1,)]), ([0, 1], [(), (0,), (1,), (0, 1)])]
+)
 def test_mirror_combinations_are_every_subset(axes, expected):
     assert mirror_combinations(axes) == expected
 
@@ -124,7 +135,9 @@ def test_mirrored_passes_equal_the_network_with_mirrored_kernels():
         kernels.append(k)
     with torch.no_grad():
         ours = infer.predict_volume(conv, vol, 1, 32, 0.0, views=ALL, mirror_axes=(0, 1))
-        ref = np.mean([infer.predict_volume(k, vol, 1, 32, 0.0, views=ALL) for k in kernels], axis=0)
+        ref = np.mean(
+            [infer.predict_volume(k, vol, 1, 32, 0.0, views=ALL) for k in kernels], axis=0
+        )
         single = infer.predict_volume(conv, vol, 1, 32, 0.0, views=ALL)
     assert np.abs(single - ref).max() > 0.05  # mirroring does change this network's answer
     np.testing.assert_allclose(ours, ref, atol=1e-5)
@@ -138,9 +151,15 @@ def _tube_dataset(tmp_path, views):
     (tmp_path / "cases").mkdir()
     np.save(tmp_path / "cases" / "c0.image.npy", image)
     np.save(tmp_path / "cases" / "c0.label.npy", label)
-    geometry = {"origin": [0.0, 0.0, 0.0], "spacing": [1.0, 1.0, 1.0], "direction": np.eye(3).ravel().tolist()}
+    geometry = {
+        "origin": [0.0, 0.0, 0.0],
+        "spacing": [1.0, 1.0, 1.0],
+        "direction": np.eye(3).ravel().tolist(),
+    }
     write_json(tmp_path / "index.json", {"cases": [{"case_id": "c0", "geometry": geometry}]})
-    return data.SlabPatchDataset(tmp_path, ["c0"], 16, 1, 40, 1.0, seed=0, augment=False, views=views)
+    return data.SlabPatchDataset(
+        tmp_path, ["c0"], 16, 1, 40, 1.0, seed=0, augment=False, views=views
+    )
 
 
 def test_training_patches_come_from_every_view(tmp_path):

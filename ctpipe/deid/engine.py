@@ -36,6 +36,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 from pydicom.valuerep import VR
 
+from ctpipe.deid.dates import shift_date_cached
 from ctpipe.deid.keys import Keyring
 from ctpipe.deid.table import DeidOptions, Profile, safe_private
 from ctpipe.deid.verify import Evidence, element_strings, known_public, norm, raw_vr
@@ -89,27 +90,6 @@ class FileDeid:
     enc: tuple[bool, bool] = (False, True)  # the file's (is_implicit_VR, is_little_endian)
     top: dict[int, str] = field(default_factory=dict)
     nested: dict[int, str] = field(default_factory=dict)
-
-
-def shift_date(value: str, offset: dt.timedelta) -> str:
-    """Shift a DA (or the date part of a DT) by whole days; '' if it is not a valid date."""
-    value = value.strip()
-    digits = value.replace(".", "") if len(value) == 10 else value  # ACR-NEMA YYYY.MM.DD
-    head, tail = digits[:8], digits[8:]
-    try:
-        if len(head) == 8:
-            return (dt.datetime.strptime(head, "%Y%m%d") + offset).strftime("%Y%m%d") + tail
-        if len(head) in (4, 6):  # DT of year or month precision: shift from its middle
-            mid = dt.datetime.strptime(head + ("0701" if len(head) == 4 else "15"), "%Y%m%d")
-            return (mid + offset).strftime("%Y%m%d")[: len(head)]
-    except ValueError:
-        pass
-    return ""
-
-
-@lru_cache(maxsize=4096)
-def shift_date_cached(value: str, offset: dt.timedelta) -> str:
-    return shift_date(value, offset)
 
 
 @lru_cache(maxsize=512)

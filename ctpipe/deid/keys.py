@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 KEY_ENV = "CTPIPE_DEID_KEY"
 # Public demo secret for the synthetic cohort only (its "patients" are fictitious). Never real data.
 DEMO_KEY = b"ctpipe-demo-key:synthetic-cohort-only:public:not-a-secret"
-MIN_KEY_BYTES = 16
+# A real cohort's key must look generated, not typed: at least this many characters and this many
+# distinct ones (``secrets.token_hex(32)`` gives 64 characters of 16 kinds). This refuses short
+# keys and passphrases of a few words; it cannot measure entropy, so generate the key.
+MIN_KEY_CHARS = 32
+MIN_KEY_DISTINCT = 12
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): root + decimal of a 128-bit integer
 
 
@@ -80,9 +84,11 @@ def load_key(
             f'key file {key_file} (e.g. `python -c "import secrets; print(secrets.token_hex(32))" '
             f"> {key_file}`), outside git and outside every DVC output"
         )
-    if len(key) < MIN_KEY_BYTES:
+    if len(key) < MIN_KEY_CHARS or len(set(key)) < MIN_KEY_DISTINCT or b" " in key:
         raise DeidKeyError(
-            f"the de-identification key ({source}) must be at least {MIN_KEY_BYTES} bytes"
+            f"the de-identification key ({source}) looks typed, not generated: it needs at least "
+            f"{MIN_KEY_CHARS} characters of {MIN_KEY_DISTINCT} kinds or more and no spaces; make "
+            'one with `python -c "import secrets; print(secrets.token_hex(32))"`'
         )
     return key, source
 
@@ -100,7 +106,8 @@ class Keyring:
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def fingerprint(self) -> str:
-        """A public identifier of the key (tells runs apart; reveals nothing about it)."""
+        """An identifier of the key, to tell runs apart. Derived from the key alone, it lets whoever
+        holds it test guesses of the key offline: it is written to the private folder only."""
         return self.mac("fingerprint", "ctpipe").hex()[:16]
 
     def uid(self, original: str) -> str:

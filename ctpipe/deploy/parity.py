@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ctpipe.evaluation.overlap import dice
-from ctpipe.model.data import cases_in, load_case, load_index
+from ctpipe.model.data import cases_in, crop2d, load_case, load_index
 from ctpipe.model.infer import Predictor
 from ctpipe.model.views import slabs
 
@@ -88,13 +88,12 @@ def sample_patches(
 
 
 def _crop(slab: np.ndarray, j0: int, i0: int, h: int, w: int) -> np.ndarray:
-    """``slab[:, j0:j0+h, i0:i0+w]``, shifted inside the slab where possible, else padded."""
+    """``slab[:, j0:j0+h, i0:i0+w]``, shifted inside the slab where possible, else padded with
+    its minimum (air)."""
     _, sh, sw = slab.shape
     j0 = min(max(j0, 0), max(sh - h, 0))
     i0 = min(max(i0, 0), max(sw - w, 0))
-    out = slab[:, j0 : j0 + h, i0 : i0 + w]
-    pad = ((0, 0), (0, h - out.shape[1]), (0, w - out.shape[2]))
-    return np.pad(out, pad, constant_values=slab.min()) if any(p[1] for p in pad) else out
+    return crop2d(slab, j0, i0, (h, w), slab.min())
 
 
 def foreground(logits: np.ndarray, threshold: float) -> np.ndarray:

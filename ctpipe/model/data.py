@@ -170,8 +170,8 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         # Jitter the centre so the nodule is not always in the middle of the patch.
         j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
         i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
-        img = _crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
-        lbl = _crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
+        img = crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
+        lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
         if self.augment:
             # One RandomState per item, shared by every transform: as reproducible as seeding each
             # transform, at a tenth of the cost (Compose.set_random_state builds one per child).
@@ -188,12 +188,16 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         }
 
 
-def _crop2d(arr: np.ndarray, j0: int, i0: int, size: int, pad_value: float) -> np.ndarray:
-    """Crop ``arr[:, j0:j0+size, i0:i0+size]``, padding with ``pad_value`` outside the array."""
-    out = np.full((arr.shape[0], size, size), pad_value, dtype=arr.dtype)
+def crop2d(
+    arr: np.ndarray, j0: int, i0: int, size: int | tuple[int, int], pad_value: float
+) -> np.ndarray:
+    """Crop ``arr[:, j0:j0+h, i0:i0+w]`` (``size`` = h = w, or ``(h, w)``), padding with
+    ``pad_value`` where the window reaches outside the array."""
+    size_h, size_w = (size, size) if isinstance(size, int) else size
+    out = np.full((arr.shape[0], size_h, size_w), pad_value, dtype=arr.dtype)
     h, w = arr.shape[1:]
     sj, si = max(j0, 0), max(i0, 0)
-    ej, ei = min(j0 + size, h), min(i0 + size, w)
+    ej, ei = min(j0 + size_h, h), min(i0 + size_w, w)
     if ej > sj and ei > si:
         out[:, sj - j0 : ej - j0, si - i0 : ei - i0] = arr[:, sj:ej, si:ei]
     return out
