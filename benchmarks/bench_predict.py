@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Run in a child process: one pipeline on one study, then print seconds and peak RSS as JSON.
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 kind, study, out, package, model = sys.argv[1:6]
 start = time.perf_counter()
@@ -64,7 +64,8 @@ else:
                             post["min_candidate_mm3"], post["shape_weight"])
     code, found = 0, int(cands["detected"].sum())
 seconds = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork and exec)
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"code": code, "seconds": seconds, "peak_rss_mb": rss, "nodules": found}))
 """
 

@@ -29,7 +29,7 @@ from ctpipe.fileio import write_csv, write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, resource, runpy, sys, time
+import json, runpy, sys, time
 script, args = sys.argv[1], sys.argv[2:]
 sys.argv = [script, *args]
 start = time.perf_counter()
@@ -38,7 +38,8 @@ try:
 except SystemExit as exc:
     if exc.code not in (0, None):
         raise
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork and exec)
+rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": rss}))
 """
 
