@@ -7,6 +7,10 @@ test file."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -266,3 +270,63 @@ def tiny_models() -> SimpleNamespace:
         net_params=TINY_NET,
         spacing=PROCESSED_SPACING,
     )
+
+
+# A scratch repository with this project's pipeline, for the tests that run real DVC commands.
+PIPELINE_FILES = [
+    "ctpipe",
+    "stages",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvcignore",
+    "data/synthetic",
+]
+
+
+def command_env(repo: Path) -> dict:
+    """Environment of a DVC/git command in a scratch repository: this venv first on PATH, the
+    scratch copy of ctpipe imported, no analytics, a git identity, and no de-identification key."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo),
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("CTPIPE_DEID_KEY", None)
+    return env
+
+
+def make_tiny_repo(repo: Path) -> Path:
+    """Copy the pipeline into ``repo`` with the tiny params; ``git init``, ``dvc init``, commit."""
+    for name in PIPELINE_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "tiny pipeline"],
+    ):
+        subprocess.run(cmd, cwd=repo, env=command_env(repo), check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture(scope="session", name="make_tiny_repo")
+def make_tiny_repo_factory():
+    """``make_tiny_repo(folder)`` -> a committed scratch repository with the tiny pipeline."""
+    return make_tiny_repo
+
+
+@pytest.fixture(scope="session", name="command_env")
+def command_env_factory():
+    """``command_env(repo)`` -> the environment for DVC and git commands in a scratch repository."""
+    return command_env

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,31 +48,13 @@ def recipe_commands() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_params, write_tiny_cohort) -> tuple[Path, dict]:
-    repo = tmp_path_factory.mktemp("own")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+def repo(tmp_path_factory, make_tiny_repo, command_env, write_tiny_cohort) -> tuple[Path, dict]:
+    repo = make_tiny_repo(tmp_path_factory.mktemp("own"))
     # "/path/to/studies" and "/path/to/annotations.csv" of the recipe: 6 patients, DICOM with PHI.
     export = tmp_path_factory.mktemp("export")
     rows = write_tiny_cohort(export / "studies", n=6, seed=11)
     synth.annotations_frame(rows).to_csv(export / "annotations.csv", index=False)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("CTPIPE_DEID_KEY", None)
-    for command in ("git init -q", "dvc init -q", "git add -A", "git commit -qm 'tiny pipeline'"):
-        run(repo, command, env)
+    env = command_env(repo)
     key = secrets.token_hex(32)
     outputs = []
     for command in recipe_commands():

@@ -5,16 +5,14 @@ repository: `dvc repro` (all eight stages), a second `dvc repro` doing nothing,
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 pytestmark = pytest.mark.slow
+ENV = None  # command_env, set by the repo fixture
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [
     "ingest",
@@ -26,30 +24,12 @@ STAGES = [
     "quantize",
     "export",
 ]
-COPY = [
-    "ctpipe",
-    "stages",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".dvcignore",
-    "data/synthetic",
-]
 
 
 def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo),
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    env.pop("CTPIPE_DEID_KEY", None)
-    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        cmd, cwd=repo, env=ENV(repo), capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -58,20 +38,10 @@ def sh(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, tiny_params) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, repo / name)
-    params = tiny_params()
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "tiny pipeline")
+def repo(tmp_path_factory, make_tiny_repo, command_env) -> Path:
+    global ENV
+    ENV = command_env
+    repo = make_tiny_repo(tmp_path_factory.mktemp("repo"))
     sh(repo, "dvc", "repro")
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "tiny run")
