@@ -207,22 +207,19 @@ class SplitTally:
 
     def __init__(self) -> None:
         self.rows, self.cands = [], []
-        self.inter = self.pred = self.truth = 0
+        self.dice = overlap.PooledDice()
 
     def add(self, case: dict, prob: np.ndarray, label: np.ndarray, geom, cfg: dict) -> np.ndarray:
         row, found, mask = scoring.score_case(case, prob, label, geom, cfg)
         self.rows.append(row)
         self.cands.append(found)
-        self.inter += int(np.logical_and(mask, label).sum())
-        self.pred += int(np.count_nonzero(mask))
-        self.truth += int(np.count_nonzero(label))
+        self.dice.add(mask, label)
         return mask
 
     def figures(self, nodules: pd.DataFrame) -> dict:
         score = scoring.summarise(self.rows, self.cands, nodules)
-        total = self.pred + self.truth
         return {
-            "dice": 1.0 if total == 0 else 2.0 * self.inter / total,
+            "dice": self.dice.value,
             "dice_case_mean": score.voxel.get("dice", float("nan")),
             "hd95_mm": score.voxel.get("hd95_mm", float("nan")),
             "cpm": score.froc["cpm"],
@@ -246,7 +243,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
         for name, path in (("fp32", fp32), ("int8", int8))
     }
     tally = {name: SplitTally() for name in predictors}
-    agree = [0, 0]  # INT8 against fp32 masks: intersection, sum of sizes
+    agree = overlap.PooledDice()  # INT8 against fp32 masks
     for case in tqdm(test, desc="test fp32 + int8", unit="case"):
         image, label, geom = data.load_case(processed, case["case_id"])
         image, label = np.asarray(image, dtype=np.float32), np.asarray(label) > 0
@@ -261,8 +258,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
                 views=cfg["views"],
             )
             masks[name] = tally[name].add(case, prob, label, geom, cfg)
-        agree[0] += int(np.logical_and(masks["fp32"], masks["int8"]).sum())
-        agree[1] += int(np.count_nonzero(masks["fp32"])) + int(np.count_nonzero(masks["int8"]))
+        agree.add(masks["int8"], masks["fp32"])
     f, q = (tally[n].figures(nodules) for n in ("fp32", "int8"))
     max_drop = float(cfg["max_dice_drop"])
     return {
@@ -272,7 +268,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
         "dice_definition": f"pooled over all voxels of the {len(test)} test cases, the nodule mask as evaluate "
         f"makes it (probability >= {cfg['threshold']}, components peaking >= {cfg['component_threshold']}), "
         "from one pass per view (evaluate also averages mirrored passes)",
-        "dice_int8_vs_fp32": 1.0 if agree[1] == 0 else 2.0 * agree[0] / agree[1],
+        "dice_int8_vs_fp32": agree.value,
         "dice_case_mean_fp32": f["dice_case_mean"],
         "dice_case_mean_int8": q["dice_case_mean"],
         "hd95_mm_fp32": f["hd95_mm"],

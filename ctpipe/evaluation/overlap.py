@@ -148,9 +148,23 @@ def aggregate(per_case: list[dict]) -> dict:
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two binary masks; 1.0 when both are empty (they agree perfectly)."""
-    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    return pooled_dice([a], [b])
+
+
+class PooledDice:
+    """Dice pooled over masks added one at a time: the streaming form of :func:`pooled_dice`."""
+
+    def __init__(self) -> None:
+        self.intersection = self.total = 0
+
+    def add(self, mask: np.ndarray, truth: np.ndarray) -> None:
+        m, g = np.asarray(mask) > 0, np.asarray(truth) > 0
+        self.intersection += int(np.logical_and(m, g).sum())
+        self.total += int(m.sum()) + int(g.sum())
+
+    @property
+    def value(self) -> float:
+        return 1.0 if self.total == 0 else 2.0 * self.intersection / self.total
 
 
 def pooled_dice(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> float:
@@ -159,10 +173,7 @@ def pooled_dice(masks: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> fl
     Pooling keeps nodule-free cases meaningful, where a per-case Dice is undefined. With another
     prediction's masks as ``labels`` it is the agreement of two models (INT8 against fp32).
     """
-    inter = pred = truth = 0
+    pooled = PooledDice()
     for m, g in zip(masks, labels):
-        m, g = np.asarray(m) > 0, np.asarray(g) > 0
-        inter += int(np.logical_and(m, g).sum())
-        pred += int(m.sum())
-        truth += int(g.sum())
-    return 1.0 if pred + truth == 0 else 2.0 * inter / (pred + truth)
+        pooled.add(m, g)
+    return pooled.value
