@@ -4,7 +4,6 @@ carries PHI: `dvc add`, commit, a key in CTPIPE_DEID_KEY, `dvc exp run -S ...`, 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -19,15 +18,6 @@ from ctpipe import synth
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-COPY = [
-    "ctpipe",
-    "stages",
-    "dvc.yaml",
-    "params.yaml",
-    "pyproject.toml",
-    ".dvcignore",
-    "data/synthetic",
-]
 
 
 def run(repo: Path, command: str, env: dict) -> str:
@@ -101,10 +91,9 @@ def test_real_cohort_used_the_key_and_no_identity_left(repo):
     assert len(annotations) == len(info["rows"]) and not set(annotations["seriesuid"]) & originals
 
 
-def test_the_same_commands_without_a_key_are_refused(repo, tmp_path):
+def test_the_same_commands_without_a_key_are_refused(repo, tmp_path, command_env):
     repo, _ = repo
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("CTPIPE_DEID_KEY", None)
+    env = command_env(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["anonymize"]["key_file"] = str(tmp_path / "no.key")
     params["ingest"].update(source="dicom")
