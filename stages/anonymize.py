@@ -263,14 +263,9 @@ def deidentify(
     """Every input file de-identified (in ``workers`` processes), sorted by input path; the
     identifying values found per patient (for the leak gate); for luna16 the image files too."""
     out_dir, cfg = initargs[3], initargs[2]
+    workers, chunksize = int(cfg["workers"]), int(cfg["chunksize"])
     results = batch.run_parallel(
-        batch.deid_one,
-        items,
-        int(cfg["workers"]),
-        batch.init_deid,
-        initargs,
-        "anonymize",
-        int(cfg["chunksize"]),
+        batch.deid_one, items, workers, batch.init_deid, initargs, "anonymize", chunksize
     )
     results.sort(key=lambda r: r.rel)
     batch.dedupe(results, items, initargs)
@@ -319,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         options.codes(),
     )
 
+    names = frozenset(batch.cohort_names(items, int(cfg["workers"]), int(cfg["chunksize"])))
     results, evidence, extra = deidentify(
-        items, (options.as_dict(), key, cfg, out_dir), source, input_dir, keyring
+        items, (options.as_dict(), key, cfg, out_dir, names), source, input_dir, keyring
     )
     written = [r for r in results if not r.reason]
     annotations, n_annotations = remap_annotations(input_dir, keyring, {r.series for r in written})
@@ -335,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     extra += [out_dir / name for name in OWN_FILES]
-    leaks = batch.verify(out_dir, written, evidence, extra, cfg)
+    leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names)
     metrics = run_metrics(
         results, written, n_annotations, annotations, leaks, time.perf_counter() - start
     )

@@ -326,6 +326,58 @@ def test_a_surviving_value_fails_the_stage(cohort: Path, tmp_path: Path, monkeyp
     assert len(leaks) and not list((out / "dicom").rglob("*.dcm"))
 
 
+@pytest.fixture
+def free_text_cohort(cohort: Path, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """The cohort with names in free text that no header of the file holds: a doctor nobody
+    lists, the *other* patient of the run, a PN-formatted name, a phone number, an e-mail."""
+    raw = tmp_path / "raw"
+    shutil.copytree(cohort, raw)
+    folders = sorted(p for p in (raw / "dicom").iterdir() if p.is_dir())
+    other = dcmread(next(folders[1].rglob("*.dcm"))).PatientName
+    path = sorted(folders[0].rglob("*.dcm"))[0]
+    ds = dcmread(path)
+    ds.ImageComments = "seen by Dr Fenwick Oddsworth on ward 7"
+    ds.PatientComments = f"compare with {other.given_name} {other.family_name}"
+    ds.SeriesDescription = (
+        f"Lung 1.0 B60f DR. FENWICK ODDSWORTH {other.given_name.title()} "
+        f"{other.family_name.title()} QUINCE^MARGARETTA +44 20 7946 0958 f.odd@example.org"
+    )
+    ds.save_as(path)
+    planted = ["fenwick", "oddsworth", "quince", "margaretta", "7946", "example.org"]
+    return raw, planted + [other.given_name.lower(), other.family_name.lower()], [path.name]
+
+
+def test_free_text_cannot_leak_names_no_header_holds(free_text_cohort, tmp_path: Path):
+    raw, planted, _ = free_text_cohort
+    code, out, metrics = stage(raw, tmp_path)
+    assert code == 0 and metrics["leaks_found"] == 0
+    descriptions = set()
+    for path in (out / "dicom").rglob("*.dcm"):
+        data = path.read_bytes().lower()
+        assert not [p for p in planted if p.encode() in data], path
+        ds = dcmread(path)
+        assert "ImageComments" not in ds and "PatientComments" not in ds
+        descriptions.add(ds.SeriesDescription)
+    assert descriptions == {"Lung 1.0 B60f"}  # the allow-listed descriptor kept, scrubbed
+
+
+def test_the_gate_finds_free_text_patterns_not_only_known_values(
+    free_text_cohort, tmp_path: Path, monkeypatch
+):
+    """With the pattern scrubber broken, the phone number and the e-mail address survive: the
+    leak gate must find them by pattern (neither is in any header), and delete the file."""
+    raw, _, _ = free_text_cohort
+    monkeypatch.setattr("ctpipe.deid.freetext.pattern_spans", lambda value: [])
+    code, out, metrics = stage(raw, tmp_path)
+    assert code == 1 and metrics["leaks_found"] >= 2
+    leaks = pd.read_csv(tmp_path / "out_private" / "leaks.csv")
+    findings = " ".join(leaks["finding"])
+    assert "phone number '+44 20 7946 0958'" in findings
+    assert "e-mail address 'f.odd@example.org'" in findings
+    (leaking,) = set(leaks["file"])
+    assert not (out / leaking).exists() and len(list((out / "dicom").rglob("*.dcm"))) > 1
+
+
 def test_keep_linkage_goes_to_the_private_folder_only(cohort: Path, tmp_path: Path):
     code, out, _ = stage(cohort, tmp_path, keep_linkage=True)
     assert code == 0

@@ -16,6 +16,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from ctpipe import synth
 from ctpipe.deid.engine import Deidentifier
 from ctpipe.deid.files import process_file
+from ctpipe.deid.freetext import DEFAULT_KEEP_DESCRIPTORS
 from ctpipe.deid.keys import DEMO_KEY, Keyring
 from ctpipe.deid.table import DeidOptions
 
@@ -119,21 +120,19 @@ def test_device_identity(slices, tmp_path):
     assert "DeviceSerialNumber" not in removed and "StationName" not in removed
 
 
-def test_clean_descriptors_keep_text_but_no_identity(slices, tmp_path):
+def test_clean_descriptors_keep_allow_listed_text_but_no_identity(slices, tmp_path):
     original, new, _ = run(slices[0], tmp_path / "on", DeidOptions(clean_descriptors=True))
     name = original.PatientName
     assert new.StudyDescription.startswith("CT CHEST LOW DOSE") and new.SeriesDescription
-    for text in (
-        new.StudyDescription,
-        new.ImageComments,
-        new.AdditionalPatientHistory,
-        new.RequestAttributesSequence[0].RequestedProcedureDescription,
-    ):
-        low = text.lower()
-        assert name.family_name.lower() not in low and name.given_name.lower() not in low
-        assert original.PatientID.lower() not in low
+    low = new.StudyDescription.lower()
+    assert name.family_name.lower() not in low and name.given_name.lower() not in low
+    # comments, histories and the request sequence are not on the allow-list: removed
+    removed = {"ImageComments", "AdditionalPatientHistory", "RequestAttributesSequence"}
+    assert removed <= set(original.dir()) and not removed & set(new.dir())
     _, plain, _ = run(slices[0], tmp_path / "off", NONE)
     assert not {"StudyDescription", "SeriesDescription", "ImageComments"} & set(plain.dir())
+    _, none_kept, _ = run(slices[0], tmp_path / "empty", DeidOptions(keep_descriptors=()))
+    assert not {"StudyDescription", "SeriesDescription"} & set(none_kept.dir())
 
 
 def test_safe_private_allow_list(slices, tmp_path):
@@ -149,10 +148,11 @@ def test_safe_private_allow_list(slices, tmp_path):
 
 
 def test_nested_sequences_and_references(slices, tmp_path):
-    original, new, _ = run(slices[0], tmp_path, DeidOptions())
+    keep = (*DEFAULT_KEEP_DESCRIPTORS, "RequestAttributesSequence")
+    original, new, _ = run(slices[0], tmp_path, DeidOptions(keep_descriptors=keep))
     keyring = Keyring(DEMO_KEY)
     assert "OtherPatientIDsSequence" not in new
-    request = new.RequestAttributesSequence[0]  # kept (C): its items are walked
+    request = new.RequestAttributesSequence[0]  # allow-listed (C): its items are walked
     assert (
         "ScheduledPerformingPhysicianName" not in request and "RequestedProcedureID" not in request
     )

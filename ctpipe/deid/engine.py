@@ -7,8 +7,10 @@ changes get new raw bytes (:mod:`ctpipe.deid.write`), so no value is decoded by 
 - X remove; Z empty (Patient's Name and ID get the keyed pseudonym instead); D dummy value of the
   VR (UIDs: the keyed UID); U keyed UID (:meth:`ctpipe.deid.keys.Keyring.uid`) for every value;
 - K keep; C clean: dates and date-times shifted by the patient's keyed offset (times kept, since
-  the offset is whole days), free text stripped of every identifying value found in the file
-  (names and their components, IDs, addresses...) and of date-, ID- and UID-like patterns;
+  the offset is whole days), free text (only the allow-listed descriptors get C, see
+  :mod:`ctpipe.deid.freetext`) stripped of every identifying value found in the file (names and
+  their components, IDs, addresses...), of the patterns of :data:`freetext.PATTERNS` and of every
+  component of every person name seen in the cohort;
 - sequences: X removes them, Z empties them, any other action keeps the items and walks them with
   the table (so every UID inside a reference sequence is replaced consistently).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -36,6 +39,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 from pydicom.valuerep import VR
 
+from ctpipe.deid import freetext
 from ctpipe.deid.dates import shift_date_cached
 from ctpipe.deid.keys import Keyring
 from ctpipe.deid.table import DeidOptions, Profile, safe_private
@@ -63,13 +67,7 @@ KEEP_UID_SUFFIXES = ("ClassUID", "SyntaxUID", "SchemeUID")
 VALID_VRS = frozenset(v.value for v in VR)
 CID7050 = {c.value: c.meaning for c in (getattr(codes.cid7050, n) for n in codes.cid7050.dir())}
 IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, f"PYDICOM {pydicom_version}"[:16])
-# Free-text patterns removed by Clean, whatever the file says: dates, long digit runs, UIDs.
-GENERIC_PHI = re.compile(
-    r"(?<!\d)(?:(?:19|20)\d\d[-/.]?(?:0[1-9]|1[0-2])[-/.]?(?:0[1-9]|[12]\d|3[01])"
-    r"|\d{1,2}[-/.]\d{1,2}[-/.](?:19|20)?\d\d|\d+(?:\.\d+){3,}|\d{6,})(?!\d)"
-)
 PN_PARTS = re.compile(r"[\^=]+")
-SPACES = re.compile(r"\s{2,}")
 
 
 class BadVR(ValueError):
@@ -111,8 +109,12 @@ class Deidentifier:
         options: DeidOptions,
         keyring: Keyring,
         date_shift_days: tuple[int, int] = (-3650, -365),
+        cohort_names: Iterable[str] = (),
     ) -> None:
+        """``cohort_names``: components of every person name in the cohort (scrubbed from every
+        kept descriptor, whoever's file it is; :func:`freetext.name_components`)."""
         self.options = options
+        self.cohort_pattern = clean_pattern(frozenset(cohort_names))
         self.profile = Profile(options)
         self.keyring = keyring
         self.date_shift_days = (int(date_shift_days[0]), int(date_shift_days[1]))
@@ -353,7 +355,7 @@ class Deidentifier:
         if vr == "PN":
             values += [c for v in values for c in PN_PARTS.split(v) if c]
         terms: list[str] = []
-        if weak or vr in ("UI", "DA", "DT", "TM"):  # dates, times, UIDs: GENERIC_PHI cleans them
+        if weak or vr in ("UI", "DA", "DT", "TM"):  # dates, times, UIDs: freetext.PATTERNS
             return weak, values, terms
         for part in text(elem, ds).split("\\"):
             part = part.strip()
@@ -374,8 +376,7 @@ class Deidentifier:
             for value in whole.split("\\") if vr not in ("LT", "ST", "UT") else [whole]:
                 key = (pattern, value)
                 if key not in self._cleaned:
-                    new = pattern.sub("", value) if pattern else value
-                    self._cleaned[key] = SPACES.sub(" ", GENERIC_PHI.sub("", new)).strip()
+                    self._cleaned[key] = freetext.scrub(value, (pattern, self.cohort_pattern))
                 cleaned.append(self._cleaned[key])
             set_text(ds, tag, vr, "\\".join(cleaned), st.enc)
             st.evidence.cleaned.update(norm(v) for v in cleaned if v)

@@ -8,6 +8,8 @@ packages. Loading checks the CSV against the recorded hash, so an edited table i
 
 Compiling resolves, per IOD, every attribute to one action letter:
 
+- Clean Descriptors applies only to the attributes of ``keep_descriptors``; the column's other
+  free-text attributes keep their Basic Profile action (:mod:`ctpipe.deid.freetext`);
 - an enabled option's code replaces the Basic Profile code (C wins over K when two options
   disagree, since cleaning keeps the value's use and drops identifiers);
 - combined codes take the weaker action unless the attribute's type in the object's IOD needs the
@@ -22,9 +24,11 @@ import csv
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import resources
+
+from ctpipe.deid.freetext import DEFAULT_KEEP_DESCRIPTORS
 
 TABLE_CSV = "profile.csv"
 SAFE_PRIVATE_CSV = "safe_private.csv"
@@ -58,17 +62,31 @@ class DeidOptions:
     clean_descriptors: bool = True
     retain_device_identity: bool = False
     retain_safe_private: bool = False
+    # Clean Descriptors keeps (scrubbed) only these; the column's other attributes are removed.
+    keep_descriptors: tuple[str, ...] = field(default=DEFAULT_KEEP_DESCRIPTORS)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_descriptors", tuple(self.keep_descriptors))
 
     @classmethod
     def from_params(cls, params: dict) -> DeidOptions:
-        return cls(**{k: bool(params[k]) for k in cls.__dataclass_fields__ if k in params})
+        values = {
+            k: bool(params[k])
+            for k in cls.__dataclass_fields__
+            if k in params and k != "keep_descriptors"
+        }
+        if "keep_descriptors" in params:
+            values["keep_descriptors"] = tuple(params["keep_descriptors"] or ())
+        return cls(**values)
 
     def codes(self) -> list[str]:
         """CID 7050 codes of the Basic Profile and of every enabled option, in table order."""
         return [BASIC_PROFILE_CODE] + [c for k, c in OPTION_CODES.items() if getattr(self, k)]
 
-    def as_dict(self) -> dict[str, bool]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, bool | list[str]]:
+        values = asdict(self)
+        values["keep_descriptors"] = list(self.keep_descriptors)
+        return values
 
 
 def _read_text(name: str) -> str:
@@ -128,9 +146,15 @@ class Profile:
         self.masked: list[tuple[int, int, str]] = []  # (mask, value, code) for 50xx / 60xx rows
         self.descriptive: set[int] = set()  # free-text attributes (Clean Descriptors column)
         columns = [c for k, c in OPTION_COLUMNS.items() if getattr(options, k)]
+        keep = set(options.keep_descriptors)
         for row in table_rows():
             code = row["basic"]
-            overrides = {row[c] for c in columns if row[c]}
+            removed_text = row["clean_descriptors"] and row["keyword"] not in keep
+            overrides = {
+                row[c]
+                for c in columns
+                if row[c] and not (c == "clean_descriptors" and removed_text)
+            }
             if overrides:
                 code = "C" if "C" in overrides else overrides.pop()
             if row["clean_descriptors"]:
@@ -140,6 +164,12 @@ class Profile:
                 self.masked.append((mask, int(row["tag"].replace("X", "0"), 16), code))
             else:
                 self.codes[int(row["tag"], 16)] = code
+        column = {r["keyword"] for r in table_rows() if r["clean_descriptors"]}
+        if keep - column:
+            raise ValueError(
+                f"keep_descriptors: {sorted(keep - column)} are not free-text attributes of the "
+                "Clean Descriptors column of Table E.1-1"
+            )
         meta = table_info()
         self.sop_iod: dict[str, str] = meta["sop_class_iod"]
         self.iod_types: dict[str, dict[str, dict[str, str]]] = meta["iod_types"]

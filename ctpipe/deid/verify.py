@@ -49,6 +49,8 @@ from pathlib import Path
 
 from pydicom.datadict import DicomDictionary, dictionary_VR
 
+from ctpipe.deid.freetext import pattern_matches
+
 WORD = re.compile(r"[0-9a-z\x80-\xff]+")
 SEPARATOR = " \xa0\xa0 "  # between values, so no word sequence spans two values
 LETTER = re.compile(r"[a-z\x80-\xff]")
@@ -101,6 +103,8 @@ MAX_BINARY = 4096
 UNDEFINED = 0xFFFFFFFF
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 DIGIT_WORD = 6
+TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
+NARRATIVE_VRS = frozenset({"ST", "LT", "UT"})  # checked for patterns wherever they are
 
 
 def norm(value: bytes | str) -> str:
@@ -234,20 +238,60 @@ def build_indexes(
     return per_patient, NeedleIndex(cross - NeedleIndex(cross).hits(all_kept))
 
 
-def scan_file(path: Path, indexes: list[NeedleIndex]) -> list[str]:
-    """Leaks in one written DICOM file: needles found in its values, or an unreadable file."""
+@dataclass
+class FreeTextCheck:
+    """What the gate looks for in free text whoever's file it is (:mod:`ctpipe.deid.freetext`):
+    the patterns, and the cohort's person-name components (``names``, single-word needles).
+
+    Checked: the Clean Descriptors column's attributes (``tags``) and ST/LT/UT anywhere.
+    """
+
+    tags: frozenset[int] = frozenset()
+    names: NeedleIndex = field(default_factory=NeedleIndex)
+
+    def findings(self, texts: Iterable[tuple[int, str, str]]) -> list[str]:
+        out = []
+        for tag, vr, value in texts:
+            if vr not in NARRATIVE_VRS and tag not in self.tags:
+                continue
+            where = f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            out += [f"{kind} {match!r} in {where}" for kind, match in pattern_matches(value)]
+            out += [f"cohort name {n!r} in {where}" for n in self.names.hits([norm(value)])]
+        return out
+
+
+def name_index(components: Iterable[str], min_chars: int) -> NeedleIndex:
+    """Single-word needles of the cohort's name components (also as UTF-8 bytes read as latin-1,
+    the form the gate reads raw values in)."""
+    index = NeedleIndex()
+    for c in components:
+        for form in {c, c.encode("utf-8").decode("latin-1")}:
+            n = needle(norm(form), min_chars)
+            if isinstance(n, tuple) and len(n) == 1:
+                index.add(n)
+    return index
+
+
+def scan_file(
+    path: Path, indexes: list[NeedleIndex], free_text: FreeTextCheck | None = None
+) -> list[str]:
+    """Leaks in one written DICOM file: needles found in its values, pattern or cohort-name hits
+    in its free text, or an unreadable file."""
+    texts: list[tuple[int, str, str]] = []
     try:
-        values = file_values(path.read_bytes())
+        values = file_values(path.read_bytes(), texts)
     except (ValueError, struct.error, zlib.error) as err:
         return [f"unreadable output: {err}"]
     found: set = set()
     for index in indexes:
         found |= index.hits(values)
-    return [f"value {n!r}" for n in sorted(found, key=str)]
+    out = [f"value {n!r}" for n in sorted(found, key=str)]
+    return out + (free_text.findings(texts) if free_text else [])
 
 
-def file_values(data: bytes) -> list[str]:
-    """Normalised values of every element of a DICOM file, meta included, at every depth.
+def file_values(data: bytes, texts: list[tuple[int, str, str]] | None = None) -> list[str]:
+    """Normalised values of every element of a DICOM file, meta included, at every depth
+    (and, into ``texts``, every text-VR element as ``(tag, VR, value)``).
 
     A small parser of its own (not pydicom, which the writer relies on): it walks tags, VRs and
     lengths in the file's transfer syntax and checks the zero preamble and the ``DICM`` prefix.
@@ -263,12 +307,24 @@ def file_values(data: bytes) -> list[str]:
     body = data[meta_end:]
     if syntax == "1.2.840.10008.1.2.1.99":
         body = zlib.decompress(body, -zlib.MAX_WBITS)
-    _parse(body, 0, len(body), syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2", out)
+    implicit, little = syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2"
+    _parse(body, 0, len(body), implicit, little, out, texts)
     return out
 
 
-def _parse(buf: bytes, pos: int, end: int, implicit: bool, little: bool, out: list[str]) -> int:
-    """Collect values from ``pos`` to ``end`` or to an item delimiter; return the new position."""
+def _parse(
+    buf: bytes,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    out: list[str],
+    texts: list[tuple[int, str, str]] | None = None,
+) -> int:
+    """Collect values from ``pos`` to ``end`` or to an item delimiter; return the new position.
+
+    ``texts`` (if given) also gets ``(tag, VR, value)`` of every text-VR element, case kept.
+    """
     e = "<" if little else ">"
     while pos + 8 <= end:
         group, element, length = struct.unpack_from(e + "HHI", buf, pos)
@@ -291,7 +347,7 @@ def _parse(buf: bytes, pos: int, end: int, implicit: bool, little: bool, out: li
             vr = _implicit_vr(tag, buf, pos, length, e)
         if vr == "SQ" or (vr == "UN" and length == UNDEFINED):
             as_implicit = implicit or vr == "UN"  # UN of undefined length: implicit VR LE
-            pos = _sequence(buf, pos, length, as_implicit, little or vr == "UN", out)
+            pos = _sequence(buf, pos, length, as_implicit, little or vr == "UN", out, texts)
             continue
         if length == UNDEFINED:  # encapsulated pixel data: skip the fragments
             pos = _sequence(buf, pos, length, implicit, little, None)
@@ -304,12 +360,20 @@ def _parse(buf: bytes, pos: int, end: int, implicit: bool, little: bool, out: li
             and not (vr in ("OB", "UN") and length > MAX_BINARY)
         ):
             out.extend(s for s in (norm(p) for p in buf[pos : pos + length].split(b"\\")) if s)
+            if texts is not None and vr in TEXT_VRS and length:
+                texts.append((tag, vr, buf[pos : pos + length].decode("latin-1")))
         pos += length
     return pos
 
 
 def _sequence(
-    buf: bytes, pos: int, length: int, implicit: bool, little: bool, out: list[str] | None
+    buf: bytes,
+    pos: int,
+    length: int,
+    implicit: bool,
+    little: bool,
+    out: list[str] | None,
+    texts: list[tuple[int, str, str]] | None = None,
 ) -> int:
     """Walk the items of a sequence (or skip pixel fragments when ``out`` is None)."""
     e = "<" if little else ">"
@@ -323,10 +387,10 @@ def _sequence(
             raise ValueError(f"malformed sequence at {pos - 8}")
         if out is None or item_length != UNDEFINED:
             if out is not None:
-                _parse(buf, pos, pos + item_length, implicit, little, out)
+                _parse(buf, pos, pos + item_length, implicit, little, out, texts)
             pos += item_length
         else:
-            pos = _parse(buf, pos, len(buf), implicit, little, out)
+            pos = _parse(buf, pos, len(buf), implicit, little, out, texts)
     return pos
 
 
