@@ -45,21 +45,55 @@ ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 OWN_FILES = ("annotations.csv", "audit.csv", "quarantine.csv", "deid_options.json")
 
 
+class InputError(ValueError):
+    """INPUT_DIR cannot be read as a cohort: the message names the file and the reason."""
+
+
+SOURCES = ("synthetic", "dicom", "luna16")
+
+
+def cohort_source(input_dir: Path) -> str:
+    """The cohort's source from ``cohort.json``; ``real`` (a plain folder of DICOM files) when
+    there is none, or when a stray one sits in a folder without ingest's ``dicom/`` layout."""
+    cohort = input_dir / "cohort.json"
+    if not cohort.is_file():
+        return "real"
+    try:
+        source = read_json(cohort).get("source")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        source = f"unreadable ({type(err).__name__})"
+    layout = (input_dir / "dicom").is_dir() or (input_dir / "images").is_dir()
+    if source in SOURCES and layout:
+        return str(source)
+    if layout:  # ingest's layout with a broken cohort.json: do not guess
+        raise InputError(f"{cohort}: source {source!r} is not one of {', '.join(SOURCES)}")
+    log.warning("%s: not ingest's layout (no dicom/); reading the folder as DICOM files", cohort)
+    return "real"
+
+
 def discover(
     input_dir: Path, exclude: list[Path]
 ) -> tuple[str, Path | None, list[tuple[str, str]]]:
-    """Return (cohort source, DICOM root, [(absolute path, path relative to INPUT_DIR)])."""
-    cohort = input_dir / "cohort.json"
-    source = str(read_json(cohort).get("source", "dicom")) if cohort.is_file() else "real"
-    root = input_dir / "dicom"
+    """Return (cohort source, DICOM root, [(absolute path, path relative to INPUT_DIR)]).
+
+    In a plain folder (source ``real``) every regular file is an input, stray CSV and JSON files
+    included (they are quarantined as not DICOM, so they are reported, not silently ignored).
+
+    Raises:
+        InputError: a broken ``cohort.json``, or no input file at all.
+    """
+    source = cohort_source(input_dir)
+    root = input_dir / "dicom" if source != "real" else input_dir
     if not root.is_dir():
-        root = None if cohort.is_file() else input_dir
+        root = None
     files = []
     if root is not None:  # skip the stage's own outputs when they lie inside the input folder
         skip = [p.resolve() for p in exclude if root.resolve() in p.resolve().parents]
         for path in sorted(root.rglob("*")):
             if path.is_file() and not (skip and any(s in path.resolve().parents for s in skip)):
                 files.append((str(path), str(path.relative_to(input_dir))))
+    if not files and not (source == "luna16" and list((input_dir / "images").rglob("*.mhd"))):
+        raise InputError(f"{input_dir}: no input files (DICOM under dicom/ or the folder itself)")
     return source, root, files
 
 
@@ -109,14 +143,31 @@ def luna16_images(
     return results, written
 
 
+def load_annotations(input_dir: Path, source: str) -> pd.DataFrame:
+    """``annotations.csv`` (empty if absent). A plain folder (source ``real``) has none: a CSV in
+    it is an input file like any other (quarantined as not DICOM, so reported).
+
+    Raises:
+        InputError: ``annotations.csv`` unreadable or without the LUNA16 columns.
+    """
+    path = input_dir / "annotations.csv"
+    if source == "real" or not path.is_file():
+        return pd.DataFrame(columns=ANNOTATION_COLUMNS)
+    try:
+        frame = pd.read_csv(path, dtype={"seriesuid": str})
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: unreadable CSV ({type(err).__name__})") from None
+    missing = [c for c in ANNOTATION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing columns {missing} (expected {ANNOTATION_COLUMNS})")
+    return frame
+
+
 def remap_annotations(
-    input_dir: Path, keyring: Keyring, series_out: set[str]
+    frame: pd.DataFrame, keyring: Keyring, series_out: set[str]
 ) -> tuple[pd.DataFrame, int]:
     """Annotations with ``seriesuid`` remapped; rows of series not written are dropped."""
-    path = input_dir / "annotations.csv"
-    if not path.is_file():
-        return pd.DataFrame(columns=ANNOTATION_COLUMNS), 0
-    frame = pd.read_csv(path, dtype={"seriesuid": str})
+    frame = frame.copy()
     frame["seriesuid"] = [keyring.uid(u) for u in frame["seriesuid"].astype(str)]
     kept = frame[frame["seriesuid"].isin(series_out)]
     if len(kept) < len(frame):
@@ -295,12 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
     record_environment("anonymize", metrics_path.parent / "env")
 
-    source, _root, items = discover(input_dir, [out_dir, private_dir])
     try:
+        source, _root, items = discover(input_dir, [out_dir, private_dir])
+        raw_annotations = load_annotations(input_dir, source)
         key, key_source = load_key(
             cfg["key_file"], source == "synthetic", [input_dir, out_dir, private_dir]
         )
-    except DeidKeyError as err:
+    except (DeidKeyError, InputError) as err:
         log.error("%s", err)
         return 2
     keyring, options = Keyring(key), DeidOptions.from_params(cfg)
@@ -319,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         items, (options.as_dict(), key, cfg, out_dir, names), source, input_dir, keyring
     )
     written = [r for r in results if not r.reason]
-    annotations, n_annotations = remap_annotations(input_dir, keyring, {r.series for r in written})
+    annotations, n_annotations = remap_annotations(
+        raw_annotations, keyring, {r.series for r in written}
+    )
     write_csv(out_dir / "annotations.csv", annotations)
     write_tables(
         out_dir,

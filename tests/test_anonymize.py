@@ -282,6 +282,10 @@ def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch)
     expected["bad_vr.dcm"] = "bad_vr"
     shutil.copy(get_testdata_file("DICOMDIR"), raw / "DICOMDIR")
     expected["DICOMDIR"] = "dicomdir"
+    # stray tables from another tool in a plain folder: inputs like any other, reported
+    (raw / "cohort.json").write_text("{not json")
+    (raw / "annotations.csv").write_text("id,x\n1,2\n")
+    expected["cohort.json"] = expected["annotations.csv"] = "not_dicom"
     for name, change, reason in [
         ("sc.dcm", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary_capture"),
         ("screen.dcm", {"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "screen_save"),
@@ -307,6 +311,34 @@ def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch)
     assert sorted(public["reason"]) == sorted(expected.values())
     assert "doe" not in (out / "quarantine.csv").read_text().lower()
     assert metrics["files_out"] == len(files) == len(list((out / "dicom").rglob("*.dcm")))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"annotations.csv": "id,x\n1,2\n"}, "missing columns ['seriesuid'"),
+        ({"annotations.csv": b"\xff\xfe\x00bad"}, "annotations.csv: unreadable CSV"),
+        ({"cohort.json": '{"source": "pacs"}'}, "source 'pacs' is not one of"),
+        ({"cohort.json": "{not json"}, "source 'unreadable (JSONDecodeError)'"),
+        ({"dicom": None}, "no input files"),
+    ],
+)
+def test_a_broken_cohort_folder_stops_with_the_file_and_the_reason(
+    change, message, cohort: Path, tmp_path: Path, caplog
+):
+    raw = tmp_path / "raw"
+    shutil.copytree(cohort, raw)
+    for name, content in change.items():
+        if content is None:
+            shutil.rmtree(raw / name)
+            (raw / name).mkdir()
+        elif isinstance(content, bytes):
+            (raw / name).write_bytes(content)
+        else:
+            (raw / name).write_text(content)
+    code, out, _ = stage(raw, tmp_path)
+    assert code == 2 and message in caplog.text
+    assert not (out / "dicom").exists() or not list((out / "dicom").rglob("*.dcm"))
 
 
 def test_a_surviving_value_fails_the_stage(cohort: Path, tmp_path: Path, monkeypatch):
