@@ -36,7 +36,7 @@ from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
 from ctpipe.deid.verify import Evidence
-from ctpipe.fileio import read_json, rounded, write_csv, write_json
+from ctpipe.fileio import list_files, read_json, rounded, write_csv, write_json
 from ctpipe.params import setup_logging, stage_params
 from ctpipe.runenv import record as record_environment
 
@@ -73,8 +73,9 @@ def cohort_source(input_dir: Path) -> str:
 
 def discover(
     input_dir: Path, exclude: list[Path]
-) -> tuple[str, Path | None, list[tuple[str, str]]]:
-    """Return (cohort source, DICOM root, [(absolute path, path relative to INPUT_DIR)]).
+) -> tuple[str, list[tuple[str, str]], list[FileResult]]:
+    """Return (cohort source, [(absolute path, path relative to INPUT_DIR)], results of the
+    entries that are no regular file: quarantined ``unusable`` with the reason).
 
     In a plain folder (source ``real``) every regular file is an input, stray CSV and JSON files
     included (they are quarantined as not DICOM, so they are reported, not silently ignored).
@@ -86,15 +87,22 @@ def discover(
     root = input_dir / "dicom" if source != "real" else input_dir
     if not root.is_dir():
         root = None
-    files = []
+    files, unusable = [], []
     if root is not None:  # skip the stage's own outputs when they lie inside the input folder
         skip = [p.resolve() for p in exclude if root.resolve() in p.resolve().parents]
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and not (skip and any(s in path.resolve().parents for s in skip)):
+        paths, entries = list_files(root)
+        for path in paths:
+            if not (skip and any(s in path.resolve().parents for s in skip)):
                 files.append((str(path), str(path.relative_to(input_dir))))
+        prefix = "" if root == input_dir else f"{root.name}/"
+        for entry in entries:  # links to folders, dangling links, FIFOs, undecodable names
+            if not (skip and any(s in (root / entry["path"]).parents for s in skip)):
+                unusable.append(
+                    FileResult(rel=prefix + entry["path"], reason="unusable", detail=entry["reason"])
+                )
     if not files and not (source == "luna16" and list((input_dir / "images").rglob("*.mhd"))):
         raise InputError(f"{input_dir}: no input files (DICOM under dicom/ or the folder itself)")
-    return source, root, files
+    return source, files, unusable
 
 
 def prepare_output(out_dir: Path) -> None:
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     record_environment("anonymize", metrics_path.parent / "env")
 
     try:
-        source, _root, items = discover(input_dir, [out_dir, private_dir])
+        source, items, unusable = discover(input_dir, [out_dir, private_dir])
         raw_annotations = load_annotations(input_dir, source)
         key, key_source = load_key(
             cfg["key_file"], source == "synthetic", [input_dir, out_dir, private_dir]
@@ -370,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     results, evidence, extra = deidentify(
         items, (options.as_dict(), key, cfg, out_dir, names), source, input_dir, keyring
     )
+    results += unusable
     written = [r for r in results if not r.reason]
     annotations, n_annotations = remap_annotations(
         raw_annotations, keyring, {r.series for r in written}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -286,6 +287,13 @@ def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch)
     (raw / "cohort.json").write_text("{not json")
     (raw / "annotations.csv").write_text("id,x\n1,2\n")
     expected["cohort.json"] = expected["annotations.csv"] = "not_dicom"
+    # entries that are no regular file: listed, not lost
+    (raw / "loop").symlink_to(raw)
+    (raw / "dangling.dcm").symlink_to(raw / "missing.dcm")
+    os.mkfifo(raw / "fifo.dcm")
+    (raw / os.fsdecode(b"caf\xe9.dcm")).write_bytes(files[0].read_bytes())
+    for name in ("loop", "dangling.dcm", "fifo.dcm", "caf\\xe9.dcm"):
+        expected[name] = "unusable"
     for name, change, reason in [
         ("sc.dcm", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "secondary_capture"),
         ("screen.dcm", {"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"]}, "screen_save"),
