@@ -98,7 +98,9 @@ def discover(
         for entry in entries:  # links to folders, dangling links, FIFOs, undecodable names
             if not (skip and any(s in (root / entry["path"]).parents for s in skip)):
                 unusable.append(
-                    FileResult(rel=prefix + entry["path"], reason="unusable", detail=entry["reason"])
+                    FileResult(
+                        rel=prefix + entry["path"], reason="unusable", detail=entry["reason"]
+                    )
                 )
     if not files and not (source == "luna16" and list((input_dir / "images").rglob("*.mhd"))):
         raise InputError(f"{input_dir}: no input files (DICOM under dicom/ or the folder itself)")
