@@ -58,6 +58,17 @@ def _number(ds: pydicom.Dataset, keyword: str, default: int = 0) -> int:
         return default
 
 
+def _values(ds: pydicom.Dataset, keyword: str) -> list:
+    """A multi-valued element as a list ([] if absent or unreadable)."""
+    try:
+        value = ds.get(keyword)
+    except BAD_VALUE:
+        return []
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+
+
 def scan_file(path: Path, root: Path) -> dict:
     """Read one file's header and check that it is a complete single-image DICOM slice.
 
@@ -167,6 +178,9 @@ def _header_problem(ds: pydicom.Dataset) -> str:
         return "no SeriesInstanceUID"
     if "PixelData" not in ds:
         return "no pixel data (not an image)"
+    image_type = [str(v).upper() for v in _values(ds, "ImageType")]
+    if "LOCALIZER" in image_type:
+        return "localizer (scout) image: not a slice of a volume"
     for key in ("Rows", "Columns", "BitsAllocated"):
         if key not in ds:
             return f"missing {key}"
@@ -190,6 +204,11 @@ def _header_problem(ds: pydicom.Dataset) -> str:
         )
         if len(ds.PixelData) < expected:
             return f"truncated pixel data: {len(ds.PixelData)} of {expected} bytes"
+        if len(ds.PixelData) > expected + expected % 2:  # one pad byte to even length at most
+            return (
+                f"pixel data of {len(ds.PixelData)} bytes, but Rows x Columns x frames x "
+                f"BitsAllocated need {expected}: header and data disagree"
+            )
     else:  # compressed: only decoding tells whether it is complete and whether a decoder is installed
         try:
             _ = ds.pixel_array  # decodes: raises when truncated or no decoder is installed

@@ -330,3 +330,45 @@ def make_tiny_repo_factory():
 def command_env_factory():
     """``command_env(repo)`` -> the environment for DVC and git commands in a scratch repository."""
     return command_env
+
+
+def make_tiny_package(root: Path) -> Path:
+    """A model package as export writes it, around a random tiny network (mechanics, not skill)."""
+    import torch
+
+    from ctpipe import dicomio, prep
+    from ctpipe.deploy.onnx_export import export_onnx
+    from ctpipe.model import nets
+    from stages import export
+
+    torch.manual_seed(0)
+    export_onnx(nets.build_network(TINY_NET), nets.in_channels(TINY_NET), root / "model.onnx", 18)
+    shutil.copy(root / "model.onnx", root / "model_int8.onnx")
+    write_tiny_cohort(root / "fp", n=1, seed=3)
+    manifest = dicomio.scan_folder(root / "fp")
+    ((uid, paths),) = dicomio.series_files(manifest).items()
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]
+    source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
+    plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
+    inference = {
+        "roi_size": 64,
+        "overlap": 0.5,
+        "threshold": 0.5,
+        "component_threshold": 0.5,
+        "min_candidate_mm3": 1,
+        "shape_weight": 2.0,
+        "views": ["axial", "coronal", "sagittal"],
+        "mirror_axes": [0, 1],
+        "max_spacing_factor": 2.0,
+        "min_extent_mm": 100,
+    }
+    write_json(
+        root / "input_spec.json", export.input_spec({"train_params": TINY_NET}, plan, inference)
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> Path:
+    """``make_tiny_package``: an exported package around a random tiny network, for predict."""
+    return make_tiny_package(tmp_path_factory.mktemp("pkg"))

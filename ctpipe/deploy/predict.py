@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [args.study_dir / p for p in rel]
         try:
             result = predict_series(paths, args.package, args.model, args.out_dir)
-            report[uid] = {"status": "predicted", **result}
+            report[uid] = {"status": "predicted", "files": len(rel), **result}
             log.info("series %s: %s", uid, result)
         except RefusedSeries as exc:
             report[uid] = {"status": "refused", "reason": str(exc), "files": len(rel)}
