@@ -109,3 +109,70 @@ def test_evaluate_param_reruns_only_evaluate_and_dependants(repo):
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
     # export reads evaluate's metrics (model card): it re-runs only if they changed.
     assert "evaluate" in ran and ran <= {"evaluate", "export"}, out[-2000:]
+
+
+def identifying_values(raw: Path) -> set[bytes]:
+    """What identifies the raw cohort's patients, read from its files independently of the stage:
+    names and their parts, IDs, birth dates, institutions, addresses and the original UIDs."""
+    import pydicom
+
+    keywords = (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientAddress",
+        "InstitutionName",
+        "InstitutionAddress",
+        "ReferringPhysicianName",
+        "OperatorsName",
+        "AccessionNumber",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+    )
+    values: set[str] = set()
+    for path in (raw / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in keywords:
+            value = str(ds.get(keyword, "") or "")
+            values.add(value)
+            values.update(value.replace("^", " ").replace(",", " ").split())
+    return {v.lower().encode() for v in values if len(v) >= 5}
+
+
+def test_push_carries_no_phi_and_a_clone_pulls_the_model(repo, tmp_path):
+    """A team's remote: `dvc push` sends no identifying byte, no raw or private output; a fresh
+    clone pulls the model and has nothing to re-run."""
+    remote = tmp_path / "remote"
+    sh(repo, "dvc", "remote", "add", "-d", "team", str(remote))
+    sh(repo, "git", "commit", "-qam", "team remote")
+    sh(repo, "dvc", "push")
+    pushed = [p for p in remote.rglob("*") if p.is_file()]
+    assert pushed
+    needles = identifying_values(repo / "data" / "raw")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    never = {
+        o["md5"].removesuffix(".dir")
+        for stage in ("ingest", "anonymize")
+        for o in lock[stage]["outs"]
+        if o["path"] in ("data/raw", "data/anonymize_private")
+    }
+    for path in pushed:
+        data = path.read_bytes().lower() + str(path.relative_to(remote)).lower().encode()
+        assert not [n for n in needles if n in data], path
+        assert path.parent.name + path.name.removesuffix(".dir") not in never, path
+    raw_files = {
+        __import__("hashlib").md5(p.read_bytes()).hexdigest()
+        for p in (repo / "data" / "raw").rglob("*")
+        if p.is_file()
+    }
+    assert not raw_files & {p.parent.name + p.name for p in pushed}
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True, env=ENV(repo))
+    sh(clone, "dvc", "pull", "--allow-missing")
+    assert (clone / "models" / "export" / "model.onnx").read_bytes() == (
+        repo / "models" / "export" / "model.onnx"
+    ).read_bytes()
+    assert not (clone / "data" / "raw").exists()
+    out = sh(clone, "dvc", "repro", "--allow-missing").stdout
+    assert "Running stage" not in out, out[-2000:]
