@@ -10,6 +10,7 @@ describe (origin, spacing, direction), in HU (RescaleSlope/Intercept applied).
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,7 +21,6 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 
-from ctpipe.fileio import display_path, list_files
 from ctpipe.geometry import Geometry
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,6 @@ def _number(ds: pydicom.Dataset, keyword: str, default: int = 0) -> int:
         return int(ds.get(keyword, default) or default)
     except BAD_VALUE:
         return default
-
-
-def _values(ds: pydicom.Dataset, keyword: str) -> list:
-    """A multi-valued element as a list ([] if absent or unreadable)."""
-    try:
-        value = ds.get(keyword)
-    except BAD_VALUE:
-        return []
-    if value is None or value == "":
-        return []
-    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
 
 
 def scan_file(path: Path, root: Path) -> dict:
@@ -129,6 +118,39 @@ def _geometry_problem(frames: list[dict]) -> str:
     return ""
 
 
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as text that can be written anywhere (undecodable bytes of a
+    file name shown as ``\\xNN``)."""
+    rel = os.fsencode(path.relative_to(root))
+    return rel.decode("utf-8", errors="backslashreplace")
+
+
+def list_files(root: Path) -> tuple[list[Path], list[dict]]:
+    """Files under ``root`` to scan, and records for what cannot be scanned: symbolic links to
+    folders (not followed, so no loop), dangling links, FIFOs, sockets, devices, file names that
+    are not UTF-8. A link to a regular file is followed once."""
+    files, skipped = [], []
+
+    def skip(path: Path, reason: str) -> None:
+        skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
+
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in dirs:
+            if (Path(folder) / name).is_symlink():
+                skip(Path(folder) / name, "symbolic link to a folder: not followed")
+        for name in names:
+            path = Path(folder) / name
+            if display_path(path, root) != str(path.relative_to(root)):
+                skip(path, "file name is not valid UTF-8")
+            elif path.is_symlink() and not path.exists():
+                skip(path, "dangling symbolic link")
+            elif not path.is_file():
+                skip(path, "not a regular file (FIFO, socket or device)")
+            else:
+                files.append(path)
+    return sorted(files), skipped
+
+
 def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
     """Position, orientation, spacing and rescale of every frame (single- or multi-frame file)."""
 
@@ -178,8 +200,7 @@ def _header_problem(ds: pydicom.Dataset) -> str:
         return "no SeriesInstanceUID"
     if "PixelData" not in ds:
         return "no pixel data (not an image)"
-    image_type = [str(v).upper() for v in _values(ds, "ImageType")]
-    if "LOCALIZER" in image_type:
+    if "LOCALIZER" in _text(ds, "ImageType").upper():
         return "localizer (scout) image: not a slice of a volume"
     for key in ("Rows", "Columns", "BitsAllocated"):
         if key not in ds:
@@ -304,14 +325,10 @@ def _series_problem(recs, modalities, min_slices, tolerance) -> str:
                 continue
             if prev is rec or len(rec["frames"]) > 1:
                 return f"two frames at position {pos:.2f} mm in {rec['path']}"
-            same = (
-                "same SOPInstanceUID"
-                if rec["sop_uid"] == prev["sop_uid"]
-                else "another SOPInstanceUID"
-            )
+            same = "same" if rec["sop_uid"] == prev["sop_uid"] else "another"
             rec.update(
                 status="skipped",
-                reason=f"duplicate slice: same position as {prev['path']} ({same})",
+                reason=f"duplicate slice: same position as {prev['path']} ({same} SOPInstanceUID)",
             )
             break
         if rec["status"] == "ok":
@@ -367,14 +384,8 @@ def read_series(
         iop = np.array(frames[0]["iop"])
         normal = np.cross(iop[:3], iop[3:])
         for f, px in zip(frames, pixels):
-            slope, intercept = f["rescale"]
-            slices.append(
-                (
-                    float(np.dot(f["ipp"], normal)),
-                    np.array(f["ipp"]),
-                    px.astype(np.float32) * slope + intercept,
-                )
-            )
+            hu = px.astype(np.float32) * f["rescale"][0] + f["rescale"][1]
+            slices.append((float(np.dot(f["ipp"], normal)), np.array(f["ipp"]), hu))
     slices.sort(key=lambda t: t[0])
     iop = np.array(first_geom["iop"])
     row_dir, col_dir = iop[:3], iop[3:]

@@ -77,36 +77,3 @@ def rounded(metrics: dict[str, Any], ndigits: int = 4) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def display_path(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` as text that can be written anywhere (undecodable bytes of a
-    file name shown as ``\\xNN``)."""
-    rel = os.fsencode(path.relative_to(root))
-    return rel.decode("utf-8", errors="backslashreplace")
-
-
-def list_files(root: Path) -> tuple[list[Path], list[dict]]:
-    """Files under ``root`` to scan, and records for what cannot be scanned: symbolic links to
-    folders (not followed, so no loop), dangling links, FIFOs, sockets, devices, file names that
-    are not UTF-8. A link to a regular file is followed once."""
-    files, skipped = [], []
-
-    def skip(path: Path, reason: str) -> None:
-        skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
-
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        for name in dirs:
-            if (Path(folder) / name).is_symlink():
-                skip(Path(folder) / name, "symbolic link to a folder: not followed")
-        for name in names:
-            path = Path(folder) / name
-            if display_path(path, root) != str(path.relative_to(root)):
-                skip(path, "file name is not valid UTF-8")
-            elif path.is_symlink() and not path.exists():
-                skip(path, "dangling symbolic link")
-            elif not path.is_file():
-                skip(path, "not a regular file (FIFO, socket or device)")
-            else:
-                files.append(path)
-    return sorted(files), skipped

@@ -36,7 +36,8 @@ from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
 from ctpipe.deid.verify import Evidence
-from ctpipe.fileio import list_files, read_json, rounded, write_csv, write_json
+from ctpipe.dicomio import list_files
+from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.params import setup_logging, stage_params
 from ctpipe.runenv import record as record_environment
 
