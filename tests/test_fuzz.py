@@ -41,7 +41,7 @@ def run(args: list, env: dict | None = None) -> subprocess.CompletedProcess:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         timeout=900,
     )
 
