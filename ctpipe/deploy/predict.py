@@ -289,22 +289,20 @@ def unused_files(manifest) -> tuple[dict[str, dict], list[dict]]:
     return series, files
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    accepted = read_json(args.package / "input_spec.json").get("accepted_input", {})
-    manifest = dicomio.scan_folder(
-        args.study_dir, modalities=tuple(accepted.get("modalities", ["CT"]))
-    )
+def predict_study(study_dir: Path, package: Path, model: str, out_dir: Path) -> dict:
+    """Every series of ``study_dir``: predicted into ``out_dir/<SeriesInstanceUID>/``, or skipped,
+    refused or failed with its reason; returns the summary (also ``out_dir/summary.json``)."""
+    accepted = read_json(package / "input_spec.json").get("accepted_input", {})
+    manifest = dicomio.scan_folder(study_dir, modalities=tuple(accepted.get("modalities", ["CT"])))
     report, files = unused_files(manifest)
     for uid, entry in report.items():
         log.warning("series %s skipped: %s", uid, entry["reason"])
     for entry in files:
         log.warning("not used: %s: %s", entry["path"], entry["reason"])
     for uid, rel in dicomio.series_files(manifest).items():
-        paths = [args.study_dir / p for p in rel]
+        paths = [study_dir / p for p in rel]
         try:
-            result = predict_series(paths, args.package, args.model, args.out_dir)
+            result = predict_series(paths, package, model, out_dir)
             report[uid] = {"status": "predicted", "files": len(rel), **result}
             log.info("series %s: %s", uid, result)
         except RefusedSeries as exc:
@@ -319,18 +317,25 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("series %s failed", uid)
     predicted = sum(e["status"] == "predicted" for e in report.values())
     summary = {
-        "study_dir": str(args.study_dir),
-        "model": args.model,
+        "study_dir": str(study_dir),
+        "model": model,
         "predicted": predicted,
         "series": dict(sorted(report.items())),
         "unused_files": files,
     }
-    write_json(args.out_dir / "summary.json", summary)
-    if not predicted:
+    write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = predict_study(args.study_dir, args.package, args.model, args.out_dir)
+    if not summary["predicted"]:
         log.error(
             "%s: no series predicted (reasons in %s)", args.study_dir, args.out_dir / "summary.json"
         )
-    return 0 if predicted else 2
+    return 0 if summary["predicted"] else 2
 
 
 if __name__ == "__main__":

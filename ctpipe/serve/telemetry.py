@@ -1,0 +1,51 @@
+"""Prometheus metrics of one server, and names for logs that carry no PHI."""
+
+from __future__ import annotations
+
+import hashlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+
+def tag(uid: str) -> str:
+    """A UID as logs show it: a short hash, never the UID (UIDs can be traced back to patients)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+class Metrics:
+    """The server's metrics in a registry of its own (one per server; tests run several)."""
+
+    def __init__(self, model_version: str) -> None:
+        self.registry = CollectorRegistry()
+        label = {"model_version": model_version}
+        self.model = Info("ctpipe_model", "The exported package served", registry=self.registry)
+        self.model.info(label)
+        self.instances = Counter(
+            "ctpipe_instances_received",
+            "DICOM instances received, by protocol and outcome",
+            ["protocol", "outcome"],
+            registry=self.registry,
+        )
+        self.jobs = Counter(
+            "ctpipe_jobs",
+            "Finished jobs (one per received series), by outcome",
+            ["outcome", "model_version"],
+            registry=self.registry,
+        )
+        self.sends = Counter(
+            "ctpipe_result_sends",
+            "Attempts to send results to the destination, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "ctpipe_queue_depth", "Jobs queued or running", registry=self.registry
+        )
+        self.inference = Histogram(
+            "ctpipe_inference_seconds",
+            "Seconds of predict per job",
+            ["model_version"],
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.version = model_version
