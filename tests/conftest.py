@@ -372,3 +372,57 @@ def make_tiny_package(root: Path) -> Path:
 def tiny_package(tmp_path_factory) -> Path:
     """``make_tiny_package``: an exported package around a random tiny network, for predict."""
     return make_tiny_package(tmp_path_factory.mktemp("pkg"))
+
+
+def make_density_package(root: Path, tiny: Path, threshold: float = 0.5) -> Path:
+    """``tiny`` with a model that needs no training and always finds something: the foreground
+    logit is ``8 * (centre channel - threshold)`` (dense tissue: nodules, vessels, the body wall)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shutil.copytree(tiny, root)
+    c = TINY_NET["context_slices"]
+    consts = {
+        "starts": [c],
+        "ends": [c + 1],
+        "axes": [1],
+    }
+    nodes = [
+        helper.make_node(
+            "Constant", [], [k], value=helper.make_tensor(k, TensorProto.INT64, [1], v)
+        )
+        for k, v in consts.items()
+    ]
+    nodes += [
+        helper.make_node(
+            "Constant", [], ["t"], value=helper.make_tensor("t", TensorProto.FLOAT, [], [threshold])
+        ),
+        helper.make_node(
+            "Constant", [], ["k"], value=helper.make_tensor("k", TensorProto.FLOAT, [], [8.0])
+        ),
+        helper.make_node(
+            "Constant", [], ["z"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])
+        ),
+        helper.make_node("Slice", ["input", "starts", "ends", "axes"], ["centre"]),
+        helper.make_node("Sub", ["centre", "t"], ["shifted"]),
+        helper.make_node("Mul", ["shifted", "k"], ["fg"]),
+        helper.make_node("Mul", ["centre", "z"], ["bg"]),
+        helper.make_node("Concat", ["bg", "fg"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "density",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2 * c + 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    for name in ("model.onnx", "model_int8.onnx"):
+        onnx.save(model, root / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def density_package(tmp_path_factory, tiny_package) -> Path:
+    """``make_density_package``: a package whose predictions are never empty (serve, Orthanc)."""
+    return make_density_package(tmp_path_factory.mktemp("density") / "pkg", tiny_package)
