@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint format review dag
+.PHONY: setup repro test test-fast lint format review dag serve
 
 # The venv is (re)installed only when requirements.txt or pyproject.toml changed.
 $(STAMP): requirements.txt pyproject.toml
@@ -25,6 +25,10 @@ test: setup
 
 test-fast: setup
 	python -m pytest -m "not slow"
+
+# The DICOM node next to the PACS (serve.yaml; the token from $$CTPIPE_SERVE_TOKEN): docs/serving.md
+serve: setup
+	python -m ctpipe.serve --config serve.yaml
 
 # What CI checks before the tests: ruff's lint rules and formatting (pyproject.toml [tool.ruff]).
 LINTED := ctpipe stages scripts benchmarks tests

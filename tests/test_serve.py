@@ -137,6 +137,19 @@ def test_echo_only_for_allowed_callers(node):
     assert not associate(cfg, calling="STRANGER").is_established
 
 
+def test_an_allowed_ae_title_from_another_host_is_refused(tmp_path, tiny_package):
+    cfg = make_cfg(tmp_path, tiny_package, None)
+    cfg["dicom"]["allowed_callers"] = [{"ae_title": "PACS", "host": "10.11.12.13"}]
+    spool = Spool(Path(cfg["spool_dir"]), 1, 1 << 20)
+    scp = StoreSCP(cfg, spool, Metrics("x"))
+    scp.start()
+    try:
+        assoc = associate(cfg)  # from 127.0.0.1
+        assert not assoc.is_established  # rejected: the requestor sees the association end
+    finally:
+        scp.shutdown()
+
+
 def test_c_store_series_becomes_a_job_and_seg_and_sr_come_back(node, study):
     cfg, spool, client, receiver = node
     assoc = associate(cfg)

@@ -136,6 +136,11 @@ def test_sigkill_while_receiving_and_while_predicting_loses_and_duplicates_nothi
         assert record["status"] == "predicted" and record["instances"] == len(files)
         time.sleep(2)  # anything sent twice would arrive now
         assert len(received) == 2 and len(set(received)) == 2  # one SEG, one SR
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        log = (tmp_path / "serve.log").read_text()
+        for value in (source.SeriesInstanceUID, source.StudyInstanceUID, source.PatientID):
+            assert value not in log  # logs carry hashed UIDs and no identity
+        assert source.PatientName.family_name not in log
     finally:
         if proc.poll() is None:
             kill(proc)

@@ -57,12 +57,13 @@ class StoreSCP:
             self.server.shutdown()
 
     def on_request(self, event) -> None:
-        """Refuse a known AE title calling from a host it is not allowed from."""
-        caller = event.assoc.requestor
-        host = self.allowed.get(str(caller.ae_title).strip())
-        if host and caller.address != host:
-            log.warning("association from %s refused: host not allowed", caller.address)
-            event.assoc.abort()
+        """Reject (A-ASSOCIATE-RJ, calling AE not recognised) an allowed AE title calling from a
+        host it is not allowed from; unknown AE titles are rejected by pynetdicom itself."""
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        host = self.allowed.get(calling)
+        if host and event.assoc.requestor.address != host:
+            log.warning("association refused: AE title from a host it is not allowed from")
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
     def on_store(self, event) -> int:
         try:
