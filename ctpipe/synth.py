@@ -48,6 +48,7 @@ class SyntheticCase:
     nodules: list[Nodule]
     anatomy: dict
     hu: np.ndarray | None = None
+    kernel: str | None = None  # ConvolutionKernel written when set (cfg key ``kernel``)
 
 
 def make_geometry(rng: np.random.Generator, cfg: dict, oblique: bool) -> tuple[Geometry, tuple]:
@@ -216,7 +217,9 @@ def make_case(seed: int, index: int, cfg: dict, oblique: bool = False) -> Synthe
     anatomy = make_anatomy(rng, float(centre[2]), cfg)
     nodules = make_nodules(rng, anatomy, cfg)
     case = SyntheticCase(index, phi, geom, shape, nodules, anatomy)
-    case.hu = render(case, rng, cfg)
+    # Optional shifts (a drifted cohort for monitoring tests; absent from params.yaml: no change).
+    case.hu = render(case, rng, cfg) + float(cfg.get("hu_offset", 0.0))
+    case.kernel = cfg.get("kernel")
     return case
 
 
@@ -251,6 +254,8 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
         ds.PixelSpacing = [f"{geom.spacing[1]:.6f}", f"{geom.spacing[0]:.6f}"]
         ds.SliceThickness = f"{geom.spacing[2]:.4f}"
         ds.KVP, ds.XRayTubeCurrent = "120", 80
+        if case.kernel:
+            ds.ConvolutionKernel = case.kernel
         ds.Rows, ds.Columns = case.shape_kji[1], case.shape_kji[2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15

@@ -7,6 +7,7 @@ inference with Gaussian blending over the views and mirrored passes the spec nam
 ``OUT_DIR/<SeriesInstanceUID>/``:
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
+    record.json   acquisition, intensity and output features, no PHI (ctpipe.monitor's input)
     seg.dcm       the same mask as a DICOM Segmentation (highdicom) referencing the source series
     sr.dcm        the nodules as a DICOM SR (Comprehensive 3D SR, TID 1500 measurement report):
                   per nodule its centre, diameter, volume and score, referencing seg.dcm
@@ -31,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,8 @@ from ctpipe.deploy import report
 from ctpipe.fileio import read_json, write_csv, write_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import mean_over_views, slab_by_slab
+from ctpipe.monitor.record import append as append_record
+from ctpipe.monitor.record import series_record
 from ctpipe.postprocessing.candidates import find_nodules
 
 log = logging.getLogger("predict")
@@ -202,6 +206,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     """
     import onnxruntime as ort
 
+    start = time.perf_counter()
     spec = read_json(package / "input_spec.json")
     pre, inf, post = spec["preprocessing"], spec["inference"], spec["postprocessing"]
     sources = [pydicom.dcmread(p) for p in paths]
@@ -247,6 +252,10 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         write_seg(tmp / "seg.dcm", headers, mask)
         report.write_sr(tmp / "sr.dcm", headers, pydicom.dcmread(tmp / "seg.dcm"), nodules)
         write_csv(tmp / "nodules.csv", nodules.round(3))
+        record = series_record(
+            sources[0], hu, geom.spacing, nodules, time.perf_counter() - start, model
+        )
+        write_json(tmp / "record.json", record)  # no PHI: ctpipe.monitor's input
         os.chmod(tmp, 0o755)
         if (out / uid).exists():
             shutil.rmtree(out / uid)
@@ -270,6 +279,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--package", type=Path, default=Path("models/export"), help="exported model package"
     )
+    parser.add_argument(
+        "--records", type=Path, help="also append each series' record.json here (ctpipe.monitor)"
+    )
     return parser.parse_args(argv)
 
 
@@ -289,9 +301,12 @@ def unused_files(manifest) -> tuple[dict[str, dict], list[dict]]:
     return series, files
 
 
-def predict_study(study_dir: Path, package: Path, model: str, out_dir: Path) -> dict:
+def predict_study(
+    study_dir: Path, package: Path, model: str, out_dir: Path, records_dir: Path | None = None
+) -> dict:
     """Every series of ``study_dir``: predicted into ``out_dir/<SeriesInstanceUID>/``, or skipped,
-    refused or failed with its reason; returns the summary (also ``out_dir/summary.json``)."""
+    refused or failed with its reason; returns the summary (also ``out_dir/summary.json``). Each
+    predicted series' ``record.json`` is also appended to ``records_dir`` (drift monitoring)."""
     accepted = read_json(package / "input_spec.json").get("accepted_input", {})
     manifest = dicomio.scan_folder(study_dir, modalities=tuple(accepted.get("modalities", ["CT"])))
     report, files = unused_files(manifest)
@@ -304,6 +319,8 @@ def predict_study(study_dir: Path, package: Path, model: str, out_dir: Path) -> 
         try:
             result = predict_series(paths, package, model, out_dir)
             report[uid] = {"status": "predicted", "files": len(rel), **result}
+            if records_dir is not None:
+                append_record(records_dir, read_json(out_dir / uid / "record.json"))
             log.info("series %s: %s", uid, result)
         except RefusedSeries as exc:
             report[uid] = {"status": "refused", "reason": str(exc), "files": len(rel)}
@@ -330,7 +347,7 @@ def predict_study(study_dir: Path, package: Path, model: str, out_dir: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = predict_study(args.study_dir, args.package, args.model, args.out_dir)
+    summary = predict_study(args.study_dir, args.package, args.model, args.out_dir, args.records)
     if not summary["predicted"]:
         log.error(
             "%s: no series predicted (reasons in %s)", args.study_dir, args.out_dir / "summary.json"

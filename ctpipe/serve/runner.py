@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 from ctpipe.deploy.predict import predict_study
+from ctpipe.monitor import drift
+from ctpipe.monitor import record as series_records
 from ctpipe.serve.send import SendError, send
 from ctpipe.serve.spool import Spool
 from ctpipe.serve.telemetry import Metrics
@@ -23,6 +25,16 @@ class Runner:
         self.package = Path(cfg["package"])
         self.destination = cfg.get("destination", {"kind": "none"})
         self.retry = cfg.get("retry", {"first_seconds": 2, "max_seconds": 300})
+        self.records = Path(cfg.get("records_dir") or Path(cfg["spool_dir"]) / "records")
+        self.records.mkdir(parents=True, exist_ok=True)
+        monitor = cfg.get("monitor", {})
+        reference = Path(monitor.get("reference") or "")
+        self.reference = (
+            series_records.load(reference) + series_records.load_outputs(reference)
+            if reference.is_file()
+            else None
+        )
+        self.window, self.alpha = int(monitor.get("window", 200)), float(monitor.get("alpha", 0.01))
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
 
@@ -89,7 +101,16 @@ class Runner:
         self.metrics.jobs.labels(status, self.metrics.version).inc()
         self.metrics.inference.labels(self.metrics.version).observe(seconds)
         log.info("job %s %s in %.1f s %s", record["id"], status, seconds, reason)
+        self.check_drift()
         return True
+
+    def check_drift(self) -> None:
+        """Drift of the newest records against the training reference, as Prometheus gauges."""
+        if self.reference is None:
+            return
+        window = series_records.load(self.records)[-self.window :]
+        if window:
+            self.metrics.update_drift(drift.compare(self.reference, window, self.alpha), window[-1])
 
     def deliver(self) -> bool:
         if self.destination.get("kind", "none") == "none":

@@ -48,4 +48,30 @@ class Metrics:
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
             registry=self.registry,
         )
+        self.drift = Gauge(
+            "ctpipe_drift",
+            "1 when the feature of the recent records drifts from the training reference",
+            ["feature"],
+            registry=self.registry,
+        )
+        self.drift_p = Gauge(
+            "ctpipe_drift_p_value",
+            "p-value of the feature's drift test (ctpipe.monitor)",
+            ["feature"],
+            registry=self.registry,
+        )
+        self.latest = Gauge(
+            "ctpipe_latest_feature",
+            "The feature's value in the latest series record",
+            ["feature"],
+            registry=self.registry,
+        )
         self.version = model_version
+
+    def update_drift(self, results: list[dict], latest: dict) -> None:
+        for result in results:
+            self.drift.labels(result["feature"]).set(float(result["drift"]))
+            self.drift_p.labels(result["feature"]).set(result["p_value"])
+        for feature, value in latest.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.latest.labels(feature).set(value)
