@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,8 +71,13 @@ class Destination:
         return max(kinds.values()) if {"SEG", "SR"} <= set(kinds) else None
 
 
-def write_studies(out: Path, n: int) -> list[tuple[str, list[Path]]]:
+# --shift: a scanner change the drift monitor should see (thin slices, an offset, another kernel)
+SHIFT = {"slice_spacing_mm": [1.25], "hu_offset": 40.0, "kernel": "B70f"}
+
+
+def write_studies(out: Path, n: int, shift: bool) -> list[tuple[str, list[Path]]]:
     cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["ingest"]["synthetic"]
+    cfg = {**cfg, **SHIFT} if shift else cfg
     studies = []
     for i in range(n):
         synth.write_case(out, 900, i, cfg)
@@ -243,10 +249,12 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=4, help="studies sent at the same time")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for results")
     parser.add_argument("--no-baseline", action="store_true", help="skip the predict folder loop")
+    parser.add_argument("--shift", action="store_true", help=f"studies shifted by {SHIFT}")
+    parser.add_argument("--records", type=Path, help="copy serve's series records here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        studies = write_studies(tmp / "studies", args.studies)
+        studies = write_studies(tmp / "studies", args.studies, args.shift)
         print(f"{len(studies)} studies of {len(studies[0][1])} slices ({args.model})", flush=True)
         # The loop first: its peak memory is read from the finished children, before serve's.
         loop = None if args.no_baseline else run_folder_loop(args, tmp, studies)
@@ -254,13 +262,16 @@ def main() -> None:
             print(f"predict folder loop: {loop}", flush=True)
         node = run_node(args, tmp, studies)
         print(f"ctpipe.serve: {node}", flush=True)
+        if args.records:  # the series records serve wrote: python -m ctpipe.monitor's input
+            shutil.copytree(tmp / "spool" / "records", args.records, dirs_exist_ok=True)
     result = {
         "node": node,
         "predict_folder_loop": loop,
         "model": args.model,
         "cpus": os.cpu_count(),
     }
-    write_json(ROOT / "metrics" / "bench_serve.json", result)
+    name = "bench_serve_shifted.json" if args.shift else "bench_serve.json"
+    write_json(ROOT / "metrics" / name, {**result, "shift": SHIFT if args.shift else None})
     print(f"{'':22}{'studies/min':>12}{'p50 s':>8}{'p95 s':>8}{'peak MB':>9}{'failures':>9}")
     print(
         f"{'serve (C-STORE+STOW)':22}{node['studies_per_min']:>12}{node['latency_p50_s']!s:>8}"

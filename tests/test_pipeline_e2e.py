@@ -1,5 +1,5 @@
 """End to end: the real DVC commands on the real dvc.yaml, with tiny params, in a temporary git
-repository: `dvc repro` (all eight stages), a second `dvc repro` doing nothing,
+repository: `dvc repro` (all nine stages), a second `dvc repro` doing nothing,
 `dvc exp run -S`, `dvc exp show` and `dvc metrics diff`."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ STAGES = [
     "postprocess",
     "evaluate",
     "quantize",
+    "monitor_reference",
     "export",
 ]
 
@@ -109,7 +110,7 @@ def test_evaluate_param_reruns_only_evaluate_and_dependants(repo):
     out = sh(repo, "dvc", "exp", "run", "-S", "evaluate.bootstrap=30").stdout
     ran = {stage for stage in STAGES if f"Running stage '{stage}'" in out}
     # export reads evaluate's metrics (model card): it re-runs only if they changed.
-    assert "evaluate" in ran and ran <= {"evaluate", "export"}, out[-2000:]
+    assert "evaluate" in ran and ran <= {"evaluate", "monitor_reference", "export"}, out[-2000:]
 
 
 def identifying_values(raw: Path) -> set[bytes]:

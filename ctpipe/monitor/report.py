@@ -48,6 +48,37 @@ def plot(result: dict, reference: list[dict], window: list[dict], path: Path) ->
     plt.close(fig)
 
 
+def overview(results: list[dict], reference: list[dict], window: list[dict], path: Path) -> None:
+    """Every numeric feature at a glance: reference (grey) and window (colour) distributions,
+    drifting ones titled in red."""
+    numeric = [r for r in results if r["kind"] == "numeric"][:16]
+    if not numeric:
+        return
+    cols = 4
+    rows = -(-len(numeric) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.3 * rows), dpi=100, squeeze=False)
+    for ax, r in zip(axes.ravel(), numeric):
+        a = np.asarray(values(reference, r["feature"]), float)
+        b = np.asarray(values(window, r["feature"]), float)
+        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 20)
+        ax.hist(a, bins, density=True, color="0.6", alpha=0.7)
+        ax.hist(b, bins, density=True, color="tab:blue", alpha=0.55)
+        ax.set_title(
+            f"{r['feature']} (p={r['p_value']:.0e})",
+            fontsize=8,
+            color="tab:red" if r["drift"] else "black",
+        )
+        ax.tick_params(labelsize=6)
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(numeric) :]:
+        ax.axis("off")
+    fig.suptitle("reference (grey) vs window (blue); red: drifting", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def size_of(result: dict) -> str:
     if result["kind"] == "numeric":
         median = f"median {result['reference_median']:.3g} -> {result['window_median']:.3g}"
@@ -85,6 +116,9 @@ def write(
         lines.append(
             f"| {r['feature']} | {r['test']} | {r['p_value']:.2e} | {size_of(r)} | {flag} |"
         )
+    overview(results, reference, window, out / "overview.png")
+    if results:
+        lines += ["", "![every numeric feature](overview.png)"]
     for r in drifting:
         plot(r, reference, window, out / f"{r['feature']}.png")
         lines += ["", f"## {r['feature']}", "", f"![{r['feature']}]({r['feature']}.png)"]
