@@ -166,6 +166,7 @@ def test_c_store_series_becomes_a_job_and_seg_and_sr_come_back(node, study):
         assert ds.StudyInstanceUID == source.StudyInstanceUID  # results land in the same study
     seg = next(ds for ds in receiver.received if ds.Modality == "SEG")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert len(list((Path(cfg["spool_dir"]) / "records").glob("*.json"))) == 1  # for the monitor
     jobs = client.get("/jobs", headers=auth()).json()
     assert [j["status"] for j in jobs] == ["predicted"] and jobs[0]["send"] == "sent"
     text = client.get("/metrics", headers=auth()).text

@@ -79,7 +79,7 @@ class Runner:
         start = time.perf_counter()
         try:
             summary = predict_study(
-                folder / "input", self.package, self.cfg["model"], folder / "out"
+                folder / "input", self.package, self.cfg["model"], folder / "out", self.records
             )
             series = list(summary["series"].values())
             if summary["predicted"]:
