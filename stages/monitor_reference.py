@@ -3,10 +3,11 @@
 In:  ANONYMIZED_DIR (``data/anonymized``: the DICOM series in HU), PROCESSED_DIR
      (``data/processed``: ``index.json`` names each case's series and split), EVALUATE_DIR
      (``metrics/evaluate``: ``candidates.csv``, the test split's detections).
-Out: OUT (``models/monitor_reference.json``): ``records``, the input features of every train and
-     val series (``ctpipe.monitor.record.input_features``: the same definitions predict and serve
-     record), and ``outputs``, the output features of every test series (candidates kept, best
-     score, total volume), the reference of ``python -m ctpipe.monitor``.
+Out: OUT (``models/monitor_reference.json``): ``records``, the input features of every series of
+     the splits ``monitor_reference.splits`` (train, val) with the definitions predict and serve
+     record (``ctpipe.monitor.record.input_features``), and ``outputs``, the output features of
+     every test series (candidates kept, best score, total volume): the reference of
+     ``python -m ctpipe.monitor``. ``--metrics``: the series counted and the seconds taken.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +25,8 @@ from tqdm import tqdm
 from ctpipe import dicomio
 from ctpipe.fileio import read_json, write_json
 from ctpipe.monitor.record import input_features, output_features
-from ctpipe.params import setup_logging
+from ctpipe.params import setup_logging, stage_params
+from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("monitor_reference")
 
@@ -60,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("processed_dir", type=Path)
     parser.add_argument("evaluate_dir", type=Path)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/monitor_reference.json"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    start = time.perf_counter()
+    record_environment("monitor_reference", args.metrics.parent / "env")
+    cfg, _seed = stage_params("monitor_reference", args.params)
     cases = read_json(args.processed_dir / "index.json")["cases"]
-    training = [c for c in cases if c["split"] in ("train", "val")]
+    training = [c for c in cases if c["split"] in set(cfg["splits"])]
     test = [c for c in cases if c["split"] == "test"]
     records = input_records(training, series_folders(args.anonymized_dir))
     outputs = output_records(test, pd.read_csv(args.evaluate_dir / "candidates.csv"))
@@ -75,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     log.info("reference: %d train/val series, %d test outputs", len(records), len(outputs))
+    write_json(
+        args.metrics,
+        {
+            "train_val_series": len(records),
+            "test_series": len(outputs),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+    )
     return 0
 
 
