@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pydicom
-
 from ctpipe import synth
 from ctpipe.fileio import write_json
 from ctpipe.monitor import drift
-from ctpipe.monitor.record import input_features
+from ctpipe.monitor.record import synthetic_features
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -47,15 +45,7 @@ SHIFTS = {
 
 
 def records(cfg: dict, seed: int, n: int) -> list[dict]:
-    out = []
-    for index in range(n):
-        case = synth.make_case(seed, index, cfg)
-        header = pydicom.Dataset()
-        header.KVP, header.Manufacturer = "120", "SYNTHETIC"
-        if case.kernel:
-            header.ConvolutionKernel = case.kernel
-        out.append(input_features(header, case.hu, case.geometry.spacing))
-    return out
+    return [synthetic_features(synth.make_case(seed, index, cfg)) for index in range(n)]
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from ctpipe import synth
 from ctpipe.monitor import drift
-from ctpipe.monitor.record import input_features
+from ctpipe.monitor.record import synthetic_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(5)
@@ -23,15 +23,7 @@ SHIFT = {"slice_spacing_mm": [2.5], "noise_hu": 35, "hu_offset": 40.0, "kernel":
 
 
 def records(cfg: dict, seed: int, n: int) -> list[dict]:
-    out = []
-    for index in range(n):
-        case = synth.make_case(seed, index, cfg)
-        header = pydicom.Dataset()
-        header.KVP, header.Manufacturer = "120", "SYNTHETIC"
-        if case.kernel:
-            header.ConvolutionKernel = case.kernel
-        out.append(input_features(header, case.hu, case.geometry.spacing))
-    return out
+    return [synthetic_features(synth.make_case(seed, index, cfg)) for index in range(n)]
 
 
 @pytest.fixture(scope="module")

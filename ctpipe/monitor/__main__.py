@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # input features of the training series and output features of the test split, one list:
     # each feature is compared where it has values
     reference = record.load(args.reference) + record.load_outputs(args.reference)
-    window = record.load(args.records)[-args.window :]
+    window = record.load(args.records, newest=args.window)
     results = drift.compare(reference, window, args.alpha)
     summary = report.write(
         args.out,

@@ -85,6 +85,16 @@ def input_features(first: pydicom.Dataset, hu: np.ndarray, spacing) -> dict:
     return out
 
 
+def synthetic_features(case) -> dict:
+    """Input features of a case of :mod:`ctpipe.synth` (in memory, no DICOM round trip): the
+    header the generator writes (kVp 120, manufacturer SYNTHETIC, the kernel when set)."""
+    header = pydicom.Dataset()
+    header.KVP, header.Manufacturer = "120", "SYNTHETIC"
+    if case.kernel:
+        header.ConvolutionKernel = case.kernel
+    return input_features(header, case.hu, case.geometry.spacing)
+
+
 def output_features(nodules: pd.DataFrame | None, seconds: float | None) -> dict:
     """What the model said: candidates kept, their best score, their total volume."""
     if nodules is None:
@@ -124,12 +134,14 @@ def load_outputs(reference: Path) -> list[dict]:
     return list(json.loads(Path(reference).read_text()).get("outputs", []))
 
 
-def load(folder_or_file: Path) -> list[dict]:
-    """Records of a folder (oldest first), or the ``records`` list of a reference JSON."""
+def load(folder_or_file: Path, newest: int | None = None) -> list[dict]:
+    """Records of a folder (oldest first; only the ``newest`` ones are read when given), or the
+    ``records`` list of a reference JSON."""
     import json
 
     path = Path(folder_or_file)
     if path.is_dir():
-        return [json.loads(p.read_text()) for p in sorted(path.glob("*.json"))]
+        files = sorted(path.glob("*.json"))  # names start with the time in ns
+        return [json.loads(p.read_text()) for p in files[-newest if newest else 0 :]]
     data = json.loads(path.read_text())
     return list(data["records"] if isinstance(data, dict) else data)

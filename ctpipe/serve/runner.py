@@ -108,7 +108,7 @@ class Runner:
         """Drift of the newest records against the training reference, as Prometheus gauges."""
         if self.reference is None:
             return
-        window = series_records.load(self.records)[-self.window :]
+        window = series_records.load(self.records, newest=self.window)
         if window:
             self.metrics.update_drift(drift.compare(self.reference, window, self.alpha), window[-1])
 
