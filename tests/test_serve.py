@@ -300,3 +300,17 @@ def test_failed_sends_are_retried_until_they_succeed(tmp_path, tiny_package, stu
         back.server.shutdown()
     finally:
         runner.shutdown()
+
+
+def test_study_size_counts_what_is_still_incoming(tmp_path, study):
+    spool = Spool(tmp_path / "spool", quiet_seconds=0, max_study_bytes=1 << 30)
+    ds = pydicom.dcmread(study[0], stop_before_pixels=True)
+    ids = (ds.StudyInstanceUID, ds.SeriesInstanceUID)
+    sizes = [p.stat().st_size for p in study[:3]]
+    for path in study[:3]:
+        spool.receive(path.read_bytes(), *ids, pydicom.dcmread(path).SOPInstanceUID)
+    spool.receive(study[0].read_bytes(), *ids, pydicom.dcmread(study[0]).SOPInstanceUID)  # again
+    assert spool.study_bytes(ids[0]) == sum(sizes)
+    assert Spool(tmp_path / "spool", 0, 1 << 30).study_bytes(ids[0]) == sum(sizes)  # a restart
+    spool.make_job(spool.complete_series(now=time.time() + 1)[0])
+    assert spool.study_bytes(ids[0]) == 0

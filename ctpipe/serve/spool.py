@@ -43,6 +43,7 @@ class Spool:
         self.quiet = float(quiet_seconds)
         self.max_study = int(max_study_bytes)
         self.lock = threading.Lock()  # receive vs. the move of a series into a job
+        self._bytes: dict[str, int] = {}  # study -> bytes in incoming (read from disk once)
 
     # -- receiving ---------------------------------------------------------------------------
     def receive(self, data: bytes, study: str, series: str, sop: str) -> None:
@@ -60,11 +61,19 @@ class Spool:
             os.fsync(f.fileno())
         with self.lock:
             folder.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, folder / f"{sop}.dcm")
+            target = folder / f"{sop}.dcm"
+            before = target.stat().st_size if target.exists() else 0  # the same SOP again
+            os.replace(tmp, target)
+            self._bytes[study] = self.study_bytes(study) + len(data) - before
 
     def study_bytes(self, study: str) -> int:
-        folder = self.incoming / study
-        return sum(p.stat().st_size for p in folder.rglob("*.dcm")) if folder.is_dir() else 0
+        """Bytes of the study in ``incoming`` (kept in memory; counted on disk the first time,
+        so a restart starts from what is there)."""
+        if study not in self._bytes:
+            folder = self.incoming / study
+            found = folder.rglob("*.dcm") if folder.is_dir() else []
+            self._bytes[study] = sum(p.stat().st_size for p in found)
+        return self._bytes[study]
 
     def complete_series(self, now: float | None = None) -> list[Path]:
         """Incoming series folders quiet for ``quiet_seconds``."""
@@ -83,7 +92,11 @@ class Spool:
         folder = self.jobs / job_id
         folder.mkdir()
         with self.lock:
+            study = series.parent.name
+            current = self.study_bytes(study)  # counted before the move
+            moved = sum(p.stat().st_size for p in series.glob("*.dcm"))
             os.rename(series, folder / "input")
+            self._bytes[study] = max(0, current - moved)
             try:
                 series.parent.rmdir()  # the study folder, when this was its last series
             except OSError:
