@@ -314,3 +314,11 @@ def test_study_size_counts_what_is_still_incoming(tmp_path, study):
     assert Spool(tmp_path / "spool", 0, 1 << 30).study_bytes(ids[0]) == sum(sizes)  # a restart
     spool.make_job(spool.complete_series(now=time.time() + 1)[0])
     assert spool.study_bytes(ids[0]) == 0
+
+
+def test_stray_files_in_the_spool_do_not_stop_a_restart(tmp_path):
+    spool = Spool(tmp_path / "spool", quiet_seconds=0, max_study_bytes=1 << 20)
+    (spool.jobs / ".probe").write_bytes(b"")  # a readiness probe killed before its unlink
+    (spool.incoming / "stray.txt").write_text("not a study folder")
+    assert spool.recover()["removed"] == 0 and spool.complete_series() == []
+    assert (spool.jobs / ".probe").exists()

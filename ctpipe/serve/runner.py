@@ -41,6 +41,7 @@ class Runner:
     def start(self) -> None:
         recovered = self.spool.recover()
         log.info("spool recovered: %s", recovered)
+        self.metrics.queue_depth.set(self.spool.depth())
         loops = [self.schedule, self.deliver] + [self.work] * int(self.cfg["workers"])
         for i, loop in enumerate(loops):
             thread = threading.Thread(target=self._forever, args=(loop,), name=f"ctpipe-{i}")
@@ -60,8 +61,9 @@ class Runner:
             except Exception:  # noqa: BLE001 - a loop never dies; the job records say why
                 log.exception("%s failed; continuing", step.__name__)
                 busy = False
-            self.metrics.queue_depth.set(self.spool.depth())
-            if not busy:
+            if busy:  # the queue changed (a job made, claimed or finished): one count, not per tick
+                self.metrics.queue_depth.set(self.spool.depth())
+            else:
                 self.stop.wait(TICK)
 
     # -- the loops (each returns whether it did something) -----------------------------------

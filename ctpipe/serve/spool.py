@@ -79,8 +79,8 @@ class Spool:
         """Incoming series folders quiet for ``quiet_seconds``."""
         now = time.time() if now is None else now
         ready = []
-        for study in sorted(p for p in self.incoming.iterdir() if p.name != ".tmp"):
-            for series in sorted(study.iterdir()):
+        for study in sorted(p for p in self.incoming.iterdir() if p.is_dir() and p.name != ".tmp"):
+            for series in sorted(p for p in study.iterdir() if p.is_dir()):
                 mtimes = [p.stat().st_mtime for p in series.glob("*.dcm")]
                 if mtimes and now - max(mtimes) >= self.quiet:
                     ready.append(series)
@@ -140,7 +140,7 @@ class Spool:
         for tmp in self.tmp.iterdir():  # half-received instances: never acknowledged
             tmp.unlink()
             counts["tmp_removed"] += 1
-        for folder in sorted(self.jobs.iterdir()):
+        for folder in sorted(p for p in self.jobs.iterdir() if p.is_dir()):  # not a probe file
             if not (folder / "job.json").is_file():
                 if (folder / "input").is_dir():  # killed between the move and the record
                     self._new_record(folder)
