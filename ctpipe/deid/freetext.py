@@ -20,7 +20,7 @@ and no ``^``; hence the short allow-list (set it to ``[]`` to remove every descr
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 # Descriptors kept by default (with Clean Descriptors on): what series selection, the model card
 # and drift monitoring read. Everything else of the Clean Descriptors column is removed.
@@ -59,25 +59,23 @@ SPACES = re.compile(r"\s{2,}")
 REPEATED_SEPARATORS = re.compile(r"\s*([,;:])(?:\s*[,;:])+")
 
 
-def pattern_matches(value: str) -> list[tuple[str, str]]:
-    """(pattern name, matched text) of every :data:`PATTERNS` match in ``value``."""
-    found = []
-    for name, pattern in PATTERNS.items():
-        for m in pattern.finditer(value):
-            if name == "phone number" and sum(c.isdigit() for c in m.group()) < PHONE_DIGITS:
-                continue
-            found.append((name, m.group().strip()))
-    return found
-
-
-def pattern_spans(value: str) -> list[tuple[int, int]]:
-    """(start, end) of every :data:`PATTERNS` match (phone-like runs of few digits excepted)."""
-    spans = []
+def _matches(value: str) -> Iterator[tuple[str, re.Match]]:
+    """(pattern name, match) of every :data:`PATTERNS` match in ``value``; phone-like runs of
+    fewer than :data:`PHONE_DIGITS` digits are measurements, not matches."""
     for name, pattern in PATTERNS.items():
         for m in pattern.finditer(value):
             if name != "phone number" or sum(c.isdigit() for c in m.group()) >= PHONE_DIGITS:
-                spans.append(m.span())
-    return spans
+                yield name, m
+
+
+def pattern_matches(value: str) -> list[tuple[str, str]]:
+    """(pattern name, matched text) of every match in ``value`` (what the leak gate reports)."""
+    return [(name, m.group().strip()) for name, m in _matches(value)]
+
+
+def pattern_spans(value: str) -> list[tuple[int, int]]:
+    """(start, end) of every match in ``value`` (what :func:`scrub` removes)."""
+    return [m.span() for _, m in _matches(value)]
 
 
 def scrub(value: str, terms: Iterable[re.Pattern | None] = ()) -> str:
