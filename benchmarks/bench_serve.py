@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ctpipe import synth
 from ctpipe.fileio import write_json
+from ctpipe.serve.send import multipart_related
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-serve-token-0123456789"
@@ -101,27 +101,11 @@ def send_dimse(port: int, files: list[Path]) -> int:
 
 
 def send_stow(port: int, files: list[Path]) -> int:
-    boundary = uuid.uuid4().hex.encode()
-    body = (
-        b"".join(
-            b"--"
-            + boundary
-            + b"\r\nContent-Type: application/dicom\r\n\r\n"
-            + p.read_bytes()
-            + b"\r\n"
-            for p in files
-        )
-        + b"--"
-        + boundary
-        + b"--\r\n"
-    )
+    body, content_type = multipart_related([p.read_bytes() for p in files])
     response = httpx.post(
         f"http://127.0.0.1:{port}/dicom-web/studies",
         content=body,
-        headers={
-            "Authorization": f"Bearer {TOKEN}",
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary.decode()}',
-        },
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type},
         timeout=300,
     )
     if response.status_code == 200:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from pathlib import Path
 
 import pydicom
@@ -17,6 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from ctpipe.serve.dimse import StoreSCP
 from ctpipe.serve.runner import Runner
+from ctpipe.serve.send import multipart_related
 from ctpipe.serve.spool import Spool
 from ctpipe.serve.telemetry import Metrics
 from ctpipe.serve.web import create_app
@@ -119,16 +119,6 @@ def auth() -> dict:
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def stow_body(blobs: list[bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = b"".join(
-        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + b + b"\r\n"
-        for b in blobs
-    )
-    body += b"--" + boundary.encode() + b"--\r\n"
-    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
-
-
 def test_echo_only_for_allowed_callers(node):
     cfg = node[0]
     assoc = associate(cfg)
@@ -177,7 +167,7 @@ def test_c_store_series_becomes_a_job_and_seg_and_sr_come_back(node, study):
 def test_stow_rs_stores_good_parts_and_lists_failed_ones(node, study):
     cfg, spool, client, _ = node
     blobs = [p.read_bytes() for p in study]
-    body, ctype = stow_body(blobs + [b"not dicom at all"])
+    body, ctype = multipart_related(blobs + [b"not dicom at all"])
     response = client.post(
         "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
     )
@@ -197,7 +187,7 @@ def test_http_needs_the_bearer_token(node, headers):
     assert client.get("/healthz").status_code == 200  # probes are open
     for path in ("/jobs", "/metrics"):
         assert client.get(path, headers=headers).status_code == 401
-    body, ctype = stow_body([b"x"])
+    body, ctype = multipart_related([b"x"])
     response = client.post(
         "/dicom-web/studies", content=body, headers={**headers, "Content-Type": ctype}
     )
@@ -206,7 +196,7 @@ def test_http_needs_the_bearer_token(node, headers):
 
 def test_request_and_study_limits(node, study):
     cfg, spool, client, _ = node
-    body, ctype = stow_body([b"0" * (65 << 20)])
+    body, ctype = multipart_related([b"0" * (65 << 20)])
     response = client.post(
         "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
     )
@@ -227,7 +217,7 @@ def test_a_series_the_model_refuses_finishes_with_the_reason(node, study, tmp_pa
         out = tmp_path / "mr.dcm"
         ds.save_as(out)
         blobs.append(out.read_bytes())
-    body, ctype = stow_body(blobs)
+    body, ctype = multipart_related(blobs)
     assert (
         client.post(
             "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
@@ -322,3 +312,30 @@ def test_stray_files_in_the_spool_do_not_stop_a_restart(tmp_path):
     (spool.incoming / "stray.txt").write_text("not a study folder")
     assert spool.recover()["removed"] == 0 and spool.complete_series() == []
     assert (spool.jobs / ".probe").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "fp16"}, "model 'fp16' is not fp32 or int8"),
+        ({"destination": {"kind": "ftp"}}, "destination.kind 'ftp'"),
+        (
+            {"dicom": {"ae_title": "CTPIPE", "port": 1, "allowed_callers": []}},
+            "allowed_callers is empty",
+        ),
+        ({"workers": None}, "missing key 'workers'"),
+        ({}, "no HTTP token of 16 characters"),
+    ],
+)
+def test_a_bad_config_stops_the_server_with_the_key(change, message, tmp_path, monkeypatch, caplog):
+    import yaml
+
+    from ctpipe.serve.__main__ import main
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve.yaml").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("CTPIPE_SERVE_TOKEN", "short" if not change else TOKEN)
+    assert main(["--config", str(tmp_path / "serve.yaml")]) == 2
+    assert message in caplog.text

@@ -32,12 +32,13 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.reference.is_file() or not args.records.exists():
-        print(f"no such reference {args.reference} or records {args.records}", file=sys.stderr)
+    if not args.reference.is_file() or not args.records.is_dir():
+        print(
+            f"{args.reference} must be a reference file and {args.records} a folder of records",
+            file=sys.stderr,
+        )
         return 2
-    # input features of the training series and output features of the test split, one list:
-    # each feature is compared where it has values
-    reference = record.load(args.reference) + record.load_outputs(args.reference)
+    reference = record.load_reference(args.reference)
     window = record.load(args.records, newest=args.window)
     results = drift.compare(reference, window, args.alpha)
     summary = report.write(

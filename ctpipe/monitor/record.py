@@ -5,6 +5,7 @@ series, so several processes can write into one folder."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -127,21 +128,14 @@ def append(records_dir: Path, record: dict) -> Path:
     return path
 
 
-def load_outputs(reference: Path) -> list[dict]:
-    """The ``outputs`` list of a reference JSON (the test split's output features)."""
-    import json
+def load_reference(path: Path) -> list[dict]:
+    """A reference JSON (stage monitor_reference) as one list: the training series' input
+    features and the test split's output features; each feature is compared where it has values."""
+    data = json.loads(Path(path).read_text())
+    return list(data.get("records", [])) + list(data.get("outputs", []))
 
-    return list(json.loads(Path(reference).read_text()).get("outputs", []))
 
-
-def load(folder_or_file: Path, newest: int | None = None) -> list[dict]:
-    """Records of a folder (oldest first; only the ``newest`` ones are read when given), or the
-    ``records`` list of a reference JSON."""
-    import json
-
-    path = Path(folder_or_file)
-    if path.is_dir():
-        files = sorted(path.glob("*.json"))  # names start with the time in ns
-        return [json.loads(p.read_text()) for p in files[-newest if newest else 0 :]]
-    data = json.loads(path.read_text())
-    return list(data["records"] if isinstance(data, dict) else data)
+def load(folder: Path, newest: int | None = None) -> list[dict]:
+    """Records of a folder, oldest first (only the ``newest`` ones are read when given)."""
+    files = sorted(Path(folder).glob("*.json"))  # names start with the time in ns
+    return [json.loads(p.read_text()) for p in files[-newest if newest else 0 :]]

@@ -10,7 +10,7 @@ import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from ctpipe.serve.spool import Refused, Spool
+from ctpipe.serve.spool import Refused, Spool, instance_uids
 from ctpipe.serve.telemetry import Metrics, tag
 
 log = logging.getLogger("ctpipe.serve")
@@ -23,13 +23,6 @@ def encoded(ds: pydicom.Dataset, meta) -> bytes:
     ds.file_meta = meta
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def uids(ds: pydicom.Dataset) -> tuple[str, str, str]:
-    return tuple(
-        str(ds.get(k, "") or "")
-        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-    )
 
 
 class StoreSCP:
@@ -68,7 +61,7 @@ class StoreSCP:
     def on_store(self, event) -> int:
         try:
             ds = event.dataset
-            study, series, sop = uids(ds)
+            study, series, sop = instance_uids(ds)
             if not (study and series and sop):
                 raise ValueError("no Study, Series or SOP Instance UID")
             data = encoded(ds, event.file_meta)

@@ -29,11 +29,7 @@ class Runner:
         self.records.mkdir(parents=True, exist_ok=True)
         monitor = cfg.get("monitor", {})
         reference = Path(monitor.get("reference") or "")
-        self.reference = (
-            series_records.load(reference) + series_records.load_outputs(reference)
-            if reference.is_file()
-            else None
-        )
+        self.reference = series_records.load_reference(reference) if reference.is_file() else None
         self.window, self.alpha = int(monitor.get("window", 200)), float(monitor.get("alpha", 0.01))
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []

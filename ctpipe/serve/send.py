@@ -55,17 +55,20 @@ def c_store(files: list[Path], dest: dict, calling_ae: str) -> None:
         assoc.release()
 
 
+def multipart_related(blobs: list[bytes]) -> tuple[bytes, str]:
+    """A STOW-RS body of DICOM files, and its Content-Type header."""
+    boundary = uuid.uuid4().hex.encode()
+    parts = b"".join(
+        b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n" + blob + b"\r\n"
+        for blob in blobs
+    )
+    content_type = f'multipart/related; type="application/dicom"; boundary={boundary.decode()}'
+    return parts + b"--" + boundary + b"--\r\n", content_type
+
+
 def stow(files: list[Path], dest: dict) -> None:
-    boundary = uuid.uuid4().hex
-    parts = [
-        b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p.read_bytes()
-        for p in files
-    ]
-    body = b"\r\n".join(parts) + b"\r\n--" + boundary.encode() + b"--\r\n"
-    headers = {
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json",
-    }
+    body, content_type = multipart_related([p.read_bytes() for p in files])
+    headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
     if dest.get("token_env"):
         headers["Authorization"] = f"Bearer {os.environ.get(dest['token_env'], '')}"
     try:

@@ -29,6 +29,14 @@ from ctpipe.fileio import write_json
 STATES = ("queued", "running", "predicted", "refused", "failed")
 
 
+def instance_uids(ds) -> tuple[str, str, str]:
+    """(Study, Series, SOP Instance UID) of a received dataset, '' where missing: the spool's key."""
+    return tuple(
+        str(ds.get(k, "") or "")
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    )
+
+
 class Refused(ValueError):
     """An instance the spool does not take (limits); the message is the reason."""
 

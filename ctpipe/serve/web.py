@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ctpipe.serve.spool import Refused, Spool
+from ctpipe.serve.spool import Refused, Spool, instance_uids
 from ctpipe.serve.telemetry import Metrics
 
 log = logging.getLogger("ctpipe.serve")
@@ -68,8 +68,8 @@ def store_part(data: bytes, spool: Spool) -> tuple[str, str, int | None]:
     """(SOP class, SOP instance, failure reason or None) of one part, stored when it is good."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        cls, sop = str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))
-        study, series = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        cls = str(ds.get("SOPClassUID", "") or "")
+        study, series, sop = instance_uids(ds)
     except Exception:  # noqa: BLE001 - not DICOM, truncated: a failed SOP entry
         return "", "", CANNOT_UNDERSTAND
     if not (study and series and sop):
