@@ -138,3 +138,19 @@ def test_serve_exports_drift_flags_as_gauges(reference, windows, tmp_path, tiny_
     assert 'ctpipe_drift{feature="kernel"} 1.0' in text
     assert 'ctpipe_drift{feature="kvp"} 0.0' in text
     assert 'ctpipe_latest_feature{feature="spacing_z_mm"} 2.5' in text
+
+
+@pytest.mark.parametrize("bad", ["no_reference", "records_not_a_folder"])
+def test_monitor_names_a_bad_input(bad, tmp_path):
+    reference, records = tmp_path / "reference.json", tmp_path / "records"
+    if bad == "records_not_a_folder":
+        reference.write_text(json.dumps({"records": [], "outputs": []}))
+        records.write_text("{}")
+    done = subprocess.run(
+        [sys.executable, "-m", "ctpipe.monitor", reference, records],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "must be a reference file" in done.stderr
+    assert "Traceback" not in done.stderr
