@@ -8,7 +8,8 @@ own, one study at a time, and reports its wall seconds per study and its peak re
   predict fp32      python -m ctpipe.predict --model fp32 (the package in models/export)
   predict int8      python -m ctpipe.predict --model int8
   torch + MONAI     the same preprocessing, models/model.pt in PyTorch (channels-last), MONAI's
-                    sliding_window_inference over the same views and mirrored passes, the same
+                    sliding_window_inference over the same views and mirrored passes (and the
+                    same window: the whole slab where the spec says whole_slab), the same
                     post-processing; what a MONAI user would write
 
     python benchmarks/bench_predict.py [--studies 2] [--matrix 512] [--slices 300]
@@ -59,7 +60,8 @@ else:
     net, ckpt = nets.load_checkpoint(model)
     prob = infer.predict_volume(infer.torch_predictor(net), volume, int(spec["context_slices"]),
                                 int(inf["roi_size"]), float(inf["sliding_window_overlap"]),
-                                views=inf["views"], mirror_axes=inf["mirror_axes"])
+                                views=inf["views"], mirror_axes=inf["mirror_axes"],
+                                whole_slab=bool(inf.get("whole_slab", False)))
     _, cands = find_nodules(prob, geom, post["threshold"], post["component_threshold"],
                             post["min_candidate_mm3"], post["shape_weight"])
     code, found = 0, int(cands["detected"].sum())

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from ctpipe import dicomio
 from ctpipe.geometry import Geometry, index_to_world
@@ -175,6 +174,9 @@ def split_patients(patients: pd.DataFrame, cfg: dict, seed: int) -> dict[str, An
 
     ``patients`` has one row per patient: ``patient_id``, ``has_nodules``.
     """
+    # Imported here: predict imports this module for resampling and needs no scikit-learn (1-2 s).
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
     ids, strata = patients["patient_id"].to_numpy(), patients["has_nodules"].to_numpy()
 
     def split(x, y, fraction, salt):

@@ -55,8 +55,12 @@ def _inference_spec(tp: dict, cfg: dict) -> dict:
         "mirror_axes_meaning": "test-time mirroring: each slab [C, H, W] is also predicted mirrored along "
         "every combination of these in-plane axes (0: rows H, 1: columns W), each prediction mirrored back, "
         "and the foreground probabilities averaged ([0, 1]: 4 passes per view; []: one)",
-        "blending": "gaussian",
-        "padding": "MONAI sliding_window_inference pads slices smaller than the ROI",
+        "whole_slab": bool(cfg["whole_slab"]),
+        "whole_slab_meaning": "true: each slab goes through the network in one pass, zero-padded to "
+        "multiples of 16 (roi_size and sliding_window_overlap unused); false: windows of roi_size at "
+        "sliding_window_overlap",
+        "blending": "gaussian (sliding windows)",
+        "padding": "slabs smaller than the window are zero-padded (MONAI sliding_window_inference)",
     }
 
 

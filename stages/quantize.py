@@ -256,6 +256,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
                 int(cfg["roi_size"]),
                 float(cfg["overlap"]),
                 views=cfg["views"],
+                whole_slab=bool(cfg["whole_slab"]),
             )
             masks[name] = tally[name].add(case, prob, label, geom, cfg)
         agree.add(masks["int8"], masks["fp32"])

@@ -351,6 +351,7 @@ def make_tiny_package(root: Path) -> Path:
     source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
     plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
     inference = {
+        "whole_slab": True,
         "roi_size": 64,
         "overlap": 0.5,
         "threshold": 0.5,

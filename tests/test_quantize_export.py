@@ -245,6 +245,7 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
     assert spec["inference"]["views"] == ["axial", "coronal", "sagittal"] and spec["inference"][
         "mirror_axes"
     ] == [1]
+    assert spec["inference"]["whole_slab"] is True  # the default of params.yaml, read by predict
     assert json.loads((out / "versions.json").read_text())["opset"] == 18
     assert 'platform: "onnxruntime_onnx"' in (out / "triton/tiny_seg/config.pbtxt").read_text()
     card = (out / "MODEL_CARD.md").read_text()

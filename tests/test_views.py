@@ -14,6 +14,8 @@ from ctpipe.model.views import (
     in_view,
     mean_over_mirrors,
     mirror_combinations,
+    slabs,
+    whole_slab_roi,
 )
 
 ALL = ("axial", "coronal", "sagittal")
@@ -172,3 +174,48 @@ def test_training_patches_come_from_every_view(tmp_path):
 def test_axial_only_training_sees_cross_sections_only(tmp_path):
     ds = _tube_dataset(tmp_path, ("axial",))
     assert {int(ds[i]["label"].sum()) for i in range(40)} == {1}
+
+
+@pytest.mark.parametrize("mirror_axes", [(), (0, 1)])
+def test_whole_slab_predict_agrees_with_the_pipeline(mirror_axes):
+    """Whole-slab inference (one pass per slab, padded to 16) is the same in predict (NumPy, ORT
+    session) and in the pipeline (MONAI): 40 x 36 slabs go through as 48 x 48 (axial) etc."""
+    vol = np.random.default_rng(3).normal(size=(8, 40, 36)).astype(np.float32)
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    seen = []
+
+    def spy(x):
+        seen.append(tuple(x.shape[2:]))
+        return conv(x)
+
+    ref = infer.predict_volume(
+        spy, vol, 1, 32, 0.5, views=ALL, mirror_axes=mirror_axes, whole_slab=True
+    )
+    assert set(seen) == {(48, 48), (16, 48)}  # axial slabs 40 x 36; coronal 8 x 36, sagittal 8 x 40
+    ours = predict_probability(
+        _Session(conv), vol, 1, 32, 0.5, views=ALL, mirror_axes=mirror_axes, whole_slab=True
+    )
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_whole_slab_is_the_network_on_the_whole_slab_without_seams():
+    """For a convolution (zero padding), one padded pass is exactly the network applied to the
+    whole slab; blended windows are not: each window pads its own borders, a seam inside the slab."""
+    vol = np.random.default_rng(4).normal(size=(6, 70, 50)).astype(np.float32)
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():
+        logits = conv(torch.from_numpy(slabs(vol, np.arange(vol.shape[0]), 1)))
+    direct = torch.softmax(logits, 1)[:, 1].numpy()
+    whole = infer.predict_volume(conv, vol, 1, 32, 0.5, views=("axial",), whole_slab=True)
+    windows = infer.predict_volume(conv, vol, 1, 32, 0.5, views=("axial",))
+    np.testing.assert_allclose(whole, direct, atol=1e-5)
+    assert np.abs(windows - direct).max() > 1e-2  # the seams whole_slab does away with
+
+
+@pytest.mark.parametrize(
+    "h, w, expected", [(40, 36, (48, 48)), (16, 17, (16, 32)), (1, 200, (16, 208))]
+)
+def test_whole_slab_roi_rounds_up_to_16(h, w, expected):
+    assert whole_slab_roi(h, w) == expected

@@ -43,7 +43,7 @@ from ctpipe import dicomio, prep
 from ctpipe.deploy import report
 from ctpipe.fileio import read_json, write_csv, write_json
 from ctpipe.geometry import Geometry
-from ctpipe.model.views import mean_over_views, slab_by_slab
+from ctpipe.model.views import mean_over_views, slab_by_slab, whole_slab_roi
 from ctpipe.monitor.record import append as append_record
 from ctpipe.monitor.record import series_record
 from ctpipe.postprocessing.candidates import find_nodules
@@ -55,11 +55,14 @@ class RefusedSeries(ValueError):
     """The series is outside what the model was trained for."""
 
 
-def gaussian_weights(roi: int) -> np.ndarray:
-    """Blending weights of one window (sigma = roi / 8, as MONAI's and nnU-Net's default)."""
-    x = np.arange(roi) - (roi - 1) / 2
-    g = np.exp(-0.5 * (x / (roi * 0.125)) ** 2)
-    w = np.outer(g, g)
+def gaussian_weights(rows: int, cols: int | None = None) -> np.ndarray:
+    """Blending weights of one window (sigma = side / 8, as MONAI's and nnU-Net's default)."""
+
+    def bell(size: int) -> np.ndarray:
+        x = np.arange(size) - (size - 1) / 2
+        return np.exp(-0.5 * (x / (size * 0.125)) ** 2)
+
+    w = np.outer(bell(rows), bell(rows if cols is None else cols))
     return np.maximum(w / w.max(), 1e-3).astype(np.float32)
 
 
@@ -70,24 +73,25 @@ def _starts(size: int, roi: int, step: int) -> list[int]:
     return starts
 
 
-def sliding_window(run, x: np.ndarray, roi: int, overlap: float) -> np.ndarray:
-    """Logits ``[n, classes, H, W]`` of ``x [n, C, H, W]``, windows of ``roi`` blended by a Gaussian."""
+def sliding_window(run, x: np.ndarray, roi, overlap: float) -> np.ndarray:
+    """Logits ``[n, classes, H, W]`` of ``x [n, C, H, W]``, windows of ``roi`` (a side, or
+    ``(rows, cols)``) blended by a Gaussian; a slab smaller than the window is zero-padded."""
     n, _, h, w = x.shape
-    ph, pw = max(roi - h, 0), max(roi - w, 0)
+    rh, rw = (roi, roi) if np.isscalar(roi) else roi
+    ph, pw = max(rh - h, 0), max(rw - w, 0)
     xp = np.pad(
         x, ((0, 0), (0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="constant"
     )
     H, W = xp.shape[2:]
-    step = max(int(roi * (1 - overlap)), 1)
-    weights = gaussian_weights(roi)
+    weights = gaussian_weights(rh, rw)
     out, norm = None, np.zeros((H, W), np.float32)
-    for i in _starts(H, roi, step):
-        for j in _starts(W, roi, step):
-            logits = run(np.ascontiguousarray(xp[:, :, i : i + roi, j : j + roi]))
+    for i in _starts(H, rh, max(int(rh * (1 - overlap)), 1)):
+        for j in _starts(W, rw, max(int(rw * (1 - overlap)), 1)):
+            logits = run(np.ascontiguousarray(xp[:, :, i : i + rh, j : j + rw]))
             if out is None:
                 out = np.zeros((n, logits.shape[1], H, W), np.float32)
-            out[:, :, i : i + roi, j : j + roi] += logits * weights
-            norm[i : i + roi, j : j + roi] += weights
+            out[:, :, i : i + rh, j : j + rw] += logits * weights
+            norm[i : i + rh, j : j + rw] += weights
     out /= norm
     return out[:, :, ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
 
@@ -101,15 +105,18 @@ def predict_probability(
     batch_slices: int = 16,
     views=("axial",),
     mirror_axes=(),
+    whole_slab: bool = False,
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session:
     the mean over ``views`` (:mod:`ctpipe.model.views`) of the slab-by-slab prediction along each, each
-    slab also mirrored along ``mirror_axes``."""
+    slab also mirrored along ``mirror_axes``; ``whole_slab``: each slab in one pass
+    (:func:`ctpipe.model.views.whole_slab_roi`) instead of windows of ``roi``."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
 
     def window_prob(slabs: np.ndarray) -> np.ndarray:
-        logits = sliding_window(run, slabs, roi, overlap)
+        window = whole_slab_roi(*slabs.shape[2:]) if whole_slab else roi
+        logits = sliding_window(run, slabs, window, overlap)
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return e[:, 1] / e.sum(axis=1)
 
@@ -209,7 +216,9 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     start = time.perf_counter()
     spec = read_json(package / "input_spec.json")
     pre, inf, post = spec["preprocessing"], spec["inference"], spec["postprocessing"]
-    sources = [pydicom.dcmread(p) for p in paths]
+    # Headers only (the pixels are read once, by read_series), with the missing Type 2 patient
+    # and study attributes made present and empty: headers as they come still give a SEG and SR.
+    sources = [report.add_type2(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
     hu, geom = dicomio.read_series(paths)
     check_series(spec, sources[0], geom, hu.shape)
     resampled, rgeom = prep.resample(
@@ -231,6 +240,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         float(inf["sliding_window_overlap"]),
         views=inf.get("views", ["axial"]),
         mirror_axes=inf.get("mirror_axes", []),
+        whole_slab=bool(inf.get("whole_slab", False)),  # packages before it: sliding windows
     )
     # One labelling gives both the mask and the nodules listed: each row is one mask component.
     found, nodules = find_nodules(
@@ -248,9 +258,8 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
     try:
         sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(tmp / "mask.nii.gz"))
-        headers = [report.header_with_type2(ds) for ds in sources]  # headers as they come
-        write_seg(tmp / "seg.dcm", headers, mask)
-        report.write_sr(tmp / "sr.dcm", headers, pydicom.dcmread(tmp / "seg.dcm"), nodules)
+        write_seg(tmp / "seg.dcm", sources, mask)
+        report.write_sr(tmp / "sr.dcm", sources, pydicom.dcmread(tmp / "seg.dcm"), nodules)
         write_csv(tmp / "nodules.csv", nodules.round(3))
         record = series_record(
             sources[0], hu, geom.spacing, nodules, time.perf_counter() - start, model

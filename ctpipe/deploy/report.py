@@ -68,23 +68,29 @@ PATIENT_STUDY_TYPE2 = (
 _PIXEL_DATA = 0x7FE00010
 
 
-def header_with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """A copy of ``ds`` without its pixel data, with the missing Type 2 patient and study attributes
-    of :data:`PATIENT_STUDY_TYPE2` present and empty. ``ds`` itself is not changed.
+def add_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Make the missing Type 2 patient and study attributes of :data:`PATIENT_STUDY_TYPE2` present
+    and empty in ``ds`` itself (for headers read for this purpose); returns ``ds``.
 
     highdicom reads these attributes from its source or evidence datasets and fails where one is
     absent, as it is in many exported or de-identified series.
     """
+    for keyword in PATIENT_STUDY_TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    return ds
+
+
+def header_with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``ds`` without its pixel data, with :func:`add_type2` applied. ``ds`` itself is
+    not changed."""
     out = pydicom.Dataset()
     for elem in ds:
         if elem.tag != _PIXEL_DATA:
             out.add(copy.deepcopy(elem))
     if hasattr(ds, "file_meta"):
         out.file_meta = copy.deepcopy(ds.file_meta)
-    for keyword in PATIENT_STUDY_TYPE2:
-        if keyword not in out:
-            setattr(out, keyword, None)
-    return out
+    return add_type2(out)
 
 
 def _observation_context() -> hd.sr.ObservationContext:

@@ -63,5 +63,6 @@ def predict_cases(
                 float(cfg["overlap"]),
                 views=cfg["views"],
                 mirror_axes=cfg["mirror_axes"],
+                whole_slab=bool(cfg.get("whole_slab", False)),
             )
             yield case, image, np.asarray(label) > 0, prob, geom

@@ -21,7 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from ctpipe.model.nets import MEMORY_FORMAT
-from ctpipe.model.views import mean_over_views, slab_by_slab
+from ctpipe.model.views import mean_over_views, slab_by_slab, whole_slab_roi
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,15 +36,20 @@ def predict_volume(
     sw_batch_size: int = 8,
     views=("axial",),
     mirror_axes=(),
+    whole_slab: bool = False,
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
     over ``views`` of the probability predicted slab by slab along each view's axis, each slab
-    also mirrored along ``mirror_axes`` (:func:`ctpipe.model.views.mean_over_mirrors`)."""
+    also mirrored along ``mirror_axes`` (:func:`ctpipe.model.views.mean_over_mirrors`).
+
+    ``whole_slab``: each slab in one pass (:func:`ctpipe.model.views.whole_slab_roi`) instead of
+    windows of ``roi_size`` at ``overlap``."""
 
     def window_prob(x: np.ndarray) -> np.ndarray:
+        roi = whole_slab_roi(*x.shape[2:]) if whole_slab else (roi_size, roi_size)
         logits = sliding_window_inference(
             torch.from_numpy(x),
-            (roi_size, roi_size),
+            roi,
             sw_batch_size,
             predictor,
             overlap=overlap,
