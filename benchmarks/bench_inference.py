@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     context = int(ckpt["train_params"]["context_slices"])
     cases = data.cases_in(data.load_index(args.data), "test")[: args.cases]
     volumes = [np.asarray(data.load_case(args.data, c["case_id"])[0], np.float32) for c in cases]
+    window = (
+        "whole slab" if cfg["whole_slab"] else f"ROI {cfg['roi_size']}, overlap {cfg['overlap']}"
+    )
     print(
         f"{len(volumes)} test volumes {[v.shape for v in volumes]}, views {cfg['views']}, "
-        f"ROI {cfg['roi_size']}, overlap {cfg['overlap']}, {torch.get_num_threads()} threads"
+        f"{window}, {torch.get_num_threads()} threads"
     )
     results, probs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                     int(cfg["roi_size"]),
                     float(cfg["overlap"]),
                     views=cfg["views"],
+                    whole_slab=bool(cfg["whole_slab"]),
                 )  # warm-up
                 start = time.perf_counter()
                 out = [
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         float(cfg["overlap"]),
                         views=cfg["views"],
                         mirror_axes=mirror,
+                        whole_slab=bool(cfg["whole_slab"]),
                     )
                     for v in volumes
                 ]
