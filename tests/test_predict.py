@@ -221,15 +221,28 @@ def test_a_failing_series_leaves_no_partial_output_and_the_others_run(
     not (ROOT / "models" / "export" / "model.onnx").is_file(),
     reason="needs the trained package from `make repro` (models/export)",
 )
-def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path):
-    """A patient the pipeline never saw (index beyond the cohort): nodules >= 10 mm are found and
-    the mask, in world coordinates, overlaps the truth."""
+@pytest.mark.parametrize(
+    "acquisition",
+    [
+        {},  # the cohort's own protocol
+        # the most common clinical chest protocol, far finer than training: resampled, not refused
+        {"matrix": 480, "pixel_spacing_mm": [0.7, 0.7], "slice_spacing_mm": [1.25]},
+    ],
+    ids=["cohort_protocol", "0.7mm_1.25mm"],
+)
+def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisition):
+    """A patient the pipeline never saw (index beyond the cohort): its solid nodules >= 10 mm are
+    found and the mask, in world coordinates, overlaps the truth; at the cohort's spacing and at
+    0.7 mm in-plane with 1.25 mm slices."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg = params["ingest"]["synthetic"]
+    cfg = {**params["ingest"]["synthetic"], **acquisition}
     index = next(
         i
         for i in range(1000, 1100)
-        if any(n.diameter_mm >= 10 for n in synth.make_case(params["base"]["seed"], i, cfg).nodules)
+        if any(
+            n.diameter_mm >= 10 and n.solid_fraction == 1.0
+            for n in synth.make_case(params["base"]["seed"], i, cfg).nodules
+        )
     )
     rows = synth.write_case(tmp_path / "study", params["base"]["seed"], index, cfg)
     assert (
@@ -251,8 +264,14 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path):
     assert len(found) > 0
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
     mask_img = sitk.ReadImage(str(tmp_path / "out" / uid / "mask.nii.gz"))
+    if acquisition:  # the mask is on the series' own fine grid
+        np.testing.assert_allclose(mask_img.GetSpacing(), [0.7, 0.7, 1.25], atol=1e-3)
     mask, geom = sitk.GetArrayFromImage(mask_img) > 0, Geometry.from_sitk(mask_img)
-    for _, nod in truth[truth["diameter_mm"] >= 10].iterrows():
+    solid = [
+        n.solid_fraction == 1.0 for n in synth.make_case(params["base"]["seed"], index, cfg).nodules
+    ]
+    assert len(solid) == len(truth)
+    for _, nod in truth[(truth["diameter_mm"] >= 10).to_numpy() & np.array(solid)].iterrows():
         centre = nod[["coordX", "coordY", "coordZ"]].to_numpy(float)
         dist = np.linalg.norm(
             found[["coordX", "coordY", "coordZ"]].to_numpy(float) - centre, axis=1
