@@ -28,6 +28,7 @@ def to_multiframe(files: list[Path], out: Path) -> Path:
         "PatientID",
         "PatientName",
         "StudyInstanceUID",
+        "FrameOfReferenceUID",
         "Modality",
         "Rows",
         "Columns",
