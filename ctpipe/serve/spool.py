@@ -71,8 +71,9 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
             target = folder / f"{sop}.dcm"
             before = target.stat().st_size if target.exists() else 0  # the same SOP again
+            current = self.study_bytes(study)  # counted before the new file lands
             os.replace(tmp, target)
-            self._bytes[study] = self.study_bytes(study) + len(data) - before
+            self._bytes[study] = current + len(data) - before
 
     def study_bytes(self, study: str) -> int:
         """Bytes of the study in ``incoming`` (kept in memory; counted on disk the first time,
