@@ -8,10 +8,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: setup repro test test-fast lint format review dag serve
 
 # The venv is (re)installed only when requirements.txt or pyproject.toml changed.
+# --no-compile: pip does not byte-compile every installed module (torch alone ships thousands);
+# Python compiles the ones a run imports, once, into __pycache__. 178 s -> 117 s on 2 cores.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
 	@echo "installing pinned requirements into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/python -m pip install -r requirements.txt > $(VENV)/pip.log 2>&1 \
+	@$(BIN)/python -m pip install --no-compile -r requirements.txt > $(VENV)/pip.log 2>&1 \
 		|| { grep -v "is ignored" $(VENV)/pip.log | tail -40; exit 1; }
 	@touch $(STAMP)
 
