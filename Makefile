@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # The venv is (re)installed only when requirements.txt or pyproject.toml changed.
 # pip byte-compiles the installed modules one file after another; compileall -j 0 does the same on
 # every core afterwards. The modules must be compiled at install time: where PYTHONDONTWRITEBYTECODE
-# is set (CI, containers), an import never writes __pycache__ and every stage would compile torch
+# is set (as on this project's machine), an import never writes __pycache__ and every stage would compile torch
 # again. compileall's exit status is not checked: some packages ship templates that are not valid
 # Python, which pip's own compile step skips too.
 $(STAMP): requirements.txt pyproject.toml
