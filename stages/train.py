@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from dvclive import Live
 from monai.data import set_track_meta
-from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from ctpipe.fileio import rounded, write_json
@@ -106,9 +105,7 @@ def build(
         run.ema.module if run.ema is not None else run.net
     )  # the weights validated and written
     run.scheduler = training.make_schedule(run.optimizer, cfg, len(run.loader) * int(cfg["epochs"]))
-    # batch_dice: one Dice over the whole batch (nnU-Net's choice), stabler for small nodules and
-    # patches without any; otherwise one Dice per patch, averaged.
-    run.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["batch_dice"]))
+    run.loss_fn = training.make_loss(cfg)
     run.start_epoch, run.best, run.stale, run.history = 0, -1.0, 0, []
     return run
 

@@ -147,3 +147,33 @@ def test_ddp_two_gloo_processes(processed, tmp_path, params_file):
     assert params["world_size"] == 2
     assert (tmp_path / "model.pt").is_file()
     assert json.loads((tmp_path / "train.json").read_text())["epochs_run"] == 2
+
+
+def test_loss_leaves_the_foreground_dice_of_empty_patches_out():
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from ctpipe.model.training import make_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2, 16, 16)
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, 0, 4:9, 4:9] = 1  # patches 1 and 2 hold no nodule voxel
+    cfg = {"batch_dice": False, "dice_empty_patches": True}
+    assert isinstance(make_loss(cfg), DiceCELoss)
+    masked = make_loss({**cfg, "dice_empty_patches": False})
+    per = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(logits, target).reshape(3, 2)
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long())
+    # the four Dice terms kept: both channels of patch 0, the background of patches 1 and 2
+    expected = (per[0].sum() + per[1:, 0].sum()) / 4 + ce
+    assert torch.allclose(masked(logits, target), expected)
+    # confident background on an empty patch: no cliff, the loss falls with the logit gap
+    empty = torch.zeros(1, 1, 16, 16)
+    losses = [
+        masked(torch.stack([torch.full((16, 16), g), torch.zeros(16, 16)])[None], empty).item()
+        for g in (2.0, 10.0, 20.0)
+    ]
+    assert losses[0] > losses[1] > losses[2] and losses[1] < 1e-3
+    # the gradient reaches the logits of every patch
+    logits.requires_grad_(True)
+    masked(logits, target).backward()
+    assert (logits.grad.abs().sum(dim=(1, 2, 3)) > 0).all()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import compute_dice
 from torch.optim.swa_utils import AveragedModel
 
@@ -129,6 +130,37 @@ def validate(net, processed: Path, cases: list[dict], cfg: dict, device) -> floa
             dices.append(float(compute_dice(pred, truth, include_background=True).item()))
     net.train()
     return float(np.mean(dices)) if dices else 0.0
+
+
+class ForegroundPatchDiceCELoss(torch.nn.Module):
+    """Cross-entropy over every patch plus a per-patch Dice over the patches holding nodule voxels.
+
+    On a patch without nodule voxels the foreground Dice loss stays near 1 (0.5 averaged with the
+    background channel) until every pixel's foreground probability is below about 1e-9, then drops
+    to 0 (MONAI's smoothing of 1e-5): a cliff that rewards extreme background logits rather than a
+    better mask. Here such a patch contributes cross-entropy and its background Dice only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+        self.ce = torch.nn.CrossEntropyLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per = self.dice(logits, target).reshape(logits.shape[0], logits.shape[1])  # [B, C]
+        keep = torch.ones_like(per, dtype=torch.bool)
+        keep[:, 1:] = (target.reshape(target.shape[0], -1) > 0).any(dim=1, keepdim=True)
+        dice = per[keep].mean()
+        return dice + self.ce(logits, target[:, 0].long())
+
+
+def make_loss(cfg: dict) -> torch.nn.Module:
+    """Dice + cross-entropy as ``train.batch_dice`` and ``train.dice_empty_patches`` ask."""
+    if bool(cfg["batch_dice"]) or bool(cfg["dice_empty_patches"]):
+        # batch_dice: one Dice over the whole batch (nnU-Net's choice), stabler for small nodules
+        # and patches without any; otherwise one Dice per patch, averaged.
+        return DiceCELoss(to_onehot_y=True, softmax=True, batch=bool(cfg["batch_dice"]))
+    return ForegroundPatchDiceCELoss()
 
 
 def data_id(processed: Path) -> str:
