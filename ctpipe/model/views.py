@@ -43,8 +43,9 @@ def whole_slab_roi(height: int, width: int, multiple: int = 16) -> tuple[int, in
     rounded up to ``multiple`` (the network's total down-sampling; the slab is padded into it).
 
     The network is fully convolutional, so one pass over the slab is the sliding-window result
-    without seams, for a fraction of the arithmetic: windows of 128 at overlap 0.5 compute a
-    200 x 140 slab six times over (3 x 2 windows of 128 x 128), one pass computes 208 x 144 once.
+    without seams, for a fraction of the arithmetic: windows of 128 at overlap 0.5 cover a
+    200 x 140 slab with 3 x 2 windows of 128 x 128 (3.5 times its area), one pass computes
+    208 x 144 (1.07 times).
     """
     return (-(-int(height) // multiple) * multiple, -(-int(width) // multiple) * multiple)
 
