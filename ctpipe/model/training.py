@@ -168,10 +168,11 @@ def data_id(processed: Path) -> str:
     return hashlib.sha256((processed / "index.json").read_bytes()).hexdigest()[:16]
 
 
-def val_loss(net, processed, val_cases, cfg, seed, loss_fn, device) -> float:
-    """Loss on a fixed, un-augmented set of validation patches (the same every epoch)."""
+def val_patches(processed: Path, val_cases: list[dict], cfg: dict, seed: int) -> dict | None:
+    """A fixed, un-augmented batch of validation patches (None without validation cases), cut
+    once per run so that every epoch's validation loss sees the same patches."""
     if not val_cases:
-        return float("nan")
+        return None
     ds = data.SlabPatchDataset(
         processed,
         [c["case_id"] for c in val_cases],
@@ -183,9 +184,15 @@ def val_loss(net, processed, val_cases, cfg, seed, loss_fn, device) -> float:
         augment=False,
         views=cfg["views"],
     )
+    return torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+
+
+def val_loss(net, batch: dict | None, loss_fn, device) -> float:
+    """Loss on the :func:`val_patches` batch (NaN without one)."""
+    if batch is None:
+        return float("nan")
     net.eval()
     with torch.inference_mode():
-        batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
         x = batch["image"].to(device, memory_format=nets.MEMORY_FORMAT)
         loss = loss_fn(net(x), batch["label"].to(device)).item()
     net.train()
