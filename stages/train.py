@@ -177,7 +177,7 @@ def epoch_record(
     world: int,
 ) -> dict:
     """The epoch's figures: the loss on fixed validation patches every epoch, the validation Dice
-    every ``val_every`` epochs and after the last."""
+    every ``val_every`` epochs (0: never before the last) and after the last."""
     record = {
         "train_loss": float(np.mean(losses)),
         "lr": run.scheduler.get_last_lr()[0],
@@ -187,7 +187,8 @@ def epoch_record(
     # The loss on the fixed validation patches costs well under a second; the Dice over whole
     # validation volumes costs about five epochs of training on 2 CPU cores.
     record["val_loss"] = training.val_loss(run.judged, run.val_patches, run.loss_fn, device)
-    if (epoch + 1) % int(cfg["val_every"]) == 0 or epoch + 1 == int(cfg["epochs"]):
+    every = int(cfg["val_every"])
+    if (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == int(cfg["epochs"]):
         record["val_dice"] = training.validate(
             run.judged, args.data_dir, run.val_cases, cfg, device
         )
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     seed = train_seed(cfg, base_seed)
     if cfg["select"] not in ("last", "best"):
         raise ValueError(f"train.select must be 'last' or 'best', got {cfg['select']!r}")
+    if int(cfg["val_every"]) < 0:
+        raise ValueError(
+            f"train.val_every must be >= 0 (0: only after the last epoch), got {cfg['val_every']!r}"
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         record_environment("train", Path(args.metrics).parent / "env")
     device, rank, world, amp = training.setup_device(cfg)
@@ -306,7 +311,8 @@ def _end_epoch(
     improved = False
     if "val_dice" in record:
         improved = record["val_dice"] > best
-        best, stale = (record["val_dice"], 0) if improved else (best, stale + int(cfg["val_every"]))
+        step = max(int(cfg["val_every"]), 1)
+        best, stale = (record["val_dice"], 0) if improved else (best, stale + step)
     # With select: last the schedule runs to its end (it ends at a zero learning rate).
     early = cfg["select"] == "best" and stale >= int(cfg["early_stopping_patience"])
     done = early or epoch + 1 == int(cfg["epochs"])

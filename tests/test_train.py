@@ -86,6 +86,25 @@ def test_validation_every_n_epochs_and_after_the_last(processed, tmp_path, param
     assert torch.load(tmp_path / "model.pt", weights_only=False)["epoch"] in (1, 2)
 
 
+def test_val_every_zero_validates_after_the_last_epoch_only(processed, tmp_path, params_file):
+    params = yaml.safe_load(params_file.read_text())
+    params["train"].update(epochs=3, val_every=0)
+    params_file.write_text(yaml.safe_dump(params))
+    assert run_train(processed, tmp_path, params_file) == 0
+    metrics = tmp_path / "live" / "plots" / "metrics"
+    rows = (metrics / "val_dice.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[0]) for r in rows] == [2]
+    assert len((metrics / "val_loss.tsv").read_text().splitlines()) == 4  # header + 3 epochs
+
+
+def test_negative_val_every_is_refused(processed, tmp_path, params_file):
+    params = yaml.safe_load(params_file.read_text())
+    params["train"]["val_every"] = -1
+    params_file.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="val_every"):
+        run_train(processed, tmp_path, params_file)
+
+
 def test_resume_after_kill_gives_same_model(processed, tmp_path, params_file):
     params = yaml.safe_load(params_file.read_text())
     params["train"].update(epochs=3, samples_per_epoch=16)
