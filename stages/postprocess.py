@@ -57,27 +57,39 @@ def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, s
     torch.manual_seed(seed)
     cases, nodules = val_cases(model_path, processed, cfg)
     result = choose.choose(cases, nodules, cfg)
-    write_csv(tables / "sweep.csv", result["masks"].round(4))
+    masks = result["masks"]
+    if masks["keep_volume_mm3"].isna().all():  # off (the default): the table as before it existed
+        masks = masks.drop(columns=["keep_level", "keep_volume_mm3"])
+    write_csv(tables / "sweep.csv", masks.round(4))
     write_csv(tables / "shape.csv", result["shape"].round(4))
     record = {
         "chosen": result["chosen"],
         "chosen_on": "val",
         "fixed_by_params": result["fixed"],
-        "rule": "threshold, component_threshold: highest mean val Dice (cases with nodules), then pooled Dice, "
-        "fewer FP per scan, lower values; shape_weight: highest val CPM at that threshold, then the smallest",
+        "rule": "threshold, component_threshold (and keep_level, keep_volume_mm3 with auto): highest mean val Dice "
+        "(cases with nodules), then pooled Dice, fewer FP per scan, lower values, large-component rule off, "
+        "larger volume, higher level; "
+        "shape_weight: highest val CPM at that threshold, then the smallest",
         "val": result["val"],
         "model_sha256_16": _sha(model_path),
     }
     write_json(out, rounded(record))
+    chosen = result["chosen"]
     log.info(
-        "chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g (val Dice %.4f, "
-        "CPM %.4f)",
+        "chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g, "
+        "large components %s (val Dice %.4f, CPM %.4f)",
         result["val"]["cases"],
-        *result["chosen"].values(),
+        chosen["threshold"],
+        chosen["component_threshold"],
+        chosen["shape_weight"],
+        "off"
+        if chosen["keep_volume_mm3"] is None
+        else f">= {chosen['keep_volume_mm3']:g} mm3 at {chosen['keep_level']:g}",
         result["val"]["dice"],
         result["val"]["cpm"],
     )
-    return rounded({**result["chosen"], **{f"val_{k}": v for k, v in result["val"].items()}})
+    figures = {k: v for k, v in result["chosen"].items() if v is not None}  # no null metric
+    return rounded({**figures, **{f"val_{k}": v for k, v in result["val"].items()}})
 
 
 def _sha(path: Path) -> str:

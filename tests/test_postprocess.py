@@ -238,3 +238,74 @@ def test_a_value_fixed_in_params_is_used_as_is(workspace, tmp_path, monkeypatch)
     chosen, _ = run_stage(fixed, tmp_path, hesitant, monkeypatch)
     assert chosen["chosen"]["component_threshold"] == 0.98
     assert chosen["fixed_by_params"] == ["component_threshold"]
+
+
+def test_keep_grid_reads_off_fixed_and_auto():
+    assert choose.keep_grid({}) == [(None, None)]
+    assert choose.keep_grid({"keep_volume_mm3": None, "keep_level": 0.5}) == [(None, None)]
+    assert choose.keep_grid({"keep_volume_mm3": 500, "keep_level": 0.4}) == [(0.4, 500.0)]
+    auto = {
+        "keep_volume_mm3": "auto",
+        "keep_volume_mm3_grid": [1000, None, 300],
+        "keep_level": "auto",
+        "keep_level_grid": [0.5, 0.3],
+    }
+    assert choose.keep_grid(auto) == [
+        (None, None),
+        (0.3, 300.0),
+        (0.3, 1000.0),
+        (0.5, 300.0),
+        (0.5, 1000.0),
+    ]
+    with pytest.raises(ValueError, match="keep_volume_mm3_grid is empty"):
+        choose.keep_grid({"keep_volume_mm3": "auto", "keep_volume_mm3_grid": []})
+
+
+def test_large_rule_is_chosen_where_validation_has_a_large_faint_nodule_and_off_on_ties():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    shape = (14, 14, 14)
+    truth = np.zeros(shape, dtype=bool)
+    truth[1:9, 1:9, 1:9] = True  # a 512-voxel nodule the network is unsure of
+    prob = np.zeros(shape)
+    prob[1:9, 1:9, 1:9] = 0.6
+    prob[2, 2, 2] = 0.95  # its only voxel over the threshold
+    small = np.zeros(shape, dtype=bool)
+    small[11:13, 11:13, 11:13] = True  # a small nodule, confident
+    prob[small] = 0.999
+    cases = [choose.Case(prob, truth | small, geom, "a")]
+    centres = [array_index_to_world(np.array(c), geom).ravel() for c in ([4.5] * 3, [11.5] * 3)]
+    nodules = pd.DataFrame(
+        {
+            "seriesuid": ["a", "a"],
+            "coordX": [c[0] for c in centres],
+            "coordY": [c[1] for c in centres],
+            "coordZ": [c[2] for c in centres],
+            "diameter_mm": [9.0, 2.5],
+        }
+    )
+    keep = [(None, None), (0.5, 100.0), (0.5, 1000.0)]
+    table = choose.sweep_masks(cases, nodules, [0.9], [0.99], 0.0, keep)
+    row = table.assign(v=table["keep_volume_mm3"].fillna(-1)).set_index("v")
+    assert row.loc[-1, "dice"] == pytest.approx(2 * 8 / (8 + 520))  # by peak: the large one lost
+    assert row.loc[100.0, "dice"] == pytest.approx(1.0) and row.loc[100.0, "sensitivity"] == 1
+    assert row.loc[1000.0, "dice"] == row.loc[-1, "dice"]  # 512 mm3 is under 1000
+    best = choose.best_pair(table)
+    assert (best["keep_level"], best["keep_volume_mm3"]) == (0.5, 100.0)
+    # Without a large faint nodule every rule ties: off wins.
+    prob[1:9, 1:9, 1:9] = 0.999
+    table = choose.sweep_masks(cases, nodules, [0.9], [0.99], 0.0, keep)
+    assert np.isnan(choose.best_pair(table)["keep_volume_mm3"])
+
+
+def test_load_reads_the_large_rule_and_older_files_without_it(tmp_path):
+    pair = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0.0}
+    (tmp_path / "old.json").write_text(json.dumps({"chosen": pair}))
+    old = choose.load(tmp_path / "old.json")
+    assert old["keep_level"] is None and old["keep_volume_mm3"] is None
+    rule = {"keep_level": 0.3, "keep_volume_mm3": 500}
+    (tmp_path / "new.json").write_text(json.dumps({"chosen": {**pair, **rule}}))
+    assert choose.load(tmp_path / "new.json") == {
+        **pair,
+        "keep_level": 0.3,
+        "keep_volume_mm3": 500.0,
+    }

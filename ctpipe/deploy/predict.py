@@ -250,6 +250,8 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         float(post.get("component_threshold", post["threshold"])),
         float(post["min_candidate_mm3"]),
         float(post.get("shape_weight", 0.0)),
+        post.get("keep_level"),  # packages before it: no large-component rule
+        post.get("keep_volume_mm3"),
     )
     mask = back_to_source(found, cgeom, hu, geom)
     uid = str(sources[0].SeriesInstanceUID)

@@ -112,6 +112,8 @@ def score_volume(
     min_candidate_mm3: float,
     shape_weight: float = 0.0,
     surface_tolerance_mm: float = 1.0,
+    keep_level: float | None = None,
+    keep_volume_mm3: float | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
     """How one predicted volume is scored, the same in evaluate, postprocess and quantize.
 
@@ -120,7 +122,14 @@ def score_volume(
     from one labelling (:func:`ctpipe.postprocessing.candidates.find_nodules`).
     """
     mask, cands = find_nodules(
-        prob, geom, threshold, component_threshold, min_candidate_mm3, shape_weight
+        prob,
+        geom,
+        threshold,
+        component_threshold,
+        min_candidate_mm3,
+        shape_weight,
+        keep_level,
+        keep_volume_mm3,
     )
     voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
     return voxel, cands, mask

@@ -39,6 +39,8 @@ def score_case(
         min_candidate_mm3=float(cfg["min_candidate_mm3"]),
         shape_weight=float(cfg["shape_weight"]),
         surface_tolerance_mm=float(cfg.get("surface_tolerance_mm", 1.0)),
+        keep_level=cfg.get("keep_level"),
+        keep_volume_mm3=cfg.get("keep_volume_mm3"),
     )
     row = {
         "case_id": case["case_id"],

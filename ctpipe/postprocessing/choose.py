@@ -14,6 +14,13 @@ with nodules, the figure evaluate reports), ties broken by the Dice pooled over 
 voxels (nodule-free cases count their false positives), then by fewer false positives per scan,
 then by the lower values; then, at that threshold, the ``shape_weight`` with the highest validation
 CPM, ties to the smallest weight (the least departure from the peak probability).
+
+Optional large-component rule, ``keep_level`` and ``keep_volume_mm3`` (default ``null``: off):
+each component of ``probability >= keep_level`` of at least ``keep_volume_mm3`` is one detection,
+taken whole at that level, whatever its peak (:func:`ctpipe.postprocessing.candidates.label_candidates`).
+With ``auto`` both are searched together with the pair over their grids (``null`` in the volume
+grid: off); among equal figures off wins, then the larger volume, then the higher level: the
+least departure from the rule without it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from ctpipe.geometry import Geometry
 from ctpipe.postprocessing import candidates
 
 KEYS = ("threshold", "component_threshold", "shape_weight")
+OPTIONAL = ("keep_level", "keep_volume_mm3")  # absent from older postprocessing.json: None (off)
+OFF = (None, None)
 
 
 @dataclass
@@ -53,58 +62,98 @@ def grid(value, values: list, name: str) -> list[float]:
     return [float(value)]
 
 
+def keep_grid(cfg: dict) -> list[tuple[float | None, float | None]]:
+    """The ``(keep_level, keep_volume_mm3)`` pairs searched; ``(None, None)`` is the rule off.
+
+    ``keep_volume_mm3``: ``null``/absent: off only; a number: that volume; ``auto``: its grid
+    (``null`` in it: off too). ``keep_level``: a number or ``auto`` (its grid)."""
+    value = cfg.get("keep_volume_mm3")
+    if value is None:
+        return [OFF]
+    if value == "auto":
+        values = cfg.get("keep_volume_mm3_grid") or []
+        if not values:
+            raise ValueError("postprocess.keep_volume_mm3_grid is empty")
+        off = [OFF] if any(v is None for v in values) else []
+        volumes = sorted({float(v) for v in values if v is not None})
+    else:
+        off, volumes = [], [float(value)]
+    levels = grid(cfg.get("keep_level", "auto"), cfg.get("keep_level_grid") or [], "keep_level")
+    return off + [(level, volume) for level in levels for volume in volumes]
+
+
 def sweep_masks(
     cases: list[Case],
     nodules: pd.DataFrame,
     thresholds: list[float],
     component_thresholds: list[float],
     min_volume_mm3: float,
+    keep: list[tuple[float | None, float | None]] = (OFF,),
 ) -> pd.DataFrame:
-    """One row per pair: case-mean Dice (cases with nodules), pooled Dice, operating point.
+    """One row per pair (and large-component rule, :func:`keep_grid`): case-mean Dice (cases
+    with nodules), pooled Dice, operating point.
 
-    The components of each case are labelled once per threshold; every component threshold
-    then only selects among them (:func:`ctpipe.postprocessing.candidates.mask_of`).
+    The components of each case are labelled once per threshold and rule; every component
+    threshold then only selects among them (:func:`ctpipe.postprocessing.candidates.mask_of`).
     """
     rows = []
     for t in thresholds:
-        labelled = [candidates.label_candidates(c.prob, c.geom, t, min_volume_mm3) for c in cases]
-        for h in component_thresholds:
-            masks = [candidates.mask_of(labels, cands, t, h) for labels, cands in labelled]
-            found = pd.concat(
-                [
-                    cands.assign(
-                        seriesuid=c.seriesuid, detected=candidates.at_operating_point(cands, t, h)
-                    )
-                    for c, (_, cands) in zip(cases, labelled)
-                ],
-                ignore_index=True,
-            )
-            op = luna16.operating_point(found, nodules, len(cases))
-            per_case = [
-                overlap.pooled_dice([m], [c.truth]) for m, c in zip(masks, cases) if c.truth.any()
+        for level, volume in keep:
+            labelled = [
+                candidates.label_candidates(c.prob, c.geom, t, min_volume_mm3, 0.0, level, volume)
+                for c in cases
             ]
-            rows.append(
-                {
-                    "threshold": t,
-                    "component_threshold": h,
-                    "dice": float(np.mean(per_case)) if per_case else float("nan"),
-                    "dice_pooled": overlap.pooled_dice(masks, [c.truth for c in cases]),
-                    "sensitivity": op["sensitivity"],
-                    "fp_per_scan": op["fp_per_scan"],
-                }
-            )
+            for h in component_thresholds:
+                rows.append(_score_masks(cases, nodules, labelled, t, h, level, volume))
     return pd.DataFrame(rows)
+
+
+def _score_masks(cases, nodules, labelled, t, h, level, volume) -> dict:
+    masks = [candidates.mask_of(labels, cands, t, h) for labels, cands in labelled]
+    found = pd.concat(
+        [
+            cands.assign(seriesuid=c.seriesuid, detected=candidates.at_operating_point(cands, t, h))
+            for c, (_, cands) in zip(cases, labelled)
+        ],
+        ignore_index=True,
+    )
+    op = luna16.operating_point(found, nodules, len(cases))
+    per_case = [overlap.pooled_dice([m], [c.truth]) for m, c in zip(masks, cases) if c.truth.any()]
+    return {
+        "threshold": t,
+        "component_threshold": h,
+        "keep_level": float("nan") if level is None else level,
+        "keep_volume_mm3": float("nan") if volume is None else volume,
+        "dice": float(np.mean(per_case)) if per_case else float("nan"),
+        "dice_pooled": overlap.pooled_dice(masks, [c.truth for c in cases]),
+        "sensitivity": op["sensitivity"],
+        "fp_per_scan": op["fp_per_scan"],
+    }
 
 
 def best_pair(table: pd.DataFrame) -> pd.Series:
     """The row of :func:`sweep_masks` the rule in the module docstring chooses."""
-    order = table.sort_values(
-        ["dice", "dice_pooled", "fp_per_scan", "threshold", "component_threshold"],
-        ascending=[False, False, True, True, True],
+
+    def column(name: str) -> pd.Series:
+        values = table[name] if name in table else np.nan
+        return -pd.Series(values, index=table.index).fillna(np.inf)  # off first, then larger
+
+    order = table.assign(_volume=column("keep_volume_mm3"), _level=column("keep_level"))
+    order = order.sort_values(
+        [
+            "dice",
+            "dice_pooled",
+            "fp_per_scan",
+            "threshold",
+            "component_threshold",
+            "_volume",
+            "_level",
+        ],
+        ascending=[False, False, True, True, True, True, True],
         na_position="last",
         kind="stable",
     )
-    return order.iloc[0]
+    return order.iloc[0].drop(["_volume", "_level"])
 
 
 def sweep_shape(
@@ -157,14 +206,18 @@ def choose(cases: list[Case], nodules: pd.DataFrame, cfg: dict) -> dict:
         grid(cfg["threshold"], cfg["threshold_grid"], "threshold"),
         grid(cfg["component_threshold"], cfg["component_threshold_grid"], "component_threshold"),
         min_volume,
+        keep_grid(cfg),
     )
     pair = best_pair(masks)
     t, h = float(pair["threshold"]), float(pair["component_threshold"])
+    level, volume = (
+        None if np.isnan(pair[k]) else float(pair[k]) for k in ("keep_level", "keep_volume_mm3")
+    )
     cands = pd.concat(
         [
-            candidates.candidates_from_probability(c.prob, c.geom, t, min_volume).assign(
-                seriesuid=c.seriesuid
-            )
+            candidates.candidates_from_probability(
+                c.prob, c.geom, t, min_volume, 0.0, level, volume
+            ).assign(seriesuid=c.seriesuid)
             for c in cases
         ],
         ignore_index=True,
@@ -177,7 +230,13 @@ def choose(cases: list[Case], nodules: pd.DataFrame, cfg: dict) -> dict:
     )
     w = best_shape_weight(shapes)
     return {
-        "chosen": {"threshold": t, "component_threshold": h, "shape_weight": w},
+        "chosen": {
+            "threshold": t,
+            "component_threshold": h,
+            "shape_weight": w,
+            "keep_level": level,
+            "keep_volume_mm3": volume,
+        },
         "val": {
             "dice": float(pair["dice"]),
             "dice_pooled": float(pair["dice_pooled"]),
@@ -188,14 +247,16 @@ def choose(cases: list[Case], nodules: pd.DataFrame, cfg: dict) -> dict:
             "cases_with_nodules": int(sum(c.truth.any() for c in cases)),
             "nodules": int(len(nodules)),
         },
-        "fixed": [k for k in KEYS if cfg[k] != "auto"],
+        "fixed": [k for k in KEYS if cfg[k] != "auto"]
+        + [k for k in OPTIONAL if cfg.get(k) not in ("auto", None)],  # null: off, not a value
         "masks": masks,
         "shape": shapes,
     }
 
 
-def load(path: str | Path) -> dict[str, float]:
-    """The chosen ``threshold``, ``component_threshold`` and ``shape_weight`` of a
+def load(path: str | Path) -> dict[str, float | None]:
+    """The chosen ``threshold``, ``component_threshold``, ``shape_weight``, ``keep_level`` and
+    ``keep_volume_mm3`` (None: off, also for files written before them) of a
     ``postprocessing.json`` written by the postprocess stage."""
     chosen = read_json(Path(path)).get("chosen", {})
     missing = [k for k in KEYS if k not in chosen]
@@ -203,4 +264,7 @@ def load(path: str | Path) -> dict[str, float]:
         raise ValueError(
             f"{path}: 'chosen' lacks {missing}; re-run the postprocess stage (dvc repro postprocess)"
         )
-    return {k: float(chosen[k]) for k in KEYS}
+    out: dict[str, float | None] = {k: float(chosen[k]) for k in KEYS}
+    for k in OPTIONAL:
+        out[k] = None if chosen.get(k) is None else float(chosen[k])
+    return out
