@@ -77,9 +77,8 @@ def at_operating_point(
     ``peak``, not their ranking ``score``, reaches :func:`operating_score`, so that the lesion
     figures describe the components the mask keeps whatever the shape weight."""
     found = candidates["peak"] >= operating_score(threshold, component_threshold)
-    if (
-        "large" in candidates
-    ):  # labelled with keep_volume_mm3: large components count whatever their peak
+    # Labelled with keep_level and keep_volume_mm3: large components count whatever their peak.
+    if "large" in candidates:
         found = found | candidates["large"].astype(bool)
     return found
 
