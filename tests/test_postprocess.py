@@ -261,6 +261,21 @@ def test_keep_grid_reads_off_fixed_and_auto():
         choose.keep_grid({"keep_volume_mm3": "auto", "keep_volume_mm3_grid": []})
 
 
+@pytest.mark.parametrize(
+    "cfg, reason",
+    [
+        ({"keep_volume_mm3": "big"}, r"keep_volume_mm3: 'big' is not a number"),
+        ({"keep_volume_mm3": "auto", "keep_volume_mm3_grid": [None, "x"]}, r"grid: 'x' is not"),
+        ({"keep_volume_mm3": -5, "keep_level": 0.5}, r"keep_volume_mm3: \[-5.0\] not > 0"),
+        ({"keep_volume_mm3": 500, "keep_level": 1.5}, r"keep_level: \[1.5\] not in \(0, 1\]"),
+        ({"keep_volume_mm3": 500, "keep_level_grid": [0.3, 0]}, r"keep_level: \[0.0\] not in"),
+    ],
+)
+def test_keep_grid_names_the_param_and_the_reason_for_a_bad_value(cfg, reason):
+    with pytest.raises(ValueError, match=reason):
+        choose.keep_grid(cfg)
+
+
 def test_large_rule_is_chosen_where_validation_has_a_large_faint_nodule_and_off_on_ties():
     geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
     shape = (14, 14, 14)

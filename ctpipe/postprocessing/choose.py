@@ -75,11 +75,25 @@ def keep_grid(cfg: dict) -> list[tuple[float | None, float | None]]:
         if not values:
             raise ValueError("postprocess.keep_volume_mm3_grid is empty")
         off = [OFF] if any(v is None for v in values) else []
-        volumes = sorted({float(v) for v in values if v is not None})
+        volumes = sorted({_number(v, "keep_volume_mm3_grid") for v in values if v is not None})
     else:
-        off, volumes = [], [float(value)]
+        off, volumes = [], [_number(value, "keep_volume_mm3")]
     levels = grid(cfg.get("keep_level", "auto"), cfg.get("keep_level_grid") or [], "keep_level")
+    for name, values, ok, bound in (
+        ("keep_volume_mm3", volumes, lambda v: v > 0, "> 0 (mm3)"),
+        ("keep_level", levels, lambda v: 0 < v <= 1, "in (0, 1] (a probability)"),
+    ):
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise ValueError(f"postprocess.{name}: {bad} not {bound}")
     return off + [(level, volume) for level in levels for volume in volumes]
+
+
+def _number(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"postprocess.{name}: {value!r} is not a number, null or auto") from None
 
 
 def sweep_masks(
