@@ -89,6 +89,9 @@ def build(
         seed,
         fg_sampling=cfg["fg_sampling"],
         views=cfg["views"],
+        hard_fraction=float(cfg["hard_fraction"]),
+        affine_prob=float(cfg["affine_prob"]),
+        scale_range=cfg["scale_range"],
     )
     sampler = torch.utils.data.DistributedSampler(run.dataset, shuffle=False) if world > 1 else None
     run.loader = data.make_loader(
@@ -177,7 +180,7 @@ def epoch_record(
     world: int,
 ) -> dict:
     """The epoch's figures: the loss on fixed validation patches every epoch, the validation Dice
-    every ``val_every`` epochs (0: never before the last) and after the last."""
+    every ``val_every`` epochs and after the last (0: never)."""
     record = {
         "train_loss": float(np.mean(losses)),
         "lr": run.scheduler.get_last_lr()[0],
@@ -188,7 +191,7 @@ def epoch_record(
     # validation volumes costs about five epochs of training on 2 CPU cores.
     record["val_loss"] = training.val_loss(run.judged, run.val_patches, run.loss_fn, device)
     every = int(cfg["val_every"])
-    if (every > 0 and (epoch + 1) % every == 0) or epoch + 1 == int(cfg["epochs"]):
+    if every > 0 and ((epoch + 1) % every == 0 or epoch + 1 == int(cfg["epochs"])):
         record["val_dice"] = training.validate(
             run.judged, args.data_dir, run.val_cases, cfg, device
         )
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"train.select must be 'last' or 'best', got {cfg['select']!r}")
     if int(cfg["val_every"]) < 0:
         raise ValueError(
-            f"train.val_every must be >= 0 (0: only after the last epoch), got {cfg['val_every']!r}"
+            f"train.val_every must be >= 0 (0: no validation Dice), got {cfg['val_every']!r}"
         )
+    if cfg["select"] == "best" and int(cfg["val_every"]) == 0:
+        raise ValueError("train.select: best needs the validation Dice: set train.val_every > 0")
     if int(os.environ.get("RANK", "0")) == 0:
         record_environment("train", Path(args.metrics).parent / "env")
     device, rank, world, amp = training.setup_device(cfg)
@@ -345,6 +350,7 @@ def _finish(args, live: Live, history: list[dict], best: float, select: str) -> 
         if select == "last"
         else torch.load(args.checkpoints / "best.pt", map_location="cpu", weights_only=False)
     )
+    validated = any("val_dice" in r for r in history)
     training.save_checkpoint(
         args.model,
         state_dict=state["model_state_dict"],
@@ -352,34 +358,29 @@ def _finish(args, live: Live, history: list[dict], best: float, select: str) -> 
         plan=state["plan"],
         seed=state["seed"],
         epoch=state["epoch"],
-        best_val_dice=best,
+        best_val_dice=best if validated else None,
         selected=select,
-        val_dice=_last_val_dice(state["history"]),
+        val_dice=_last_val_dice(state["history"]) if validated else None,
     )
     last["complete"] = True
     training.save_checkpoint(args.checkpoints / "last.pt", **last)
     live.end()
     final = history[-1]
-    best_epoch = 1 + max(
-        (i for i, r in enumerate(history) if "val_dice" in r),
-        key=lambda i: (history[i]["val_dice"], -i),
-        default=-1,
-    )
-    write_json(
-        args.metrics,
-        rounded(
-            {
-                "best_val_dice": best,
-                "best_epoch": best_epoch,
-                "selected": select,
-                "selected_epoch": state["epoch"] + 1,
-                "selected_val_dice": _last_val_dice(state["history"]),
-                "epochs_run": len(history),
-                "train_loss": final["train_loss"],
-                "val_loss": final["val_loss"],
-            }
-        ),
-    )
+    validated = [i for i, r in enumerate(history) if "val_dice" in r]
+    figures = {
+        "selected": select,
+        "selected_epoch": state["epoch"] + 1,
+        "epochs_run": len(history),
+        "train_loss": final["train_loss"],
+        "val_loss": final["val_loss"],
+    }
+    if validated:  # with train.val_every: 0 there is no validation Dice to report
+        figures.update(
+            best_val_dice=best,
+            best_epoch=1 + max(validated, key=lambda i: (history[i]["val_dice"], -i)),
+            selected_val_dice=_last_val_dice(state["history"]),
+        )
+    write_json(args.metrics, rounded(figures))
 
 
 if __name__ == "__main__":

@@ -86,20 +86,26 @@ def test_validation_every_n_epochs_and_after_the_last(processed, tmp_path, param
     assert torch.load(tmp_path / "model.pt", weights_only=False)["epoch"] in (1, 2)
 
 
-def test_val_every_zero_validates_after_the_last_epoch_only(processed, tmp_path, params_file):
+def test_val_every_zero_runs_no_validation_dice(processed, tmp_path, params_file):
+    """The default: the validation loss every epoch, no Dice pass over whole volumes (the
+    postprocess stage measures the model on validation with evaluate's own inference)."""
     params = yaml.safe_load(params_file.read_text())
-    params["train"].update(epochs=3, val_every=0)
+    params["train"].update(epochs=3, val_every=0, select="last")
     params_file.write_text(yaml.safe_dump(params))
     assert run_train(processed, tmp_path, params_file) == 0
     metrics = tmp_path / "live" / "plots" / "metrics"
-    rows = (metrics / "val_dice.tsv").read_text().splitlines()[1:]
-    assert [int(r.split("\t")[0]) for r in rows] == [2]
+    assert not (metrics / "val_dice.tsv").exists()
     assert len((metrics / "val_loss.tsv").read_text().splitlines()) == 4  # header + 3 epochs
+    figures = json.loads((tmp_path / "train.json").read_text())
+    assert figures["selected_epoch"] == 3 and "best_val_dice" not in figures
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert ckpt["val_dice"] is None and ckpt["best_val_dice"] is None
 
 
-def test_negative_val_every_is_refused(processed, tmp_path, params_file):
+@pytest.mark.parametrize("change", [{"val_every": -1}, {"val_every": 0, "select": "best"}])
+def test_bad_val_every_is_refused(processed, tmp_path, params_file, change):
     params = yaml.safe_load(params_file.read_text())
-    params["train"]["val_every"] = -1
+    params["train"].update(change)
     params_file.write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match="val_every"):
         run_train(processed, tmp_path, params_file)

@@ -70,8 +70,14 @@ def model_card(
         )
         + f". Training: up to {tp.get('epochs')} epochs, patch {tp.get('patch_size')}; the model is the "
         f"{ckpt.get('selected', 'best')} checkpoint (epoch {ckpt.get('epoch', -1) + 1}, weight average decay "
-        f"{tp.get('ema_decay', 0)}), validation Dice during training (axial, threshold 0.5) "
-        f"{_fmt(ckpt.get('val_dice', ckpt.get('best_val_dice')))}; post-processing chosen on validation."
+        f"{tp.get('ema_decay', 0)}), "
+        + (
+            "validation loss only during training (`train.val_every: 0`)"
+            if ckpt.get("val_dice", ckpt.get("best_val_dice")) is None
+            else "validation Dice during training (axial, threshold 0.5) "
+            f"{_fmt(ckpt.get('val_dice', ckpt.get('best_val_dice')))}"
+        )
+        + "; post-processing chosen on validation (evaluate's own inference)."
     )
     fig = verification["onnx_vs_torch"]
     verified = (

@@ -115,8 +115,16 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         augment: bool = True,
         fg_sampling: str = "voxel",
         views=("axial",),
+        hard_fraction: float = 0.0,
+        affine_prob: float = 0.0,
+        scale_range=(0.7, 1.4),
     ) -> None:
-        self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
+        _check_sampling(fg_fraction, hard_fraction, affine_prob, scale_range)
+        cases = [load_case(processed, cid) for cid in case_ids]
+        self.volumes = [(image, label) for image, label, _ in cases]
+        self.spacing_kji = [np.asarray(geom.spacing[::-1], dtype=np.float64) for *_, geom in cases]
+        self.affine_prob = float(affine_prob)
+        self.scale_range = tuple(float(s) for s in scale_range)
         self.views = check_views(views)
         # Foreground oversampling draws a "pool" uniformly, then a voxel in it. fg_sampling "voxel":
         # one pool per case with nodules (large nodules get most patches); "nodule": one pool per
@@ -133,6 +141,14 @@ class SlabPatchDataset(torch.utils.data.Dataset):
                 ids = components[tuple(voxels.T)]
                 self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
         self.pad = [float(np.asarray(img[0]).min()) for img, _ in self.volumes]
+        self.hard_fraction = float(hard_fraction)
+        self.hard: list[tuple[int, np.ndarray]] = []
+        if self.hard_fraction > 0:
+            plan = load_plan(processed)
+            for case, (img, lbl) in enumerate(self.volumes):
+                voxels = lung_structures(np.asarray(img, np.float32), np.asarray(lbl), plan)
+                if len(voxels):
+                    self.hard.append((case, voxels))
         self.patch, self.context = int(patch_size), int(context)
         self.n, self.fg_fraction, self.seed = int(samples_per_epoch), float(fg_fraction), int(seed)
         self.epoch = 0
@@ -146,12 +162,25 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         return self.n
 
     def _centre(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
-        if self.nodules and rng.random() < self.fg_fraction:
+        draw = rng.random()
+        if self.nodules and draw < self.fg_fraction:
             case, voxels = self.nodules[int(rng.integers(len(self.nodules)))]
+            return case, voxels[int(rng.integers(len(voxels)))]
+        if self.hard and draw < self.fg_fraction + self.hard_fraction:
+            case, voxels = self.hard[int(rng.integers(len(self.hard)))]
             return case, voxels[int(rng.integers(len(voxels)))]
         case = int(rng.integers(len(self.volumes)))
         shape = self.volumes[case][0].shape
         return case, np.array([rng.integers(0, s) for s in shape])
+
+    def _affine_draw(self, rng: np.random.Generator) -> tuple[float, float]:
+        """Scale factor and in-plane rotation (radians) of a patch: each drawn with probability
+        ``affine_prob`` (nnU-Net's scaling 0.7-1.4 and rotation); no draw at all when it is 0."""
+        if self.affine_prob <= 0:
+            return 1.0, 0.0
+        scale = float(rng.uniform(*self.scale_range)) if rng.random() < self.affine_prob else 1.0
+        angle = float(rng.uniform(-np.pi, np.pi)) if rng.random() < self.affine_prob else 0.0
+        return scale, angle
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(item)])
@@ -165,13 +194,30 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             image, label = in_view(image, view), in_view(label, view)
             centre = np.asarray(centre)[list(VIEWS[view])]
         k, j, i = (int(c) for c in centre)
-        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
         half = self.patch // 2
         # Jitter the centre so the nodule is not always in the middle of the patch.
         j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
         i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
-        img = crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
-        lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
+        scale, angle = self._affine_draw(rng) if self.augment else (1.0, 0.0)
+        if scale != 1.0 or angle != 0.0:
+            spacing = self.spacing_kji[case][list(VIEWS[view])]
+            img, lbl = affine_patch(
+                image,
+                label,
+                (k, j0 + half, i0 + half),
+                self.context,
+                self.patch,
+                scale,
+                angle,
+                spacing,
+                self.pad[case],
+            )
+        else:
+            ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
+            img = crop2d(
+                np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case]
+            )
+            lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
         if self.augment:
             # One RandomState per item, shared by every transform: as reproducible as seeding each
             # transform, at a tenth of the cost (Compose.set_random_state builds one per child).
@@ -186,6 +232,107 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(lbl, dtype=np.int64)),
         }
+
+
+def _check_sampling(fg_fraction, hard_fraction, affine_prob, scale_range) -> None:
+    """Refuse sampling params that cannot describe a patch draw, naming the param."""
+    for name, value in (
+        ("fg_fraction", fg_fraction),
+        ("hard_fraction", hard_fraction),
+        ("affine_prob", affine_prob),
+    ):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"train.{name} must be in [0, 1], got {value!r}")
+    if float(fg_fraction) + float(hard_fraction) > 1.0:
+        raise ValueError(
+            f"train.fg_fraction + train.hard_fraction must be <= 1, got {fg_fraction} + {hard_fraction}"
+        )
+    bounds = [float(v) for v in scale_range]
+    if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(
+            f"train.scale_range must be [low, high] with 0 < low <= high, got {scale_range!r}"
+        )
+
+
+def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndarray:
+    """Voxels ``[n, 3]`` of bright structures inside the lungs that are not nodules: vessels and
+    airway walls, where a network's false positives come from.
+
+    Bright: above the plan's ``body_threshold_hu`` (-500 HU by default); inside the lungs: more
+    than half of the voxels within one slice and three rows and columns are lung (at or below that
+    level, within the body, the body being each slice's bright tissue with its holes filled), which
+    leaves the pleura and the chest wall out; not within two voxels of a nodule voxel.
+    ``image`` is normalised as the plan says (``normalization``: ``mean`` and ``std`` in HU).
+    """
+    norm = plan["normalization"]
+    level = (float(plan["body_threshold_hu"]) - float(norm["mean"])) / float(norm["std"])
+    bright = image > level
+    body = np.stack([ndimage.binary_fill_holes(s) for s in bright])
+    lung = ~bright & body
+    near_lung = ndimage.uniform_filter(lung.astype(np.float32), size=(3, 7, 7)) > 0.5
+    near_nodule = ndimage.binary_dilation(label > 0, iterations=2)
+    return np.argwhere(bright & near_lung & ~near_nodule)
+
+
+def affine_patch(
+    image: np.ndarray,
+    label: np.ndarray,
+    centre,
+    context: int,
+    patch: int,
+    scale: float,
+    angle: float,
+    spacing,
+    pad_value: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A 2.5D patch (``[2c+1, P, P]`` image, ``[1, P, P]`` centre-slice label) resampled around
+    ``centre`` (slice, row, column of ``image``, seen along the view) with the content scaled by
+    ``1 / scale`` in all three directions and rotated by ``angle`` in the slab's plane, in mm
+    (``spacing``: mm per slice, row and column), so that a sphere stays a sphere. Linear
+    interpolation; the label is interpolated linearly and cut at 0.5. Slices beyond the volume
+    repeat its edge slices (as :func:`ctpipe.model.views.slabs` does); rows and columns beyond it
+    read ``pad_value``."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    half = patch // 2
+    c = np.arange(-context, context + 1, dtype=np.float64)
+    y, x = np.meshgrid(np.arange(patch) - half, np.arange(patch) - half, indexing="ij")
+    cos, sin = np.cos(angle), np.sin(angle)
+    # Output offsets in mm, rotated and scaled, back to input voxels.
+    ym, xm = y * spacing[1], x * spacing[2]
+    rows = (cos * ym - sin * xm) * scale / spacing[1] + centre[1]
+    cols = (sin * ym + cos * xm) * scale / spacing[2] + centre[2]
+    slices = np.clip(centre[0] + c * scale, 0, image.shape[0] - 1)
+    lo = np.floor([slices.min(), rows.min(), cols.min()]).astype(int)
+    hi = np.ceil([slices.max(), rows.max(), cols.max()]).astype(int) + 1
+    block = crop3d(image, lo, hi - lo, pad_value).astype(np.float32)
+    lblock = crop3d(label, lo, hi - lo, 0).astype(np.float32)
+    grid = np.stack(
+        [
+            np.broadcast_to(slices[:, None, None] - lo[0], (len(c), patch, patch)),
+            np.broadcast_to(rows - lo[1], (len(c), patch, patch)),
+            np.broadcast_to(cols - lo[2], (len(c), patch, patch)),
+        ]
+    )
+    img = ndimage.map_coordinates(block, grid, order=1, mode="nearest", prefilter=False)
+    centre_grid = np.stack(
+        [np.full((1, patch, patch), centre[0] - lo[0], np.float64), grid[1][:1], grid[2][:1]]
+    )
+    lbl = ndimage.map_coordinates(lblock, centre_grid, order=1, mode="nearest", prefilter=False)
+    return img.astype(np.float32), (lbl >= 0.5).astype(np.uint8)
+
+
+def crop3d(arr: np.ndarray, start, size, pad_value: float) -> np.ndarray:
+    """``arr[start : start + size]`` in three dimensions, padded with ``pad_value`` where the box
+    reaches outside the array."""
+    start, size = np.asarray(start, int), np.asarray(size, int)
+    out = np.full(tuple(size), pad_value, dtype=arr.dtype)
+    src_lo = np.maximum(start, 0)
+    src_hi = np.minimum(start + size, arr.shape)
+    if np.all(src_hi > src_lo):
+        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        dst = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
+        out[dst] = arr[src]
+    return out
 
 
 def crop2d(
