@@ -9,8 +9,8 @@ own, one study at a time, and reports its wall seconds per study and its peak re
   predict int8      python -m ctpipe.predict --model int8
   torch + MONAI     the same preprocessing, models/model.pt in PyTorch (channels-last), MONAI's
                     sliding_window_inference over the same views and mirrored passes (and the
-                    same window: the whole slab where the spec says whole_slab), the same
-                    post-processing; what a MONAI user would write
+                    same window: the whole slab where the spec says whole_slab; the same lung
+                    box), the same post-processing; what a MONAI user would write
 
     python benchmarks/bench_predict.py [--studies 2] [--matrix 512] [--slices 300]
 """
@@ -49,6 +49,7 @@ else:
     from ctpipe import dicomio, prep
     from ctpipe.fileio import read_json
     from ctpipe.model import infer, nets
+    from ctpipe.model.views import lung_roi
     from ctpipe.postprocessing.candidates import find_nodules
     spec = read_json(Path(package) / "input_spec.json")
     pre, inf, post = spec["preprocessing"], spec["inference"], spec["postprocessing"]
@@ -57,11 +58,13 @@ else:
     hu, geom = prep.resample(hu, geom, np.asarray(pre["target_spacing_mm_xyz"]), pre["interpolation"])
     hu, geom, _ = prep.crop_to_body(hu, geom, pre["body_crop"]["threshold_hu"], pre["body_crop"]["margin_mm"])
     volume = prep.normalise(hu, pre["normalization"])
+    box = lung_roi(volume, {"body_threshold_hu": pre["body_crop"]["threshold_hu"], **pre},
+                   geom.spacing[::-1], inf.get("lung_margin_mm"))
     net, ckpt = nets.load_checkpoint(model)
     prob = infer.predict_volume(infer.torch_predictor(net), volume, int(spec["context_slices"]),
                                 int(inf["roi_size"]), float(inf["sliding_window_overlap"]),
                                 views=inf["views"], mirror_axes=inf["mirror_axes"],
-                                whole_slab=bool(inf.get("whole_slab", False)))
+                                whole_slab=bool(inf.get("whole_slab", False)), box=box)
     _, cands = find_nodules(prob, geom, post["threshold"], post["component_threshold"],
                             post["min_candidate_mm3"], post["shape_weight"],
                             post.get("keep_level"), post.get("keep_volume_mm3"))

@@ -55,6 +55,10 @@ def _inference_spec(tp: dict, cfg: dict) -> dict:
         "mirror_axes_meaning": "test-time mirroring: each slab [C, H, W] is also predicted mirrored along "
         "every combination of these in-plane axes (0: rows H, 1: columns W), each prediction mirrored back, "
         "and the foreground probabilities averaged ([0, 1]: 4 passes per view; []: one)",
+        "lung_margin_mm": None if cfg["lung_margin_mm"] is None else float(cfg["lung_margin_mm"]),
+        "lung_margin_mm_meaning": "only the bounding box of the lungs (voxels at or below the body "
+        "threshold inside the body, each slice's holes filled; pieces under 1 % of the largest left out), "
+        "grown by this margin, is predicted; probability 0 outside it; null: the whole volume",
         "whole_slab": bool(cfg["whole_slab"]),
         "whole_slab_meaning": "true: each slab goes through the network in one pass, zero-padded to "
         "multiples of 16 (roi_size and sliding_window_overlap unused); false: windows of roi_size at "

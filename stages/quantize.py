@@ -40,6 +40,7 @@ from ctpipe.evaluation import overlap, scoring
 from ctpipe.fileio import atomic_path, rounded, write_json
 from ctpipe.model import data, nets
 from ctpipe.model.infer import onnx_predictor, predict_volume, torch_predictor
+from ctpipe.model.views import lung_roi
 from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import cpu_info
@@ -244,9 +245,11 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
     }
     tally = {name: SplitTally() for name in predictors}
     agree = overlap.PooledDice()  # INT8 against fp32 masks
+    plan = data.load_plan(processed)
     for case in tqdm(test, desc="test fp32 + int8", unit="case"):
         image, label, geom = data.load_case(processed, case["case_id"])
         image, label = np.asarray(image, dtype=np.float32), np.asarray(label) > 0
+        box = lung_roi(image, plan, geom.spacing[::-1], cfg["lung_margin_mm"])
         masks = {}
         for name, predictor in predictors.items():
             prob = predict_volume(
@@ -257,6 +260,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
                 float(cfg["overlap"]),
                 views=cfg["views"],
                 whole_slab=bool(cfg["whole_slab"]),
+                box=box,
             )
             masks[name] = tally[name].add(case, prob, label, geom, cfg)
         agree.add(masks["int8"], masks["fp32"])

@@ -360,6 +360,7 @@ def make_tiny_package(root: Path) -> Path:
         "shape_weight": 2.0,
         "views": ["axial", "coronal", "sagittal"],
         "mirror_axes": [0, 1],
+        "lung_margin_mm": 10.0,
         "max_spacing_factor": 2.0,
         "min_extent_mm": 100,
     }

@@ -8,7 +8,10 @@ import pytest
 from ctpipe.fileio import write_json
 from ctpipe.model import data
 
-PLAN = {"normalization": {"mean": 0.0, "std": 1.0}, "body_threshold_hu": -500.0}
+PLAN = {
+    "normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 1.0},
+    "body_threshold_hu": -500.0,
+}
 
 
 def _chest(shape=(12, 48, 64)) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -12,7 +12,10 @@ from ctpipe.model.views import (
     check_views,
     from_view,
     in_view,
+    lung_box,
+    lung_roi,
     mean_over_mirrors,
+    mean_over_views,
     mirror_combinations,
     slabs,
     whole_slab_roi,
@@ -219,3 +222,60 @@ def test_whole_slab_is_the_network_on_the_whole_slab_without_seams():
 )
 def test_whole_slab_roi_rounds_up_to_16(h, w, expected):
     assert whole_slab_roi(h, w) == expected
+
+
+def _two_lungs(shape=(20, 40, 60)) -> tuple[np.ndarray, list[tuple[slice, ...]]]:
+    """A body (1.0) in air (-10), two box-shaped lungs (-8) and a small air pocket (-8) in the body
+    wall, which is under 1 % of a lung and is left out."""
+    vol = np.full(shape, -10.0, np.float32)
+    vol[2:18, 5:35, 5:55] = 1.0
+    lungs = [np.s_[4:16, 10:30, 10:25], np.s_[5:17, 12:28, 33:50]]
+    for box in lungs:
+        vol[box] = -8.0
+    vol[10, 32, 30] = -8.0
+    return vol, lungs
+
+
+def test_lung_box_is_the_lungs_grown_by_the_margin():
+    vol, _ = _two_lungs()
+    box = lung_box(vol, level=-5.0, margin=(1, 2, 3))
+    assert box == (slice(3, 18), slice(8, 32), slice(7, 53))
+
+
+@pytest.mark.parametrize("fill", [-10.0, 1.0])
+def test_lung_box_is_none_without_lungs(fill):
+    """All air (nothing inside a body) or all tissue: no lungs, the caller predicts everything."""
+    assert lung_box(np.full((6, 20, 20), fill, np.float32), level=-5.0, margin=(1, 1, 1)) is None
+
+
+def test_lung_roi_reads_level_and_margin_from_the_plan():
+    vol, _ = _two_lungs()
+    plan = {
+        "body_threshold_hu": -500.0,
+        "normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 100.0},
+    }  # -500 HU is -5.0 here
+    assert lung_roi(vol, plan, (2.0, 1.0, 1.0), 3.0) == lung_box(vol, -5.0, (2, 3, 3))
+    assert lung_roi(vol, plan, (2.0, 1.0, 1.0), None) is None
+
+
+def test_prediction_in_a_box_is_the_cropped_volume_and_zero_outside():
+    vol = np.random.default_rng(5).normal(size=(8, 30, 26)).astype(np.float32)
+    box = np.s_[1:7, 4:25, 3:20]
+    fn = lambda seen: 1.0 / (1.0 + np.exp(-seen.astype(np.float32)))  # noqa: E731
+    out = mean_over_views(vol, ALL, fn, box)
+    np.testing.assert_allclose(out[box], mean_over_views(vol[box], ALL, fn), atol=1e-7)
+    outside = np.ones(vol.shape, bool)
+    outside[box] = False
+    assert not out[outside].any()
+
+
+def test_predict_and_the_pipeline_agree_inside_a_lung_box():
+    vol, _ = _two_lungs()
+    vol = vol + np.random.default_rng(6).normal(scale=0.1, size=vol.shape).astype(np.float32)
+    box = lung_box(vol, -5.0, (1, 2, 2))
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    ref = infer.predict_volume(conv, vol, 1, 32, 0.5, views=ALL, whole_slab=True, box=box)
+    ours = predict_probability(_Session(conv), vol, 1, 32, 0.5, views=ALL, whole_slab=True, box=box)
+    assert np.abs(ours - ref).max() < 1e-5
+    assert ref[box].any() and not ref[: box[0].start].any()

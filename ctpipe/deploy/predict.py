@@ -43,7 +43,7 @@ from ctpipe import dicomio, prep
 from ctpipe.deploy import report
 from ctpipe.fileio import read_json, write_csv, write_json
 from ctpipe.geometry import Geometry
-from ctpipe.model.views import mean_over_views, slab_by_slab, whole_slab_roi
+from ctpipe.model.views import lung_roi, mean_over_views, slab_by_slab, whole_slab_roi
 from ctpipe.monitor.record import append as append_record
 from ctpipe.monitor.record import series_record
 from ctpipe.postprocessing.candidates import find_nodules
@@ -106,11 +106,13 @@ def predict_probability(
     views=("axial",),
     mirror_axes=(),
     whole_slab: bool = False,
+    box=None,
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` of a normalised volume, with an ONNX Runtime session:
     the mean over ``views`` (:mod:`ctpipe.model.views`) of the slab-by-slab prediction along each, each
     slab also mirrored along ``mirror_axes``; ``whole_slab``: each slab in one pass
-    (:func:`ctpipe.model.views.whole_slab_roi`) instead of windows of ``roi``."""
+    (:func:`ctpipe.model.views.whole_slab_roi`) instead of windows of ``roi``; ``box``: only this
+    part of the volume (:func:`ctpipe.model.views.lung_roi`), 0 elsewhere."""
     name = session.get_inputs()[0].name
     run = lambda x: session.run(None, {name: x.astype(np.float32)})[0]  # noqa: E731
 
@@ -124,6 +126,7 @@ def predict_probability(
         volume,
         views,
         lambda seen: slab_by_slab(seen, context, batch_slices, mirror_axes, window_prob),
+        box,
     )
 
 
@@ -228,6 +231,13 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         resampled, rgeom, pre["body_crop"]["threshold_hu"], pre["body_crop"]["margin_mm"]
     )
     volume = prep.normalise(cropped, pre["normalization"])
+    # Packages before inference.lung_margin_mm predict the whole volume.
+    box = lung_roi(
+        volume,
+        {"body_threshold_hu": pre["body_crop"]["threshold_hu"], **pre},
+        cgeom.spacing[::-1],
+        inf.get("lung_margin_mm"),
+    )
     session = ort.InferenceSession(
         str(package / ("model.onnx" if model == "fp32" else "model_int8.onnx")),
         providers=["CPUExecutionProvider"],
@@ -241,6 +251,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         views=inf.get("views", ["axial"]),
         mirror_axes=inf.get("mirror_axes", []),
         whole_slab=bool(inf.get("whole_slab", False)),  # packages before it: sliding windows
+        box=box,
     )
     # One labelling gives both the mask and the nodules listed: each row is one mask component.
     found, nodules = find_nodules(

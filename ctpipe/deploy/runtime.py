@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ctpipe.deploy import onnx_export, sessions
-from ctpipe.model import data, infer
+from ctpipe.model import data, infer, views
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
@@ -49,12 +49,14 @@ def predict_cases(
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
     """Yield ``(case, image, truth, prob, geometry)`` for each case, one volume in memory at a time,
     inferred on ``cfg["runtime"]`` with the ROI, overlap, views and test-time mirroring of ``cfg``
-    (the ``inference`` params)."""
+    (the ``inference`` params), inside the lungs' box (``lung_margin_mm``)."""
+    plan = data.load_plan(processed)
     with tempfile.TemporaryDirectory(prefix="ctpipe-predict-") as tmp:
         predictor = make_predictor(net, 2 * context + 1, cfg["runtime"], Path(tmp))
         for case in tqdm(cases, desc=desc, unit="case"):
             image, label, geom = data.load_case(processed, case["case_id"])
             image = np.asarray(image, dtype=np.float32)
+            box = views.lung_roi(image, plan, geom.spacing[::-1], cfg["lung_margin_mm"])
             prob = infer.predict_volume(
                 predictor,
                 image,
@@ -63,6 +65,7 @@ def predict_cases(
                 float(cfg["overlap"]),
                 views=cfg["views"],
                 mirror_axes=cfg["mirror_axes"],
-                whole_slab=bool(cfg.get("whole_slab", False)),
+                whole_slab=bool(cfg["whole_slab"]),
+                box=box,
             )
             yield case, image, np.asarray(label) > 0, prob, geom

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
-from ctpipe.model.views import VIEWS, check_views, in_view
+from ctpipe.model.views import VIEWS, check_views, in_view, intensity_level, lung_mask
 
 
 def load_index(processed: str | Path) -> dict[str, Any]:
@@ -264,11 +264,9 @@ def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndar
     leaves the pleura and the chest wall out; not within two voxels of a nodule voxel.
     ``image`` is normalised as the plan says (``normalization``: ``mean`` and ``std`` in HU).
     """
-    norm = plan["normalization"]
-    level = (float(plan["body_threshold_hu"]) - float(norm["mean"])) / float(norm["std"])
+    level = intensity_level(plan["body_threshold_hu"], plan["normalization"])
     bright = image > level
-    body = np.stack([ndimage.binary_fill_holes(s) for s in bright])
-    lung = ~bright & body
+    lung = lung_mask(image, level)
     near_lung = ndimage.uniform_filter(lung.astype(np.float32), size=(3, 7, 7)) > 0.5
     near_nodule = ndimage.binary_dilation(label > 0, iterations=2)
     return np.argwhere(bright & near_lung & ~near_nodule)

@@ -37,13 +37,15 @@ def predict_volume(
     views=("axial",),
     mirror_axes=(),
     whole_slab: bool = False,
+    box=None,
 ) -> np.ndarray:
     """Foreground probability ``[K, H, W]`` (float32) of a normalised volume ``[K, H, W]``: the mean
     over ``views`` of the probability predicted slab by slab along each view's axis, each slab
     also mirrored along ``mirror_axes`` (:func:`ctpipe.model.views.mean_over_mirrors`).
 
     ``whole_slab``: each slab in one pass (:func:`ctpipe.model.views.whole_slab_roi`) instead of
-    windows of ``roi_size`` at ``overlap``."""
+    windows of ``roi_size`` at ``overlap``. ``box``: only this part of the volume is predicted
+    (:func:`ctpipe.model.views.lung_roi`), 0 elsewhere."""
 
     def window_prob(x: np.ndarray) -> np.ndarray:
         roi = whole_slab_roi(*x.shape[2:]) if whole_slab else (roi_size, roi_size)
@@ -64,6 +66,7 @@ def predict_volume(
             lambda seen: slab_by_slab(
                 np.ascontiguousarray(seen), context, batch_slices, mirror_axes, window_prob
             ),
+            box,
         )
 
 
