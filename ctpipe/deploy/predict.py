@@ -208,22 +208,10 @@ def write_seg(path: Path, sources: list[pydicom.Dataset], mask: np.ndarray) -> N
     seg.save_as(path)
 
 
-def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> dict:
-    """Run the whole chain on one sorted series into ``out/<SeriesInstanceUID>``; return a summary.
-
-    The outputs are written to a temporary folder next to it and moved into place when complete,
-    so a failure leaves no partial folder.
-    """
-    import onnxruntime as ort
-
-    start = time.perf_counter()
-    spec = read_json(package / "input_spec.json")
-    pre, inf, post = spec["preprocessing"], spec["inference"], spec["postprocessing"]
-    # Headers only (the pixels are read once, by read_series), with the missing Type 2 patient
-    # and study attributes made present and empty: headers as they come still give a SEG and SR.
-    sources = [report.add_type2(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
-    hu, geom = dicomio.read_series(paths)
-    check_series(spec, sources[0], geom, hu.shape)
+def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry):
+    """The package's preprocessing of one series: resampled, body-cropped, normalised volume,
+    its geometry and the lungs' box to predict (None: the whole volume)."""
+    pre, inf = spec["preprocessing"], spec["inference"]
     resampled, rgeom = prep.resample(
         hu, geom, np.asarray(pre["target_spacing_mm_xyz"]), pre["interpolation"]
     )
@@ -238,6 +226,26 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         cgeom.spacing[::-1],
         inf.get("lung_margin_mm"),
     )
+    return volume, cgeom, box
+
+
+def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> dict:
+    """Run the whole chain on one sorted series into ``out/<SeriesInstanceUID>``; return a summary.
+
+    The outputs are written to a temporary folder next to it and moved into place when complete,
+    so a failure leaves no partial folder.
+    """
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    spec = read_json(package / "input_spec.json")
+    inf, post = spec["inference"], spec["postprocessing"]
+    # Headers only (the pixels are read once, by read_series), with the missing Type 2 patient
+    # and study attributes made present and empty: headers as they come still give a SEG and SR.
+    sources = [report.add_type2(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
+    hu, geom = dicomio.read_series(paths)
+    check_series(spec, sources[0], geom, hu.shape)
+    volume, cgeom, box = prepare_volume(spec, hu, geom)
     session = ort.InferenceSession(
         str(package / ("model.onnx" if model == "fp32" else "model_int8.onnx")),
         providers=["CPUExecutionProvider"],
