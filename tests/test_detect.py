@@ -18,6 +18,7 @@ from ctpipe.labels import nodule_mask
 from ctpipe.postprocessing.candidates import (
     at_operating_point,
     candidates_from_probability,
+    component_max,
     elongation,
     find_nodules,
     segment,
@@ -318,3 +319,15 @@ def test_a_large_faint_nodule_broken_up_at_the_threshold_is_kept_whole(geom):
     for level, volume in ((0.5, 2000.0), (0.65, 1000.0)):
         mask, _ = find_nodules(prob, geom, 0.9, 0.99, keep_level=level, keep_volume_mm3=volume)
         assert mask.sum() == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_component_max_agrees_with_ndimage_maximum(dtype):
+    rng = np.random.default_rng(3)
+    prob = ndimage.gaussian_filter(rng.random((30, 40, 50)), 1.5).astype(dtype)
+    labels, n = ndimage.label(prob > np.quantile(prob, 0.9), structure=np.ones((3, 3, 3)))
+    assert n > 10
+    expected = np.asarray(ndimage.maximum(prob, labels, np.arange(1, n + 1)))
+    got = component_max(prob, labels, n)
+    assert got.dtype == dtype and np.array_equal(got, expected)
+    assert component_max(prob, np.zeros_like(labels), 0).shape == (0,)

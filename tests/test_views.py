@@ -217,6 +217,25 @@ def test_whole_slab_is_the_network_on_the_whole_slab_without_seams():
     assert np.abs(windows - direct).max() > 1e-2  # the seams whole_slab does away with
 
 
+def test_whole_slab_logits_are_monai_sliding_window_with_one_window():
+    """The one-pass shortcut pads where ``sliding_window_inference`` pads (a strided network sees
+    where the padding went) and gives its logits."""
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Upsample(scale_factor=2)
+    )
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(5, 3, 37, 22)).astype(np.float32))
+    with torch.no_grad():
+        ref = sliding_window_inference(x, whole_slab_roi(37, 22), 8, net, mode="gaussian")
+        ours = infer.whole_slab_logits(net, x)
+        shifted = net(torch.nn.functional.pad(x, (0, 10, 0, 11)))[:, :, :37, :22]
+    assert ours.shape == (5, 4, 37, 22)
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-5)
+    assert (shifted - ref).abs().max() > 1e-2  # padding all after the slab is another result
+
+
 @pytest.mark.parametrize(
     "h, w, expected", [(40, 36, (48, 48)), (16, 17, (16, 32)), (1, 200, (16, 208))]
 )

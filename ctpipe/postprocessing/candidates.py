@@ -33,6 +33,18 @@ def equivalent_diameter_mm(volume_mm3: np.ndarray) -> np.ndarray:
     return np.cbrt(6.0 * np.asarray(volume_mm3, dtype=np.float64) / np.pi)
 
 
+def component_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The largest of ``values`` in each labelled component 1..n (``ndimage.maximum``'s result).
+
+    Only the labelled voxels are visited: ``ndimage.maximum`` sorts the whole volume by label,
+    which took two thirds of the post-processing sweep.
+    """
+    where = labels > 0
+    out = np.full(n, -np.inf, dtype=np.result_type(values.dtype, np.float32))
+    np.maximum.at(out, labels[where] - 1, values[where])
+    return out
+
+
 def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0) -> np.ndarray:
     """Nodule mask of a probability map, by hysteresis: voxels ``>= threshold``, in 26-connected
     components whose highest probability reaches ``component_threshold``.
@@ -58,7 +70,7 @@ def segment(prob: np.ndarray, threshold: float, component_threshold: float = 0.0
     labels, n = ndimage.label(
         mask, structure=ndimage.generate_binary_structure(prob.ndim, prob.ndim)
     )
-    peak = np.asarray(ndimage.maximum(prob, labels, np.arange(1, n + 1)))
+    peak = component_max(prob, labels, n)
     keep = np.concatenate([[False], peak >= component_threshold])
     return keep[labels]
 
@@ -186,7 +198,7 @@ def label_candidates(
     volume = np.bincount(labels.ravel(), minlength=n + 1)[1:] * geom.voxel_volume_mm3
     centroid_kji = np.asarray(ndimage.center_of_mass(weights, labels, index), dtype=np.float64)
     xyz = array_index_to_world(centroid_kji, geom).reshape(-1, 3)
-    peak = np.asarray(ndimage.maximum(weights, labels, index), dtype=np.float64)
+    peak = component_max(weights, labels, n)
     elong = elongation(labels, n, geom.spacing[::-1])
     out = pd.DataFrame(
         {

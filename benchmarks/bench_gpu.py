@@ -1,0 +1,143 @@
+"""The train stage on a CUDA GPU, side by side with the CPU: precision, torch.compile, throughput.
+
+Every figure comes from the train stage's own code (``stages/train.py``: ``build`` and
+``train_epoch``, with the network, loss, optimiser, EMA, schedule and patch loader of
+``params.yaml``), on the preprocessed cases in ``--data``:
+
+  training   samples/s, share of step time waiting for data, peak GPU memory, last losses, for
+             CPU fp32 | CUDA fp32 | CUDA AMP bf16 | CUDA AMP fp16 (GradScaler) | CUDA AMP + compile
+             (the first epoch, which compiles, is timed apart from the steady ones)
+  learning   a short AMP run on the GPU, then the validation Dice of ``training.validate``
+  inference  whole validation volumes (axial sliding window, as validation predicts), CPU vs GPU
+
+    python benchmarks/bench_gpu.py [--data data/processed] [--steps 100] [--learn-epochs 8]
+
+Without a CUDA GPU it prints the CPU figures and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from monai.data import set_track_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the stages package (not installed)
+if importlib.util.find_spec("dvclive") is None:
+    # A GPU machine may lack the DVC stack; the bench never logs, so a stand-in that refuses use.
+    def _no_live(*_args, **_kwargs):
+        raise RuntimeError("dvclive is not installed")
+
+    sys.modules["dvclive"] = types.ModuleType("dvclive")
+    sys.modules["dvclive"].Live = _no_live
+
+from ctpipe.model import training  # noqa: E402
+from stages import train  # noqa: E402
+
+
+def epochs(cfg: dict, device: torch.device, amp, compile_: bool, data: Path, n: int) -> dict:
+    """Build a run as the train stage does and time ``n`` epochs of it."""
+    torch.manual_seed(0)
+    run = train.build(types.SimpleNamespace(data_dir=data), cfg, 42, device, 1)
+    run.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    run.steps_done = 0
+    model = torch.compile(run.net) if compile_ else run.net
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, waits, losses = [], [], []
+    for epoch in range(n):
+        start = time.perf_counter()
+        batch_losses, wait, _ = train.train_epoch(run, model, epoch, cfg, device, amp, 1, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        waits.append(wait)
+        losses += batch_losses
+    steady = slice(1, None) if n > 1 else slice(0, None)  # the first epoch warms up (and compiles)
+    samples = int(cfg["samples_per_epoch"])
+    return {
+        "run": run,
+        "first_s": times[0],
+        "rate": samples * len(times[steady]) / sum(times[steady]),
+        "wait": sum(waits[steady]) / sum(times[steady]),
+        "loss": float(np.mean(losses[-20:])),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=ROOT / "data" / "processed")
+    parser.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
+    parser.add_argument("--cpu-steps", type=int, default=20, help="steps per CPU epoch")
+    parser.add_argument("--learn-epochs", type=int, default=8, help="epochs of the AMP run")
+    args = parser.parse_args()
+    set_track_meta(False)  # as the train stage runs
+    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    batch = int(cfg["batch_size"])
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
+    else:
+        print("no CUDA GPU: CPU figures only")
+    print(f"BasicUNet 2.5D features={cfg['features']} patch={cfg['patch_size']} batch={batch}")
+    print(
+        f"{'device':6s} {'precision':16s} {'samples/s':>10s} {'data wait':>10s} "
+        f"{'1st epoch s':>12s} {'peak GiB':>9s} {'loss':>7s}"
+    )
+    bf16 = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    modes = [("cpu", "fp32", None, False)]
+    if cuda:
+        modes += [
+            ("cuda", "fp32", None, False),
+            ("cuda", "amp bf16", bf16, False),
+            ("cuda", "amp fp16", torch.float16, False),
+            ("cuda", "amp bf16 compile", bf16, True),
+        ]
+    for dev, name, amp, compile_ in modes:
+        steps = args.cpu_steps if dev == "cpu" else args.steps
+        run_cfg = {**cfg, "samples_per_epoch": steps * batch, "compile": compile_}
+        r = epochs(run_cfg, torch.device(dev), amp, compile_, args.data, 3)
+        print(
+            f"{dev:6s} {name:16s} {r['rate']:10.1f} {100 * r['wait']:9.1f}% "
+            f"{r['first_s']:12.1f} {r['peak_gib']:9.2f} {r['loss']:7.4f}"
+        )
+    device = torch.device("cuda" if cuda else "cpu")
+    learn_cfg = copy.deepcopy(cfg)
+    learn_cfg["epochs"] = args.learn_epochs
+    if not cuda:
+        learn_cfg["samples_per_epoch"] = args.cpu_steps * batch
+    start = time.perf_counter()
+    r = epochs(learn_cfg, device, bf16 if cuda else None, False, args.data, args.learn_epochs)
+    seconds = time.perf_counter() - start
+    net = r["run"].judged
+    for dev in ["cpu"] + (["cuda"] if cuda else []):
+        net.to(dev)
+        start = time.perf_counter()
+        dice = training.validate(net, args.data, r["run"].val_cases, cfg, torch.device(dev))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        per_case = (time.perf_counter() - start) / max(len(r["run"].val_cases), 1)
+        print(
+            f"{dev:6s} validation of {len(r['run'].val_cases)} volumes after "
+            f"{args.learn_epochs} epochs x {learn_cfg['samples_per_epoch']} patches on {device} "
+            f"({seconds:.0f} s, last loss {r['loss']:.4f}): Dice {dice:.3f}, "
+            f"{per_case:.2f} s a volume"
+        )
+
+
+if __name__ == "__main__":
+    main()
