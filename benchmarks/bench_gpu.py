@@ -1,8 +1,8 @@
 """The train stage on a CUDA GPU, side by side with the CPU: precision, torch.compile, throughput.
 
-Every figure comes from the train stage's own code (``stages/train.py``: ``build`` and
-``train_epoch``, with the network, loss, optimiser, EMA, schedule and patch loader of
-``params.yaml``), on the preprocessed cases in ``--data``:
+Every figure comes from the pieces the train stage is built of (``ctpipe.model``: the patch
+dataset and loader, network, loss, optimiser, EMA and schedule of ``params.yaml``, stepped as
+``stages/train.py`` steps them), on the preprocessed cases in ``--data``:
 
   training   samples/s, share of step time waiting for data, peak GPU memory, last losses, for
              CPU fp32 | CUDA fp32 | CUDA AMP bf16 | CUDA AMP fp16 (GradScaler) | CUDA AMP + compile
@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -30,36 +27,81 @@ import torch
 import yaml
 from monai.data import set_track_meta
 
+from ctpipe.model import data, nets, training
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the stages package (not installed)
-if importlib.util.find_spec("dvclive") is None:
-    # A GPU machine may lack the DVC stack; the bench never logs, so a stand-in that refuses use.
-    def _no_live(*_args, **_kwargs):
-        raise RuntimeError("dvclive is not installed")
-
-    sys.modules["dvclive"] = types.ModuleType("dvclive")
-    sys.modules["dvclive"].Live = _no_live
-
-from ctpipe.model import training  # noqa: E402
-from stages import train  # noqa: E402
 
 
-def epochs(cfg: dict, device: torch.device, amp, compile_: bool, data: Path, n: int) -> dict:
-    """Build a run as the train stage does and time ``n`` epochs of it."""
+def build(cfg: dict, device: torch.device, amp, data_dir: Path):
+    """Dataset, loader, network, optimiser, EMA, schedule, scaler and loss, as the train stage."""
     torch.manual_seed(0)
-    run = train.build(types.SimpleNamespace(data_dir=data), cfg, 42, device, 1)
-    run.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    run.steps_done = 0
-    model = torch.compile(run.net) if compile_ else run.net
+    index = data.load_index(data_dir)
+    dataset = data.SlabPatchDataset(
+        data_dir,
+        [c["case_id"] for c in data.cases_in(index, "train")],
+        cfg["patch_size"],
+        cfg["context_slices"],
+        cfg["samples_per_epoch"],
+        cfg["fg_fraction"],
+        42,
+        fg_sampling=cfg["fg_sampling"],
+        views=cfg["views"],
+        hard_fraction=float(cfg["hard_fraction"]),
+        affine_prob=float(cfg["affine_prob"]),
+        scale_range=cfg["scale_range"],
+    )
+    loader = data.make_loader(
+        dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), pin_memory=device.type == "cuda"
+    )
+    net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
+    opt = training.make_optimizer(net, cfg)
+    return {
+        "dataset": dataset,
+        "loader": loader,
+        "net": net,
+        "opt": opt,
+        "ema": training.make_ema(net, cfg),
+        "schedule": training.make_schedule(opt, cfg, len(loader) * int(cfg["epochs"])),
+        "scaler": torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
+        "loss": training.make_loss(cfg),
+        "val_cases": data.cases_in(index, "val"),
+    }
+
+
+def one_epoch(run: dict, model, epoch: int, device, amp) -> tuple[float, float, list[float]]:
+    """Seconds, seconds waiting for data, and the losses of one pass over the loader."""
+    run["dataset"].set_epoch(epoch)
+    model.train()
+    losses, wait = [], 0.0
+    start = fetched = time.perf_counter()
+    for batch in run["loader"]:
+        wait += time.perf_counter() - fetched
+        x = batch["image"].to(device, non_blocking=True, memory_format=nets.MEMORY_FORMAT)
+        y = batch["label"].to(device, non_blocking=True)
+        run["opt"].zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = run["loss"](model(x), y)
+        run["scaler"].scale(loss).backward()
+        run["scaler"].step(run["opt"])
+        run["scaler"].update()
+        run["schedule"].step()
+        if run["ema"] is not None:
+            run["ema"].update_parameters(run["net"])
+        losses.append(loss.item())  # synchronises with the GPU every step, as the stage does
+        fetched = time.perf_counter()
+    return time.perf_counter() - start, wait, losses
+
+
+def epochs(cfg: dict, device: torch.device, amp, compile_: bool, data_dir: Path, n: int) -> dict:
+    """Build a run and time ``n`` epochs of it."""
+    run = build(cfg, device, amp, data_dir)
+    model = torch.compile(run["net"]) if compile_ else run["net"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, waits, losses = [], [], []
     for epoch in range(n):
-        start = time.perf_counter()
-        batch_losses, wait, _ = train.train_epoch(run, model, epoch, cfg, device, amp, 1, 0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        seconds, wait, batch_losses = one_epoch(run, model, epoch, device, amp)
+        times.append(seconds)
         waits.append(wait)
         losses += batch_losses
     steady = slice(1, None) if n > 1 else slice(0, None)  # the first epoch warms up (and compiles)
@@ -123,16 +165,16 @@ def main() -> None:
     start = time.perf_counter()
     r = epochs(learn_cfg, device, bf16 if cuda else None, False, args.data, args.learn_epochs)
     seconds = time.perf_counter() - start
-    net = r["run"].judged
+    net = r["run"]["ema"].module if r["run"]["ema"] is not None else r["run"]["net"]
     for dev in ["cpu"] + (["cuda"] if cuda else []):
         net.to(dev)
         start = time.perf_counter()
-        dice = training.validate(net, args.data, r["run"].val_cases, cfg, torch.device(dev))
+        dice = training.validate(net, args.data, r["run"]["val_cases"], cfg, torch.device(dev))
         if dev == "cuda":
             torch.cuda.synchronize()
-        per_case = (time.perf_counter() - start) / max(len(r["run"].val_cases), 1)
+        per_case = (time.perf_counter() - start) / max(len(r["run"]["val_cases"]), 1)
         print(
-            f"{dev:6s} validation of {len(r['run'].val_cases)} volumes after "
+            f"{dev:6s} validation of {len(r['run']['val_cases'])} volumes after "
             f"{args.learn_epochs} epochs x {learn_cfg['samples_per_epoch']} patches on {device} "
             f"({seconds:.0f} s, last loss {r['loss']:.4f}): Dice {dice:.3f}, "
             f"{per_case:.2f} s a volume"
