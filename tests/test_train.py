@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from ctpipe import synth
+from ctpipe.model import training
 from stages import preprocess, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,3 +202,14 @@ def test_loss_leaves_the_foreground_dice_of_empty_patches_out():
     logits.requires_grad_(True)
     masked(logits, target).backward()
     assert (logits.grad.abs().sum(dim=(1, 2, 3)) > 0).all()
+
+
+def test_the_same_checkpoint_is_the_same_bytes(tmp_path):
+    """DVC hashes model.pt: equal weights must give equal files, whatever the temporary name."""
+    state = {"state_dict": torch.nn.Linear(3, 2).state_dict(), "epoch": 1}
+    training.save_checkpoint(tmp_path / "a" / "model.pt", **state)
+    training.save_checkpoint(tmp_path / "b" / "model.pt", **state)
+    first = (tmp_path / "a" / "model.pt").read_bytes()
+    assert first == (tmp_path / "b" / "model.pt").read_bytes()
+    loaded = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
+    assert torch.equal(loaded["state_dict"]["weight"], state["state_dict"]["weight"])

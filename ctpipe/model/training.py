@@ -94,8 +94,11 @@ def make_ema(net: torch.nn.Module, cfg: dict) -> AveragedModel | None:
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` atomically. Through a file object: given a path, ``torch.save`` names the
+    archive's inner folder after the (random) temporary file, so the same weights gave other bytes
+    and another DVC hash in every run; a file object gets torch's fixed name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def resume_state(ckpt_dir: Path, cfg: dict, data_id: str) -> dict | None:
