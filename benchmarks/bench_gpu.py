@@ -21,6 +21,7 @@ import argparse
 import copy
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,62 +33,38 @@ from ctpipe.model import data, nets, training
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(cfg: dict, device: torch.device, amp, data_dir: Path):
+def build(cfg: dict, device: torch.device, amp, data_dir: Path) -> SimpleNamespace:
     """Dataset, loader, network, optimiser, EMA, schedule, scaler and loss, as the train stage."""
     torch.manual_seed(0)
     index = data.load_index(data_dir)
-    dataset = data.SlabPatchDataset(
-        data_dir,
-        [c["case_id"] for c in data.cases_in(index, "train")],
-        cfg["patch_size"],
-        cfg["context_slices"],
-        cfg["samples_per_epoch"],
-        cfg["fg_fraction"],
-        42,
-        fg_sampling=cfg["fg_sampling"],
-        views=cfg["views"],
-        hard_fraction=float(cfg["hard_fraction"]),
-        affine_prob=float(cfg["affine_prob"]),
-        scale_range=cfg["scale_range"],
+    train_ids = [c["case_id"] for c in data.cases_in(index, "train")]
+    run = SimpleNamespace(dataset=training.train_dataset(data_dir, train_ids, cfg, 42))
+    run.loader = data.make_loader(
+        run.dataset,
+        int(cfg["batch_size"]),
+        int(cfg["num_workers"]),
+        pin_memory=device.type == "cuda",
     )
-    loader = data.make_loader(
-        dataset, int(cfg["batch_size"]), int(cfg["num_workers"]), pin_memory=device.type == "cuda"
-    )
-    net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
-    opt = training.make_optimizer(net, cfg)
-    return {
-        "dataset": dataset,
-        "loader": loader,
-        "net": net,
-        "opt": opt,
-        "ema": training.make_ema(net, cfg),
-        "schedule": training.make_schedule(opt, cfg, len(loader) * int(cfg["epochs"])),
-        "scaler": torch.amp.GradScaler("cuda", enabled=amp == torch.float16),
-        "loss": training.make_loss(cfg),
-        "val_cases": data.cases_in(index, "val"),
-    }
+    run.net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
+    run.optimizer = training.make_optimizer(run.net, cfg)
+    run.ema = training.make_ema(run.net, cfg)
+    run.scheduler = training.make_schedule(run.optimizer, cfg, len(run.loader) * int(cfg["epochs"]))
+    run.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    run.loss_fn = training.make_loss(cfg)
+    run.val_cases = data.cases_in(index, "val")
+    return run
 
 
-def one_epoch(run: dict, model, epoch: int, device, amp) -> tuple[float, float, list[float]]:
+def one_epoch(run: SimpleNamespace, model, epoch: int, device, amp) -> tuple[float, float, list]:
     """Seconds, seconds waiting for data, and the losses of one pass over the loader."""
-    run["dataset"].set_epoch(epoch)
+    run.dataset.set_epoch(epoch)
     model.train()
     losses, wait = [], 0.0
     start = fetched = time.perf_counter()
-    for batch in run["loader"]:
+    for batch in run.loader:
         wait += time.perf_counter() - fetched
-        x = batch["image"].to(device, non_blocking=True, memory_format=nets.MEMORY_FORMAT)
-        y = batch["label"].to(device, non_blocking=True)
-        run["opt"].zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = run["loss"](model(x), y)
-        run["scaler"].scale(loss).backward()
-        run["scaler"].step(run["opt"])
-        run["scaler"].update()
-        run["schedule"].step()
-        if run["ema"] is not None:
-            run["ema"].update_parameters(run["net"])
-        losses.append(loss.item())  # synchronises with the GPU every step, as the stage does
+        # .item() synchronises with the GPU every step, as the train stage does
+        losses.append(training.step(run, model, batch, device, amp).item())
         fetched = time.perf_counter()
     return time.perf_counter() - start, wait, losses
 
@@ -95,7 +72,7 @@ def one_epoch(run: dict, model, epoch: int, device, amp) -> tuple[float, float, 
 def epochs(cfg: dict, device: torch.device, amp, compile_: bool, data_dir: Path, n: int) -> dict:
     """Build a run and time ``n`` epochs of it."""
     run = build(cfg, device, amp, data_dir)
-    model = torch.compile(run["net"]) if compile_ else run["net"]
+    model = torch.compile(run.net) if compile_ else run.net
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, waits, losses = [], [], []
@@ -165,16 +142,16 @@ def main() -> None:
     start = time.perf_counter()
     r = epochs(learn_cfg, device, bf16 if cuda else None, False, args.data, args.learn_epochs)
     seconds = time.perf_counter() - start
-    net = r["run"]["ema"].module if r["run"]["ema"] is not None else r["run"]["net"]
+    net = r["run"].ema.module if r["run"].ema is not None else r["run"].net
     for dev in ["cpu"] + (["cuda"] if cuda else []):
         net.to(dev)
         start = time.perf_counter()
-        dice = training.validate(net, args.data, r["run"]["val_cases"], cfg, torch.device(dev))
+        dice = training.validate(net, args.data, r["run"].val_cases, cfg, torch.device(dev))
         if dev == "cuda":
             torch.cuda.synchronize()
-        per_case = (time.perf_counter() - start) / max(len(r["run"]["val_cases"]), 1)
+        per_case = (time.perf_counter() - start) / max(len(r["run"].val_cases), 1)
         print(
-            f"{dev:6s} validation of {len(r['run']['val_cases'])} volumes after "
+            f"{dev:6s} validation of {len(r['run'].val_cases)} volumes after "
             f"{args.learn_epochs} epochs x {learn_cfg['samples_per_epoch']} patches on {device} "
             f"({seconds:.0f} s, last loss {r['loss']:.4f}): Dice {dice:.3f}, "
             f"{per_case:.2f} s a volume"

@@ -79,20 +79,7 @@ def build(
         val_cases=data.cases_in(index, "val"),
     )
     train_ids = [c["case_id"] for c in data.cases_in(index, "train")]
-    run.dataset = data.SlabPatchDataset(
-        args.data_dir,
-        train_ids,
-        cfg["patch_size"],
-        cfg["context_slices"],
-        cfg["samples_per_epoch"],
-        cfg["fg_fraction"],
-        seed,
-        fg_sampling=cfg["fg_sampling"],
-        views=cfg["views"],
-        hard_fraction=float(cfg["hard_fraction"]),
-        affine_prob=float(cfg["affine_prob"]),
-        scale_range=cfg["scale_range"],
-    )
+    run.dataset = training.train_dataset(args.data_dir, train_ids, cfg, seed)
     sampler = torch.utils.data.DistributedSampler(run.dataset, shuffle=False) if world > 1 else None
     run.loader = data.make_loader(
         run.dataset,
@@ -146,18 +133,7 @@ def train_epoch(
     t_fetch = time.perf_counter()
     for batch in bar:
         wait += time.perf_counter() - t_fetch
-        x = batch["image"].to(device, non_blocking=True, memory_format=nets.MEMORY_FORMAT)
-        y = batch["label"].to(device, non_blocking=True)
-        run.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = run.loss_fn(model(x), y)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update_parameters(run.net)
-        losses.append(loss.item())
+        losses.append(training.step(run, model, batch, device, amp).item())
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         run.steps_done += 1
         if stop_after and run.steps_done >= stop_after:

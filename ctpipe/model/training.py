@@ -93,6 +93,42 @@ def make_ema(net: torch.nn.Module, cfg: dict) -> AveragedModel | None:
     return AveragedModel(net, avg_fn=average, use_buffers=True)
 
 
+def train_dataset(processed: Path, case_ids: list[str], cfg: dict, seed: int):
+    """The training patches of ``train`` params ``cfg`` (:class:`ctpipe.model.data.SlabPatchDataset`)."""
+    return data.SlabPatchDataset(
+        processed,
+        case_ids,
+        cfg["patch_size"],
+        cfg["context_slices"],
+        cfg["samples_per_epoch"],
+        cfg["fg_fraction"],
+        seed,
+        fg_sampling=cfg["fg_sampling"],
+        views=cfg["views"],
+        hard_fraction=float(cfg["hard_fraction"]),
+        affine_prob=float(cfg["affine_prob"]),
+        scale_range=cfg["scale_range"],
+    )
+
+
+def step(run, model, batch: dict, device: torch.device, amp) -> torch.Tensor:
+    """One optimisation step on ``batch``: ``run`` holds ``net`` (the weights the EMA follows),
+    ``optimizer``, ``scaler``, ``scheduler``, ``ema`` (or None) and ``loss_fn``; ``model`` is
+    ``net`` or its DDP / compiled wrapper. Returns the loss (on the device)."""
+    x = batch["image"].to(device, non_blocking=True, memory_format=nets.MEMORY_FORMAT)
+    y = batch["label"].to(device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = run.loss_fn(model(x), y)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.net)
+    return loss
+
+
 def save_checkpoint(path: Path, **state) -> None:
     """Write ``state`` atomically. Through a file object: given a path, ``torch.save`` names the
     archive's inner folder after the (random) temporary file, so the same weights gave other bytes
