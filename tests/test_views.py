@@ -267,6 +267,14 @@ def test_lung_box_is_none_without_lungs(fill):
     assert lung_box(np.full((6, 20, 20), fill, np.float32), level=-5.0, margin=(1, 1, 1)) is None
 
 
+@pytest.mark.parametrize("bad", [-1, "ten", float("nan"), [10]])
+def test_lung_roi_refuses_a_bad_margin_with_the_param_and_the_value(bad):
+    vol = np.zeros((4, 8, 8), np.float32)
+    plan = {"body_threshold_hu": -500, "normalization": {"clip": [-1000, 400], "mean": 0, "std": 1}}
+    with pytest.raises(ValueError, match=r"inference\.lung_margin_mm .*got"):
+        lung_roi(vol, plan, (2.0, 1.0, 1.0), bad)
+
+
 def test_lung_roi_reads_level_and_margin_from_the_plan():
     vol, _ = _two_lungs()
     plan = {

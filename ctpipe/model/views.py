@@ -126,8 +126,17 @@ def lung_roi(volume: np.ndarray, plan: dict, spacing_kji, margin_mm) -> tuple | 
     voxels of ``spacing_kji``; None (the whole volume) when ``margin_mm`` is None."""
     if margin_mm is None:
         return None
+    try:
+        mm = float(margin_mm)
+    except (TypeError, ValueError):
+        mm = float("nan")
+    if not mm >= 0:  # NaN too
+        raise ValueError(
+            f"inference.lung_margin_mm must be a margin in mm >= 0, or null for the whole volume; "
+            f"got {margin_mm!r}"
+        )
     level = intensity_level(plan["body_threshold_hu"], plan["normalization"])
-    margin = np.ceil(float(margin_mm) / np.asarray(spacing_kji, dtype=np.float64)).astype(int)
+    margin = np.ceil(mm / np.asarray(spacing_kji, dtype=np.float64)).astype(int)
     return lung_box(volume, level, margin)
 
 
