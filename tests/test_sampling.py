@@ -145,6 +145,10 @@ def test_affine_patches_are_a_function_of_seed_epoch_and_item(tmp_path):
         ({"affine_prob": 1.5}, "affine_prob"),
         ({"scale_range": [1.4, 0.7]}, "scale_range"),
         ({"scale_range": [0.0, 1.0]}, "scale_range"),
+        ({"scale_range": 1.2}, "scale_range"),
+        ({"scale_range": [0.7, "big"]}, "scale_range"),
+        ({"hard_fraction": "half"}, "hard_fraction"),
+        ({"affine_prob": None}, "affine_prob"),
     ],
 )
 def test_bad_sampling_params_are_refused(tmp_path, change, name):
