@@ -31,6 +31,18 @@ from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("postprocess")
 
+TIES = (
+    "then pooled Dice, fewer FP per scan, lower values, large-component rule off, larger volume, "
+    "higher level"
+)
+RULES = {
+    "dice": "threshold, component_threshold (and keep_level, keep_volume_mm3 with auto): highest mean "
+    f"val Dice (cases with nodules), {TIES}; shape_weight: highest val CPM at that threshold, then "
+    "the smallest",
+    "dice+cpm": "threshold, component_threshold, shape_weight (and keep_level, keep_volume_mm3 with "
+    f"auto) together: highest val mean Dice (cases with nodules) + val CPM, {TIES}, smaller weight",
+}
+
 
 def val_cases(model_path: Path, processed: Path, cfg: dict) -> tuple[list[choose.Case], object]:
     """Predict every validation case; return them with the validation nodules."""
@@ -66,10 +78,8 @@ def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, s
         "chosen": result["chosen"],
         "chosen_on": "val",
         "fixed_by_params": result["fixed"],
-        "rule": "threshold, component_threshold (and keep_level, keep_volume_mm3 with auto): highest mean val Dice "
-        "(cases with nodules), then pooled Dice, fewer FP per scan, lower values, large-component rule off, "
-        "larger volume, higher level; "
-        "shape_weight: highest val CPM at that threshold, then the smallest",
+        "objective": cfg["objective"],
+        "rule": RULES[cfg["objective"]],
         "val": result["val"],
         "model_sha256_16": _sha(model_path),
     }

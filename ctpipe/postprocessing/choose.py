@@ -9,11 +9,16 @@ them for each model from the grids in ``params.yaml`` and writes them to
 ``models/postprocessing.json``, which evaluate, quantize and export read. A param set to a number
 instead of ``auto`` fixes that value (its grid is then that one value).
 
-Rule: the pair ``(threshold, component_threshold)`` with the highest mean validation Dice (cases
-with nodules, the figure evaluate reports), ties broken by the Dice pooled over all validation
-voxels (nodule-free cases count their false positives), then by fewer false positives per scan,
-then by the lower values; then, at that threshold, the ``shape_weight`` with the highest validation
-CPM, ties to the smallest weight (the least departure from the peak probability).
+Rule (``objective: dice``): the pair ``(threshold, component_threshold)`` with the highest mean
+validation Dice (cases with nodules, the figure evaluate reports), ties broken by the Dice pooled
+over all validation voxels (nodule-free cases count their false positives), then by fewer false
+positives per scan, then by the lower values; then, at that threshold, the ``shape_weight`` with
+the highest validation CPM, ties to the smallest weight (the least departure from the peak
+probability).
+
+With ``objective: dice+cpm`` the three are chosen together: the triple with the highest validation
+Dice + CPM (the threshold decides which components are candidates, so it moves the CPM too), ties
+broken as above and then by the smaller weight.
 
 Optional large-component rule, ``keep_level`` and ``keep_volume_mm3`` (default ``null``: off):
 each component of ``probability >= keep_level`` of at least ``keep_volume_mm3`` is one detection,
@@ -191,6 +196,70 @@ def sweep_shape(
     return pd.DataFrame(rows)
 
 
+def _rule_of(row: pd.Series) -> tuple[float | None, float | None]:
+    """``(keep_level, keep_volume_mm3)`` of a sweep row; None where the rule is off (NaN)."""
+    return tuple(
+        None if np.isnan(row[k]) else float(row[k]) for k in ("keep_level", "keep_volume_mm3")
+    )
+
+
+def _candidates(cases, t, min_volume, level, volume) -> pd.DataFrame:
+    return pd.concat(
+        [
+            candidates.candidates_from_probability(
+                c.prob, c.geom, t, min_volume, 0.0, level, volume
+            ).assign(seriesuid=c.seriesuid)
+            for c in cases
+        ],
+        ignore_index=True,
+    )
+
+
+def best_joint(masks, cases, nodules, min_volume, weights) -> tuple[pd.Series, pd.DataFrame]:
+    """``objective: dice+cpm``: the row (``masks``' columns plus ``shape_weight`` and ``cpm``) of the
+    highest validation Dice + CPM, and the shape table at its threshold and rule."""
+    tables = []
+    for (t, level, volume), _ in masks.groupby(
+        ["threshold", "keep_level", "keep_volume_mm3"], dropna=False, sort=True
+    ):
+        rule = _rule_of(pd.Series({"keep_level": level, "keep_volume_mm3": volume}))
+        shape = sweep_shape(_candidates(cases, t, min_volume, *rule), nodules, len(cases), weights)
+        tables.append(shape.assign(threshold=t, keep_level=level, keep_volume_mm3=volume))
+    shapes = pd.concat(tables, ignore_index=True)
+    keys = ["threshold", "keep_level", "keep_volume_mm3"]
+    joined = masks.merge(shapes[[*keys, "shape_weight", "cpm"]], on=keys, how="left")
+    joined = joined.assign(
+        _score=joined["dice"] + joined["cpm"],
+        _volume=-joined["keep_volume_mm3"].fillna(np.inf),
+        _level=-joined["keep_level"].fillna(np.inf),
+    )
+    order = joined.sort_values(
+        [
+            "_score",
+            "dice_pooled",
+            "fp_per_scan",
+            "threshold",
+            "component_threshold",
+            "_volume",
+            "_level",
+            "shape_weight",
+        ],
+        ascending=[False, False, True, True, True, True, True, True],
+        na_position="last",
+        kind="stable",
+    )
+    best = order.iloc[0].drop(["_score", "_volume", "_level"])
+    at_best = (shapes["threshold"] == best["threshold"]) & _same_rule(shapes, best)
+    return best, shapes[at_best].drop(columns=keys).reset_index(drop=True)
+
+
+def _same_rule(table: pd.DataFrame, row: pd.Series) -> pd.Series:
+    same = pd.Series(True, index=table.index)
+    for k in ("keep_level", "keep_volume_mm3"):
+        same &= table[k].isna() if pd.isna(row[k]) else table[k] == row[k]
+    return same
+
+
 def best_shape_weight(table: pd.DataFrame) -> float:
     """The weight of the highest CPM; among equal CPMs, the smallest weight."""
     order = table.sort_values(
@@ -222,27 +291,23 @@ def choose(cases: list[Case], nodules: pd.DataFrame, cfg: dict) -> dict:
         min_volume,
         keep_grid(cfg),
     )
-    pair = best_pair(masks)
-    t, h = float(pair["threshold"]), float(pair["component_threshold"])
-    level, volume = (
-        None if np.isnan(pair[k]) else float(pair[k]) for k in ("keep_level", "keep_volume_mm3")
-    )
-    cands = pd.concat(
-        [
-            candidates.candidates_from_probability(
-                c.prob, c.geom, t, min_volume, 0.0, level, volume
-            ).assign(seriesuid=c.seriesuid)
-            for c in cases
-        ],
-        ignore_index=True,
-    )
-    shapes = sweep_shape(
-        cands,
-        nodules,
-        len(cases),
-        grid(cfg["shape_weight"], cfg["shape_weight_grid"], "shape_weight"),
-    )
-    w = best_shape_weight(shapes)
+    weights = grid(cfg["shape_weight"], cfg["shape_weight_grid"], "shape_weight")
+    objective = cfg.get("objective", "dice")  # tests may leave it out
+    if objective == "dice":
+        pair = best_pair(masks)
+        level, volume = _rule_of(pair)
+        t = float(pair["threshold"])
+        shapes = sweep_shape(
+            _candidates(cases, t, min_volume, level, volume), nodules, len(cases), weights
+        )
+        w = best_shape_weight(shapes)
+    elif objective == "dice+cpm":
+        pair, shapes = best_joint(masks, cases, nodules, min_volume, weights)
+        level, volume = _rule_of(pair)
+        t, w = float(pair["threshold"]), float(pair["shape_weight"])
+    else:
+        raise ValueError(f"postprocess.objective must be dice or dice+cpm, got {objective!r}")
+    h = float(pair["component_threshold"])
     return {
         "chosen": {
             "threshold": t,
