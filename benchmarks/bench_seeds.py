@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.train_seeds
     ]
     plan += [(f"cohort_seed_{s}", {"base": {"seed": s}}) for s in args.cohort_seeds]
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ctpipe-seeds-", dir=args.workdir))
     start, runs = time.perf_counter(), []
     try:

@@ -324,3 +324,66 @@ def test_load_reads_the_large_rule_and_older_files_without_it(tmp_path):
         "keep_level": 0.3,
         "keep_volume_mm3": 500.0,
     }
+
+
+def _dice_or_cpm_case() -> tuple[list[choose.Case], pd.DataFrame]:
+    """A case where the threshold trades mask Dice for detection: a nodule with a faint halo on one
+    face (in the mask below 0.7) and a small faint nodule (a candidate only below 0.55)."""
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    shape = (14, 14, 14)
+    truth = np.zeros(shape, dtype=bool)
+    truth[2:5, 2:5, 2:5] = True  # nodule A, 27 voxels
+    truth[10:12, 10:12, 10:12] = True  # nodule B, 8 voxels
+    prob = np.zeros(shape)
+    prob[2:5, 2:5, 2:5] = 0.8
+    prob[3, 3, 3] = 0.95
+    prob[5, 2:5, 2:5] = 0.6  # A's halo: 9 voxels outside the truth
+    prob[10:12, 10:12, 10:12] = 0.55  # B: found only by candidates at 0.5
+    centres = [array_index_to_world(np.array(c), geom).ravel() for c in ([3.0] * 3, [10.5] * 3)]
+    nodules = pd.DataFrame(
+        {
+            "seriesuid": ["a", "a"],
+            "coordX": [c[0] for c in centres],
+            "coordY": [c[1] for c in centres],
+            "coordZ": [c[2] for c in centres],
+            "diameter_mm": [3.0, 2.0],
+        }
+    )
+    return [choose.Case(prob, truth, geom, "a")], nodules
+
+
+@pytest.mark.parametrize(
+    "objective, threshold, dice, cpm",
+    [
+        ("dice", 0.7, 2 * 27 / (27 + 35), 0.5),  # A exact, B never a candidate
+        ("dice+cpm", 0.5, 2 * 27 / (36 + 35), 1.0),  # A with its halo, B detected
+    ],
+)
+def test_the_objective_decides_whether_the_threshold_may_trade_dice_for_detection(
+    objective, threshold, dice, cpm
+):
+    cases, nodules = _dice_or_cpm_case()
+    cfg = {
+        **GRIDS,
+        "threshold_grid": [0.5, 0.7],
+        "component_threshold_grid": [0.9],
+        "objective": objective,
+        "min_candidate_mm3": 0.0,
+    }
+    result = choose.choose(cases, nodules, cfg)
+    assert result["chosen"]["threshold"] == threshold
+    assert result["chosen"]["shape_weight"] == 0.0  # every weight ties: the smallest
+    assert result["val"]["dice"] == pytest.approx(dice)
+    assert result["val"]["cpm"] == pytest.approx(cpm)
+    assert list(result["shape"]["shape_weight"]) == [
+        0,
+        1,
+        2,
+        4,
+    ]  # the table at the chosen threshold
+
+
+def test_an_unknown_objective_is_refused_with_the_param():
+    cases, nodules = _dice_or_cpm_case()
+    with pytest.raises(ValueError, match=r"postprocess\.objective .*'cpm'"):
+        choose.choose(cases, nodules, {**GRIDS, "objective": "cpm", "min_candidate_mm3": 0.0})
