@@ -152,23 +152,22 @@ def _score_masks(cases, nodules, labelled, t, h, level, volume) -> dict:
 
 def best_pair(table: pd.DataFrame) -> pd.Series:
     """The row of :func:`sweep_masks` the rule in the module docstring chooses."""
+    return _best(table, "dice")
+
+
+def _best(table: pd.DataFrame, first: str, last: tuple[str, ...] = ()) -> pd.Series:
+    """The row with the highest ``first``, ties broken by the module's rule, then by ``last``
+    (ascending)."""
 
     def column(name: str) -> pd.Series:
         values = table[name] if name in table else np.nan
         return -pd.Series(values, index=table.index).fillna(np.inf)  # off first, then larger
 
     order = table.assign(_volume=column("keep_volume_mm3"), _level=column("keep_level"))
+    keys = [first, "dice_pooled", "fp_per_scan", "threshold", "component_threshold"]
     order = order.sort_values(
-        [
-            "dice",
-            "dice_pooled",
-            "fp_per_scan",
-            "threshold",
-            "component_threshold",
-            "_volume",
-            "_level",
-        ],
-        ascending=[False, False, True, True, True, True, True],
+        [*keys, "_volume", "_level", *last],
+        ascending=[False, False, True, True, True, True, True, *[True] * len(last)],
         na_position="last",
         kind="stable",
     )
@@ -228,27 +227,8 @@ def best_joint(masks, cases, nodules, min_volume, weights) -> tuple[pd.Series, p
     shapes = pd.concat(tables, ignore_index=True)
     keys = ["threshold", "keep_level", "keep_volume_mm3"]
     joined = masks.merge(shapes[[*keys, "shape_weight", "cpm"]], on=keys, how="left")
-    joined = joined.assign(
-        _score=joined["dice"] + joined["cpm"],
-        _volume=-joined["keep_volume_mm3"].fillna(np.inf),
-        _level=-joined["keep_level"].fillna(np.inf),
-    )
-    order = joined.sort_values(
-        [
-            "_score",
-            "dice_pooled",
-            "fp_per_scan",
-            "threshold",
-            "component_threshold",
-            "_volume",
-            "_level",
-            "shape_weight",
-        ],
-        ascending=[False, False, True, True, True, True, True, True],
-        na_position="last",
-        kind="stable",
-    )
-    best = order.iloc[0].drop(["_score", "_volume", "_level"])
+    joined = joined.assign(_score=joined["dice"] + joined["cpm"])
+    best = _best(joined, "_score", ("shape_weight",)).drop("_score")
     at_best = (shapes["threshold"] == best["threshold"]) & _same_rule(shapes, best)
     return best, shapes[at_best].drop(columns=keys).reset_index(drop=True)
 
