@@ -35,7 +35,14 @@ from scipy import ndimage
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
-from ctpipe.model.views import VIEWS, check_views, in_view, intensity_level, lung_mask
+from ctpipe.model.views import (
+    VIEWS,
+    as_number,
+    check_views,
+    in_view,
+    intensity_level,
+    lung_mask,
+)
 
 
 def load_index(processed: str | Path) -> dict[str, Any]:
@@ -242,28 +249,18 @@ def _check_sampling(fg_fraction, hard_fraction, affine_prob, scale_range) -> Non
         ("hard_fraction", hard_fraction),
         ("affine_prob", affine_prob),
     ):
-        fractions[name] = _as_float(value)
+        fractions[name] = as_number(value)
         if not 0.0 <= fractions[name] <= 1.0:  # NaN too
             raise ValueError(f"train.{name} must be a number in [0, 1], got {value!r}")
     if fractions["fg_fraction"] + fractions["hard_fraction"] > 1.0:
         raise ValueError(
             f"train.fg_fraction + train.hard_fraction must be <= 1, got {fg_fraction} + {hard_fraction}"
         )
-    bounds = [_as_float(v) for v in scale_range] if isinstance(scale_range, (list, tuple)) else []
+    bounds = [as_number(v) for v in scale_range] if isinstance(scale_range, (list, tuple)) else []
     if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
         raise ValueError(
             f"train.scale_range must be [low, high] with 0 < low <= high, got {scale_range!r}"
         )
-
-
-def _as_float(value) -> float:
-    """``value`` as a float, NaN where it is not a number (so the range checks refuse it)."""
-    if isinstance(value, bool):
-        return float("nan")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
 
 
 def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndarray:

@@ -120,16 +120,24 @@ def lung_box(volume: np.ndarray, level: float, margin) -> tuple[slice, slice, sl
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+def as_number(value) -> float:
+    """A param ``value`` as a float; NaN where it is not a number (text, a list, None, a bool), so
+    that a range check refuses it with the param's name instead of a bare TypeError."""
+    if isinstance(value, bool):
+        return float("nan")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def lung_roi(volume: np.ndarray, plan: dict, spacing_kji, margin_mm) -> tuple | None:
     """:func:`lung_box` of a normalised volume, with the level and the normalisation of the
     preprocessing ``plan`` (``body_threshold_hu``, ``normalization``) and ``margin_mm`` turned into
     voxels of ``spacing_kji``; None (the whole volume) when ``margin_mm`` is None."""
     if margin_mm is None:
         return None
-    try:
-        mm = float(margin_mm)
-    except (TypeError, ValueError):
-        mm = float("nan")
+    mm = as_number(margin_mm)
     if not mm >= 0:  # NaN too
         raise ValueError(
             f"inference.lung_margin_mm must be a margin in mm >= 0, or null for the whole volume; "
