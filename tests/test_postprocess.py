@@ -375,12 +375,8 @@ def test_the_objective_decides_whether_the_threshold_may_trade_dice_for_detectio
     assert result["chosen"]["shape_weight"] == 0.0  # every weight ties: the smallest
     assert result["val"]["dice"] == pytest.approx(dice)
     assert result["val"]["cpm"] == pytest.approx(cpm)
-    assert list(result["shape"]["shape_weight"]) == [
-        0,
-        1,
-        2,
-        4,
-    ]  # the table at the chosen threshold
+    # the shape table of the chosen threshold, one row per weight
+    assert list(result["shape"]["shape_weight"]) == [0, 1, 2, 4]
 
 
 def test_an_unknown_objective_is_refused_with_the_param():

@@ -217,27 +217,18 @@ def _candidates(cases, t, min_volume, level, volume) -> pd.DataFrame:
 def best_joint(masks, cases, nodules, min_volume, weights) -> tuple[pd.Series, pd.DataFrame]:
     """``objective: dice+cpm``: the row (``masks``' columns plus ``shape_weight`` and ``cpm``) of the
     highest validation Dice + CPM, and the shape table at its threshold and rule."""
-    tables = []
-    for (t, level, volume), _ in masks.groupby(
-        ["threshold", "keep_level", "keep_volume_mm3"], dropna=False, sort=True
-    ):
-        rule = _rule_of(pd.Series({"keep_level": level, "keep_volume_mm3": volume}))
-        shape = sweep_shape(_candidates(cases, t, min_volume, *rule), nodules, len(cases), weights)
-        tables.append(shape.assign(threshold=t, keep_level=level, keep_volume_mm3=volume))
-    shapes = pd.concat(tables, ignore_index=True)
     keys = ["threshold", "keep_level", "keep_volume_mm3"]
-    joined = masks.merge(shapes[[*keys, "shape_weight", "cpm"]], on=keys, how="left")
+    shapes, tables = {}, []  # shapes: (threshold, level, volume; None: rule off) -> shape table
+    for _, at in masks[keys].drop_duplicates().iterrows():
+        t, rule = float(at["threshold"]), _rule_of(at)
+        shape = sweep_shape(_candidates(cases, t, min_volume, *rule), nodules, len(cases), weights)
+        shapes[(t, *rule)] = shape
+        tables.append(shape.assign(**at))
+    table = pd.concat(tables, ignore_index=True)
+    joined = masks.merge(table[[*keys, "shape_weight", "cpm"]], on=keys, how="left")
     joined = joined.assign(_score=joined["dice"] + joined["cpm"])
     best = _best(joined, "_score", ("shape_weight",)).drop("_score")
-    at_best = (shapes["threshold"] == best["threshold"]) & _same_rule(shapes, best)
-    return best, shapes[at_best].drop(columns=keys).reset_index(drop=True)
-
-
-def _same_rule(table: pd.DataFrame, row: pd.Series) -> pd.Series:
-    same = pd.Series(True, index=table.index)
-    for k in ("keep_level", "keep_volume_mm3"):
-        same &= table[k].isna() if pd.isna(row[k]) else table[k] == row[k]
-    return same
+    return best, shapes[(float(best["threshold"]), *_rule_of(best))]
 
 
 def best_shape_weight(table: pd.DataFrame) -> float:
