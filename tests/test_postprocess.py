@@ -276,6 +276,20 @@ def test_keep_grid_names_the_param_and_the_reason_for_a_bad_value(cfg, reason):
         choose.keep_grid(cfg)
 
 
+def _nodules_of_case_a(geom: Geometry, centres_kji, diameters_mm) -> pd.DataFrame:
+    """Annotations (LUNA16 columns, world mm) of nodules at array indices ``centres_kji`` of case "a"."""
+    xyz = [array_index_to_world(np.array(c), geom).ravel() for c in centres_kji]
+    return pd.DataFrame(
+        {
+            "seriesuid": ["a"] * len(xyz),
+            "coordX": [c[0] for c in xyz],
+            "coordY": [c[1] for c in xyz],
+            "coordZ": [c[2] for c in xyz],
+            "diameter_mm": list(diameters_mm),
+        }
+    )
+
+
 def test_large_rule_is_chosen_where_validation_has_a_large_faint_nodule_and_off_on_ties():
     geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
     shape = (14, 14, 14)
@@ -288,16 +302,7 @@ def test_large_rule_is_chosen_where_validation_has_a_large_faint_nodule_and_off_
     small[11:13, 11:13, 11:13] = True  # a small nodule, confident
     prob[small] = 0.999
     cases = [choose.Case(prob, truth | small, geom, "a")]
-    centres = [array_index_to_world(np.array(c), geom).ravel() for c in ([4.5] * 3, [11.5] * 3)]
-    nodules = pd.DataFrame(
-        {
-            "seriesuid": ["a", "a"],
-            "coordX": [c[0] for c in centres],
-            "coordY": [c[1] for c in centres],
-            "coordZ": [c[2] for c in centres],
-            "diameter_mm": [9.0, 2.5],
-        }
-    )
+    nodules = _nodules_of_case_a(geom, ([4.5] * 3, [11.5] * 3), [9.0, 2.5])
     keep = [(None, None), (0.5, 100.0), (0.5, 1000.0)]
     table = choose.sweep_masks(cases, nodules, [0.9], [0.99], 0.0, keep)
     row = table.assign(v=table["keep_volume_mm3"].fillna(-1)).set_index("v")
@@ -339,16 +344,7 @@ def _dice_or_cpm_case() -> tuple[list[choose.Case], pd.DataFrame]:
     prob[3, 3, 3] = 0.95
     prob[5, 2:5, 2:5] = 0.6  # A's halo: 9 voxels outside the truth
     prob[10:12, 10:12, 10:12] = 0.55  # B: found only by candidates at 0.5
-    centres = [array_index_to_world(np.array(c), geom).ravel() for c in ([3.0] * 3, [10.5] * 3)]
-    nodules = pd.DataFrame(
-        {
-            "seriesuid": ["a", "a"],
-            "coordX": [c[0] for c in centres],
-            "coordY": [c[1] for c in centres],
-            "coordZ": [c[2] for c in centres],
-            "diameter_mm": [3.0, 2.0],
-        }
-    )
+    nodules = _nodules_of_case_a(geom, ([3.0] * 3, [10.5] * 3), [3.0, 2.0])
     return [choose.Case(prob, truth, geom, "a")], nodules
 
 
