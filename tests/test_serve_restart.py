@@ -19,8 +19,9 @@ import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
 
+from ctpipe.serve import tokens
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "restart-test-token-0123456789"
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -61,7 +62,8 @@ def setup(tmp_path, tiny_package, write_tiny_cohort):
     # quiet period longer than a restart: the two halves sent around the kill make one series
     cfg.update(package=str(tiny_package), spool_dir=str(tmp_path / "spool"), quiet_seconds=15)
     cfg["dicom"].update(port=free_port(), allowed_callers=[{"ae_title": "PACS"}])
-    cfg["http"].update(port=free_port())
+    cfg["http"].update(port=free_port(), tokens_file=str(tmp_path / "tokens.yaml"))
+    tokens.add(tmp_path / "tokens.yaml", "test", ["read"])
     cfg["destination"] = {
         "kind": "dicom",
         "ae_title": "DEST",
@@ -76,7 +78,7 @@ def setup(tmp_path, tiny_package, write_tiny_cohort):
 
 
 def start(tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "CTPIPE_SERVE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp_path / "serve.yaml")],
         cwd=ROOT,
