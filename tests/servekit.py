@@ -66,6 +66,7 @@ class Receiver:
 def make_tokens(folder: Path, scopes: dict[str, list[str]] | None = None) -> dict[str, str]:
     """A tokens file ``folder/tokens.yaml`` with one token per name; returns name -> token."""
     scopes = scopes or {"test": ALL_SCOPES}
+    folder.mkdir(parents=True, exist_ok=True)
     return {name: tokens.add(folder / "tokens.yaml", name, s) for name, s in scopes.items()}
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -143,6 +144,9 @@ def test_sigkill_while_receiving_and_while_predicting_loses_and_duplicates_nothi
         for value in (source.SeriesInstanceUID, source.StudyInstanceUID, source.PatientID):
             assert value not in log  # logs carry hashed UIDs and no identity
         assert source.PatientName.family_name not in log
+        spool = tmp_path / "spool"  # the node's umask: everything it wrote is owner-only
+        for path in [spool, *spool.rglob("*")]:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
     finally:
         if proc.poll() is None:
             kill(proc)

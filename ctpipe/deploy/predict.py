@@ -41,7 +41,7 @@ import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
 from ctpipe.deploy import report
-from ctpipe.fileio import read_json, write_csv, write_json
+from ctpipe.fileio import read_json, umask, write_csv, write_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import lung_roi, mean_over_views, slab_by_slab, whole_slab_roi
 from ctpipe.monitor.record import append as append_record
@@ -286,7 +286,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
             sources[0], hu, geom.spacing, nodules, time.perf_counter() - start, model
         )
         write_json(tmp / "record.json", record)  # no PHI: ctpipe.monitor's input
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the folder follows the umask
         if (out / uid).exists():
             shutil.rmtree(out / uid)
         os.replace(tmp, out / uid)

@@ -67,9 +67,9 @@ class Metrics:
             ["feature"],
             registry=self.registry,
         )
-        self.quarantined = Counter(
+        self.quarantined = Gauge(
             "ctpipe_jobs_quarantined",
-            "Jobs moved to quarantine/ because their record could not be read",
+            "Jobs in quarantine/ (their record could not be read; REASON.txt beside each)",
             registry=self.registry,
         )
         self.send_failed = Gauge(
@@ -100,9 +100,18 @@ class Metrics:
 
 
 _UID_LIKE = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
+_IPV4 = re.compile(
+    r"(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}"
+)
+
+
+def _hide(match: re.Match) -> str:
+    value = match.group()
+    return value if _IPV4.fullmatch(value) else f"uid:{tag(value)}"
 
 
 def redact(text: str, limit: int = 300) -> str:
     """``text`` for a log line, an error or an API answer: anything shaped like a UID (three or
-    more dot-separated numbers) replaced by its tag, at most ``limit`` characters."""
-    return _UID_LIKE.sub(lambda m: f"uid:{tag(m.group())}", str(text))[:limit]
+    more dot-separated numbers, but not an IPv4 address) replaced by its tag; at most ``limit``
+    characters."""
+    return _UID_LIKE.sub(_hide, str(text))[:limit]

@@ -228,6 +228,7 @@ def create_app(
     def prometheus(request: Request) -> Response:
         authorised(request, "metrics")
         metrics.free_disk.set(spool.free_bytes())
+        metrics.quarantined.set(sum(1 for _ in spool.quarantine.iterdir()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/dicom-web/studies")
