@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -33,7 +34,7 @@ def wait_for(predicate, seconds: float = 180.0, what: str = "a condition"):
     while time.time() < end:
         try:
             value = predicate()
-        except (OSError, ValueError):  # a record being replaced, a port not open yet
+        except (OSError, ValueError, httpx.HTTPError):  # a record being replaced, a port not open
             value = None
         if value:
             return value

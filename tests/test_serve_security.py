@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
     Verification,
 )
-from servekit import InProcessNode, Receiver, make_certs, make_cfg, wait_for
+from servekit import InProcessNode, Receiver, free_port, make_certs, make_cfg, make_tokens, wait_for
 
 from ctpipe.serve.send import multipart_related
 from ctpipe.serve.telemetry import tag
@@ -385,3 +385,76 @@ def test_the_audit_log_names_who_did_what_without_phi(tmp_path, tiny_package, st
     for value in (source.StudyInstanceUID, source.SeriesInstanceUID, source.SOPInstanceUID):
         assert value not in text
     assert str(source.PatientID) not in text and source.PatientName.family_name not in text
+
+
+def test_https_listener_with_client_certificates_and_a_verified_stow_rs_send(
+    tmp_path, tiny_package, study, monkeypatch
+):
+    import os
+    import ssl
+    import subprocess
+    import sys
+
+    import httpx
+    import yaml
+
+    from ctpipe.serve.config import Destination, Tls
+    from ctpipe.serve.send import SendError, stow
+
+    certs = make_certs(tmp_path / "certs")
+    raw = make_cfg(tmp_path, tiny_package, None)
+    raw["http"].update(
+        port=free_port(),
+        tls={
+            "cert": str(certs["server"]),
+            "key": str(certs["server_key"]),
+            "ca": str(certs["ca"]),
+            "require_client_cert": True,
+        },
+    )
+    token = make_tokens(tmp_path)["test"]
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp_path / "serve.yaml")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=open(tmp_path / "serve.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"https://127.0.0.1:{raw['http']['port']}"
+
+    def context(cert: str | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=certs["ca"])
+        if cert:
+            ctx.load_cert_chain(certs[cert], certs[f"{cert}_key"])
+        return ctx
+
+    good = httpx.Client(verify=context("client"))
+    try:
+        wait_for(lambda: good.get(f"{url}/healthz").status_code == 200, 60, "HTTPS")
+        headers = {"Authorization": f"Bearer {token}"}
+        assert good.get(f"{url}/jobs", headers=headers).status_code == 200
+        for cert in ("rogue", None):  # another CA's certificate, none at all
+            with pytest.raises(httpx.HTTPError):
+                with httpx.Client(verify=context(cert)) as client:
+                    client.get(f"{url}/jobs", headers=headers)
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port
+            httpx.get(url.replace("https", "http") + "/jobs", headers=headers)
+        monkeypatch.setenv("CTPIPE_TEST_TOKEN", token)
+        tls = Tls(ca=certs["ca"], cert=certs["client"], key=certs["client_key"])
+        dest = Destination(
+            kind="dicomweb", url=f"{url}/dicom-web", token_env="CTPIPE_TEST_TOKEN", tls=tls
+        )
+        stow(study[:2], dest)  # the node as a DICOMweb destination, the server verified
+        stored = wait_for(lambda: list((tmp_path / "spool" / "incoming").rglob("*.dcm")), 10)
+        assert len(stored) == 2
+        unverified = dest.model_copy(
+            update={"tls": Tls(cert=certs["client"], key=certs["client_key"])}
+        )
+        with pytest.raises(SendError, match="ConnectError"):  # the test CA is no system CA
+            stow(study[:1], unverified)
+    finally:
+        good.close()
+        proc.terminate()
+        proc.wait(20)

@@ -134,7 +134,7 @@ def boundary_of(content_type: str) -> bytes:
     if kind != b"multipart/related":
         raise HTTPException(415, 'expected multipart/related; type="application/dicom"')
     boundary = options.get(b"boundary", b"")
-    if not boundary or len(boundary) > 70:  # RFC 2046: 1 to 70 characters
+    if not boundary or len(boundary) > 200:  # RFC 2046 says 70; Orthanc sends 73
         raise HTTPException(400, "multipart/related without a usable boundary")
     return boundary
 
