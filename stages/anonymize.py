@@ -29,7 +29,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from ctpipe.deid import batch
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
@@ -39,6 +38,7 @@ from ctpipe.deid.verify import Evidence
 from ctpipe.dicomio import list_files
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.params import setup_logging, stage_params
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("anonymize")
@@ -130,7 +130,7 @@ def luna16_images(
 ) -> tuple[list[FileResult], list[Path]]:
     """Copy every ``images/*.mhd`` pair renamed to the remapped series UID."""
     results, written = [], []
-    for mhd in tqdm(sorted((input_dir / "images").rglob("*.mhd")), desc="luna16", unit="image"):
+    for mhd in progress(sorted((input_dir / "images").rglob("*.mhd")), desc="luna16", unit="image"):
         rel = str(mhd.relative_to(input_dir))
         new = keyring.uid(mhd.stem)
         result = FileResult(

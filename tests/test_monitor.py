@@ -83,6 +83,15 @@ def test_report_has_a_plot_per_drifting_feature(reference, windows, tmp_path):
         assert f"![{feature}]({feature}.png)" in text
 
 
+def test_importing_the_report_chooses_no_matplotlib_backend():
+    code = (
+        "import sys, ctpipe.monitor.report; "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+
+
 def test_predict_writes_a_record_without_phi(tiny_package, tmp_path, write_tiny_cohort):
     from ctpipe.deploy import predict
 

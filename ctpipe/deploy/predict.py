@@ -2,8 +2,8 @@
 
 Needs only the model package (``models/export``), ONNX Runtime, NumPy, SimpleITK, pydicom and
 highdicom: no PyTorch. For every CT series in STUDY_DIR it applies the preprocessing that
-``input_spec.json`` states (resample, body crop, intensity normalisation), runs sliding-window
-inference with Gaussian blending over the views and mirrored passes the spec names, and writes to
+``input_spec.json`` states (resample, body crop, intensity normalisation), runs the network on
+whole slabs (or sliding windows, as the spec says) over the views and mirrored passes it names, and writes to
 ``OUT_DIR/<SeriesInstanceUID>/``:
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
