@@ -50,7 +50,7 @@ test: setup
 test-fast: setup
 	python -m pytest -m "not slow"
 
-# The DICOM node next to the PACS (serve.yaml; the token from $$CTPIPE_SERVE_TOKEN): docs/serving.md
+# The DICOM node next to the PACS (serve.yaml; API tokens: python -m ctpipe.serve.tokens): docs/serving.md
 serve: setup
 	python -m ctpipe.serve --config serve.yaml
 
