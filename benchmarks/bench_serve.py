@@ -16,6 +16,7 @@ the input of ``python -m ctpipe.monitor`` (issue 18).
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import resource
 import shutil
@@ -37,10 +38,10 @@ from pynetdicom.sop_class import CTImageStorage
 
 from ctpipe import synth
 from ctpipe.fileio import write_json
+from ctpipe.serve import tokens
 from ctpipe.serve.send import multipart_related
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "bench-serve-token-0123456789"
 
 
 def free_port() -> int:
@@ -89,7 +90,7 @@ def write_studies(out: Path, n: int, shift: bool) -> list[tuple[str, list[Path]]
     return studies
 
 
-def send_dimse(port: int, files: list[Path]) -> int:
+def send_dimse(port: int, files: list[Path], token: str = "") -> int:
     ae = AE(ae_title="PACS")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="CTPIPE")
@@ -100,12 +101,12 @@ def send_dimse(port: int, files: list[Path]) -> int:
     return failures
 
 
-def send_stow(port: int, files: list[Path]) -> int:
+def send_stow(port: int, files: list[Path], token: str) -> int:
     body, content_type = multipart_related([p.read_bytes() for p in files])
     response = httpx.post(
         f"http://127.0.0.1:{port}/dicom-web/studies",
         content=body,
-        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": content_type},
+        headers={"Authorization": f"Bearer {token}", "Content-Type": content_type},
         timeout=300,
     )
     if response.status_code == 200:
@@ -124,10 +125,20 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_node(args, tmp: Path, studies) -> dict:
-    dest = Destination()
+def children(pid: int) -> list[int]:
+    """The node's child processes (one predict process per worker)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def start_node(args, tmp: Path, dest_port: int | None) -> tuple[subprocess.Popen, int, int, str]:
+    """``python -m ctpipe.serve`` on free ports with a token of its own; (process, DICOM port,
+    HTTP port, token) once it is ready."""
     cfg = yaml.safe_load((ROOT / "serve.yaml").read_text())
     dicom_port, http_port = free_port(), free_port()
+    token = tokens.add(tmp / "tokens.yaml", "bench", ["store", "read", "metrics"])
     cfg.update(
         package=str(args.package),
         model=args.model,
@@ -137,36 +148,42 @@ def run_node(args, tmp: Path, studies) -> dict:
     cfg["dicom"].update(
         port=dicom_port, allowed_callers=[{"ae_title": "PACS", "host": "127.0.0.1"}]
     )
-    cfg["http"].update(port=http_port)
-    cfg["destination"] = {
-        "kind": "dicom",
-        "ae_title": "DEST",
-        "host": "127.0.0.1",
-        "port": dest.port,
-    }
+    cfg["http"].update(port=http_port, tokens_file=str(tmp / "tokens.yaml"))
+    if dest_port is not None:
+        cfg["destination"] = {
+            "kind": "dicom",
+            "ae_title": "DEST",
+            "host": "127.0.0.1",
+            "port": dest_port,
+        }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "CTPIPE_SERVE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp / "serve.yaml")],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=open(tmp / "serve.log", "wb"),
         stderr=subprocess.STDOUT,
     )
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return proc, dicom_port, http_port, token
+
+
+def run_node(args, tmp: Path, studies) -> dict:
+    dest = Destination()
+    proc, dicom_port, http_port, token = start_node(args, tmp, dest.port)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         start, sent_at, failures = time.time(), {}, 0
 
         def send(item):
             index, (study, files) = item
             sender = send_dimse if index % 2 == 0 else send_stow
-            bad = sender(dicom_port if index % 2 == 0 else http_port, files)
+            bad = sender(dicom_port if index % 2 == 0 else http_port, files, token)
             sent_at[study] = time.time()
             return bad
 
@@ -185,14 +202,63 @@ def run_node(args, tmp: Path, studies) -> dict:
             "studies_per_min": round(60 * len(latency) / (end - start), 2),
             "latency_p50_s": round(float(np.percentile(latency, 50)), 1) if len(latency) else None,
             "latency_p95_s": round(float(np.percentile(latency, 95)), 1) if len(latency) else None,
-            "quiet_seconds": float(cfg["quiet_seconds"]),
             "peak_rss_mb": round(peak_rss_mb(proc.pid), 0),
+            "predict_process_peak_rss_mb": max(
+                (round(peak_rss_mb(c), 0) for c in children(proc.pid)), default=None
+            ),
             "wall_s": round(end - start, 1),
         }
     finally:
         proc.terminate()
         proc.wait(30)
         dest.server.shutdown()
+
+
+def run_stow_memory(args, tmp: Path, source: Path) -> dict:
+    """One STOW-RS request of ``--stow-mb`` MB (copies of one slice, each with a SOP Instance UID
+    of its own), streamed to a fresh node: how much its peak resident memory rises."""
+    proc, _, http_port, token = start_node(args, tmp, None)
+    try:
+        ds = pydicom.dcmread(source)
+        one = len(source.read_bytes())
+        count = max(1, int(args.stow_mb * (1 << 20) / one))
+        boundary = os.urandom(16).hex()
+
+        def body():
+            for i in range(count):
+                ds.SOPInstanceUID = f"2.25.{i + 1}"
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
+                yield head.encode() + buffer.getvalue() + b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        before = peak_rss_mb(proc.pid)
+        start = time.time()
+        response = httpx.post(
+            f"http://127.0.0.1:{http_port}/dicom-web/studies",
+            content=body(),
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            },
+            timeout=600,
+        )
+        after = peak_rss_mb(proc.pid)
+        stored = len(response.json().get("00081199", {}).get("Value", []))
+        return {
+            "request_mb": round(count * one / (1 << 20), 0),
+            "instances": count,
+            "stored": stored,
+            "status": response.status_code,
+            "seconds": round(time.time() - start, 1),
+            "peak_rss_before_mb": round(before, 0),
+            "peak_rss_after_mb": round(after, 0),
+            "peak_rss_rise_mb": round(after - before, 0),
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def run_folder_loop(args, tmp: Path, studies) -> dict:
@@ -235,6 +301,12 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the predict folder loop")
     parser.add_argument("--shift", action="store_true", help=f"studies shifted by {SHIFT}")
     parser.add_argument("--records", type=Path, help="copy serve's series records here")
+    parser.add_argument(
+        "--stow-mb",
+        type=float,
+        default=500,
+        help="size of the one-request STOW-RS memory test (0: off)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -246,11 +318,16 @@ def main() -> None:
             print(f"predict folder loop: {loop}", flush=True)
         node = run_node(args, tmp, studies)
         print(f"ctpipe.serve: {node}", flush=True)
+        stow = None
+        if args.stow_mb > 0:
+            stow = run_stow_memory(args, tmp / "stow", studies[0][1][0])
+            print(f"one STOW-RS request: {stow}", flush=True)
         if args.records:  # the series records serve wrote: python -m ctpipe.monitor's input
             shutil.copytree(tmp / "spool" / "records", args.records, dirs_exist_ok=True)
     result = {
         "node": node,
         "predict_folder_loop": loop,
+        "stow_memory": stow,
         "model": args.model,
         "cpus": os.cpu_count(),
     }
@@ -265,6 +342,12 @@ def main() -> None:
         print(
             f"{'predict folder loop':22}{loop['studies_per_min']:>12}{'':>8}{'':>8}"
             f"{loop['peak_rss_mb']:>9}"
+        )
+    if stow:
+        print(
+            f"one STOW-RS request of {stow['request_mb']:.0f} MB: node peak RSS "
+            f"{stow['peak_rss_before_mb']:.0f} -> {stow['peak_rss_after_mb']:.0f} MB "
+            f"(+{stow['peak_rss_rise_mb']:.0f}), {stow['stored']}/{stow['instances']} stored"
         )
 
 

@@ -90,6 +90,7 @@ def add(path: Path, name: str, scopes: list[str]) -> str:
     value = secrets.token_urlsafe(24)
     entries.append({"name": name, "sha256": digest(value), "scopes": sorted(set(scopes))})
     text = yaml.safe_dump({"tokens": entries}, default_flow_style=None, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

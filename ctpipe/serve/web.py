@@ -143,7 +143,6 @@ def create_app(
     cfg: ServeConfig, spool: Spool, metrics: Metrics, tokens: list, audit: Audit
 ) -> FastAPI:
     app = FastAPI(title="ctpipe serve", docs_url=None, redoc_url=None, openapi_url=None)
-    max_body = int(cfg.limits.max_request_mb * (1 << 20))
     rate = RateLimit(cfg.limits.calls_per_minute)
     protocol = "https" if cfg.http.tls else "http"
 
@@ -185,6 +184,16 @@ def create_app(
                     token=getattr(request.state, "token", None),
                     seconds=round(time.perf_counter() - start, 3),
                 )
+
+    _add_status_routes(app, cfg, spool, metrics, authorised)
+    _add_stow(app, cfg, spool, metrics, authorised)
+    return app
+
+
+def _add_status_routes(
+    app: FastAPI, cfg: ServeConfig, spool: Spool, metrics: Metrics, authorised
+) -> None:
+    """The probes (open), the job records (``read``) and the metrics (``metrics``)."""
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -231,6 +240,11 @@ def create_app(
         metrics.quarantined.set(sum(1 for _ in spool.quarantine.iterdir()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def _add_stow(app: FastAPI, cfg: ServeConfig, spool: Spool, metrics: Metrics, authorised) -> None:
+    """STOW-RS (``store``): the body streamed, part by part, to the spool's disk."""
+    max_body = int(cfg.limits.max_request_mb * (1 << 20))
+
     @app.post("/dicom-web/studies")
     async def stow(request: Request) -> JSONResponse:
         authorised(request, "store")
@@ -263,8 +277,6 @@ def create_app(
             result["00081198"] = {"vr": "SQ", "Value": receiver.failed}
         code = 200 if not receiver.failed else (202 if receiver.stored else 409)
         return JSONResponse(result, code, media_type="application/dicom+json")
-
-    return app
 
 
 def _writable(folder: Path) -> bool:
