@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-fast lint format review dag serve
+.PHONY: setup lock repro test test-fast lint format review dag serve
 
-# The venv is (re)installed only when requirements.txt or pyproject.toml changed.
+# The venv is (re)installed only when the lock (requirements.txt) or pyproject.toml changed. The lock
+# pins every package with its hashes (`make lock` writes it from requirements.in); pip refuses any
+# file whose hash is not in it and any package the lock does not pin. The project itself has no
+# dependencies of its own to resolve: it goes in with --no-deps.
 # pip byte-compiles the installed modules one file after another; compileall -j 0 does the same on
 # every core afterwards. The modules must be compiled at install time: where PYTHONDONTWRITEBYTECODE
 # is set (as on this project's machine), an import never writes __pycache__ and every stage would compile torch
@@ -15,13 +18,28 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Python, which pip's own compile step skips too.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || python3 -m venv $(VENV)
-	@echo "installing pinned requirements into $(VENV) (log: $(VENV)/pip.log)"
-	@$(BIN)/python -m pip install --no-compile -r requirements.txt > $(VENV)/pip.log 2>&1 \
+	@echo "installing the locked requirements into $(VENV) (log: $(VENV)/pip.log)"
+	@{ $(BIN)/python -m pip install --no-compile --require-hashes -r requirements.txt \
+		&& $(BIN)/python -m pip install --no-compile --no-deps -e . \
+		&& $(BIN)/python -m pip check; } > $(VENV)/pip.log 2>&1 \
 		|| { grep -v "is ignored" $(VENV)/pip.log | tail -40; exit 1; }
 	@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > $(VENV)/compileall.log 2>&1 || true
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+# Compile the lock from requirements.in for CPython 3.11 on Linux x86_64 (glibc 2.28 or later), the
+# platform of this project's machines and CI, whatever machine runs it. Existing pins are kept unless
+# LOCK_FLAGS says otherwise, e.g. LOCK_FLAGS="--upgrade-package fastapi" or LOCK_FLAGS=--upgrade.
+# uv runs from a venv of its own, so the project's .venv holds exactly the lock. docs/getting-started.md
+LOCK_VENV := .venv-lock
+UV_VERSION := 0.13.9
+lock:
+	@test -x $(LOCK_VENV)/bin/uv || { python3 -m venv $(LOCK_VENV) \
+		&& $(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION); }
+	$(LOCK_VENV)/bin/uv pip compile requirements.in -o requirements.txt --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" $(LOCK_FLAGS) > /dev/null
 
 repro: setup
 	dvc repro
@@ -32,7 +50,7 @@ test: setup
 test-fast: setup
 	python -m pytest -m "not slow"
 
-# The DICOM node next to the PACS (serve.yaml; the token from $$CTPIPE_SERVE_TOKEN): docs/serving.md
+# The DICOM node next to the PACS (serve.yaml; API tokens: python -m ctpipe.serve.tokens): docs/serving.md
 serve: setup
 	python -m ctpipe.serve --config serve.yaml
 

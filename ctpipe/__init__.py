@@ -4,6 +4,8 @@ Foundations:
     params    -- reading a stage's section of params.yaml
     fileio    -- atomic writes of JSON, CSV, numpy arrays
     runenv    -- package versions, CPU, device and git revision of a run
+    progress  -- progress bars: live on a terminal, one line a minute in a log
+    safepath  -- values from data never decide a path: UID grammar check, writes kept under a root
     geometry  -- world (LPS mm) <-> voxel index conversion, the only place it is done
 Data:
     synth     -- the deterministic synthetic chest-CT cohort, written as DICOM with realistic PHI
@@ -12,10 +14,13 @@ Data:
     prep      -- fingerprint, plan, resampling, normalisation, patient split
     labels    -- annotated nodules painted into label masks
 Model and results:
-    model/          -- the 2.5D network, patch sampling, views, sliding-window inference
+    model/          -- the 2.5D network, patch sampling, views, whole-volume inference
     postprocessing/ -- candidates and masks from probabilities; the choice made on validation
     evaluation/     -- voxel metrics and LUNA16 FROC / CPM
     deploy/         -- ONNX export, INT8, parity gates, the package, predict
+Operation:
+    serve/          -- the DICOM node next to the PACS: C-STORE SCP, STOW-RS, on-disk queue, metrics
+    monitor/        -- PHI-free series records, drift tests against the training reference, reports
 """
 
 __version__ = "0.1.0"

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
-from tqdm import tqdm
 
 from ctpipe.geometry import Geometry
 from ctpipe.listing import display_path, list_files, strerror
+from ctpipe.progress import progress
 from ctpipe.safepath import uid_reason
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
     if workers > 1 and len(paths) > 64:
         with ProcessPoolExecutor(workers) as pool:
             records = list(
-                tqdm(
+                progress(
                     pool.map(scan_file, paths, [root] * len(paths), chunksize=32),
                     total=len(paths),
                     desc="scan DICOM",
@@ -233,7 +233,7 @@ def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
                 )
             )
     else:
-        records = [scan_file(p, root) for p in tqdm(paths, desc="scan DICOM", unit="file")]
+        records = [scan_file(p, root) for p in progress(paths, desc="scan DICOM", unit="file")]
     return check_series(records + unscannable, **checks)
 
 

@@ -13,6 +13,19 @@ from typing import Any
 import numpy as np
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (Linux ``/proc``; 0o022 elsewhere): the
+    DICOM node runs with 077, and what it writes stays owner-only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds."""
@@ -22,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; outputs follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

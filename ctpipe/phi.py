@@ -141,6 +141,7 @@ def phi_dataset(phi: dict, uids: dict) -> Dataset:
     ds.OtherPatientIDsSequence = Sequence([Dataset()])
     ds.OtherPatientIDsSequence[0].PatientID = phi["PatientID"].replace("MRN", "INS")
     ds.OtherPatientIDsSequence[0].IssuerOfPatientID = phi["InstitutionName"]
+    ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"  # Type 1 in this sequence
     request = Dataset()
     request.RequestedProcedureID = phi["AccessionNumber"]
     request.ScheduledProcedureStepID = phi["StudyID"]

@@ -248,6 +248,12 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 3, k + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.BurnedInAnnotation = "NO"
+        # What a conformant scanner writes besides: the body part, which tells a reader that the
+        # series has no laterality (the chest is not a paired part, so Laterality is absent), and
+        # the Type 2 elements of Frame of Reference and CT Image (present, empty where unknown).
+        ds.BodyPartExamined = "CHEST"
+        ds.PositionReferenceIndicator = ""
+        ds.AcquisitionNumber = 1
         ds.PatientPosition = "FFS"
         ds.ImagePositionPatient = [f"{v:.4f}" for v in index_to_world([0, 0, k], geom)]
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]

@@ -29,7 +29,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from ctpipe.deid import batch
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
@@ -39,6 +38,7 @@ from ctpipe.deid.verify import Evidence
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.listing import list_files
 from ctpipe.params import setup_logging, stage_params
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 from ctpipe.safepath import inside
 
@@ -133,7 +133,7 @@ def luna16_images(
     """Copy every ``images/*.mhd`` pair renamed to the remapped series UID."""
     (files, entries), written = list_files(input_dir / "images"), []
     results = [FileResult(f"images/{e['path']}", "unusable", e["reason"]) for e in entries]
-    for mhd in tqdm([f for f in files if f.suffix == ".mhd"], desc="luna16", unit="image"):
+    for mhd in progress([f for f in files if f.suffix == ".mhd"], desc="luna16", unit="image"):
         rel = str(mhd.relative_to(input_dir))
         new = keyring.uid(mhd.stem)
         result = FileResult(

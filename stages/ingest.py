@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 import SimpleITK as sitk
-from tqdm import tqdm
 
 from ctpipe import dicomio, listing, synth
 from ctpipe.fileio import write_csv, write_json
 from ctpipe.params import setup_logging, stage_params, stage_parser
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
@@ -51,7 +51,7 @@ def generate_synthetic(out: Path, cfg: dict, seed: int, workers: int) -> pd.Data
     indices = range(int(cfg["synthetic"]["n_patients"]))
     with ProcessPoolExecutor(max(1, workers)) as pool:
         rows = list(
-            tqdm(
+            progress(
                 pool.map(job, indices), total=len(indices), desc="synthetic cohort", unit="patient"
             )
         )

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pandas as pd
 import pydicom
-from tqdm import tqdm
 
 from ctpipe import dicomio
 from ctpipe.fileio import read_json, write_json
 from ctpipe.monitor.record import input_features, output_features
 from ctpipe.params import setup_logging, stage_params
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("monitor_reference")
@@ -37,7 +37,7 @@ def series_folders(anonymized: Path) -> dict[str, Path]:
 
 def input_records(cases: list[dict], folders: dict[str, Path]) -> list[dict]:
     records = []
-    for case in tqdm(cases, desc="reference", unit="series"):
+    for case in progress(cases, desc="reference", unit="series"):
         paths = sorted(folders[case["seriesuid"]].glob("*.dcm"))
         hu, geom = dicomio.read_series(paths)
         first = pydicom.dcmread(paths[0], stop_before_pixels=True)

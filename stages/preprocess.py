@@ -19,11 +19,11 @@ from functools import partial
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from ctpipe import dicomio, prep
 from ctpipe.fileio import write_csv, write_json, write_npy
 from ctpipe.params import setup_logging, stage_params, stage_parser
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("preprocess")
@@ -84,8 +84,8 @@ def _write_case(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
 def _pmap(fn, items, workers: int, desc: str) -> list:
     if workers > 1 and len(items) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="case"))
-    return [fn(item) for item in tqdm(items, desc=desc, unit="case")]
+            return list(progress(pool.map(fn, items), total=len(items), desc=desc, unit="case"))
+    return [fn(item) for item in progress(items, desc=desc, unit="case")]
 
 
 def split_cohort(sources: list[dict], per_case: dict, cfg: dict, seed: int) -> tuple[dict, dict]:

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from ctpipe.deploy import onnx_export, parity, quant, sessions
 from ctpipe.evaluation import overlap, scoring
@@ -43,6 +42,7 @@ from ctpipe.model.infer import onnx_predictor, predict_volume, torch_predictor
 from ctpipe.model.views import lung_roi
 from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
+from ctpipe.progress import progress
 from ctpipe.runenv import cpu_info
 from ctpipe.runenv import record as record_environment
 
@@ -246,7 +246,7 @@ def measure_test_split(fp32: Path, int8: Path, processed: Path, context: int, cf
     tally = {name: SplitTally() for name in predictors}
     agree = overlap.PooledDice()  # INT8 against fp32 masks
     plan = data.load_plan(processed)
-    for case in tqdm(test, desc="test fp32 + int8", unit="case"):
+    for case in progress(test, desc="test fp32 + int8", unit="case"):
         image, label, geom = data.load_case(processed, case["case_id"])
         image, label = np.asarray(image, dtype=np.float32), np.asarray(label) > 0
         box = lung_roi(image, plan, geom.spacing[::-1], cfg["lung_margin_mm"])

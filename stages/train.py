@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 from dvclive import Live
 from monai.data import set_track_meta
-from tqdm import tqdm
 
 from ctpipe.fileio import rounded, write_json
 from ctpipe.model import data, nets, training
 from ctpipe.params import setup_logging, stage_params, stage_parser
+from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("train")
@@ -127,14 +127,14 @@ def train_epoch(
     run.dataset.set_epoch(epoch)
     model.train()
     losses, wait = [], 0.0
-    bar = tqdm(
+    bar = progress(
         run.loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", unit="batch", disable=rank != 0
     )
     t_fetch = time.perf_counter()
     for batch in bar:
         wait += time.perf_counter() - t_fetch
         losses.append(training.step(run, model, batch, device, amp).item())
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
         run.steps_done += 1
         if stop_after and run.steps_done >= stop_after:
             log.warning("stopping after %d steps (--stop-after-steps)", run.steps_done)

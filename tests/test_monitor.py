@@ -83,6 +83,15 @@ def test_report_has_a_plot_per_drifting_feature(reference, windows, tmp_path):
         assert f"![{feature}]({feature}.png)" in text
 
 
+def test_importing_the_report_chooses_no_matplotlib_backend():
+    code = (
+        "import sys, ctpipe.monitor.report; "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+
+
 def test_predict_writes_a_record_without_phi(tiny_package, tmp_path, write_tiny_cohort):
     from ctpipe.deploy import predict
 
@@ -115,26 +124,20 @@ def test_predict_writes_a_record_without_phi(tiny_package, tmp_path, write_tiny_
 
 def test_serve_exports_drift_flags_as_gauges(reference, windows, tmp_path, tiny_package):
     from prometheus_client import generate_latest
-
-    from ctpipe.serve.runner import Runner
-    from ctpipe.serve.spool import Spool
-    from ctpipe.serve.telemetry import Metrics
+    from servekit import InProcessNode, make_cfg
 
     (tmp_path / "reference.json").write_text(json.dumps({"records": reference, "outputs": []}))
-    cfg = {
-        "package": str(tiny_package),
-        "model": "fp32",
-        "spool_dir": str(tmp_path / "spool"),
-        "workers": 1,
-        "dicom": {"ae_title": "CTPIPE"},
-        "monitor": {"reference": str(tmp_path / "reference.json"), "window": 50},
-    }
-    metrics = Metrics("fp32-test")
-    runner = Runner(Spool(tmp_path / "spool", 1, 1 << 20), cfg, metrics)
+    raw = make_cfg(
+        tmp_path,
+        tiny_package,
+        None,
+        monitor={"reference": str(tmp_path / "reference.json"), "window": 50},
+    )
+    node = InProcessNode(raw)
     for i, r in enumerate(windows["shifted"][0]):
-        (runner.records / f"{i:03d}.json").write_text(json.dumps(r))
-    runner.check_drift()
-    text = generate_latest(metrics.registry).decode()
+        (node.runner.records / f"{i:03d}.json").write_text(json.dumps(r))
+    node.runner.check_drift()
+    text = generate_latest(node.metrics.registry).decode()
     assert 'ctpipe_drift{feature="kernel"} 1.0' in text
     assert 'ctpipe_drift{feature="kvp"} 0.0' in text
     assert 'ctpipe_latest_feature{feature="spacing_z_mm"} 2.5' in text

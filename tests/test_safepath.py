@@ -6,7 +6,19 @@ import pytest
 
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
-HOSTILE_UIDS = ["..", ".", "/", "/etc/passwd", "1.2\x00.3", "1" * 65, "", "1..2", "01.2", "1.2.", "a.b"]
+HOSTILE_UIDS = [
+    "..",
+    ".",
+    "/",
+    "/etc/passwd",
+    "1.2\x00.3",
+    "1" * 65,
+    "",
+    "1..2",
+    "01.2",
+    "1.2.",
+    "a.b",
+]
 
 
 @pytest.mark.parametrize("uid", HOSTILE_UIDS)

@@ -4,91 +4,26 @@ spool's recovery from every state a kill can leave."""
 
 from __future__ import annotations
 
-import socket
+import os
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from fastapi.testclient import TestClient
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
+from servekit import InProcessNode, Receiver, make_cfg, wait_for
 
-from ctpipe.serve.dimse import StoreSCP
-from ctpipe.serve.runner import Runner
 from ctpipe.serve.send import multipart_related
 from ctpipe.serve.spool import Spool
-from ctpipe.serve.telemetry import Metrics
-from ctpipe.serve.web import create_app
-
-TOKEN = "test-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Receiver:
-    """A destination SCP that keeps what it is sent (the PACS in these tests)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port, self.received = port or free_port(), []
-        ae = AE(ae_title="DEST")
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.store)]
-        )
-
-    def store(self, event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        self.received.append(ds)
-        return 0x0000
-
-
-def make_cfg(tmp_path: Path, package: Path, receiver: Receiver | None) -> dict:
-    return {
-        "host": "127.0.0.1",
-        "package": str(package),
-        "model": "fp32",
-        "spool_dir": str(tmp_path / "spool"),
-        "workers": 1,
-        "quiet_seconds": 0.5,
-        "max_request_mb": 64,
-        "max_study_mb": 64,
-        "dicom": {
-            "ae_title": "CTPIPE",
-            "port": free_port(),
-            "allowed_callers": [{"ae_title": "PACS", "host": "127.0.0.1"}, {"ae_title": "ANY"}],
-        },
-        "http": {"port": 0},
-        "destination": {
-            "kind": "dicom",
-            "ae_title": "DEST",
-            "host": "127.0.0.1",
-            "port": receiver.port,
-        }
-        if receiver
-        else {"kind": "none"},
-        "retry": {"first_seconds": 0.2, "max_seconds": 1},
-    }
 
 
 @pytest.fixture
 def node(tmp_path, tiny_package):
     receiver = Receiver()
-    cfg = make_cfg(tmp_path, tiny_package, receiver)
-    metrics = Metrics("fp32-test")
-    spool = Spool(Path(cfg["spool_dir"]), cfg["quiet_seconds"], 64 << 20)
-    runner, scp = Runner(spool, cfg, metrics), StoreSCP(cfg, spool, metrics)
-    runner.start()
-    scp.start()
-    client = TestClient(create_app(cfg, spool, metrics, TOKEN))
-    yield cfg, spool, client, receiver
-    scp.shutdown()
-    runner.shutdown()
+    node = InProcessNode(make_cfg(tmp_path, tiny_package, receiver)).start()
+    yield node.cfg, node.spool, node.client, receiver, node
+    node.close()
     receiver.server.shutdown()
 
 
@@ -98,25 +33,11 @@ def study(tmp_path, write_tiny_cohort) -> list[Path]:
     return sorted((tmp_path / "study").rglob("*.dcm"))
 
 
-def associate(cfg: dict, calling: str = "PACS"):
+def associate(cfg, calling: str = "PACS"):
     ae = AE(ae_title=calling)
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage)
-    return ae.associate("127.0.0.1", cfg["dicom"]["port"], ae_title="CTPIPE")
-
-
-def wait_for(predicate, seconds: float = 180.0):
-    end = time.time() + seconds
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out")
-
-
-def auth() -> dict:
-    return {"Authorization": f"Bearer {TOKEN}"}
+    return ae.associate("127.0.0.1", cfg.dicom.port, ae_title="CTPIPE")
 
 
 def test_echo_only_for_allowed_callers(node):
@@ -128,20 +49,18 @@ def test_echo_only_for_allowed_callers(node):
 
 
 def test_an_allowed_ae_title_from_another_host_is_refused(tmp_path, tiny_package):
-    cfg = make_cfg(tmp_path, tiny_package, None)
-    cfg["dicom"]["allowed_callers"] = [{"ae_title": "PACS", "host": "10.11.12.13"}]
-    spool = Spool(Path(cfg["spool_dir"]), 1, 1 << 20)
-    scp = StoreSCP(cfg, spool, Metrics("x"))
-    scp.start()
+    raw = make_cfg(tmp_path, tiny_package, None)
+    raw["dicom"]["allowed_callers"] = [{"ae_title": "PACS", "host": "10.11.12.13"}]
+    node = InProcessNode(raw).start(runner=False)
     try:
-        assoc = associate(cfg)  # from 127.0.0.1
+        assoc = associate(node.cfg)  # from 127.0.0.1
         assert not assoc.is_established  # rejected: the requestor sees the association end
     finally:
-        scp.shutdown()
+        node.close()
 
 
 def test_c_store_series_becomes_a_job_and_seg_and_sr_come_back(node, study):
-    cfg, spool, client, receiver = node
+    cfg, spool, client, receiver, n = node
     assoc = associate(cfg)
     assert assoc.is_established
     for path in study:
@@ -156,20 +75,20 @@ def test_c_store_series_becomes_a_job_and_seg_and_sr_come_back(node, study):
         assert ds.StudyInstanceUID == source.StudyInstanceUID  # results land in the same study
     seg = next(ds for ds in receiver.received if ds.Modality == "SEG")
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-    assert len(list((Path(cfg["spool_dir"]) / "records").glob("*.json"))) == 1  # for the monitor
-    jobs = client.get("/jobs", headers=auth()).json()
+    assert len(list((cfg.spool_dir / "records").glob("*.json"))) == 1  # for the monitor
+    jobs = client.get("/jobs", headers=n.auth()).json()
     assert [j["status"] for j in jobs] == ["predicted"] and jobs[0]["send"] == "sent"
-    text = client.get("/metrics", headers=auth()).text
+    text = client.get("/metrics", headers=n.auth()).text
     assert 'ctpipe_instances_received_total{outcome="stored",protocol="dimse"}' in text
     assert "ctpipe_inference_seconds_bucket" in text and 'model_version="fp32-test"' in text
 
 
 def test_stow_rs_stores_good_parts_and_lists_failed_ones(node, study):
-    cfg, spool, client, _ = node
+    cfg, spool, client, _, n = node
     blobs = [p.read_bytes() for p in study]
     body, ctype = multipart_related(blobs + [b"not dicom at all"])
     response = client.post(
-        "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
+        "/dicom-web/studies", content=body, headers={**n.auth(), "Content-Type": ctype}
     )
     assert response.status_code == 202
     result = response.json()
@@ -179,11 +98,11 @@ def test_stow_rs_stores_good_parts_and_lists_failed_ones(node, study):
     wait_for(lambda: [r for r in spool.records() if r["status"] == "predicted"])
 
 
-@pytest.mark.parametrize(
-    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}]
-)
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, "token-alone"])
 def test_http_needs_the_bearer_token(node, headers):
-    client = node[2]
+    client, n = node[2], node[4]
+    if headers == "token-alone":  # the token without "Bearer "
+        headers = {"Authorization": n.tokens["test"]}
     assert client.get("/healthz").status_code == 200  # probes are open
     for path in ("/jobs", "/metrics"):
         assert client.get(path, headers=headers).status_code == 401
@@ -195,10 +114,10 @@ def test_http_needs_the_bearer_token(node, headers):
 
 
 def test_request_and_study_limits(node, study):
-    cfg, spool, client, _ = node
+    cfg, spool, client, _, n = node
     body, ctype = multipart_related([b"0" * (65 << 20)])
     response = client.post(
-        "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
+        "/dicom-web/studies", content=body, headers={**n.auth(), "Content-Type": ctype}
     )
     assert response.status_code == 413
     spool.max_study = len(study[0].read_bytes()) * 3  # room for three slices of the study
@@ -209,7 +128,7 @@ def test_request_and_study_limits(node, study):
 
 
 def test_a_series_the_model_refuses_finishes_with_the_reason(node, study, tmp_path):
-    cfg, spool, client, receiver = node
+    cfg, spool, client, receiver, n = node
     blobs = []
     for path in study:
         ds = pydicom.dcmread(path)
@@ -220,7 +139,7 @@ def test_a_series_the_model_refuses_finishes_with_the_reason(node, study, tmp_pa
     body, ctype = multipart_related(blobs)
     assert (
         client.post(
-            "/dicom-web/studies", content=body, headers={**auth(), "Content-Type": ctype}
+            "/dicom-web/studies", content=body, headers={**n.auth(), "Content-Type": ctype}
         ).status_code
         == 200
     )
@@ -229,14 +148,13 @@ def test_a_series_the_model_refuses_finishes_with_the_reason(node, study, tmp_pa
     ]
     assert record["status"] == "refused" and "modality MR" in record["reason"]
     assert record["send"] == "none" and not receiver.received
-    assert client.get(f"/jobs/{record['id']}", headers=auth()).json()["reason"] == record["reason"]
+    answer = client.get(f"/jobs/{record['id']}", headers=n.auth()).json()
+    assert answer["reason"] == record["reason"]
 
 
 def test_readyz_says_what_is_missing(tmp_path):
-    cfg = make_cfg(tmp_path, tmp_path / "no-package", None)
-    spool = Spool(Path(cfg["spool_dir"]), 1, 1 << 20)
-    client = TestClient(create_app(cfg, spool, Metrics("x"), TOKEN))
-    response = client.get("/readyz")
+    node = InProcessNode(make_cfg(tmp_path, tmp_path / "no-package", None))
+    response = node.client.get("/readyz")
     assert response.status_code == 503 and response.json()["model"] is False
 
 
@@ -268,9 +186,8 @@ def test_failed_sends_are_retried_until_they_succeed(tmp_path, tiny_package, stu
     receiver = Receiver()
     port = receiver.port
     receiver.server.shutdown()  # the destination is down at first
-    cfg = make_cfg(tmp_path, tiny_package, receiver)
-    metrics = Metrics("fp32-test")
-    spool = Spool(Path(cfg["spool_dir"]), cfg["quiet_seconds"], 64 << 20)
+    node = InProcessNode(make_cfg(tmp_path, tiny_package, receiver))
+    spool = node.spool
     ds = pydicom.dcmread(study[0], stop_before_pixels=True)
     for path in study:
         spool.receive(
@@ -279,8 +196,7 @@ def test_failed_sends_are_retried_until_they_succeed(tmp_path, tiny_package, stu
             ds.SeriesInstanceUID,
             pydicom.dcmread(path).SOPInstanceUID,
         )
-    runner = Runner(spool, cfg, metrics)
-    runner.start()
+    node.runner.start()
     try:
         wait_for(lambda: [r for r in spool.records() if r["attempts"] >= 2])
         assert spool.records()[0]["send"] == "retrying"
@@ -289,7 +205,7 @@ def test_failed_sends_are_retried_until_they_succeed(tmp_path, tiny_package, stu
         assert sorted(d.Modality for d in back.received) == ["SEG", "SR"]
         back.server.shutdown()
     finally:
-        runner.shutdown()
+        node.close()
 
 
 def test_study_size_counts_what_is_still_incoming(tmp_path, study):
@@ -317,25 +233,60 @@ def test_stray_files_in_the_spool_do_not_stop_a_restart(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"model": "fp16"}, "model 'fp16' is not fp32 or int8"),
-        ({"destination": {"kind": "ftp"}}, "destination.kind 'ftp'"),
+        ({"model": "fp16"}, "model: Input should be 'fp32' or 'int8'"),
+        ({"destination": {"kind": "ftp"}}, "destination.kind: Input should be"),
+        ({"dicom": {"ae_title": "CTPIPE", "port": 1, "allowed_callers": []}}, "allowed_callers"),
+        ({"workers": None}, "workers: Field required"),
+        ({"workers": "two"}, "workers: Input should be a valid integer"),
+        ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
         (
-            {"dicom": {"ae_title": "CTPIPE", "port": 1, "allowed_callers": []}},
-            "allowed_callers is empty",
+            {
+                "dicom": {
+                    "ae_title": "CTPIPE",
+                    "port": 70000,
+                    "allowed_callers": [{"ae_title": "A"}],
+                }
+            },
+            "dicom.port: Input should be less than or equal to 65535",
+        ),  # fmt: skip
+        ({"quiet_second": 5}, "quiet_second: Extra inputs are not permitted"),  # a typo
+        ({"retry": {"max_attempts": 0}}, "retry.max_attempts"),
+        ({"host": "0.0.0.0"}, "without tls on 0.0.0.0, beyond localhost"),
+        (
+            {"destination": {"kind": "dicomweb", "url": "http://pacs.example/dicom-web"}},
+            "destination.url is http://",
         ),
-        ({"workers": None}, "missing key 'workers'"),
-        ({}, "no HTTP token of 16 characters"),
+        ({"destination": {"kind": "dicomweb", "url": "ftp://x"}}, "an http(s) URL is needed"),
+        (
+            {
+                "dicom": {
+                    "ae_title": "CTPIPE",
+                    "port": 1,
+                    "allowed_callers": [{"ae_title": "A", "host": "not-an-ip"}],
+                }
+            },
+            "dicom.allowed_callers.0.host",
+        ),  # fmt: skip
+        ({"http": {"port": 8080, "tokens_file": "missing.yaml"}}, "missing.yaml: cannot read"),
+        ({"spool_dir": "spool-0755"}, "lets other users read patient data"),
     ],
 )
-def test_a_bad_config_stops_the_server_with_the_key(change, message, tmp_path, monkeypatch, caplog):
+def test_a_bad_config_stops_the_server_with_the_key(change, message, tmp_path, caplog):
     import yaml
 
+    from ctpipe.serve import tokens
     from ctpipe.serve.__main__ import main
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve.yaml").read_text())
+    tokens.add(tmp_path / "tokens.yaml", "t", ["read"])
+    cfg.update(spool_dir=str(tmp_path / "spool"))
+    cfg["http"]["tokens_file"] = str(tmp_path / "tokens.yaml")
     cfg.update(change)
+    if change.get("spool_dir") == "spool-0755":
+        (tmp_path / "spool-0755").mkdir(mode=0o755)
+        os.chmod(tmp_path / "spool-0755", 0o755)
+        cfg["spool_dir"] = str(tmp_path / "spool-0755")
     cfg = {k: v for k, v in cfg.items() if v is not None}
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
-    monkeypatch.setenv("CTPIPE_SERVE_TOKEN", "short" if not change else TOKEN)
     assert main(["--config", str(tmp_path / "serve.yaml")]) == 2
     assert message in caplog.text

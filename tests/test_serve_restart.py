@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -19,8 +20,9 @@ import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
 
+from ctpipe.serve import tokens
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "restart-test-token-0123456789"
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -61,7 +63,8 @@ def setup(tmp_path, tiny_package, write_tiny_cohort):
     # quiet period longer than a restart: the two halves sent around the kill make one series
     cfg.update(package=str(tiny_package), spool_dir=str(tmp_path / "spool"), quiet_seconds=15)
     cfg["dicom"].update(port=free_port(), allowed_callers=[{"ae_title": "PACS"}])
-    cfg["http"].update(port=free_port())
+    cfg["http"].update(port=free_port(), tokens_file=str(tmp_path / "tokens.yaml"))
+    tokens.add(tmp_path / "tokens.yaml", "test", ["read"])
     cfg["destination"] = {
         "kind": "dicom",
         "ae_title": "DEST",
@@ -76,7 +79,7 @@ def setup(tmp_path, tiny_package, write_tiny_cohort):
 
 
 def start(tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "CTPIPE_SERVE_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp_path / "serve.yaml")],
         cwd=ROOT,
@@ -141,6 +144,9 @@ def test_sigkill_while_receiving_and_while_predicting_loses_and_duplicates_nothi
         for value in (source.SeriesInstanceUID, source.StudyInstanceUID, source.PatientID):
             assert value not in log  # logs carry hashed UIDs and no identity
         assert source.PatientName.family_name not in log
+        spool = tmp_path / "spool"  # the node's umask: everything it wrote is owner-only
+        for path in [spool, *spool.rglob("*")]:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
     finally:
         if proc.poll() is None:
             kill(proc)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from pydicom import config, dcmread
 from pydicom.dataset import Dataset
-from tqdm import tqdm
 
 from ctpipe.deid.engine import Deidentifier
 from ctpipe.deid.files import FileResult, process_file
@@ -32,6 +31,7 @@ from ctpipe.deid.verify import (
     scan_file,
     scan_text,
 )
+from ctpipe.progress import progress
 
 _WORKER: dict = {}  # per-process state, set by the pool initialisers
 
@@ -122,10 +122,10 @@ def run_parallel(
     """``func`` over ``items`` in ``workers`` processes (in this one if 1), with a progress bar."""
     if workers <= 1 or len(items) <= 1:
         init(*initargs)
-        return [func(item) for item in tqdm(items, desc=desc, unit="file")]
+        return [func(item) for item in progress(items, desc=desc, unit="file")]
     with multiprocessing.Pool(workers, init, initargs) as pool:
         return list(
-            tqdm(
+            progress(
                 pool.imap_unordered(func, items, chunksize),
                 total=len(items),
                 desc=desc,

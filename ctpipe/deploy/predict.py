@@ -2,8 +2,8 @@
 
 Needs only the model package (``models/export``), ONNX Runtime, NumPy, SimpleITK, pydicom and
 highdicom: no PyTorch. For every CT series in STUDY_DIR it applies the preprocessing that
-``input_spec.json`` states (resample, body crop, intensity normalisation), runs sliding-window
-inference with Gaussian blending over the views and mirrored passes the spec names, and writes to
+``input_spec.json`` states (resample, body crop, intensity normalisation), runs the network on
+whole slabs (or sliding windows, as the spec says) over the views and mirrored passes it names, and writes to
 ``OUT_DIR/<SeriesInstanceUID>/``:
 
     mask.nii.gz   nodule mask resampled back onto the series' own grid (nearest neighbour)
@@ -41,7 +41,7 @@ import SimpleITK as sitk
 
 from ctpipe import dicomio, prep
 from ctpipe.deploy import report
-from ctpipe.fileio import read_json, write_csv, write_json
+from ctpipe.fileio import read_json, umask, write_csv, write_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import lung_roi, mean_over_views, slab_by_slab, whole_slab_roi
 from ctpipe.monitor.record import append as append_record
@@ -292,7 +292,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
             sources[0], hu, geom.spacing, nodules, time.perf_counter() - start, model
         )
         write_json(tmp / "record.json", record)  # no PHI: ctpipe.monitor's input
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the folder follows the umask
         dest = inside(out, out / uid)  # again: the folder may have changed during the prediction
         if dest.exists():
             shutil.rmtree(dest)

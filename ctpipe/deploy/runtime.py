@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ctpipe.deploy import onnx_export, sessions
 from ctpipe.model import data, infer, views
+from ctpipe.progress import progress
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 
@@ -53,7 +53,7 @@ def predict_cases(
     plan = data.load_plan(processed)
     with tempfile.TemporaryDirectory(prefix="ctpipe-predict-") as tmp:
         predictor = make_predictor(net, 2 * context + 1, cfg["runtime"], Path(tmp))
-        for case in tqdm(cases, desc=desc, unit="case"):
+        for case in progress(cases, desc=desc, unit="case"):
             image, label, geom = data.load_case(processed, case["case_id"])
             image = np.asarray(image, dtype=np.float32)
             box = views.lung_roi(image, plan, geom.spacing[::-1], cfg["lung_margin_mm"])

@@ -1,7 +1,8 @@
 """Whole-volume inference for the 2.5D network, shared by evaluate, quantize, export and predict.
 
 A volume ``[K, H, W]`` becomes ``K`` slabs ``[2c+1, H, W]`` (edge slices replicated); each slab
-goes through MONAI's sliding-window inference with Gaussian blending, in batches of slabs. The
+goes through the network in one pass (``whole_slab``, the pipeline's default) or through MONAI's
+sliding-window inference with Gaussian blending, in batches of slabs. The
 predictor is any callable from a float32 tensor ``[B, C, h, w]`` to logits ``[B, 2, h, w]``: a
 PyTorch module, or an ONNX Runtime session wrapped by :func:`onnx_predictor`.
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ctpipe.fileio import write_json
+from ctpipe.monitor.drift import values
 
-from ctpipe.fileio import write_json  # noqa: E402
-from ctpipe.monitor.drift import values  # noqa: E402
+# Figures are made with matplotlib's object-oriented API, not pyplot: no backend is chosen (and no
+# global state touched) by importing this module, and a figure is freed with its last reference.
 
 
 def plot(result: dict, reference: list[dict], window: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+    fig = Figure(figsize=(5, 3.2), dpi=110)
+    ax = fig.subplots()
     feature = result["feature"]
     if result["kind"] == "numeric":
         a, b = (
@@ -45,7 +46,6 @@ def plot(result: dict, reference: list[dict], window: list[dict], path: Path) ->
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def overview(results: list[dict], reference: list[dict], window: list[dict], path: Path) -> None:
@@ -56,7 +56,8 @@ def overview(results: list[dict], reference: list[dict], window: list[dict], pat
         return
     cols = 4
     rows = -(-len(numeric) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.3 * rows), dpi=100, squeeze=False)
+    fig = Figure(figsize=(12, 2.3 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, r in zip(axes.ravel(), numeric):
         a = np.asarray(values(reference, r["feature"]), float)
         b = np.asarray(values(window, r["feature"]), float)
@@ -76,7 +77,6 @@ def overview(results: list[dict], reference: list[dict], window: list[dict], pat
     fig.suptitle("reference (grey) vs window (blue); red: drifting", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def size_of(result: dict) -> str:

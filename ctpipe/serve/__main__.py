@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import ssl
 import sys
+import warnings
 from pathlib import Path
 
 import uvicorn
 
 from ctpipe.serve import config
+from ctpipe.serve import tokens as tokens_file
+from ctpipe.serve.audit import Audit
 from ctpipe.serve.dimse import StoreSCP
 from ctpipe.serve.runner import Runner
-from ctpipe.serve.spool import Spool
+from ctpipe.serve.spool import Spool, SpoolError
 from ctpipe.serve.telemetry import Metrics
 from ctpipe.serve.web import create_app
 
@@ -27,49 +32,74 @@ def model_version(package: Path, model: str) -> str:
     return f"{model}-{digest}"
 
 
+def quiet_third_parties() -> None:
+    """Libraries that name series, files or header values in their messages are silenced:
+    the node's own log lines say what happened, without PHI."""
+    for noisy in ("predict", "ctpipe.dicomio", "pynetdicom", "uvicorn.error"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")  # pydicom's warnings quote the values they warn about
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("predict", "ctpipe.dicomio", "pynetdicom"):  # they name series and files
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    quiet_third_parties()
+    os.umask(0o077)  # everything the node writes is owner-only
     try:
         cfg = config.load(config.parse_args(argv))
-        token = config.token(cfg)
-    except (config.ConfigError, OSError) as err:
+        tokens = tokens_file.load(cfg.http.tokens_file)
+        spool = Spool(
+            cfg.spool_dir,
+            cfg.quiet_seconds,
+            int(cfg.limits.max_study_mb * (1 << 20)),
+            int(cfg.limits.min_free_disk_mb * (1 << 20)),
+        )
+        audit = Audit(cfg.audit_path)
+    except (config.ConfigError, tokens_file.TokenError, SpoolError, OSError) as err:
         log.error("%s", err)
         return 2
-    metrics = Metrics(model_version(Path(cfg["package"]), cfg["model"]))
-    spool = Spool(
-        Path(cfg["spool_dir"]),
-        float(cfg["quiet_seconds"]),
-        int(float(cfg.get("max_study_mb", 2048)) * (1 << 20)),
-    )
-    runner = Runner(spool, cfg, metrics)
+    metrics = Metrics(model_version(cfg.package, cfg.model))
+    runner = Runner(spool, cfg, metrics, audit)
     runner.start()
-    scp = StoreSCP(cfg, spool, metrics)
+    scp = StoreSCP(cfg, spool, metrics, audit)
     scp.start()
-    http_port = int(cfg.get("http", {}).get("port", 8080))
+    tls = cfg.http.tls
+    audit(
+        "start",
+        "started",
+        model_version=metrics.version,
+        tls_dicom=bool(cfg.dicom.tls),
+        tls_http=bool(tls),
+    )
     log.info(
-        "serving %s: DICOM %s@%s:%s, HTTP %s:%s",
+        "serving %s: DICOM%s %s@%s:%s, HTTP%s %s:%s",
         metrics.version,
-        cfg["dicom"]["ae_title"],
-        cfg["host"],
-        cfg["dicom"]["port"],
-        cfg["host"],
-        http_port,
+        " (TLS)" if cfg.dicom.tls else "",
+        cfg.dicom.ae_title,
+        cfg.host,
+        scp.port,
+        "S" if tls else "",
+        cfg.host,
+        cfg.http.port,
     )
     try:
         uvicorn.run(
-            create_app(cfg, spool, metrics, token),
-            host=cfg["host"],
-            port=http_port,
+            create_app(cfg, spool, metrics, tokens, audit),
+            host=cfg.host,
+            port=cfg.http.port,
             log_level="warning",
-            access_log=False,  # request lines could carry study UIDs
+            access_log=False,  # request lines could carry study UIDs; the audit log has requests
+            limit_concurrency=cfg.limits.max_requests,
+            ssl_certfile=tls.cert if tls else None,
+            ssl_keyfile=tls.key if tls else None,
+            ssl_ca_certs=tls.ca if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.require_client_cert else ssl.CERT_NONE,
         )
     finally:
         scp.shutdown()
         runner.shutdown()
+        audit.close()
     return 0
 
 

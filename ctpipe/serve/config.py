@@ -1,18 +1,163 @@
-"""The server's configuration: one YAML file (``serve.yaml``), flags that override it, and the
-bearer token from the environment (or a file outside git), never from the file itself."""
+"""The server's configuration: one YAML file (``serve.yaml``) checked against a schema when the
+server starts, and flags that override it. Secrets never live in it: HTTP tokens come from a file
+outside git that holds only their hashes (:mod:`ctpipe.serve.tokens`), TLS keys from files."""
 
 from __future__ import annotations
 
 import argparse
-import copy
+import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Port = Field(ge=0, le=65535)  # 0: any free port (tests)
 
 
 class ConfigError(ValueError):
     """A configuration the server cannot start with; the message says which key and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tls(Section):
+    """TLS of a listener (``cert`` + ``key``) or of a client (``ca`` to verify the server,
+    ``cert`` + ``key`` when the server wants a client certificate)."""
+
+    cert: Path | None = None  # PEM certificate (chain) this side presents
+    key: Path | None = None  # PEM private key of ``cert``
+    ca: Path | None = None  # PEM CA bundle that the other side's certificate must chain to
+    require_client_cert: bool = False  # listener: refuse callers without a certificate from ``ca``
+
+    @model_validator(mode="after")
+    def _pairs(self) -> Tls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA of the accepted callers)")
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path}: no such file")
+        return self
+
+
+class Caller(Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None  # None: from any address
+
+
+class Dicom(Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    port: int = Port
+    allowed_callers: list[Caller] = Field(min_length=1)
+    tls: Tls | None = None
+
+
+class Http(Section):
+    port: int = Port
+    tokens_file: Path  # named, hashed tokens with scopes (python -m ctpipe.serve.tokens)
+    tls: Tls | None = None
+
+
+class Destination(Section):
+    kind: Literal["none", "dicom", "dicomweb"] = "none"
+    ae_title: str = Field("ORTHANC", min_length=1, max_length=16)
+    host: str = "127.0.0.1"
+    port: int = Field(4242, ge=1, le=65535)
+    url: str | None = None
+    token_env: str | None = None  # dicomweb: environment variable with the bearer token
+    tls: Tls | None = None
+
+
+class Limits(Section):
+    max_request_mb: float = Field(512, gt=0)
+    max_study_mb: float = Field(2048, gt=0)
+    min_free_disk_mb: float = Field(1024, ge=0)
+    max_associations: int = Field(10, ge=1)
+    max_requests: int = Field(32, ge=1)
+    calls_per_minute: int = Field(600, ge=1)
+
+
+class Retry(Section):
+    first_seconds: float = Field(2, gt=0)
+    max_seconds: float = Field(300, gt=0)
+    max_attempts: int = Field(10, ge=1)
+    jitter: float = Field(0.25, ge=0, le=1)
+
+
+class Retention(Section):
+    hold_hours: float = Field(24, ge=0)
+    jobs_days: float = Field(7, gt=0)
+
+
+class Monitor(Section):
+    reference: Path | None = None
+    window: int = Field(200, ge=1)
+    alpha: float = Field(0.01, gt=0, lt=1)
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    allow_plaintext: bool = False
+    package: Path
+    model: Literal["fp32", "int8"]
+    spool_dir: Path
+    workers: int = Field(ge=1, le=64)
+    quiet_seconds: float = Field(ge=0)
+    predict_timeout_seconds: float = Field(900, gt=0)
+    audit_log: Path | None = None
+    records_dir: Path | None = None
+    limits: Limits = Limits()
+    dicom: Dicom
+    http: Http
+    destination: Destination = Destination()
+    retry: Retry = Retry()
+    retention: Retention = Retention()
+    monitor: Monitor = Monitor()
+
+    @model_validator(mode="after")
+    def _transport(self) -> ServeConfig:
+        plain = [name for name, s in (("dicom", self.dicom), ("http", self.http)) if s.tls is None]
+        if plain and not loopback(self.host) and not self.allow_plaintext:
+            raise ValueError(
+                f"{' and '.join(plain)} without tls on {self.host}, beyond localhost: "
+                "set tls, or allow_plaintext: true"
+            )
+        dest = self.destination
+        if dest.kind == "dicomweb":
+            scheme = urlsplit(dest.url or "").scheme
+            if scheme not in ("http", "https"):
+                raise ValueError("destination.url: an http(s) URL is needed for dicomweb")
+            if scheme == "http" and not self.allow_plaintext:
+                raise ValueError("destination.url is http://: use https, or allow_plaintext: true")
+            if dest.token_env and not os.environ.get(dest.token_env):
+                raise ValueError(f"destination.token_env: ${dest.token_env} is not set")
+        if dest.kind == "dicom" and dest.tls is None and not loopback(dest.host):
+            if not self.allow_plaintext:
+                raise ValueError("destination beyond localhost without tls: allow_plaintext: true")
+        return self
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_log or self.spool_dir / "audit.jsonl"
+
+    @property
+    def records_path(self) -> Path:
+        return self.records_dir or self.spool_dir / "records"
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,11 +179,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load(args: argparse.Namespace) -> dict:
+def load(args: argparse.Namespace) -> ServeConfig:
     """The config file with the flags applied, checked."""
     if not args.config.is_file():
         raise ConfigError(f"{args.config}: no such config file")
-    cfg = copy.deepcopy(yaml.safe_load(args.config.read_text()) or {})
+    try:
+        raw = yaml.safe_load(args.config.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{args.config}: not YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{args.config}: expected a mapping of keys")
     flags = {
         ("host",): args.host,
         ("dicom", "port"): args.dicom_port,
@@ -52,36 +202,21 @@ def load(args: argparse.Namespace) -> dict:
     }
     for keys, value in flags.items():
         if value is not None:
-            section = cfg
+            section = raw
             for key in keys[:-1]:
                 section = section.setdefault(key, {})
             section[keys[-1]] = str(value) if isinstance(value, Path) else value
-    check(cfg)
-    return cfg
+    return parse(raw, source=str(args.config))
 
 
-def check(cfg: dict) -> None:
-    for key in ("host", "package", "model", "spool_dir", "workers", "quiet_seconds", "dicom"):
-        if key not in cfg:
-            raise ConfigError(f"config: missing key {key!r}")
-    if cfg["model"] not in ("fp32", "int8"):
-        raise ConfigError(f"config: model {cfg['model']!r} is not fp32 or int8")
-    kind = cfg.get("destination", {}).get("kind", "none")
-    if kind not in ("none", "dicom", "dicomweb"):
-        raise ConfigError(f"config: destination.kind {kind!r} is not none, dicom or dicomweb")
-    if not cfg["dicom"].get("allowed_callers"):
-        raise ConfigError("config: dicom.allowed_callers is empty: nobody could send a study")
-
-
-def token(cfg: dict) -> str:
-    """The HTTP bearer token: from ``http.token_env`` (environment) or ``http.token_file``."""
-    http = cfg.get("http", {})
-    value = os.environ.get(http.get("token_env") or "", "")
-    if not value and http.get("token_file"):
-        value = Path(http["token_file"]).expanduser().read_text().strip()
-    if len(value) < 16:
-        raise ConfigError(
-            f"no HTTP token of 16 characters or more in ${http.get('token_env')} or "
-            f"http.token_file (make one: python -c 'import secrets; print(secrets.token_hex(24))')"
-        )
-    return value
+def parse(raw: dict, source: str = "config") -> ServeConfig:
+    """``raw`` checked against the schema, or :class:`ConfigError` naming each bad key."""
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(k) for k in e["loc"]) or "(top level)"
+            given = f" (given: {e['input']!r})" if e["type"] != "missing" else ""
+            problems.append(f"{key}: {e['msg']}{given if len(given) < 80 else ''}")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None

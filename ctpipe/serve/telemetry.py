@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -66,6 +67,27 @@ class Metrics:
             ["feature"],
             registry=self.registry,
         )
+        self.quarantined = Gauge(
+            "ctpipe_jobs_quarantined",
+            "Jobs in quarantine/ (their record could not be read; REASON.txt beside each)",
+            registry=self.registry,
+        )
+        self.send_failed = Gauge(
+            "ctpipe_jobs_send_failed",
+            "Jobs whose results were not delivered after retry.max_attempts",
+            registry=self.registry,
+        )
+        self.free_disk = Gauge(
+            "ctpipe_spool_free_bytes",
+            "Free bytes on the spool's file system",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "ctpipe_refused",
+            "Associations and HTTP requests refused, by protocol and reason",
+            ["protocol", "reason"],
+            registry=self.registry,
+        )
         self.version = model_version
 
     def update_drift(self, results: list[dict], latest: dict) -> None:
@@ -75,3 +97,21 @@ class Metrics:
         for feature, value in latest.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.latest.labels(feature).set(value)
+
+
+_UID_LIKE = re.compile(r"[0-9]+(?:\.[0-9]+){2,}")
+_IPV4 = re.compile(
+    r"(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])){3}"
+)
+
+
+def _hide(match: re.Match) -> str:
+    value = match.group()
+    return value if _IPV4.fullmatch(value) else f"uid:{tag(value)}"
+
+
+def redact(text: str, limit: int = 300) -> str:
+    """``text`` for a log line, an error or an API answer: anything shaped like a UID (three or
+    more dot-separated numbers, but not an IPv4 address) replaced by its tag; at most ``limit``
+    characters."""
+    return _UID_LIKE.sub(_hide, str(text))[:limit]

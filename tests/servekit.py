@@ -1,0 +1,173 @@
+"""What the serve tests share: free ports, a destination SCP, a config, a node in this process,
+tokens, and test certificates made with ``openssl`` (never committed)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from ctpipe.serve import config, tokens
+from ctpipe.serve.audit import Audit
+from ctpipe.serve.dimse import StoreSCP
+from ctpipe.serve.runner import Runner
+from ctpipe.serve.spool import Spool
+from ctpipe.serve.telemetry import Metrics
+from ctpipe.serve.web import create_app
+
+ALL_SCOPES = ["store", "read", "metrics"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, seconds: float = 180.0, what: str = "a condition"):
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            value = predicate()
+        except (OSError, ValueError, httpx.HTTPError):  # a record being replaced, a port not open
+            value = None
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Receiver:
+    """A destination SCP that keeps what it is sent (the PACS in these tests); ``contexts``
+    limits the SOP classes it accepts."""
+
+    def __init__(self, port: int | None = None, contexts=None, ssl_context=None) -> None:
+        self.port, self.received = port or free_port(), []
+        ae = AE(ae_title="DEST")
+        ae.supported_contexts = contexts or AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self.store)],
+            ssl_context=ssl_context,
+        )
+
+    def store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+
+def make_tokens(folder: Path, scopes: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """A tokens file ``folder/tokens.yaml`` with one token per name; returns name -> token."""
+    scopes = scopes or {"test": ALL_SCOPES}
+    folder.mkdir(parents=True, exist_ok=True)
+    return {name: tokens.add(folder / "tokens.yaml", name, s) for name, s in scopes.items()}
+
+
+def make_cfg(tmp_path: Path, package: Path, receiver: Receiver | None, **changes) -> dict:
+    """A node config (the raw dict; ``config.parse`` checks it) for the tests."""
+    cfg = {
+        "host": "127.0.0.1",
+        "package": str(package),
+        "model": "fp32",
+        "spool_dir": str(tmp_path / "spool"),
+        "workers": 1,
+        "quiet_seconds": 0.5,
+        "predict_timeout_seconds": 300,
+        "limits": {"max_request_mb": 64, "max_study_mb": 64, "min_free_disk_mb": 0},
+        "dicom": {
+            "ae_title": "CTPIPE",
+            "port": free_port(),
+            "allowed_callers": [{"ae_title": "PACS", "host": "127.0.0.1"}, {"ae_title": "ANY"}],
+        },
+        "http": {"port": 0, "tokens_file": str(tmp_path / "tokens.yaml")},
+        "destination": {
+            "kind": "dicom",
+            "ae_title": "DEST",
+            "host": "127.0.0.1",
+            "port": receiver.port,
+        }
+        if receiver
+        else {"kind": "none"},
+        "retry": {"first_seconds": 0.2, "max_seconds": 1, "max_attempts": 10},
+    }
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+class InProcessNode:
+    """Spool, runner, SCP and the HTTP app of one node in this process (TestClient for HTTP)."""
+
+    def __init__(self, raw: dict, token_scopes: dict[str, list[str]] | None = None) -> None:
+        folder = Path(raw["http"]["tokens_file"]).parent
+        self.tokens = make_tokens(folder, token_scopes)
+        self.cfg = config.parse(raw)
+        self.metrics = Metrics("fp32-test")
+        limits = self.cfg.limits
+        self.spool = Spool(
+            self.cfg.spool_dir,
+            self.cfg.quiet_seconds,
+            int(limits.max_study_mb * (1 << 20)),
+            int(limits.min_free_disk_mb * (1 << 20)),
+        )
+        self.audit = Audit(self.cfg.audit_path)
+        self.runner = Runner(self.spool, self.cfg, self.metrics, self.audit)
+        self.scp = StoreSCP(self.cfg, self.spool, self.metrics, self.audit)
+        app = create_app(
+            self.cfg, self.spool, self.metrics, tokens.load(self.cfg.http.tokens_file), self.audit
+        )
+        self.client = TestClient(app)
+
+    def start(self, runner: bool = True) -> InProcessNode:
+        if runner:
+            self.runner.start()
+        self.scp.start()
+        return self
+
+    def auth(self, name: str = "test") -> dict:
+        return {"Authorization": f"Bearer {self.tokens[name]}"}
+
+    def audit_lines(self) -> list[str]:
+        return self.cfg.audit_path.read_text().splitlines()
+
+    def close(self) -> None:
+        self.scp.shutdown()
+        self.runner.shutdown()
+        self.audit.close()
+
+
+def make_certs(folder: Path) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1 / localhost, a client certificate, and a
+    rogue client certificate from another CA; PEM files in ``folder`` (``X.pem``, ``X.key``, and
+    ``X.both.pem`` with both, as Orthanc wants them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN=ctpipe test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem")  # fmt: skip
+    san = "subjectAltName=IP:127.0.0.1,DNS:localhost"
+    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+            f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+        (folder / f"{name}.ext").write_text(san + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")  # fmt: skip
+        both = (folder / f"{name}.pem").read_text() + (folder / f"{name}.key").read_text()
+        (folder / f"{name}.both.pem").write_text(both)
+    return {p.stem.replace(".", "_"): p for p in folder.glob("*.pem")} | {
+        f"{p.stem}_key": p for p in folder.glob("*.key")
+    }
