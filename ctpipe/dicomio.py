@@ -10,7 +10,6 @@ describe (origin, spacing, direction), in HU (RescaleSlope/Intercept applied).
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -21,7 +20,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctpipe.geometry import Geometry
+from ctpipe.listing import display_path, list_files, strerror
 from ctpipe.progress import progress
+from ctpipe.safepath import uid_reason
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ MANIFEST_COLUMNS = [
     "instance",
     "sop_uid",
 ]
+# Record fields holding a UID, and the attribute each comes from.
+UID_FIELDS = {
+    "study_uid": "StudyInstanceUID",
+    "series_uid": "SeriesInstanceUID",
+    "sop_uid": "SOPInstanceUID",
+}
 UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
@@ -68,6 +75,8 @@ def scan_file(path: Path, root: Path) -> dict:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:
         return {**rec, "status": "skipped", "reason": "not a DICOM file (no DICM preamble)"}
+    except OSError as exc:  # permission denied, or the file vanished since it was listed
+        return {**rec, "status": "skipped", "reason": f"cannot be read: {strerror(exc)}"}
     except Exception as exc:  # pydicom raises many types on damaged files
         return {**rec, "status": "skipped", "reason": f"unreadable DICOM: {exc}"}
     rec.update(
@@ -116,39 +125,6 @@ def _geometry_problem(frames: list[dict]) -> str:
     if abs(float(row @ col)) > 1e-3:
         return "ImageOrientationPatient rows and columns are not perpendicular"
     return ""
-
-
-def display_path(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` as text that can be written anywhere (undecodable bytes of a
-    file name shown as ``\\xNN``)."""
-    rel = os.fsencode(path.relative_to(root))
-    return rel.decode("utf-8", errors="backslashreplace")
-
-
-def list_files(root: Path) -> tuple[list[Path], list[dict]]:
-    """Files under ``root`` to scan, and records for what cannot be scanned: symbolic links to
-    folders (not followed, so no loop), dangling links, FIFOs, sockets, devices, file names that
-    are not UTF-8. A link to a regular file is followed once."""
-    files, skipped = [], []
-
-    def skip(path: Path, reason: str) -> None:
-        skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
-
-    for folder, dirs, names in os.walk(root, followlinks=False):
-        for name in dirs:
-            if (Path(folder) / name).is_symlink():
-                skip(Path(folder) / name, "symbolic link to a folder: not followed")
-        for name in names:
-            path = Path(folder) / name
-            if display_path(path, root) != str(path.relative_to(root)):
-                skip(path, "file name is not valid UTF-8")
-            elif path.is_symlink() and not path.exists():
-                skip(path, "dangling symbolic link")
-            elif not path.is_file():
-                skip(path, "not a regular file (FIFO, socket or device)")
-            else:
-                files.append(path)
-    return sorted(files), skipped
 
 
 def frame_geometry(ds: pydicom.Dataset) -> list[dict]:
@@ -241,7 +217,8 @@ def _header_problem(ds: pydicom.Dataset) -> str:
 def scan_folder(root: str | Path, workers: int = 1, **checks) -> pd.DataFrame:
     """Scan every file under ``root`` (recursively) and check each series; one row per file.
 
-    ``checks`` go to :func:`check_series` (modalities, min_slices, spacing_tolerance, uneven).
+    ``checks`` go to :func:`check_series` (modalities, min_slices, spacing_tolerance, uneven,
+    uids).
     """
     root = Path(root)
     paths, unscannable = list_files(root)
@@ -266,6 +243,7 @@ def check_series(
     min_slices: int = 1,
     spacing_tolerance: float = 0.05,
     uneven: str = "reject",
+    uids: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """Group readable files by series and reject series that would give a wrong volume.
 
@@ -273,9 +251,14 @@ def check_series(
         modalities: accepted modalities (None accepts any).
         uneven: what to do with slices that do not step evenly (a missing slice, non-uniform
             spacing): ``reject`` the series, or ``resample`` it onto even steps (noted in reason).
+        uids: record fields (keys of :data:`UID_FIELDS`) that must be DICOM UIDs (PS3.5 9.1):
+            a file where one is not is skipped with the reason before its series is checked.
     """
     by_series: dict[str, list[dict]] = defaultdict(list)
     for rec in records:
+        bad = [key for key in uids if rec["status"] == "ok" and uid_reason(rec.get(key))]
+        if bad:
+            rec.update(status="skipped", reason=f"{UID_FIELDS[bad[0]]}: {uid_reason(rec[bad[0]])}")
         if rec["status"] == "ok":
             by_series[rec["series_uid"]].append(rec)
     for recs in by_series.values():

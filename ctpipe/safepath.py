@@ -41,13 +41,27 @@ def uid_component(uid: object) -> str:
     return str(uid)
 
 
+def name_component(name: object) -> str:
+    """``name`` (a file or folder name from params or data) as one path component, or
+    :class:`UnsafePath` with the reason."""
+    if not isinstance(name, str) or name in ("", ".", ".."):
+        raise UnsafePath("not a file or folder name (empty, '.' or '..')")
+    if "/" in name or "\x00" in name:
+        raise UnsafePath("a name may not hold '/' or a NUL byte")
+    return name
+
+
 def inside(root: str | Path, path: str | Path) -> Path:
     """``path`` with links resolved, or :class:`UnsafePath` when that is not below ``root``
     (resolved too). The root itself does not count as inside."""
-    base = Path(root).resolve()
-    if "\x00" in str(path):
+    if "\x00" in str(root) + str(path):
         raise UnsafePath("path with a NUL byte")
-    resolved = Path(path).resolve()  # relative paths: from the working folder, as open() reads them
+    try:
+        base = Path(root).resolve()
+        # relative paths: from the working folder, as open() reads them
+        resolved = Path(path).resolve()
+    except (RuntimeError, OSError) as err:  # a symbolic link loop (RuntimeError before 3.13)
+        raise UnsafePath(f"{path} cannot be resolved: {err}") from None
     if resolved == base or base not in resolved.parents:
         raise UnsafePath(f"{path} is not inside {root}")
     return resolved

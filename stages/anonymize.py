@@ -35,11 +35,12 @@ from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
 from ctpipe.deid.verify import Evidence
-from ctpipe.dicomio import list_files
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
+from ctpipe.listing import list_files
 from ctpipe.params import setup_logging, stage_params
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
+from ctpipe.safepath import inside
 
 log = logging.getLogger("anonymize")
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
@@ -114,14 +115,15 @@ def prepare_output(out_dir: Path) -> None:
         foreign = [
             p.name
             for p in out_dir.iterdir()
-            if p.name not in ("dicom", "images", *OWN_FILES) and not p.name.endswith(".tmp")
+            if p.is_symlink()  # a link may lead out: never deleted or written through
+            or (p.name not in ("dicom", "images", *OWN_FILES) and not p.name.endswith(".tmp"))
         ]
         if foreign:
             raise SystemExit(f"{out_dir} holds files this stage did not write, e.g. {foreign[0]}")
         for name in ("dicom", "images"):
-            shutil.rmtree(out_dir / name, ignore_errors=True)
+            shutil.rmtree(inside(out_dir, out_dir / name), ignore_errors=True)
         for name in OWN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
+            inside(out_dir, out_dir / name).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -129,8 +131,9 @@ def luna16_images(
     input_dir: Path, out_dir: Path, keyring: Keyring, evidence: dict[str, Evidence]
 ) -> tuple[list[FileResult], list[Path]]:
     """Copy every ``images/*.mhd`` pair renamed to the remapped series UID."""
-    results, written = [], []
-    for mhd in progress(sorted((input_dir / "images").rglob("*.mhd")), desc="luna16", unit="image"):
+    (files, entries), written = list_files(input_dir / "images"), []
+    results = [FileResult(f"images/{e['path']}", "unusable", e["reason"]) for e in entries]
+    for mhd in progress([f for f in files if f.suffix == ".mhd"], desc="luna16", unit="image"):
         rel = str(mhd.relative_to(input_dir))
         new = keyring.uid(mhd.stem)
         result = FileResult(
@@ -310,7 +313,7 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
     """Delete every output file the leak gate found an identifier in; list them privately."""
     write_csv(private_dir / "leaks.csv", pd.DataFrame(leaks, columns=["file", "finding"]))
     for rel in sorted({rel for rel, _ in leaks}):
-        (out_dir / rel).unlink(missing_ok=True)
+        inside(out_dir, out_dir / rel).unlink(missing_ok=True)
     log.error(
         "%d identifying values survived in %d files (deleted; details in %s)",
         len(leaks),

@@ -37,6 +37,7 @@ from ctpipe.model.infer import onnx_predictor
 from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment
+from ctpipe.safepath import UnsafePath, inside, name_component
 
 log = logging.getLogger("export")
 LABELS = {"0": "background", "1": "nodule"}
@@ -213,13 +214,21 @@ def verify(net: torch.nn.Module, stage: Path, quant_dir: Path, batches: list, cf
 
 def add_triton(stage: Path, cfg: dict, channels: int) -> None:
     """``triton/<name>/config.pbtxt`` and ``1/model.onnx``: a Triton model repository entry."""
-    triton = stage / "triton" / cfg["model_name"]
+    triton = inside(stage, stage / "triton" / model_folder(cfg))
     (triton / "1").mkdir(parents=True)
     shutil.copyfile(stage / "model.onnx", triton / "1" / "model.onnx")
     (triton / "config.pbtxt").write_text(
         package.triton_config(cfg["model_name"], channels, int(cfg["triton_max_batch_size"])),
         encoding="utf-8",
     )
+
+
+def model_folder(cfg: dict) -> str:
+    """``export.model_name``, which names the Triton model's folder, or :class:`UnsafePath`."""
+    try:
+        return name_component(cfg["model_name"])
+    except UnsafePath as err:
+        raise UnsafePath(f"params export.model_name: {err}") from None
 
 
 def export_metrics(stage: Path, verification: dict, cfg: dict, opset: int, seconds: dict) -> dict:
@@ -295,15 +304,22 @@ def run(
     evaluation: dict | None = None,
     quantized: dict | None = None,
 ) -> dict:
-    """Build the package next to ``out_dir`` and swap it in only if every check passed."""
+    """Build the package next to ``out_dir`` and swap it in only if every check passed.
+
+    Raises:
+        UnsafePath: before any work, when ``out_dir`` is not a folder inside its parent (``x/..``,
+            a link out) or ``export.model_name`` is not a folder name.
+    """
+    model_folder(cfg)
+    inside(out_dir.parent, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         result = build(model_path, processed, quant_dir, stage, cfg, seed, evaluation, quantized)
         os.chmod(stage, 0o755)  # mkdtemp makes it 0700
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(stage, out_dir)
+            shutil.rmtree(inside(out_dir.parent, out_dir))
+        os.replace(stage, inside(out_dir.parent, out_dir))
         return result
     finally:
         if stage.exists():

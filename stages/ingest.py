@@ -26,14 +26,17 @@ from pathlib import Path
 import pandas as pd
 import SimpleITK as sitk
 
-from ctpipe import dicomio, synth
+from ctpipe import dicomio, listing, synth
 from ctpipe.fileio import write_csv, write_json
 from ctpipe.params import setup_logging, stage_params, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
+from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
 log = logging.getLogger("ingest")
 ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+# UIDs a file must have to be accepted: anonymize names its output after them, preprocess its cases
+UIDS = tuple(dicomio.UID_FIELDS)
 
 
 def generate_synthetic(out: Path, cfg: dict, seed: int, workers: int) -> pd.DataFrame:
@@ -66,60 +69,88 @@ def read_annotations(path: Path) -> pd.DataFrame:
     return frame[ANNOTATION_COLUMNS]
 
 
+def _resolved(path: Path) -> Path | None:
+    """``path`` with links resolved; None for a link loop or a path that cannot be resolved."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+        return None
+
+
 def ingest_dicom(source: Path, out: Path, cfg: dict) -> pd.DataFrame:
-    """Scan ``source``, copy the accepted files to ``out`` (same relative paths)."""
+    """Scan ``source``, copy the accepted files to ``out`` (same relative paths). A file that
+    cannot be copied (gone since the scan, unreadable) is skipped with the reason."""
     manifest = dicomio.scan_folder(source, int(cfg["workers"]), **_checks(cfg))
     annotations = Path(cfg["annotations"]).resolve()
-    is_csv = manifest["path"].map(lambda rel: (source / rel).resolve() == annotations)
+    is_csv = manifest["path"].map(lambda rel: _resolved(source / rel) == annotations)
     manifest.loc[is_csv, ["status", "reason"]] = ["annotations", "the cohort's annotations CSV"]
-    for rel in manifest.loc[manifest["status"] == "ok", "path"]:
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source / rel, dest)
+    for i in manifest.index[manifest["status"] == "ok"]:
+        rel = manifest.at[i, "path"]
+        try:
+            dest = inside(out, out / rel)
+        except UnsafePath as err:
+            manifest.loc[i, ["status", "reason"]] = ["skipped", str(err)]
+            continue
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, dest)
+        except OSError as err:  # gone or unreadable since the scan: no half copy is kept
+            dest.unlink(missing_ok=True)
+            why = (err.strerror or type(err).__name__).lower()
+            manifest.loc[i, ["status", "reason"]] = ["skipped", f"cannot be copied: {why}"]
     return manifest
 
 
 def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
-    """Check every .mhd/.raw pair under ``source`` and copy the readable ones to ``out``."""
-    rows, paired = [], set()
-    for mhd in sorted(source.rglob("*.mhd")):
-        rel = str(mhd.relative_to(source))
+    """Check every .mhd/.raw pair under ``source`` and copy the readable ones to ``out``. The
+    file name is the series UID (it names the copy); the data file must lie inside ``source``."""
+    files, unusable = listing.list_files(source)
+    rows, paired = list(unusable), set()
+    for mhd in (f for f in files if f.suffix == ".mhd"):
+        rel = listing.display_path(mhd, source)
+        uid = mhd.stem
         try:
+            uid_component(uid)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(mhd))
             reader.ReadImageInformation()
-            data = mhd.parent / next(
+            name = next(
                 line.split("=", 1)[1].strip()
                 for line in mhd.read_text().splitlines()
                 if line.startswith("ElementDataFile")
             )
+            data = inside(source, mhd.parent / name)  # before anything reads it
             sitk.ReadImage(str(mhd))  # reads the pixels: catches a truncated .raw
+            copies = [(data, inside(out, out / data.name)), (mhd, inside(out, out / f"{uid}.mhd"))]
+            for src, dest in copies:
+                shutil.copy2(src, dest)
+        except UnsafePath as exc:
+            why = f"file name is not a series UID: {exc}" if uid_reason(uid) else str(exc)
+            rows.append({"path": rel, "status": "skipped", "reason": why})
+            continue
         except Exception as exc:
             rows.append(
                 {"path": rel, "status": "skipped", "reason": f"unreadable MetaImage: {exc}"}
             )
             continue
         paired.add(data)
-        uid = mhd.stem
-        shutil.copy2(mhd, out / f"{uid}.mhd")
-        shutil.copy2(data, out / data.name)
         rows.append(
             {"path": rel, "status": "ok", "reason": "", "series_uid": uid, "modality": "CT"}
         )
         rows.append(
             {
-                "path": str(data.relative_to(source)),
+                "path": listing.display_path(data, source.resolve()),
                 "status": "ok",
                 "reason": f"pixel data of {rel}",
                 "series_uid": uid,
                 "modality": "CT",
             }
         )
-    for other in sorted(p for p in source.rglob("*") if p.is_file() and p.suffix != ".mhd"):
-        if other not in paired and other.name != "annotations.csv":
+    for other in (f for f in files if f.suffix != ".mhd"):
+        if _resolved(other) not in paired and other.name != "annotations.csv":
             rows.append(
                 {
-                    "path": str(other.relative_to(source)),
+                    "path": listing.display_path(other, source),
                     "status": "skipped",
                     "reason": "not part of a readable .mhd/.raw pair",
                 }
@@ -133,12 +164,14 @@ def _checks(cfg: dict) -> dict:
         "min_slices": int(cfg["min_slices"]),
         "spacing_tolerance": float(cfg["spacing_tolerance"]),
         "uneven": cfg["uneven_slices"],
+        "uids": UIDS,
     }
 
 
 def run(cfg: dict, seed: int, out: Path) -> dict:
     """Ingest the configured source into ``out``; return the stage metrics."""
     if out.exists():
+        inside(out.parent, out)  # OUT_DIR such as data/raw/.. would take its parent with it
         shutil.rmtree(out)
     out.mkdir(parents=True)
     source = cfg["source"]

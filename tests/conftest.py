@@ -6,7 +6,9 @@ test file."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import os
 import shutil
 import subprocess
@@ -428,3 +430,106 @@ def make_density_package(root: Path, tiny: Path, threshold: float = 0.5) -> Path
 def density_package(tmp_path_factory, tiny_package) -> Path:
     """``make_density_package``: a package whose predictions are never empty (serve, Orthanc)."""
     return make_density_package(tmp_path_factory.mktemp("density") / "pkg", tiny_package)
+
+
+@pytest.fixture
+def escape_guard(tmp_path, monkeypatch):
+    """Deleting, moving or creating anything outside ``tmp_path`` raises PermissionError and is
+    listed; the test fails if the list is not empty. Tests that feed values such as ``/`` or ``..``
+    to code that deletes (as root) fail instead of damaging the machine when a check regresses."""
+    root = os.path.realpath(tmp_path)
+    escapes: list[str] = []
+
+    def judged(op: str, real, position: int, through_links: bool):
+        def call(*args, **kwargs):
+            path = args[position] if len(args) > position else None
+            text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+            relative_to_fd = any(v is not None for k, v in kwargs.items() if k.endswith("dir_fd"))
+            # a name relative to a folder fd (rmtree's own steps), a NUL, a folder that exists
+            # (mkdir(..., exist_ok=True) of a parent): nothing to judge, the call does no harm
+            exists = op == "mkdir" and text and os.path.lexists(text)
+            if text and not relative_to_fd and "\x00" not in text and not exists:
+                if through_links:  # what the call reaches
+                    where = os.path.realpath(text)
+                else:  # the entry itself: a link is judged where it lies, not where it leads
+                    parent = os.path.realpath(os.path.dirname(text) or ".")
+                    where = os.path.join(parent, os.path.basename(text))
+                if not where.startswith(root + os.sep):
+                    escapes.append(f"{op} {text}")
+                    raise PermissionError(f"test guard: {op} outside the test folder: {text}")
+            return real(*args, **kwargs)
+
+        return call
+
+    for module, name, position, through_links in [
+        (shutil, "rmtree", 0, True),
+        (shutil, "copyfile", 1, True),
+        (os, "mkdir", 0, False),
+        (os, "unlink", 0, False),
+        (os, "remove", 0, False),
+        (os, "rmdir", 0, False),
+        (os, "replace", 1, False),
+        (os, "rename", 1, False),
+    ]:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, judged(name, real, position, through_links))
+    yield escapes
+    assert not escapes, f"escaped the test folder: {escapes}"
+
+
+@pytest.fixture
+def unreadable():
+    """``with unreadable(*paths):`` the files or folders cannot be read in this thread: mode 000
+    and, as root, without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (chmod alone does not stop
+    root); both restored on exit. Skips where the capabilities cannot be dropped."""
+
+    @contextlib.contextmanager
+    def deny(*paths: Path):
+        modes = {p: p.lstat().st_mode & 0o7777 for p in paths}
+        for p in paths:
+            p.chmod(0)
+        restore = None
+        try:
+            if os.geteuid() == 0:
+                restore = _drop_read_bypass()
+            yield
+        finally:
+            if restore is not None:
+                restore()
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+    return deny
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def _drop_read_bypass():
+    """Clear CAP_DAC_OVERRIDE (bit 1) and CAP_DAC_READ_SEARCH (bit 2) from this thread's effective
+    capabilities (capset(2) acts on the calling thread); return the function that raises them
+    again (they stay in the permitted set)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, caps = _CapHeader(0x20080522, 0), (_CapData * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), caps) != 0:
+        pytest.skip("capget failed: cannot make a file unreadable for root")
+    effective = caps[0].effective
+    caps[0].effective = effective & ~0b110
+    if libc.capset(ctypes.byref(header), caps) != 0:
+        pytest.skip("capset failed: cannot make a file unreadable for root")
+
+    def restore() -> None:
+        caps[0].effective = effective
+        if libc.capset(ctypes.byref(_CapHeader(0x20080522, 0)), caps) != 0:
+            raise OSError(ctypes.get_errno(), "capset: could not restore the capabilities")
+
+    return restore

@@ -14,6 +14,9 @@ Gates (a file that fails one is quarantined with a reason, never passed through)
   accepted only for the modalities in ``burned_in_missing_ok``, e.g. CT, whose reconstructed
   slices carry no annotations), or with RecognizableVisualFeatures YES;
 - ``missing_uids``: no Study, Series or SOP Instance UID to name the output after;
+- ``bad_uid``: one of those is not a DICOM UID (PS3.5 9.1: ``..``, a path, 65 digits, ...);
+- ``unreadable``: the file cannot be read (permission denied, gone since it was listed);
+- ``unsafe_path``: the output (or a MetaImage's data file) would lie outside its folder;
 - ``unsupported`` / ``write_failed``: any other error while de-identifying or writing.
 The public reason is one of these words; the exception text (which may quote PHI) goes only to
 the private quarantine list.
@@ -48,6 +51,7 @@ from ctpipe.deid.engine import BadVR, Deidentifier
 from ctpipe.deid.verify import Evidence
 from ctpipe.deid.write import text_of, write_file
 from ctpipe.fileio import atomic_path
+from ctpipe.safepath import UnsafePath, inside, uid_reason
 
 DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its .1-.4 multi-frame variants
@@ -123,6 +127,8 @@ def read_dicom(path: Path) -> Dataset:
             ds = ds if ds is not None else dcmread(path)
         except InvalidDicomError as err:
             raise Quarantine(_no_meta_or_not_dicom(path), str(err)) from None
+        except OSError as err:
+            raise Quarantine("unreadable", f"{type(err).__name__}: {err.strerror}") from None
         except Exception as err:  # noqa: BLE001 - any parse failure is a reason, not a crash
             raise Quarantine("not_dicom", f"{type(err).__name__}: {err}") from None
     for w in caught:
@@ -198,8 +204,11 @@ def gate(ds, burned_in_missing_ok: set[str]) -> None:
         (0x0020000E, "SeriesInstanceUID"),
         (0x00080018, "SOPInstanceUID"),
     ):
-        if not text_of(ds, tag):
+        value = text_of(ds, tag)
+        if not value:
             raise Quarantine("missing_uids", f"no {keyword}")
+        if uid_reason(value):
+            raise Quarantine("bad_uid", f"{keyword}: {uid_reason(value)}")
 
 
 def process_file(
@@ -229,7 +238,11 @@ def process_file(
         result.patient = text_of(ds, 0x00100020)
         result.out_rel = f"dicom/{result.study}/{result.series}/{text_of(ds, 0x00080018)}.dcm"
         try:
-            write_file(out_dir / result.out_rel, deid.encode(ds))
+            path = inside(out_dir, out_dir / result.out_rel)
+        except UnsafePath as err:
+            raise Quarantine("unsafe_path", str(err)) from None
+        try:
+            write_file(path, deid.encode(ds))
         except Exception as err:  # noqa: BLE001
             raise Quarantine("write_failed", f"{type(err).__name__}: {err}") from None
     except Quarantine as q:
@@ -289,8 +302,11 @@ def copy_mhd(mhd: Path, out_images: Path, new_uid: str) -> tuple[list[Path], int
     Returns the written paths and the number of header keys dropped.
 
     Raises:
-        Quarantine: the header names no single data file next to it.
+        Quarantine: the file name is not a series UID, the header names no single data file in
+            its folder, or an output would lie outside ``out_images``' parent.
     """
+    if uid_reason(mhd.stem):  # LUNA16 names a volume by its series UID
+        raise Quarantine("bad_uid", f"file name: {uid_reason(mhd.stem)}")
     lines, dropped, data_file = [], 0, None
     for line in mhd.read_text(encoding="latin-1").splitlines():
         key, sep, value = line.partition("=")
@@ -301,14 +317,21 @@ def copy_mhd(mhd: Path, out_images: Path, new_uid: str) -> tuple[list[Path], int
         if key == "ElementDataFile":
             name = value.strip()
             data_file = mhd.parent / name
+            try:  # the header names the file: it must lie in the header's folder (links resolved)
+                inside(mhd.parent, data_file)
+            except UnsafePath as err:
+                raise Quarantine("unsafe_path", f"{mhd.name}: data file {err}") from None
             if name.upper() in ("LIST", "LOCAL") or not data_file.is_file():
                 raise Quarantine("not_dicom", f"{mhd.name}: data file {name} not found")
             value = f"{new_uid}{data_file.suffix}"
         lines.append(f"{key} = {value.strip()}")
     if data_file is None:
         raise Quarantine("not_dicom", f"{mhd.name}: no ElementDataFile")
-    out_header = out_images / f"{new_uid}.mhd"
-    out_data = out_images / f"{new_uid}{data_file.suffix}"
+    try:
+        out_header = inside(out_images.parent, out_images / f"{new_uid}.mhd")
+        out_data = inside(out_images.parent, out_images / f"{new_uid}{data_file.suffix}")
+    except UnsafePath as err:
+        raise Quarantine("unsafe_path", str(err)) from None
     with atomic_path(out_data) as tmp:
         shutil.copyfile(data_file, tmp)
     with atomic_path(out_header) as tmp:

@@ -47,6 +47,7 @@ from ctpipe.model.views import lung_roi, mean_over_views, slab_by_slab, whole_sl
 from ctpipe.monitor.record import append as append_record
 from ctpipe.monitor.record import series_record
 from ctpipe.postprocessing.candidates import find_nodules
+from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
 log = logging.getLogger("predict")
 
@@ -234,6 +235,10 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
 
     The outputs are written to a temporary folder next to it and moved into place when complete,
     so a failure leaves no partial folder.
+
+    Raises:
+        UnsafePath: the SeriesInstanceUID is not a DICOM UID, or ``out/<uid>`` leads out of
+            ``out`` (a symbolic link): nothing is written.
     """
     import onnxruntime as ort
 
@@ -243,6 +248,8 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     # Headers only (the pixels are read once, by read_series), with the missing Type 2 patient
     # and study attributes made present and empty: headers as they come still give a SEG and SR.
     sources = [report.add_type2(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
+    uid = uid_component(str(sources[0].SeriesInstanceUID))  # names the output folder
+    inside(out, out / uid)  # refused before any work
     hu, geom = dicomio.read_series(paths)
     check_series(spec, sources[0], geom, hu.shape)
     volume, cgeom, box = prepare_volume(spec, hu, geom)
@@ -273,7 +280,6 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         post.get("keep_volume_mm3"),
     )
     mask = back_to_source(found, cgeom, hu, geom)
-    uid = str(sources[0].SeriesInstanceUID)
     nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
@@ -287,9 +293,10 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         )
         write_json(tmp / "record.json", record)  # no PHI: ctpipe.monitor's input
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the folder follows the umask
-        if (out / uid).exists():
-            shutil.rmtree(out / uid)
-        os.replace(tmp, out / uid)
+        dest = inside(out, out / uid)  # again: the folder may have changed during the prediction
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"nodules": len(nodules), "mask_voxels": int(mask.sum()), "slices": len(paths)}
@@ -347,12 +354,14 @@ def predict_study(
     for uid, rel in dicomio.series_files(manifest).items():
         paths = [study_dir / p for p in rel]
         try:
+            if uid_reason(uid):  # it names the series' output folder: refused before any work
+                raise RefusedSeries(f"SeriesInstanceUID: {uid_reason(uid)}")
             result = predict_series(paths, package, model, out_dir)
             report[uid] = {"status": "predicted", "files": len(rel), **result}
             if records_dir is not None:
                 append_record(records_dir, read_json(out_dir / uid / "record.json"))
             log.info("series %s: %s", uid, result)
-        except RefusedSeries as exc:
+        except (RefusedSeries, UnsafePath) as exc:
             report[uid] = {"status": "refused", "reason": str(exc), "files": len(rel)}
             log.error("series %s refused: %s", uid, exc)
         except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the others
@@ -370,7 +379,7 @@ def predict_study(
         "series": dict(sorted(report.items())),
         "unused_files": files,
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(inside(out_dir, out_dir / "summary.json"), summary)
     return summary
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pydicom
 
 from ctpipe.fileio import write_json
+from ctpipe.safepath import inside
 
 SAMPLE = 10000  # voxels per region, seeded (as preprocess's fingerprint_voxels)
 BODY_HU = -500.0  # preprocess's body_threshold_hu: body voxels are above it
@@ -124,7 +125,7 @@ def series_record(
 def append(records_dir: Path, record: dict) -> Path:
     """Add a record to the folder (one file, atomic, never overwritten)."""
     path = Path(records_dir) / f"{time.time_ns():020d}-{os.getpid()}-{record['series']}.json"
-    write_json(path, record)
+    write_json(inside(records_dir, path), record)
     return path
 
 
