@@ -321,16 +321,12 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
 
 def deidentify(
     items: list[tuple[str, str]], initargs: tuple, source: str, input_dir: Path, keyring: Keyring
-) -> tuple[list[FileResult], dict[str, Evidence], list[Path]]:
+) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
     """Every input file de-identified (in ``workers`` processes), sorted by input path; the
-    identifying values found per patient (for the leak gate); for luna16 the image files too."""
+    identifying values found per patient (for the leak gate); for luna16 the image files too;
+    the cohort's person-name components."""
     out_dir, cfg = initargs[3], initargs[2]
-    workers, chunksize = int(cfg["workers"]), int(cfg["chunksize"])
-    results = batch.run_parallel(
-        batch.deid_one, items, workers, batch.init_deid, initargs, "anonymize", chunksize
-    )
-    results.sort(key=lambda r: r.rel)
-    batch.dedupe(results, items, initargs)
+    results, names = batch.deidentify(items, initargs, int(cfg["workers"]), int(cfg["chunksize"]))
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
@@ -339,7 +335,7 @@ def deidentify(
     if source == "luna16":
         image_results, extra = luna16_images(input_dir, out_dir, keyring, evidence)
         results += image_results
-    return results, evidence, extra
+    return results, evidence, extra, names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         options.codes(),
     )
 
-    names = frozenset(batch.cohort_names(items, int(cfg["workers"]), int(cfg["chunksize"])))
-    results, evidence, extra = deidentify(
-        items, (options.as_dict(), key, cfg, out_dir, names), source, input_dir, keyring
+    results, evidence, extra, names = deidentify(
+        items, (options.as_dict(), key, cfg, out_dir), source, input_dir, keyring
     )
     results += unusable
     written = [r for r in results if not r.reason]

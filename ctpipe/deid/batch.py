@@ -1,10 +1,16 @@
 """Many files at once: de-identification and the leak scan in worker processes.
 
-Three passes: every input header is read for the cohort's person names (scrubbed from every kept
-descriptor, :mod:`ctpipe.deid.freetext`); every file is de-identified; every output is read back
-and scanned for the identifying values collected from the inputs, for the free-text patterns and
-for the cohort's names (:mod:`ctpipe.deid.verify`). The stage hands each worker the options, key,
-names and output folder once (the pool initialisers); each file is then one call.
+Two passes, each over every file in worker processes (the stage hands each worker the options,
+key and output folder once, in the pool initialisers; files go out in chunks):
+
+1. Every input is read once: the person names it holds are collected, and it is de-identified
+   and written. A kept descriptor must also lose every name seen anywhere in the cohort
+   (:mod:`ctpipe.deid.freetext`), known only once every file has been read: a file whose
+   scrubbed descriptors hold a word that may be one of those names, not already removed by the
+   file's own values, is de-identified again with them (:meth:`freetext.Terms.may_change`);
+   in an ordinary cohort, none or a few.
+2. Every output is read back and scanned for the identifying values collected from the inputs,
+   for the free-text patterns and for the cohort's names (:mod:`ctpipe.deid.verify`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ import multiprocessing
 import warnings
 from pathlib import Path
 
-from pydicom import config, dcmread
-from pydicom.dataset import Dataset
+from pydicom import config
 from tqdm import tqdm
 
 from ctpipe.deid.engine import Deidentifier
 from ctpipe.deid.files import FileResult, process_file
-from ctpipe.deid.freetext import name_components, pn_tokens
+from ctpipe.deid.freetext import Terms
 from ctpipe.deid.keys import Keyring
+from ctpipe.deid.names import names_of_file
 from ctpipe.deid.table import DeidOptions, Profile
 from ctpipe.deid.verify import (
     Evidence,
@@ -34,6 +40,7 @@ from ctpipe.deid.verify import (
 )
 
 _WORKER: dict = {}  # per-process state, set by the pool initialisers
+log = logging.getLogger("ctpipe.deid.batch")
 
 
 def quiet_pydicom() -> None:
@@ -43,35 +50,9 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def _names(ds: Dataset) -> list[str]:
-    """Person names in one dataset, at every depth: PN values and PN-formatted tokens anywhere
-    (a vendor's private ``DOE^JANE``). Values that do not decode are skipped."""
-    out: list[str] = []
-    for tag in list(ds._dict):
-        try:
-            elem = ds[tag]
-        except Exception:  # noqa: BLE001 - a value pydicom cannot convert names nobody
-            continue
-        value = elem.value
-        if elem.VR == "SQ":
-            for item in value or []:
-                out += _names(item)
-        elif isinstance(value, bytes):
-            out += pn_tokens(value.decode("latin-1"))
-        elif elem.VR == "PN":
-            out += [str(v) for v in (value if elem.VM > 1 else [value]) if v]
-        elif isinstance(value, str) and "^" in value:
-            out += pn_tokens(value)
-    return out
-
-
 def names_one(item: tuple[str, str]) -> set[str]:
     """Name components in one input file's header (none if it does not read as DICOM)."""
-    try:
-        ds = dcmread(item[0], stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - the de-identification pass quarantines it with a reason
-        return set()
-    return name_components(_names(ds))
+    return names_of_file(Path(item[0]))
 
 
 def init_names() -> None:
@@ -79,7 +60,8 @@ def init_names() -> None:
 
 
 def cohort_names(items: list[tuple[str, str]], workers: int, chunksize: int) -> set[str]:
-    """Components of every person name in every input file (the pre-pass)."""
+    """Components of every person name in every input file, without de-identifying them (the
+    de-identification pass collects them as it reads the files: :func:`deidentify`)."""
     found = run_parallel(names_one, items, workers, init_names, (), "names", chunksize)
     return set().union(*found) if found else set()
 
@@ -119,8 +101,9 @@ def scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
 def run_parallel(
     func, items: list, workers: int, init, initargs: tuple, desc: str, chunksize: int
 ) -> list:
-    """``func`` over ``items`` in ``workers`` processes (in this one if 1), with a progress bar."""
-    if workers <= 1 or len(items) <= 1:
+    """``func`` over ``items`` in ``workers`` processes, ``chunksize`` items at a time (in this
+    process if 1 worker or one chunk), with a progress bar."""
+    if workers <= 1 or len(items) <= chunksize:
         init(*initargs)
         return [func(item) for item in tqdm(items, desc=desc, unit="file")]
     with multiprocessing.Pool(workers, init, initargs) as pool:
@@ -134,9 +117,33 @@ def run_parallel(
         )
 
 
-def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tuple) -> None:
-    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again, so
-    the output does not depend on which worker finished last; the others are quarantined."""
+def deidentify(
+    items: list[tuple[str, str]], initargs: tuple, workers: int, chunksize: int
+) -> tuple[list[FileResult], frozenset[str]]:
+    """Every input de-identified and written (``initargs`` of :func:`init_deid` without the
+    names), sorted by input path; and the cohort's name components."""
+    results = run_parallel(deid_one, items, workers, init_deid, initargs, "anonymize", chunksize)
+    results.sort(key=lambda r: r.rel)
+    names = frozenset(set().union(*(r.names for r in results)))
+    cohort = Terms(names)
+    again = dedupe(results) | {
+        r.rel for r in results if r.out_rel and cohort.may_change(r.words, r.removed, r.pairs)
+    }
+    if again:
+        log.info("%d files de-identified again (a duplicate, or names of the cohort)", len(again))
+        redo = [item for item in items if item[1] in again]
+        redone = run_parallel(
+            deid_one, redo, workers, init_deid, (*initargs, names), "names", chunksize
+        )
+        by_rel = {r.rel: r for r in redone}
+        results = [by_rel.get(r.rel, r) for r in results]
+    return results, names
+
+
+def dedupe(results: list[FileResult]) -> set[str]:
+    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again (the
+    inputs returned), so the output does not depend on which worker finished last; the others
+    are quarantined."""
     first: dict[str, FileResult] = {}
     rewrite: set[str] = set()
     for r in results:
@@ -145,11 +152,7 @@ def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tu
             r.reason, r.detail, r.out_rel = "duplicate_sop_instance", "same SOPInstanceUID", ""
         elif r.out_rel:
             first[r.out_rel] = r
-    if rewrite:
-        init_deid(*initargs)
-        for path, rel in items:
-            if rel in rewrite:
-                deid_one((path, rel))
+    return rewrite
 
 
 def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> NeedleIndex:
