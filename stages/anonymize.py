@@ -11,7 +11,8 @@ Out: OUTPUT_DIR (pushable, no PHI): ``dicom/<Study UID>/<Series UID>/<SOP UID>.d
      ``deid_options.json`` (profile, options, table version; no secret).
      ``--private-dir`` (``push: false``): ``quarantine.csv`` with the original paths and details,
      ``linkage.csv`` (original -> pseudonym) when ``keep_linkage``, ``leaks.csv`` on failure.
-     ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds, files/s.
+     ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds (wall and
+     CPU, workers included, from after start-up), files/s.
 Secret: ``CTPIPE_DEID_KEY``, else ``anonymize.key_file``; only the synthetic cohort may fall back
 to the public demo key. After writing, every output (values at every depth, file names, CSVs) is
 scanned for the identifying values found in the input (``ctpipe.deid.verify``): any survivor
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -288,9 +290,11 @@ def run_metrics(
     n_annotations: int,
     annotations: pd.DataFrame,
     leaks: list,
-    seconds: float,
+    start: tuple[float, float],
 ) -> dict:
+    """Counts, and the wall and CPU seconds (workers included) since ``start``."""
     reasons = Counter(r.reason for r in results if r.reason)
+    seconds = time.perf_counter() - start[0]
     return {
         "files_in": len(results),
         "files_out": len(written),
@@ -301,9 +305,16 @@ def run_metrics(
         "annotations_out": len(annotations),
         "leaks_found": len(leaks),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - start[1],
         "files_per_s": len(results) / seconds if seconds else 0.0,
         "quarantine_reasons": dict(sorted(reasons.items())),
     }
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
@@ -320,13 +331,13 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
 
 
 def deidentify(
-    items: list[tuple[str, str]], initargs: tuple, source: str, input_dir: Path, keyring: Keyring
+    items: list[tuple[str, str]], job: tuple, source: str, input_dir: Path, keyring: Keyring
 ) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
-    """Every input file de-identified (in ``workers`` processes), sorted by input path; the
-    identifying values found per patient (for the leak gate); for luna16 the image files too;
-    the cohort's person-name components."""
-    out_dir, cfg = initargs[3], initargs[2]
-    results, names = batch.deidentify(items, initargs, int(cfg["workers"]), int(cfg["chunksize"]))
+    """Every input file de-identified (``job``: options, key, params, output folder; in
+    ``workers`` processes), sorted by input path; the identifying values found per patient (for
+    the leak gate); for luna16 the image files too; the cohort's person-name components."""
+    out_dir = job[3]
+    results, names = batch.deidentify(items, *job)
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
@@ -342,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
-    start = time.perf_counter()
     out_dir, input_dir = args.output_dir, args.input_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
     metrics_path = args.metrics or private_dir / "anonymize.json"
@@ -352,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
     record_environment("anonymize", metrics_path.parent / "env")
+    start = time.perf_counter(), cpu_seconds()  # the work, after start-up and the environment
 
     try:
         source, items, unusable = discover(input_dir, [out_dir, private_dir])
@@ -365,16 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     keyring, options = Keyring(key), DeidOptions.from_params(cfg)
     prepare_output(out_dir)
     private_dir.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "%s cohort, %d files, key from %s, options %s",
-        source,
-        len(items),
-        key_source,
-        options.codes(),
-    )
+    codes = options.codes()
+    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
 
     results, evidence, extra, names = deidentify(
-        items, (options.as_dict(), key, cfg, out_dir), source, input_dir, keyring
+        items, (options, key, cfg, out_dir), source, input_dir, keyring
     )
     results += unusable
     written = [r for r in results if not r.reason]
@@ -393,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
     extra += [out_dir / name for name in OWN_FILES]
     leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names)
-    metrics = run_metrics(
-        results, written, n_annotations, annotations, leaks, time.perf_counter() - start
-    )
+    metrics = run_metrics(results, written, n_annotations, annotations, leaks, start)
     write_json(metrics_path, rounded(metrics))
     log.info(
         "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "

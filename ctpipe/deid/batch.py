@@ -16,6 +16,7 @@ key and output folder once, in the pool initialisers; files go out in chunks):
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import warnings
 from pathlib import Path
@@ -40,6 +41,7 @@ from ctpipe.deid.verify import (
 )
 
 _WORKER: dict = {}  # per-process state, set by the pool initialisers
+CHUNKS_PER_WORKER = 8
 log = logging.getLogger("ctpipe.deid.batch")
 
 
@@ -67,17 +69,17 @@ def cohort_names(items: list[tuple[str, str]], workers: int, chunksize: int) -> 
 
 
 def init_deid(
-    options: dict, key: bytes, cfg: dict, out_dir: Path, names: frozenset[str] = frozenset()
+    options: dict,
+    key: bytes,
+    date_shift_days: tuple[int, int],
+    out_dir: Path,
+    burned_in_missing_ok: frozenset[str],
+    keep_linkage: bool,
+    names: frozenset[str] = frozenset(),
 ) -> None:
     quiet_pydicom()
-    _WORKER["deid"] = Deidentifier(
-        DeidOptions(**options), Keyring(key), tuple(cfg["date_shift_days"]), names
-    )
-    _WORKER["args"] = (
-        out_dir,
-        {m.upper() for m in cfg["burned_in_missing_ok"]},
-        bool(cfg["keep_linkage"]),
-    )
+    _WORKER["deid"] = Deidentifier(DeidOptions(**options), Keyring(key), date_shift_days, names)
+    _WORKER["args"] = (out_dir, burned_in_missing_ok, keep_linkage)
 
 
 def deid_one(item: tuple[str, str]) -> FileResult:
@@ -101,8 +103,11 @@ def scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
 def run_parallel(
     func, items: list, workers: int, init, initargs: tuple, desc: str, chunksize: int
 ) -> list:
-    """``func`` over ``items`` in ``workers`` processes, ``chunksize`` items at a time (in this
-    process if 1 worker or one chunk), with a progress bar."""
+    """``func`` over ``items`` in ``workers`` processes (in this process if 1 worker or one
+    chunk), with a progress bar. Items go out in chunks of ``chunksize`` or more: about
+    :data:`CHUNKS_PER_WORKER` per worker, so that a worker keeps a patient's files together (its
+    caches) and round trips stay few, while the last chunks still even out the workers."""
+    chunksize = max(chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * max(workers, 1))))
     if workers <= 1 or len(items) <= chunksize:
         init(*initargs)
         return [func(item) for item in tqdm(items, desc=desc, unit="file")]
@@ -118,10 +123,14 @@ def run_parallel(
 
 
 def deidentify(
-    items: list[tuple[str, str]], initargs: tuple, workers: int, chunksize: int
+    items: list[tuple[str, str]], options: DeidOptions, key: bytes, cfg: dict, out_dir: Path
 ) -> tuple[list[FileResult], frozenset[str]]:
-    """Every input de-identified and written (``initargs`` of :func:`init_deid` without the
-    names), sorted by input path; and the cohort's name components."""
+    """Every input de-identified and written to ``out_dir`` (``cfg``: the stage's params),
+    sorted by input path; and the cohort's name components."""
+    workers, chunksize = int(cfg["workers"]), int(cfg["chunksize"])
+    burned_ok = frozenset(m.upper() for m in cfg["burned_in_missing_ok"])
+    shift = (int(cfg["date_shift_days"][0]), int(cfg["date_shift_days"][1]))
+    initargs = (options.as_dict(), key, shift, out_dir, burned_ok, bool(cfg["keep_linkage"]))
     results = run_parallel(deid_one, items, workers, init_deid, initargs, "anonymize", chunksize)
     results.sort(key=lambda r: r.rel)
     names = frozenset(set().union(*(r.names for r in results)))

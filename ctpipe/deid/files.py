@@ -45,8 +45,7 @@ from pydicom.uid import (
 )
 
 from ctpipe.deid.engine import BadVR, Deidentifier
-from ctpipe.deid.freetext import name_components
-from ctpipe.deid.names import names_of_file, person_names
+from ctpipe.deid.names import name_parts, names_of_file
 from ctpipe.deid.verify import Evidence
 from ctpipe.deid.write import text_of, write_file
 from ctpipe.fileio import atomic_path
@@ -225,7 +224,7 @@ def process_file(
         except Quarantine:
             result.names = names_of_file(path)
             raise
-        result.names = name_components(person_names(ds))
+        result.names = set(name_parts(ds))
         gate(ds, burned_in_missing_ok)
         original = [text_of(ds, t) for t in LINKED]
         try:

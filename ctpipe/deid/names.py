@@ -26,6 +26,22 @@ NO_NAME_VRS = frozenset(
     " UV".split()
     + ["US or SS", "US or OW", "US or SS or OW", "OB or OW"]
 )
+# Names by raw element, and components by names: a patient's files repeat their name elements
+# and sequences byte for byte.
+_SEEN: dict[tuple, list[str]] = {}
+_COMPONENTS: dict[tuple[str, ...], frozenset[str]] = {}
+MAX_SEEN = 4096
+
+
+def name_parts(ds: Dataset) -> frozenset[str]:
+    """Components of the person names in ``ds`` (:func:`person_names`, :func:`name_components`)."""
+    names = tuple(person_names(ds))
+    parts = _COMPONENTS.get(names)
+    if parts is None:
+        if len(_COMPONENTS) >= MAX_SEEN:
+            _COMPONENTS.clear()
+        parts = _COMPONENTS[names] = frozenset(name_components(names))
+    return parts
 
 
 def person_names(ds: Dataset, top: bool = True) -> list[str]:
@@ -36,27 +52,42 @@ def person_names(ds: Dataset, top: bool = True) -> list[str]:
     for tag, elem in ds._dict.items():
         if top and tag in PIXEL_TAGS:
             break
-        if isinstance(elem, RawDataElement):
-            if _no_name(elem, tag):
-                continue
+        if not isinstance(elem, RawDataElement):
+            out += _element_names(elem)
+        elif not _no_name(elem, tag):
             encoding = default_encoding
             if tag != 0x00080005:
                 encoding = ds.original_character_set or ds._character_set
-            try:
-                elem = convert_raw_data_element(elem, encoding=encoding, ds=ds)
-            except Exception:  # noqa: BLE001 - a value pydicom cannot convert names nobody
-                continue
-        value = elem.value
-        if elem.VR == "SQ":
-            for item in value or []:
-                out += person_names(item, top=False)
-        elif isinstance(value, bytes):
-            out += pn_tokens(value.decode("latin-1"))
-        elif elem.VR == "PN":
-            out += [str(v) for v in (value if elem.VM > 1 else [value]) if v]
-        elif isinstance(value, str) and "^" in value:
-            out += pn_tokens(value)
+            # A private element without a VR takes it from its private creator: not cached.
+            key = None
+            if elem.VR not in (None, "UN") or not tag >> 16 & 1:
+                key = (tag, elem.VR, elem.is_implicit_VR, elem.is_little_endian, elem.value)
+                key += (str(encoding),)
+            names = _SEEN.get(key) if key else None
+            if names is None:
+                try:
+                    names = _element_names(convert_raw_data_element(elem, encoding=encoding, ds=ds))
+                except Exception:  # noqa: BLE001 - a value pydicom cannot convert names nobody
+                    names = []
+                if key:
+                    if len(_SEEN) >= MAX_SEEN:
+                        _SEEN.clear()
+                    _SEEN[key] = names
+            out += names
     return out
+
+
+def _element_names(elem) -> list[str]:
+    value = elem.value
+    if elem.VR == "SQ":
+        return [name for item in value or [] for name in person_names(item, top=False)]
+    if isinstance(value, bytes):
+        return pn_tokens(value.decode("latin-1"))
+    if elem.VR == "PN":
+        return [str(v) for v in (value if elem.VM > 1 else [value]) if v]
+    if isinstance(value, str) and "^" in value:
+        return pn_tokens(value)
+    return []
 
 
 def _no_name(raw: RawDataElement, tag: int) -> bool:
@@ -77,4 +108,4 @@ def names_of_file(path: Path) -> set[str]:
         ds = dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # noqa: BLE001 - the de-identification pass quarantines it with a reason
         return set()
-    return name_components(person_names(ds))
+    return set(name_parts(ds))
