@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from itertools import accumulate
+from itertools import accumulate, compress
 from typing import NamedTuple
 
 # Descriptors kept by default (with Clean Descriptors on): what series selection, the model card
@@ -171,12 +171,15 @@ class Terms:
         # value split into gap, word, gap, word, ..., gap: word i is part 2i + 1, and its start
         # and end are the summed lengths of the parts before it and up to it.
         edges = list(accumulate(map(len, WORD_SPLIT.split(value)), initial=0))
-        out = []
-        for i in [i for i, word in enumerate(words) if word in self.by_first]:
-            for term in self.by_first[words[i]]:
-                n = len(term)
-                if n == 1 or tuple(words[i : i + n]) == term:
-                    out.append((edges[2 * i + 1], edges[2 * (i + n)]))
+        starts, ends = edges[1::2], edges[2::2]
+        # One-word terms: every occurrence of the word (selected in C, for texts of many words).
+        single = [word in self.single for word in words]
+        out = list(zip(compress(starts, single), compress(ends, single)))
+        for first in self.longer.keys() & set(zip(words, words[1:])):
+            for i in [i for i, pair in enumerate(zip(words, words[1:])) if pair == first]:
+                for term in self.longer[first]:
+                    if tuple(words[i : i + len(term)]) == term:
+                        out.append((starts[i], ends[i + len(term) - 1]))
         return out
 
     def may_change(self, words: Iterable[str], removed: frozenset[str], pairs: set) -> bool:
