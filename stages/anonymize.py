@@ -34,6 +34,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ctpipe.deid import batch
+from ctpipe.deid.batch import DeidJob, Workers
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
@@ -331,13 +332,18 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
 
 
 def deidentify(
-    items: list[tuple[str, str]], job: tuple, source: str, input_dir: Path, keyring: Keyring
+    items: list[tuple[str, str]],
+    job: DeidJob,
+    pool: Workers,
+    source: str,
+    input_dir: Path,
+    keyring: Keyring,
 ) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
-    """Every input file de-identified (``job``: options, key, params, output folder; in
-    ``workers`` processes), sorted by input path; the identifying values found per patient (for
-    the leak gate); for luna16 the image files too; the cohort's person-name components."""
-    out_dir = job[3]
-    results, names = batch.deidentify(items, *job)
+    """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the
+    identifying values found per patient (for the leak gate); for luna16 the image files too;
+    the cohort's person-name components."""
+    out_dir = job.out_dir
+    results, names = batch.deidentify(items, job, pool)
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
@@ -379,26 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     codes = options.codes()
     log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
 
-    results, evidence, extra, names = deidentify(
-        items, (options, key, cfg, out_dir), source, input_dir, keyring
-    )
-    results += unusable
-    written = [r for r in results if not r.reason]
-    annotations, n_annotations = remap_annotations(
-        raw_annotations, keyring, {r.series for r in written}
-    )
-    write_csv(out_dir / "annotations.csv", annotations)
-    write_tables(
-        out_dir,
-        private_dir,
-        results,
-        keyring,
-        options,
-        deid_meta(options, source, keyring, key_source, cfg),
-    )
-
-    extra += [out_dir / name for name in OWN_FILES]
-    leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names)
+    job = DeidJob.from_params(options, key, cfg, out_dir)
+    with Workers(int(cfg["workers"]), int(cfg["chunksize"])) as pool:
+        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
+        results += unusable
+        written = [r for r in results if not r.reason]
+        annotations, n_annotations = remap_annotations(
+            raw_annotations, keyring, {r.series for r in written}
+        )
+        write_csv(out_dir / "annotations.csv", annotations)
+        meta = deid_meta(options, source, keyring, key_source, cfg)
+        write_tables(out_dir, private_dir, results, keyring, options, meta)
+        extra += [out_dir / name for name in OWN_FILES]
+        leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names, pool)
     metrics = run_metrics(results, written, n_annotations, annotations, leaks, start)
     write_json(metrics_path, rounded(metrics))
     log.info(

@@ -1,7 +1,7 @@
 """Many files at once: de-identification and the leak scan in worker processes.
 
-Two passes, each over every file in worker processes (the stage hands each worker the options,
-key and output folder once, in the pool initialisers; files go out in chunks):
+The worker processes are started once for a run (:class:`Workers`) and take the files in chunks,
+each with what its function needs (a :class:`DeidJob` or :class:`ScanJob`). Two passes:
 
 1. Every input is read once: the person names it holds are collected, and it is de-identified
    and written. A kept descriptor must also lose every name seen anywhere in the cohort
@@ -15,10 +15,13 @@ key and output folder once, in the pool initialisers; files go out in chunks):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import multiprocessing
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import config
@@ -40,7 +43,7 @@ from ctpipe.deid.verify import (
     scan_text,
 )
 
-_WORKER: dict = {}  # per-process state, set by the pool initialisers
+_WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
 CHUNKS_PER_WORKER = 8
 log = logging.getLogger("ctpipe.deid.batch")
 
@@ -52,86 +55,108 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def names_one(item: tuple[str, str]) -> set[str]:
-    """Name components in one input file's header (none if it does not read as DICOM)."""
-    return names_of_file(Path(item[0]))
+class Workers:
+    """The worker processes of a run, started once for every pass (1 worker: this process).
+
+    Files go out in chunks of ``chunksize`` or more: about :data:`CHUNKS_PER_WORKER` per worker,
+    so that a worker keeps a patient's files together (its caches) and round trips stay few,
+    while the last chunks still even out the workers.
+    """
+
+    def __init__(self, workers: int, chunksize: int) -> None:
+        self.workers, self.chunksize = max(1, workers), max(1, chunksize)
+        self.pool = None
+
+    def __enter__(self) -> Workers:
+        quiet_pydicom()
+        if self.workers > 1:
+            self.pool = multiprocessing.Pool(self.workers, quiet_pydicom)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:  # reaped here, so their CPU time counts for this process
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None):
+        """``func(job_of(chunk), item)`` for every item, in any order."""
+        size = max(self.chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers)))
+        tasks = [
+            (func, job_of(items[i : i + size]), items[i : i + size])
+            for i in range(0, len(items), size)
+        ]
+        out: list = []
+        with tqdm(total=len(items), desc=desc, unit="file") as bar:
+            done = map(_chunk, tasks) if self.pool is None or len(tasks) < 2 else None
+            for results in done or self.pool.imap_unordered(_chunk, tasks):
+                out += results
+                bar.update(len(results))
+        return out
 
 
-def init_names() -> None:
-    quiet_pydicom()
+def _chunk(task: tuple) -> list:
+    func, job, items = task
+    return [func(job, item) for item in items]
 
 
 def cohort_names(items: list[tuple[str, str]], workers: int, chunksize: int) -> set[str]:
     """Components of every person name in every input file, without de-identifying them (the
     de-identification pass collects them as it reads the files: :func:`deidentify`)."""
-    found = run_parallel(names_one, items, workers, init_names, (), "names", chunksize)
+    with Workers(workers, chunksize) as pool:
+        found = pool.map(names_one, items, "names")
     return set().union(*found) if found else set()
 
 
-def init_deid(
-    options: dict,
-    key: bytes,
-    date_shift_days: tuple[int, int],
-    out_dir: Path,
-    burned_in_missing_ok: frozenset[str],
-    keep_linkage: bool,
-    names: frozenset[str] = frozenset(),
-) -> None:
-    quiet_pydicom()
-    _WORKER["deid"] = Deidentifier(DeidOptions(**options), Keyring(key), date_shift_days, names)
-    _WORKER["args"] = (out_dir, burned_in_missing_ok, keep_linkage)
+def names_one(job: None, item: tuple[str, str]) -> set[str]:
+    return names_of_file(Path(item[0]))
 
 
-def deid_one(item: tuple[str, str]) -> FileResult:
-    out_dir, burned_ok, keep_linkage = _WORKER["args"]
-    return process_file(Path(item[0]), item[1], _WORKER["deid"], out_dir, burned_ok, keep_linkage)
+@dataclass(frozen=True)
+class DeidJob:
+    """What a worker needs to de-identify files (the de-identifier is made once per job)."""
 
+    options: dict
+    key: bytes
+    date_shift_days: tuple[int, int]
+    out_dir: Path
+    burned_in_missing_ok: frozenset[str]
+    keep_linkage: bool
+    names: frozenset[str] = frozenset()
 
-def init_scan(
-    out_dir: Path, per_patient: dict, cross: NeedleIndex, free_text: FreeTextCheck
-) -> None:
-    quiet_pydicom()
-    _WORKER.update(out_dir=out_dir, per_patient=per_patient, cross=cross, free_text=free_text)
-
-
-def scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
-    out_rel, patient = item
-    indexes = [_WORKER["per_patient"].get(patient, NeedleIndex()), _WORKER["cross"]]
-    return out_rel, scan_file(_WORKER["out_dir"] / out_rel, indexes, _WORKER["free_text"])
-
-
-def run_parallel(
-    func, items: list, workers: int, init, initargs: tuple, desc: str, chunksize: int
-) -> list:
-    """``func`` over ``items`` in ``workers`` processes (in this process if 1 worker or one
-    chunk), with a progress bar. Items go out in chunks of ``chunksize`` or more: about
-    :data:`CHUNKS_PER_WORKER` per worker, so that a worker keeps a patient's files together (its
-    caches) and round trips stay few, while the last chunks still even out the workers."""
-    chunksize = max(chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * max(workers, 1))))
-    if workers <= 1 or len(items) <= chunksize:
-        init(*initargs)
-        return [func(item) for item in tqdm(items, desc=desc, unit="file")]
-    with multiprocessing.Pool(workers, init, initargs) as pool:
-        return list(
-            tqdm(
-                pool.imap_unordered(func, items, chunksize),
-                total=len(items),
-                desc=desc,
-                unit="file",
-            )
+    @classmethod
+    def from_params(cls, options: DeidOptions, key: bytes, cfg: dict, out_dir: Path) -> DeidJob:
+        """From the stage's params (``cfg``)."""
+        return cls(
+            options.as_dict(),
+            key,
+            (int(cfg["date_shift_days"][0]), int(cfg["date_shift_days"][1])),
+            out_dir,
+            frozenset(m.upper() for m in cfg["burned_in_missing_ok"]),
+            bool(cfg["keep_linkage"]),
         )
 
 
+def deid_file(job: DeidJob, item: tuple[str, str]) -> FileResult:
+    if _WORKER.get("job") != job:
+        options = DeidOptions(**job.options)
+        deid = Deidentifier(options, Keyring(job.key), job.date_shift_days, job.names)
+        _WORKER.update(job=job, deid=deid)
+    return process_file(
+        Path(item[0]),
+        item[1],
+        _WORKER["deid"],
+        job.out_dir,
+        job.burned_in_missing_ok,
+        job.keep_linkage,
+    )
+
+
 def deidentify(
-    items: list[tuple[str, str]], options: DeidOptions, key: bytes, cfg: dict, out_dir: Path
+    items: list[tuple[str, str]], job: DeidJob, pool: Workers
 ) -> tuple[list[FileResult], frozenset[str]]:
-    """Every input de-identified and written to ``out_dir`` (``cfg``: the stage's params),
-    sorted by input path; and the cohort's name components."""
-    workers, chunksize = int(cfg["workers"]), int(cfg["chunksize"])
-    burned_ok = frozenset(m.upper() for m in cfg["burned_in_missing_ok"])
-    shift = (int(cfg["date_shift_days"][0]), int(cfg["date_shift_days"][1]))
-    initargs = (options.as_dict(), key, shift, out_dir, burned_ok, bool(cfg["keep_linkage"]))
-    results = run_parallel(deid_one, items, workers, init_deid, initargs, "anonymize", chunksize)
+    """Every input de-identified and written, sorted by input path; and the cohort's name
+    components."""
+    results = pool.map(deid_file, items, "anonymize", lambda chunk: job)
     results.sort(key=lambda r: r.rel)
     names = frozenset(set().union(*(r.names for r in results)))
     cohort = Terms(names)
@@ -141,10 +166,8 @@ def deidentify(
     if again:
         log.info("%d files de-identified again (a duplicate, or names of the cohort)", len(again))
         redo = [item for item in items if item[1] in again]
-        redone = run_parallel(
-            deid_one, redo, workers, init_deid, (*initargs, names), "names", chunksize
-        )
-        by_rel = {r.rel: r for r in redone}
+        with_names = dataclasses.replace(job, names=names)
+        by_rel = {r.rel: r for r in pool.map(deid_file, redo, "names", lambda chunk: with_names)}
         results = [by_rel.get(r.rel, r) for r in results]
     return results, names
 
@@ -162,6 +185,22 @@ def dedupe(results: list[FileResult]) -> set[str]:
         elif r.out_rel:
             first[r.out_rel] = r
     return rewrite
+
+
+@dataclass
+class ScanJob:
+    """What a worker needs to scan written files (the needles of the chunk's patients only)."""
+
+    out_dir: Path
+    per_patient: dict[str, NeedleIndex]
+    cross: NeedleIndex
+    free_text: FreeTextCheck = field(default_factory=FreeTextCheck)
+
+
+def scan_one(job: ScanJob, item: tuple[str, str]) -> tuple[str, list[str]]:
+    out_rel, patient = item
+    indexes = [job.per_patient.get(patient, NeedleIndex()), job.cross]
+    return out_rel, scan_file(job.out_dir / out_rel, indexes, job.free_text)
 
 
 def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> NeedleIndex:
@@ -184,7 +223,8 @@ def verify(
     extra_files: list[Path],
     cfg: dict,
     options: DeidOptions,
-    names: frozenset[str] = frozenset(),
+    names: frozenset[str],
+    pool: Workers,
 ) -> list[tuple[str, str]]:
     """Scan every output for the input's identifying values, and its free text for the patterns
     and the cohort's ``names``; return (file, finding) pairs."""
@@ -193,15 +233,12 @@ def verify(
     shared = global_index(per_patient, cross)
     free_text = FreeTextCheck(frozenset(Profile(options).descriptive), name_index(names, min_chars))
     items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
-    scanned = run_parallel(
-        scan_one,
-        items,
-        int(cfg["workers"]),
-        init_scan,
-        (out_dir, per_patient, cross, free_text),
-        "verify",
-        int(cfg["chunksize"]),
-    )
+
+    def job_of(chunk: list[tuple[str, str]]) -> ScanJob:
+        mine = {patient: per_patient[patient] for _, patient in chunk if patient in per_patient}
+        return ScanJob(out_dir, mine, cross, free_text)
+
+    scanned = pool.map(scan_one, items, "verify", job_of)
     leaks = [(rel, finding) for rel, findings in scanned for finding in findings]
     for path in extra_files:  # mhd headers, CSVs, JSON
         text = path.read_text(encoding="latin-1")
