@@ -69,6 +69,7 @@ class Workers:
 
     def __enter__(self) -> Workers:
         quiet_pydicom()
+        _WORKER.clear()  # a run starts with fresh caches (what was reported kept, per patient)
         if self.workers > 1:
             self.pool = multiprocessing.Pool(self.workers, quiet_pydicom)
         return self
