@@ -12,7 +12,7 @@ Out: OUTPUT_DIR (pushable, no PHI): ``dicom/<Study UID>/<Series UID>/<SOP UID>.d
      ``--private-dir`` (``push: false``): ``quarantine.csv`` with the original paths and details,
      ``linkage.csv`` (original -> pseudonym) when ``keep_linkage``, ``leaks.csv`` on failure.
      ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds (wall and
-     CPU, workers included, from after start-up), files/s.
+     CPU, workers included: the work, without start-up and the environment record), files/s.
 Secret: ``CTPIPE_DEID_KEY``, else ``anonymize.key_file``; only the synthetic cohort may fall back
 to the public demo key. After writing, every output (values at every depth, file names, CSVs) is
 scanned for the identifying values found in the input (``ctpipe.deid.verify``): any survivor
@@ -342,7 +342,6 @@ def deidentify(
     """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the
     identifying values found per patient (for the leak gate); for luna16 the image files too;
     the cohort's person-name components."""
-    out_dir = job.out_dir
     results, names = batch.deidentify(items, job, pool)
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
@@ -350,7 +349,7 @@ def deidentify(
             evidence[r.patient].update(r.evidence)
     extra: list[Path] = []
     if source == "luna16":
-        image_results, extra = luna16_images(input_dir, out_dir, keyring, evidence)
+        image_results, extra = luna16_images(input_dir, job.out_dir, keyring, evidence)
         results += image_results
     return results, evidence, extra, names
 
@@ -359,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
-    out_dir, input_dir = args.output_dir, args.input_dir
+    out_dir = args.output_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
     metrics_path = args.metrics or private_dir / "anonymize.json"
     if (
@@ -367,9 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         or out_dir.resolve() in private_dir.resolve().parents
     ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
-    record_environment("anonymize", metrics_path.parent / "env")
-    start = time.perf_counter(), cpu_seconds()  # the work, after start-up and the environment
+    try:
+        return run(args.input_dir, out_dir, private_dir, metrics_path, cfg)
+    finally:  # afterwards: it imports torch, which would make the workers' start slow
+        record_environment("anonymize", metrics_path.parent / "env")
 
+
+def run(input_dir: Path, out_dir: Path, private_dir: Path, metrics_path: Path, cfg: dict) -> int:
+    """The stage's work; its exit code."""
+    start = time.perf_counter(), cpu_seconds()
     try:
         source, items, unusable = discover(input_dir, [out_dir, private_dir])
         raw_annotations = load_annotations(input_dir, source)
