@@ -34,7 +34,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ctpipe.deid import batch
-from ctpipe.deid.batch import DeidJob, Workers
+from ctpipe.deid.batch import DeidJob, Verification, Workers
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
@@ -395,14 +395,14 @@ def run(input_dir: Path, out_dir: Path, private_dir: Path, metrics_path: Path, c
         results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
         results += unusable
         written = [r for r in results if not r.reason]
+        gate = Verification(out_dir, written, evidence, cfg, options, names, pool)  # scans begin
         annotations, n_annotations = remap_annotations(
             raw_annotations, keyring, {r.series for r in written}
         )
         write_csv(out_dir / "annotations.csv", annotations)
         meta = deid_meta(options, source, keyring, key_source, cfg)
         write_tables(out_dir, private_dir, results, keyring, options, meta)
-        extra += [out_dir / name for name in OWN_FILES]
-        leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names, pool)
+        leaks = gate.leaks(extra + [out_dir / name for name in OWN_FILES])
     metrics = run_metrics(results, written, n_annotations, annotations, leaks, start)
     write_json(metrics_path, rounded(metrics))
     log.info(

@@ -16,6 +16,7 @@ each with what its function needs (a :class:`DeidJob` or :class:`ScanJob`). Two 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import multiprocessing
@@ -71,7 +72,11 @@ class Workers:
         quiet_pydicom()
         _WORKER.clear()  # a run starts with fresh caches (what was reported kept, per patient)
         if self.workers > 1:
+            # A worker's first full garbage collection would walk, and so copy, every object it
+            # inherits (70 ms stalls): objects that exist now stay out of its collections.
+            gc.freeze()
             self.pool = multiprocessing.Pool(self.workers, quiet_pydicom)
+            gc.unfreeze()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -81,18 +86,29 @@ class Workers:
 
     def map(self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None):
         """``func(job_of(chunk), item)`` for every item, in any order."""
+        return self.start(func, items, desc, job_of)()
+
+    def start(
+        self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None
+    ) -> Callable[[], list]:
+        """:meth:`map` begun in the workers (this process: nothing yet); call the result to
+        wait for it (this process: to run it)."""
         size = max(self.chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers)))
         tasks = [
             (func, job_of(items[i : i + size]), items[i : i + size])
             for i in range(0, len(items), size)
         ]
-        out: list = []
-        with tqdm(total=len(items), desc=desc, unit="file") as bar:
-            done = map(_chunk, tasks) if self.pool is None or len(tasks) < 2 else None
-            for results in done or self.pool.imap_unordered(_chunk, tasks):
-                out += results
-                bar.update(len(results))
-        return out
+        running = self.pool.imap_unordered(_chunk, tasks) if self.pool and tasks else None
+
+        def results() -> list:
+            out: list = []
+            with tqdm(total=len(items), desc=desc, unit="file") as bar:
+                for done in running if running is not None else map(_chunk, tasks):
+                    out += done
+                    bar.update(len(done))
+            return out
+
+        return results
 
 
 def _chunk(task: tuple) -> list:
@@ -217,34 +233,46 @@ def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> Nee
     return index
 
 
-def verify(
-    out_dir: Path,
-    results: list[FileResult],
-    evidence: dict[str, Evidence],
-    extra_files: list[Path],
-    cfg: dict,
-    options: DeidOptions,
-    names: frozenset[str],
-    pool: Workers,
-) -> list[tuple[str, str]]:
-    """Scan every output for the input's identifying values, and its free text for the patterns
-    and the cohort's ``names``; return (file, finding) pairs."""
-    min_chars = int(cfg["leak_min_chars"])
-    per_patient, cross = build_indexes(evidence, min_chars)
-    shared = global_index(per_patient, cross)
-    free_text = FreeTextCheck(frozenset(Profile(options).descriptive), name_index(names, min_chars))
-    items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
+class Verification:
+    """The leak gate over a run's outputs: every written DICOM file scanned by the workers from
+    the start, for the identifying values of the inputs and, in free text, for the patterns and
+    the cohort's ``names``; the other outputs (tables, file names) when :meth:`leaks` is called,
+    once they are written."""
 
-    def job_of(chunk: list[tuple[str, str]]) -> ScanJob:
-        mine = {patient: per_patient[patient] for _, patient in chunk if patient in per_patient}
-        return ScanJob(out_dir, mine, cross, free_text)
+    def __init__(
+        self,
+        out_dir: Path,
+        results: list[FileResult],
+        evidence: dict[str, Evidence],
+        cfg: dict,
+        options: DeidOptions,
+        names: frozenset[str],
+        pool: Workers,
+    ) -> None:
+        min_chars = int(cfg["leak_min_chars"])
+        per_patient, cross = build_indexes(evidence, min_chars)
+        self.shared = global_index(per_patient, cross)
+        tags = frozenset(Profile(options).descriptive)
+        free_text = FreeTextCheck(tags, name_index(names, min_chars))
+        items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
 
-    scanned = pool.map(scan_one, items, "verify", job_of)
-    leaks = [(rel, finding) for rel, findings in scanned for finding in findings]
-    for path in extra_files:  # mhd headers, CSVs, JSON
-        text = path.read_text(encoding="latin-1")
-        cells = text.replace(",", "\n").replace('"', "\n").splitlines()
-        leaks += [(str(path.relative_to(out_dir)), f) for f in scan_text(cells, [shared])]
-    names = [part for r in results if r.out_rel for part in Path(r.out_rel).parts]
-    leaks += [("<file names>", f) for f in scan_text(names, [shared])]
-    return leaks
+        def job_of(chunk: list[tuple[str, str]]) -> ScanJob:
+            mine = {patient: per_patient[patient] for _, patient in chunk if patient in per_patient}
+            return ScanJob(out_dir, mine, cross, free_text)
+
+        self.out_dir, self.results = out_dir, results
+        self.scanned = pool.start(scan_one, items, "verify", job_of)
+
+    def leaks(self, extra_files: list[Path]) -> list[tuple[str, str]]:
+        """(file, finding) pairs: in ``extra_files`` (mhd headers, CSVs, JSON), in the output
+        file names, and in the DICOM files."""
+        leaks = []
+        for path in extra_files:
+            text = path.read_text(encoding="latin-1")
+            cells = text.replace(",", "\n").replace('"', "\n").splitlines()
+            rel = str(path.relative_to(self.out_dir))
+            leaks += [(rel, f) for f in scan_text(cells, [self.shared])]
+        names = [part for r in self.results if r.out_rel for part in Path(r.out_rel).parts]
+        leaks += [("<file names>", f) for f in scan_text(names, [self.shared])]
+        scanned = self.scanned()
+        return [(rel, finding) for rel, findings in scanned for finding in findings] + leaks
