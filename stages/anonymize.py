@@ -11,7 +11,8 @@ Out: OUTPUT_DIR (pushable, no PHI): ``dicom/<Study UID>/<Series UID>/<SOP UID>.d
      ``deid_options.json`` (profile, options, table version; no secret).
      ``--private-dir`` (``push: false``): ``quarantine.csv`` with the original paths and details,
      ``linkage.csv`` (original -> pseudonym) when ``keep_linkage``, ``leaks.csv`` on failure.
-     ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds, files/s.
+     ``--metrics``: files in/out/quarantined, series, patients, leaks_found, seconds (wall and
+     CPU, workers included: the work, without start-up and the environment record), files/s.
 Secret: ``CTPIPE_DEID_KEY``, else ``anonymize.key_file``; only the synthetic cohort may fall back
 to the public demo key. After writing, every output (values at every depth, file names, CSVs) is
 scanned for the identifying values found in the input (``ctpipe.deid.verify``): any survivor
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -31,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctpipe.deid import batch
+from ctpipe.deid.batch import DeidJob, Verification, Workers
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions, table_info
@@ -291,9 +294,11 @@ def run_metrics(
     n_annotations: int,
     annotations: pd.DataFrame,
     leaks: list,
-    seconds: float,
+    start: tuple[float, float],
 ) -> dict:
+    """Counts, and the wall and CPU seconds (workers included) since ``start``."""
     reasons = Counter(r.reason for r in results if r.reason)
+    seconds = time.perf_counter() - start[0]
     return {
         "files_in": len(results),
         "files_out": len(written),
@@ -304,9 +309,16 @@ def run_metrics(
         "annotations_out": len(annotations),
         "leaks_found": len(leaks),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - start[1],
         "files_per_s": len(results) / seconds if seconds else 0.0,
         "quarantine_reasons": dict(sorted(reasons.items())),
     }
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the worker processes)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
@@ -323,34 +335,33 @@ def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
 
 
 def deidentify(
-    items: list[tuple[str, str]], initargs: tuple, source: str, input_dir: Path, keyring: Keyring
-) -> tuple[list[FileResult], dict[str, Evidence], list[Path]]:
-    """Every input file de-identified (in ``workers`` processes), sorted by input path; the
-    identifying values found per patient (for the leak gate); for luna16 the image files too."""
-    out_dir, cfg = initargs[3], initargs[2]
-    workers, chunksize = int(cfg["workers"]), int(cfg["chunksize"])
-    results = batch.run_parallel(
-        batch.deid_one, items, workers, batch.init_deid, initargs, "anonymize", chunksize
-    )
-    results.sort(key=lambda r: r.rel)
-    batch.dedupe(results, items, initargs)
+    items: list[tuple[str, str]],
+    job: DeidJob,
+    pool: Workers,
+    source: str,
+    input_dir: Path,
+    keyring: Keyring,
+) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
+    """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the
+    identifying values found per patient (for the leak gate); for luna16 the image files too;
+    the cohort's person-name components."""
+    results, names = batch.deidentify(items, job, pool)
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
             evidence[r.patient].update(r.evidence)
     extra: list[Path] = []
     if source == "luna16":
-        image_results, extra = luna16_images(input_dir, out_dir, keyring, evidence)
+        image_results, extra = luna16_images(input_dir, job.out_dir, keyring, evidence)
         results += image_results
-    return results, evidence, extra
+    return results, evidence, extra, names
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     cfg, _seed = stage_params("anonymize", args.params)
-    start = time.perf_counter()
-    out_dir, input_dir = args.output_dir, args.input_dir
+    out_dir = args.output_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
     metrics_path = args.metrics or private_dir / "anonymize.json"
     if (
@@ -358,8 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         or out_dir.resolve() in private_dir.resolve().parents
     ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
-    record_environment("anonymize", metrics_path.parent / "env")
+    try:
+        return run(args.input_dir, out_dir, private_dir, metrics_path, cfg)
+    finally:  # afterwards: it imports torch, which would make the workers' start slow
+        record_environment("anonymize", metrics_path.parent / "env")
 
+
+def run(input_dir: Path, out_dir: Path, private_dir: Path, metrics_path: Path, cfg: dict) -> int:
+    """The stage's work; its exit code."""
+    start = time.perf_counter(), cpu_seconds()
     try:
         source, items, unusable = discover(input_dir, [out_dir, private_dir])
         raw_annotations = load_annotations(input_dir, source)
@@ -372,38 +390,23 @@ def main(argv: list[str] | None = None) -> int:
     keyring, options = Keyring(key), DeidOptions.from_params(cfg)
     prepare_output(out_dir)
     private_dir.mkdir(parents=True, exist_ok=True)
-    log.info(
-        "%s cohort, %d files, key from %s, options %s",
-        source,
-        len(items),
-        key_source,
-        options.codes(),
-    )
+    codes = options.codes()
+    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
 
-    names = frozenset(batch.cohort_names(items, int(cfg["workers"]), int(cfg["chunksize"])))
-    results, evidence, extra = deidentify(
-        items, (options.as_dict(), key, cfg, out_dir, names), source, input_dir, keyring
-    )
-    results += unusable
-    written = [r for r in results if not r.reason]
-    annotations, n_annotations = remap_annotations(
-        raw_annotations, keyring, {r.series for r in written}
-    )
-    write_csv(out_dir / "annotations.csv", annotations)
-    write_tables(
-        out_dir,
-        private_dir,
-        results,
-        keyring,
-        options,
-        deid_meta(options, source, keyring, key_source, cfg),
-    )
-
-    extra += [out_dir / name for name in OWN_FILES]
-    leaks = batch.verify(out_dir, written, evidence, extra, cfg, options, names)
-    metrics = run_metrics(
-        results, written, n_annotations, annotations, leaks, time.perf_counter() - start
-    )
+    job = DeidJob.from_params(options, key, cfg, out_dir)
+    with Workers(int(cfg["workers"]), int(cfg["chunksize"])) as pool:
+        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
+        results += unusable
+        written = [r for r in results if not r.reason]
+        gate = Verification(out_dir, written, evidence, cfg, options, names, pool)  # scans begin
+        annotations, n_annotations = remap_annotations(
+            raw_annotations, keyring, {r.series for r in written}
+        )
+        write_csv(out_dir / "annotations.csv", annotations)
+        meta = deid_meta(options, source, keyring, key_source, cfg)
+        write_tables(out_dir, private_dir, results, keyring, options, meta)
+        leaks = gate.leaks(extra + [out_dir / name for name in OWN_FILES])
+    metrics = run_metrics(results, written, n_annotations, annotations, leaks, start)
     write_json(metrics_path, rounded(metrics))
     log.info(
         "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "

@@ -1,26 +1,37 @@
 """Many files at once: de-identification and the leak scan in worker processes.
 
-Three passes: every input header is read for the cohort's person names (scrubbed from every kept
-descriptor, :mod:`ctpipe.deid.freetext`); every file is de-identified; every output is read back
-and scanned for the identifying values collected from the inputs, for the free-text patterns and
-for the cohort's names (:mod:`ctpipe.deid.verify`). The stage hands each worker the options, key,
-names and output folder once (the pool initialisers); each file is then one call.
+The worker processes are started once for a run (:class:`Workers`) and take the files in chunks,
+each with what its function needs (a :class:`DeidJob` or :class:`ScanJob`). Two passes:
+
+1. Every input is read once: the person names it holds are collected, and it is de-identified
+   and written. A kept descriptor must also lose every name seen anywhere in the cohort
+   (:mod:`ctpipe.deid.freetext`), known only once every file has been read: a file whose
+   scrubbed descriptors hold a word that may be one of those names, not already removed by the
+   file's own values, is de-identified again with them (:meth:`freetext.Terms.may_change`);
+   in an ordinary cohort, none or a few.
+2. Every output is read back and scanned for the identifying values collected from the inputs,
+   for the free-text patterns and for the cohort's names (:mod:`ctpipe.deid.verify`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
+import math
 import multiprocessing
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import config, dcmread
-from pydicom.dataset import Dataset
+from pydicom import config
 
 from ctpipe.deid.engine import Deidentifier
 from ctpipe.deid.files import FileResult, process_file
-from ctpipe.deid.freetext import name_components, pn_tokens
+from ctpipe.deid.freetext import Terms
 from ctpipe.deid.keys import Keyring
+from ctpipe.deid.names import names_of_file
 from ctpipe.deid.table import DeidOptions, Profile
 from ctpipe.deid.verify import (
     Evidence,
@@ -33,7 +44,9 @@ from ctpipe.deid.verify import (
 )
 from ctpipe.progress import progress
 
-_WORKER: dict = {}  # per-process state, set by the pool initialisers
+_WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
+CHUNKS_PER_WORKER = 8
+log = logging.getLogger("ctpipe.deid.batch")
 
 
 def quiet_pydicom() -> None:
@@ -43,100 +56,143 @@ def quiet_pydicom() -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def _names(ds: Dataset) -> list[str]:
-    """Person names in one dataset, at every depth: PN values and PN-formatted tokens anywhere
-    (a vendor's private ``DOE^JANE``). Values that do not decode are skipped."""
-    out: list[str] = []
-    for tag in list(ds._dict):
-        try:
-            elem = ds[tag]
-        except Exception:  # noqa: BLE001 - a value pydicom cannot convert names nobody
-            continue
-        value = elem.value
-        if elem.VR == "SQ":
-            for item in value or []:
-                out += _names(item)
-        elif isinstance(value, bytes):
-            out += pn_tokens(value.decode("latin-1"))
-        elif elem.VR == "PN":
-            out += [str(v) for v in (value if elem.VM > 1 else [value]) if v]
-        elif isinstance(value, str) and "^" in value:
-            out += pn_tokens(value)
-    return out
+class Workers:
+    """The worker processes of a run, started once for every pass (1 worker: this process).
+
+    Files go out in chunks of ``chunksize`` or more: about :data:`CHUNKS_PER_WORKER` per worker,
+    so that a worker keeps a patient's files together (its caches) and round trips stay few,
+    while the last chunks still even out the workers.
+    """
+
+    def __init__(self, workers: int, chunksize: int) -> None:
+        self.workers, self.chunksize = max(1, workers), max(1, chunksize)
+        self.pool = None
+
+    def __enter__(self) -> Workers:
+        quiet_pydicom()
+        _WORKER.clear()  # a run starts with fresh caches (what was reported kept, per patient)
+        if self.workers > 1:
+            # A worker's first full garbage collection would walk, and so copy, every object it
+            # inherits (70 ms stalls): objects that exist now stay out of its collections.
+            gc.freeze()
+            self.pool = multiprocessing.Pool(self.workers, quiet_pydicom)
+            gc.unfreeze()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:  # reaped here, so their CPU time counts for this process
+            self.pool.terminate()
+            self.pool.join()
+
+    def map(self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None):
+        """``func(job_of(chunk), item)`` for every item, in any order."""
+        return self.start(func, items, desc, job_of)()
+
+    def start(
+        self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None
+    ) -> Callable[[], list]:
+        """:meth:`map` begun in the workers (this process: nothing yet); call the result to
+        wait for it (this process: to run it)."""
+        size = max(self.chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers)))
+        tasks = [
+            (func, job_of(items[i : i + size]), items[i : i + size])
+            for i in range(0, len(items), size)
+        ]
+        running = self.pool.imap_unordered(_chunk, tasks) if self.pool and tasks else None
+
+        def results() -> list:
+            out: list = []
+            with progress(total=len(items), desc=desc, unit="file") as bar:
+                for done in running if running is not None else map(_chunk, tasks):
+                    out += done
+                    bar.update(len(done))
+            return out
+
+        return results
 
 
-def names_one(item: tuple[str, str]) -> set[str]:
-    """Name components in one input file's header (none if it does not read as DICOM)."""
-    try:
-        ds = dcmread(item[0], stop_before_pixels=True, force=True)
-    except Exception:  # noqa: BLE001 - the de-identification pass quarantines it with a reason
-        return set()
-    return name_components(_names(ds))
-
-
-def init_names() -> None:
-    quiet_pydicom()
+def _chunk(task: tuple) -> list:
+    func, job, items = task
+    return [func(job, item) for item in items]
 
 
 def cohort_names(items: list[tuple[str, str]], workers: int, chunksize: int) -> set[str]:
-    """Components of every person name in every input file (the pre-pass)."""
-    found = run_parallel(names_one, items, workers, init_names, (), "names", chunksize)
+    """Components of every person name in every input file, without de-identifying them (the
+    de-identification pass collects them as it reads the files: :func:`deidentify`)."""
+    with Workers(workers, chunksize) as pool:
+        found = pool.map(names_one, items, "names")
     return set().union(*found) if found else set()
 
 
-def init_deid(
-    options: dict, key: bytes, cfg: dict, out_dir: Path, names: frozenset[str] = frozenset()
-) -> None:
-    quiet_pydicom()
-    _WORKER["deid"] = Deidentifier(
-        DeidOptions(**options), Keyring(key), tuple(cfg["date_shift_days"]), names
-    )
-    _WORKER["args"] = (
-        out_dir,
-        {m.upper() for m in cfg["burned_in_missing_ok"]},
-        bool(cfg["keep_linkage"]),
-    )
+def names_one(job: None, item: tuple[str, str]) -> set[str]:
+    return names_of_file(Path(item[0]))
 
 
-def deid_one(item: tuple[str, str]) -> FileResult:
-    out_dir, burned_ok, keep_linkage = _WORKER["args"]
-    return process_file(Path(item[0]), item[1], _WORKER["deid"], out_dir, burned_ok, keep_linkage)
+@dataclass(frozen=True)
+class DeidJob:
+    """What a worker needs to de-identify files (the de-identifier is made once per job)."""
 
+    options: dict
+    key: bytes
+    date_shift_days: tuple[int, int]
+    out_dir: Path
+    burned_in_missing_ok: frozenset[str]
+    keep_linkage: bool
+    names: frozenset[str] = frozenset()
 
-def init_scan(
-    out_dir: Path, per_patient: dict, cross: NeedleIndex, free_text: FreeTextCheck
-) -> None:
-    quiet_pydicom()
-    _WORKER.update(out_dir=out_dir, per_patient=per_patient, cross=cross, free_text=free_text)
-
-
-def scan_one(item: tuple[str, str]) -> tuple[str, list[str]]:
-    out_rel, patient = item
-    indexes = [_WORKER["per_patient"].get(patient, NeedleIndex()), _WORKER["cross"]]
-    return out_rel, scan_file(_WORKER["out_dir"] / out_rel, indexes, _WORKER["free_text"])
-
-
-def run_parallel(
-    func, items: list, workers: int, init, initargs: tuple, desc: str, chunksize: int
-) -> list:
-    """``func`` over ``items`` in ``workers`` processes (in this one if 1), with a progress bar."""
-    if workers <= 1 or len(items) <= 1:
-        init(*initargs)
-        return [func(item) for item in progress(items, desc=desc, unit="file")]
-    with multiprocessing.Pool(workers, init, initargs) as pool:
-        return list(
-            progress(
-                pool.imap_unordered(func, items, chunksize),
-                total=len(items),
-                desc=desc,
-                unit="file",
-            )
+    @classmethod
+    def from_params(cls, options: DeidOptions, key: bytes, cfg: dict, out_dir: Path) -> DeidJob:
+        """From the stage's params (``cfg``)."""
+        return cls(
+            options.as_dict(),
+            key,
+            (int(cfg["date_shift_days"][0]), int(cfg["date_shift_days"][1])),
+            out_dir,
+            frozenset(m.upper() for m in cfg["burned_in_missing_ok"]),
+            bool(cfg["keep_linkage"]),
         )
 
 
-def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tuple) -> None:
-    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again, so
-    the output does not depend on which worker finished last; the others are quarantined."""
+def deid_file(job: DeidJob, item: tuple[str, str]) -> FileResult:
+    if _WORKER.get("job") != job:
+        options = DeidOptions(**job.options)
+        deid = Deidentifier(options, Keyring(job.key), job.date_shift_days, job.names)
+        _WORKER.update(job=job, deid=deid)
+    return process_file(
+        Path(item[0]),
+        item[1],
+        _WORKER["deid"],
+        job.out_dir,
+        job.burned_in_missing_ok,
+        job.keep_linkage,
+    )
+
+
+def deidentify(
+    items: list[tuple[str, str]], job: DeidJob, pool: Workers
+) -> tuple[list[FileResult], frozenset[str]]:
+    """Every input de-identified and written, sorted by input path; and the cohort's name
+    components."""
+    results = pool.map(deid_file, items, "anonymize", lambda chunk: job)
+    results.sort(key=lambda r: r.rel)
+    names = frozenset(set().union(*(r.names for r in results)))
+    cohort = Terms(names)
+    again = dedupe(results) | {
+        r.rel for r in results if r.out_rel and cohort.may_change(r.words, r.removed, r.pairs)
+    }
+    if again:
+        log.info("%d files de-identified again (a duplicate, or names of the cohort)", len(again))
+        redo = [item for item in items if item[1] in again]
+        with_names = dataclasses.replace(job, names=names)
+        by_rel = {r.rel: r for r in pool.map(deid_file, redo, "names", lambda chunk: with_names)}
+        results = [by_rel.get(r.rel, r) for r in results]
+    return results, names
+
+
+def dedupe(results: list[FileResult]) -> set[str]:
+    """Inputs sharing one SOP Instance UID: the first (by path) wins and is written again (the
+    inputs returned), so the output does not depend on which worker finished last; the others
+    are quarantined."""
     first: dict[str, FileResult] = {}
     rewrite: set[str] = set()
     for r in results:
@@ -145,11 +201,23 @@ def dedupe(results: list[FileResult], items: list[tuple[str, str]], initargs: tu
             r.reason, r.detail, r.out_rel = "duplicate_sop_instance", "same SOPInstanceUID", ""
         elif r.out_rel:
             first[r.out_rel] = r
-    if rewrite:
-        init_deid(*initargs)
-        for path, rel in items:
-            if rel in rewrite:
-                deid_one((path, rel))
+    return rewrite
+
+
+@dataclass
+class ScanJob:
+    """What a worker needs to scan written files (the needles of the chunk's patients only)."""
+
+    out_dir: Path
+    per_patient: dict[str, NeedleIndex]
+    cross: NeedleIndex
+    free_text: FreeTextCheck = field(default_factory=FreeTextCheck)
+
+
+def scan_one(job: ScanJob, item: tuple[str, str]) -> tuple[str, list[str]]:
+    out_rel, patient = item
+    indexes = [job.per_patient.get(patient, NeedleIndex()), job.cross]
+    return out_rel, scan_file(job.out_dir / out_rel, indexes, job.free_text)
 
 
 def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> NeedleIndex:
@@ -165,36 +233,46 @@ def global_index(per_patient: dict[str, NeedleIndex], cross: NeedleIndex) -> Nee
     return index
 
 
-def verify(
-    out_dir: Path,
-    results: list[FileResult],
-    evidence: dict[str, Evidence],
-    extra_files: list[Path],
-    cfg: dict,
-    options: DeidOptions,
-    names: frozenset[str] = frozenset(),
-) -> list[tuple[str, str]]:
-    """Scan every output for the input's identifying values, and its free text for the patterns
-    and the cohort's ``names``; return (file, finding) pairs."""
-    min_chars = int(cfg["leak_min_chars"])
-    per_patient, cross = build_indexes(evidence, min_chars)
-    shared = global_index(per_patient, cross)
-    free_text = FreeTextCheck(frozenset(Profile(options).descriptive), name_index(names, min_chars))
-    items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
-    scanned = run_parallel(
-        scan_one,
-        items,
-        int(cfg["workers"]),
-        init_scan,
-        (out_dir, per_patient, cross, free_text),
-        "verify",
-        int(cfg["chunksize"]),
-    )
-    leaks = [(rel, finding) for rel, findings in scanned for finding in findings]
-    for path in extra_files:  # mhd headers, CSVs, JSON
-        text = path.read_text(encoding="latin-1")
-        cells = text.replace(",", "\n").replace('"', "\n").splitlines()
-        leaks += [(str(path.relative_to(out_dir)), f) for f in scan_text(cells, [shared])]
-    names = [part for r in results if r.out_rel for part in Path(r.out_rel).parts]
-    leaks += [("<file names>", f) for f in scan_text(names, [shared])]
-    return leaks
+class Verification:
+    """The leak gate over a run's outputs: every written DICOM file scanned by the workers from
+    the start, for the identifying values of the inputs and, in free text, for the patterns and
+    the cohort's ``names``; the other outputs (tables, file names) when :meth:`leaks` is called,
+    once they are written."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        results: list[FileResult],
+        evidence: dict[str, Evidence],
+        cfg: dict,
+        options: DeidOptions,
+        names: frozenset[str],
+        pool: Workers,
+    ) -> None:
+        min_chars = int(cfg["leak_min_chars"])
+        per_patient, cross = build_indexes(evidence, min_chars)
+        self.shared = global_index(per_patient, cross)
+        tags = frozenset(Profile(options).descriptive)
+        free_text = FreeTextCheck(tags, name_index(names, min_chars))
+        items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
+
+        def job_of(chunk: list[tuple[str, str]]) -> ScanJob:
+            mine = {patient: per_patient[patient] for _, patient in chunk if patient in per_patient}
+            return ScanJob(out_dir, mine, cross, free_text)
+
+        self.out_dir, self.results = out_dir, results
+        self.scanned = pool.start(scan_one, items, "verify", job_of)
+
+    def leaks(self, extra_files: list[Path]) -> list[tuple[str, str]]:
+        """(file, finding) pairs: in ``extra_files`` (mhd headers, CSVs, JSON), in the output
+        file names, and in the DICOM files."""
+        leaks = []
+        for path in extra_files:
+            text = path.read_text(encoding="latin-1")
+            cells = text.replace(",", "\n").replace('"', "\n").splitlines()
+            rel = str(path.relative_to(self.out_dir))
+            leaks += [(rel, f) for f in scan_text(cells, [self.shared])]
+        names = [part for r in self.results if r.out_rel for part in Path(r.out_rel).parts]
+        leaks += [("<file names>", f) for f in scan_text(names, [self.shared])]
+        scanned = self.scanned()
+        return [(rel, finding) for rel, findings in scanned for finding in findings] + leaks

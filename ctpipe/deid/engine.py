@@ -28,7 +28,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from pydicom import __version__ as pydicom_version
 from pydicom.datadict import keyword_for_tag
@@ -84,21 +83,16 @@ class FileDeid:
     patient_key: str = ""
     clean_terms: set[str] = field(default_factory=set)
     deferred: list[tuple[Dataset, int, str]] = field(default_factory=list)
+    # Words and pairs of consecutive words of the scrubbed values, and the words the file's own
+    # terms removed wherever they occur (freetext.Terms.may_change: could names found in other
+    # files change them).
+    words: set[str] = field(default_factory=set)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    removed: frozenset[str] = frozenset()
     offset: dt.timedelta | None = None
     enc: tuple[bool, bool] = (False, True)  # the file's (is_implicit_VR, is_little_endian)
     top: dict[int, str] = field(default_factory=dict)
     nested: dict[int, str] = field(default_factory=dict)
-
-
-@lru_cache(maxsize=512)
-def clean_pattern(terms: frozenset[str]) -> re.Pattern | None:
-    """One regex matching any term as a whole-word sequence, longest first, any case."""
-    parts = []
-    for term in sorted(terms, key=lambda t: (-len(t), t)):
-        words = re.findall(r"[^\W_]+", term)
-        if words:
-            parts.append(r"(?<![^\W_])" + r"[\W_]+".join(map(re.escape, words)) + r"(?![^\W_])")
-    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
 
 
 class Deidentifier:
@@ -114,7 +108,7 @@ class Deidentifier:
         """``cohort_names``: components of every person name in the cohort (scrubbed from every
         kept descriptor, whoever's file it is; :func:`freetext.name_components`)."""
         self.options = options
-        self.cohort_pattern = clean_pattern(frozenset(cohort_names))
+        self.cohort = freetext.Terms(cohort_names)
         self.profile = Profile(options)
         self.keyring = keyring
         self.date_shift_days = (int(date_shift_days[0]), int(date_shift_days[1]))
@@ -126,6 +120,7 @@ class Deidentifier:
         self._kept_seen: set = set()
         self._collected: dict = {}
         self._cleaned: dict = {}
+        self._terms: dict[frozenset[str], freetext.Terms] = {}
 
     def deidentify(self, ds: Dataset) -> FileDeid:
         """De-identify ``ds`` (a FileDataset) in place; return what was done."""
@@ -152,7 +147,7 @@ class Deidentifier:
     def reset_caches(self, patient_key: str = "") -> None:
         """Forget the per-patient caches (values already reported as kept, parsed evidence)."""
         self._patient = patient_key
-        self._kept_seen, self._collected, self._cleaned = set(), {}, {}
+        self._kept_seen, self._collected, self._cleaned, self._terms = set(), {}, {}, {}
 
     def encode(self, ds: Dataset) -> bytes:
         """The de-identified file's bytes: zero preamble, new meta, dataset in its syntax."""
@@ -368,20 +363,31 @@ class Deidentifier:
     def _clean_deferred(self, st: FileDeid) -> None:
         if not st.deferred:
             return
-        pattern = clean_pattern(frozenset(st.clean_terms))
+        key = frozenset(st.clean_terms)
+        terms = self._terms.get(key)
+        if terms is None:
+            terms = self._terms[key] = freetext.Terms(key)
         for ds, tag, vr in st.deferred:
             elem = ds._dict[tag]
             cleaned = []
             whole = text(elem, ds)
             for value in whole.split("\\") if vr not in ("LT", "ST", "UT") else [whole]:
-                key = (pattern, value)
-                if key not in self._cleaned:
-                    self._cleaned[key] = freetext.scrub(value, (pattern, self.cohort_pattern))
-                cleaned.append(self._cleaned[key])
+                if (key, value) not in self._cleaned:
+                    words = freetext.words_of(value)
+                    self._cleaned[key, value] = (
+                        freetext.scrub(value, (terms, self.cohort)),
+                        frozenset(words),
+                        frozenset(zip(words, words[1:])),
+                    )
+                scrubbed, words, pairs = self._cleaned[key, value]
+                cleaned.append(scrubbed)
+                st.words |= words
+                st.pairs |= pairs
             set_text(ds, tag, vr, "\\".join(cleaned), st.enc)
             st.evidence.cleaned.update(norm(v) for v in cleaned if v)
             st.counts["C"] += 1
             st.applied.add(f"{tag:08X}=C")
+        st.removed = frozenset(st.words & terms.single)
 
     def _stamp(self, ds: Dataset, st: FileDeid) -> None:
         method_codes = self.options.codes()

@@ -48,6 +48,7 @@ from pydicom.uid import (
 )
 
 from ctpipe.deid.engine import BadVR, Deidentifier
+from ctpipe.deid.names import name_parts, names_of_file
 from ctpipe.deid.verify import Evidence
 from ctpipe.deid.write import text_of, write_file
 from ctpipe.fileio import atomic_path
@@ -90,6 +91,10 @@ class FileResult:
     audit: dict = field(default_factory=dict)
     evidence: Evidence = field(default_factory=Evidence)
     linkage: list[tuple[str, str, str]] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # components of the person names it holds
+    words: frozenset[str] = frozenset()  # of its scrubbed descriptors (FileDeid.words)
+    removed: frozenset[str] = frozenset()
+    pairs: frozenset[tuple[str, str]] = frozenset()
 
 
 def _fast_read(data: bytes) -> Dataset | None:
@@ -219,15 +224,23 @@ def process_file(
     burned_in_missing_ok: set[str],
     keep_linkage: bool,
 ) -> FileResult:
-    """Read, gate, de-identify and write one file; never raises for a bad input."""
+    """Read, gate, de-identify and write one file; never raises for a bad input. The result
+    holds the person names of the input too (quarantined or not)."""
     result = FileResult(rel=rel)
     try:
-        ds = read_dicom(path)
+        try:
+            ds = read_dicom(path)
+        except Quarantine:
+            result.names = names_of_file(path)
+            raise
+        result.names = set(name_parts(ds))
         gate(ds, burned_in_missing_ok)
         original = [text_of(ds, t) for t in LINKED]
         try:
             state = deid.deidentify(ds)
             result.evidence = state.evidence  # even if writing fails: the kept-value cache saw it
+            result.words, result.removed = frozenset(state.words), state.removed
+            result.pairs = frozenset(state.pairs)
         except BadVR as err:
             raise Quarantine("bad_vr", str(err)) from None
         except Quarantine:

@@ -27,9 +27,9 @@ The rule that turns evidence into needles (documented, and the same for cleaning
    addresses, institutions) are also checked in every other patient's files.
 
 Scanned: every element at every depth, file meta included, as its raw bytes (so every character
-set is compared in one space) read back from the written file by a small parser of this module,
-except bulk pixel and waveform data, numeric binary VRs, and OB/UN values longer than
-``MAX_BINARY`` bytes. A file that does not parse counts as a failure. Output file names and the
+set is compared in one space) read back from the written file by a small parser of its own
+(:mod:`ctpipe.deid.readback`), except bulk pixel and waveform data, numeric binary VRs, and OB/UN
+values longer than ``MAX_BINARY`` bytes. A file that does not parse counts as a failure. Output file names and the
 pushable CSV/JSON outputs are scanned too (text needles and UIDs of every patient).
 
 Why ``min_chars`` (4 by default): shorter values ("M", "F", "CT", "1", "YES") occur in any file
@@ -47,9 +47,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom.datadict import DicomDictionary, dictionary_VR
+from pydicom.datadict import DicomDictionary
 
 from ctpipe.deid.freetext import pattern_matches
+from ctpipe.deid.readback import (
+    BULK_TAGS,
+    MAX_BINARY,
+    NUMERIC_VRS,
+    dictionary_vr,
+    file_values,
+    norm,
+)
 
 WORD = re.compile(r"[0-9a-z\x80-\xff]+")
 SEPARATOR = " \xa0\xa0 "  # between values, so no word sequence spans two values
@@ -76,42 +84,8 @@ GENERIC = frozenset(
         "0000",
     }
 )
-BULK_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0x54001010, 0x56000020})
-NUMERIC_VRS = frozenset(
-    {
-        "US",
-        "SS",
-        "UL",
-        "SL",
-        "FL",
-        "FD",
-        "SV",
-        "UV",
-        "AT",
-        "OF",
-        "OD",
-        "OL",
-        "OV",
-        "OW",
-        "US or SS",
-        "US or OW",
-        "US or SS or OW",
-        "OB or OW",
-    }
-)
-MAX_BINARY = 4096
-UNDEFINED = 0xFFFFFFFF
-LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 DIGIT_WORD = 6
-TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC"})
 NARRATIVE_VRS = frozenset({"ST", "LT", "UT"})  # checked for patterns wherever they are
-
-
-def norm(value: bytes | str) -> str:
-    """One comparable form for raw bytes and text: latin-1 decoded, stripped, lower case."""
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    return value.strip(" \x00\t\r\n").lower()
 
 
 def raw_vr(elem, tag: int) -> str:
@@ -120,17 +94,7 @@ def raw_vr(elem, tag: int) -> str:
     vr = elem.VR
     if vr and vr != "UN":
         return str(vr)
-    return _dictionary_vr(tag)
-
-
-def _dictionary_vr(tag: int) -> str:
-    """The data dictionary's VR of a public tag; UN for private (odd group) or unknown tags."""
-    if tag >> 16 & 1:
-        return "UN"
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return "UN"
+    return dictionary_vr(tag)
 
 
 def element_strings(elem, tag: int) -> list[str]:
@@ -200,22 +164,30 @@ class NeedleIndex:
 
     def hits(self, values: Iterable[str]) -> set[tuple[str, ...] | str]:
         """Needles found in ``values`` (normalised strings)."""
-        values = list(values)
-        unique = set(values)
+        return self.found_in(*haystack(values))
+
+    def found_in(self, unique: set[str], words: list[str], word_set: set[str]) -> set:
+        """:meth:`hits` in values already split (:func:`haystack`, once for several indexes)."""
         found: set[tuple[str, ...] | str] = set()
         if self.exact:
             found |= unique & self.exact
             found |= {v[:8] for v in unique if len(v) > 8 and v[:8].isdigit()} & self.exact
-        words = WORD.findall(SEPARATOR.join(values))  # the separator is a word no needle has
         if self.digit_words:
-            found |= self.digit_words.intersection(words)
-        starts = self.text.keys() & set(words)
-        for i, w in enumerate(words):
-            if w in starts:
-                for tup in self.text[w]:
-                    if tuple(words[i : i + len(tup)]) == tup:
-                        found.add(tup)
+            found |= self.digit_words & word_set
+        starts = self.text.keys() & word_set
+        for i in [i for i, w in enumerate(words) if w in starts] if starts else ():
+            for tup in self.text[words[i]]:
+                if tuple(words[i : i + len(tup)]) == tup:
+                    found.add(tup)
         return found
+
+
+def haystack(values: Iterable[str]) -> tuple[set[str], list[str], set[str]]:
+    """Normalised values as :meth:`NeedleIndex.found_in` takes them: the distinct values, and
+    their words in order (the separator between values is a word no needle has) and as a set."""
+    values = list(values)
+    words = WORD.findall(SEPARATOR.join(values))
+    return set(values), words, set(words)
 
 
 def build_indexes(
@@ -283,132 +255,19 @@ def scan_file(
     except (ValueError, struct.error, zlib.error) as err:
         return [f"unreadable output: {err}"]
     found: set = set()
+    split = haystack(values)
     for index in indexes:
-        found |= index.hits(values)
+        found |= index.found_in(*split)
     out = [f"value {n!r}" for n in sorted(found, key=str)]
     return out + (free_text.findings(texts) if free_text else [])
 
 
-def file_values(data: bytes, texts: list[tuple[int, str, str]] | None = None) -> list[str]:
-    """Normalised values of every element of a DICOM file, meta included, at every depth
-    (and, into ``texts``, every text-VR element as ``(tag, VR, value)``).
-
-    A small parser of its own (not pydicom, which the writer relies on): it walks tags, VRs and
-    lengths in the file's transfer syntax and checks the zero preamble and the ``DICM`` prefix.
-    """
-    if data[128:132] != b"DICM":
-        raise ValueError("no DICM prefix")
-    if any(data[:128]):
-        raise ValueError("preamble not zeroed")
-    out: list[str] = []
-    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
-    _parse(data, 132, meta_end, False, True, out)
-    syntax = next((v for v in out if v.startswith("1.2.840.10008.1.2")), "")
-    body = data[meta_end:]
-    if syntax == "1.2.840.10008.1.2.1.99":
-        body = zlib.decompress(body, -zlib.MAX_WBITS)
-    implicit, little = syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2"
-    _parse(body, 0, len(body), implicit, little, out, texts)
-    return out
-
-
-def _parse(
-    buf: bytes,
-    pos: int,
-    end: int,
-    implicit: bool,
-    little: bool,
-    out: list[str],
-    texts: list[tuple[int, str, str]] | None = None,
-) -> int:
-    """Collect values from ``pos`` to ``end`` or to an item delimiter; return the new position.
-
-    ``texts`` (if given) also gets ``(tag, VR, value)`` of every text-VR element, case kept.
-    """
-    e = "<" if little else ">"
-    while pos + 8 <= end:
-        group, element, length = struct.unpack_from(e + "HHI", buf, pos)
-        tag = group << 16 | element
-        if group == 0xFFFE:
-            if element in (0xE00D, 0xE0DD):
-                return pos + 8
-            raise ValueError(f"unexpected item tag at {pos}")
-        if implicit:
-            vr, pos = None, pos + 8
-        else:
-            vr = buf[pos + 4 : pos + 6].decode("latin-1")
-            if vr in LONG_VRS:
-                length = struct.unpack_from(e + "I", buf, pos + 8)[0]
-                pos += 12
-            else:
-                length = struct.unpack_from(e + "H", buf, pos + 6)[0]
-                pos += 8
-        if vr is None:
-            vr = _implicit_vr(tag, buf, pos, length, e)
-        if vr == "SQ" or (vr == "UN" and length == UNDEFINED):
-            as_implicit = implicit or vr == "UN"  # UN of undefined length: implicit VR LE
-            pos = _sequence(buf, pos, length, as_implicit, little or vr == "UN", out, texts)
-            continue
-        if length == UNDEFINED:  # encapsulated pixel data: skip the fragments
-            pos = _sequence(buf, pos, length, implicit, little, None)
-            continue
-        if pos + length > end:
-            raise ValueError(f"element {tag:08X} runs past the end")
-        if (
-            tag not in BULK_TAGS
-            and vr not in NUMERIC_VRS
-            and not (vr in ("OB", "UN") and length > MAX_BINARY)
-        ):
-            out.extend(s for s in (norm(p) for p in buf[pos : pos + length].split(b"\\")) if s)
-            if texts is not None and vr in TEXT_VRS and length:
-                texts.append((tag, vr, buf[pos : pos + length].decode("latin-1")))
-        pos += length
-    return pos
-
-
-def _sequence(
-    buf: bytes,
-    pos: int,
-    length: int,
-    implicit: bool,
-    little: bool,
-    out: list[str] | None,
-    texts: list[tuple[int, str, str]] | None = None,
-) -> int:
-    """Walk the items of a sequence (or skip pixel fragments when ``out`` is None)."""
-    e = "<" if little else ">"
-    end = len(buf) if length == UNDEFINED else pos + length
-    while pos + 8 <= end:
-        group, element, item_length = struct.unpack_from(e + "HHI", buf, pos)
-        pos += 8
-        if (group, element) == (0xFFFE, 0xE0DD):
-            return pos
-        if (group, element) != (0xFFFE, 0xE000):
-            raise ValueError(f"malformed sequence at {pos - 8}")
-        if out is None or item_length != UNDEFINED:
-            if out is not None:
-                _parse(buf, pos, pos + item_length, implicit, little, out, texts)
-            pos += item_length
-        else:
-            pos = _parse(buf, pos, len(buf), implicit, little, out, texts)
-    return pos
-
-
-def _implicit_vr(tag: int, buf: bytes, pos: int, length: int, e: str) -> str:
-    """VR of an implicit-VR element: the dictionary's, or SQ when its value is items."""
-    if length == UNDEFINED or (
-        length >= 8 and struct.unpack_from(e + "HH", buf, pos) == (0xFFFE, 0xE000)
-    ):
-        return "SQ"
-    return _dictionary_vr(tag)
-
-
 def scan_text(values: Iterable[str], indexes: list[NeedleIndex]) -> list[str]:
     """Leaks among plain strings (file-name parts, CSV cells): the same matching as files."""
-    normalised = [norm(v) for v in values]
+    split = haystack(norm(v) for v in values)
     found: set = set()
     for index in indexes:
-        found |= index.hits(normalised)
+        found |= index.found_in(*split)
     return [f"value {n!r}" for n in sorted(found, key=str)]
 
 

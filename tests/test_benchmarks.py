@@ -1,0 +1,120 @@
+"""Every script in benchmarks/ runs as its docstring and docs/benchmarks.md say: what it imports
+exists, it starts, the options they show are its own, and the de-identification benchmarks run
+their smallest configuration (a broken benchmark fails here, not in the hands of a reader)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+def run(args: list, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A benchmark as a reader runs it (from the repository root), with this tree's ctpipe."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def imports(tree: ast.AST) -> list[tuple[str, list[str], int]]:
+    """(module, names taken from it, line) of every import, in functions too."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, [], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, [a.name for a in node.names], node.lineno))
+    return found
+
+
+def defined(module: str) -> set[str]:
+    """Top-level names of a first-party module (its functions, classes, assignments, imports)."""
+    path = ROOT / (module.replace(".", "/") + ".py")
+    if not path.is_file():  # a package: its modules are importable names
+        return {p.stem for p in path.with_suffix("").iterdir()}
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_what_a_benchmark_imports_exists(script):
+    """Every import resolves (a module of stages/ run as a script does not: ``import anonymize``
+    was one), and every name taken from ctpipe is defined there."""
+    for module, names, line in imports(ast.parse(script.read_text())):
+        where = f"{script.name}:{line} imports {module}"
+        assert importlib.util.find_spec(module.split(".")[0]) is not None, where
+        if module.split(".")[0] == "ctpipe":
+            assert importlib.util.find_spec(module) is not None, where
+            missing = set(names) - defined(module)
+            assert not missing, f"{where}: no {sorted(missing)} there"
+
+
+def usage(script: Path) -> str:
+    """The command lines a benchmark's docstring shows (``python benchmarks/...`` and the
+    indented lines that continue it)."""
+    lines = (ast.get_docstring(ast.parse(script.read_text())) or "").splitlines()
+    shown, inside = [], False
+    for line in lines:
+        inside = f"python benchmarks/{script.name}" in line or (inside and line.startswith("  "))
+        if inside:
+            shown.append(line)
+    return "\n".join(shown)
+
+
+def documented(script: Path) -> str:
+    """The code spans of docs/benchmarks.md that run ``script``."""
+    spans = re.findall(r"`([^`]+)`", (ROOT / "docs" / "benchmarks.md").read_text())
+    return "\n".join(s for s in spans if script.name in s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_a_benchmark_starts_with_the_options_it_documents(script):
+    assert usage(script), (
+        f"{script.name}: no 'python benchmarks/{script.name} ...' in its docstring"
+    )
+    done = run([script.relative_to(ROOT), "--help"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = set(re.findall(r"--[a-z][a-z0-9-]*", usage(script) + "\n" + documented(script)))
+    options = set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
+    assert shown <= options, f"{script.name}: documented but unknown: {sorted(shown - options)}"
+
+
+@pytest.mark.slow
+def test_bench_anonymize_runs_its_smallest_configuration(tmp_path):
+    done = run(
+        ["benchmarks/bench_anonymize.py", "--patients", "1", "--matrix", "32", "--repeat", "1"]
+        + ["--workers", "2", "--workdir", tmp_path]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"one core: ctpipe 1 worker / dicognito = [\d.]+x", done.stdout)
+    assert re.search(r"2 workers / 1 worker = [\d.]+x", done.stdout)
+    assert "leaks_found=0" in done.stdout
+
+
+def test_bench_freetext_runs_its_smallest_configuration():
+    done = run(["benchmarks/bench_freetext.py", "--sizes", "1000", "--families", "letters"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"this tree\s+letters\s+1000\s+[\d.]+\s+[\d.]+\s+[\d.]+", done.stdout)
