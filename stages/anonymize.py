@@ -317,21 +317,17 @@ def run_metrics(
 
 def cpu_seconds() -> float:
     """CPU seconds of this process and of its finished children (the worker processes)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+    return sum(os.times()[:4])  # user, system, children's user, children's system
 
 
 def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
     """Delete every output file the leak gate found an identifier in; list them privately."""
     write_csv(private_dir / "leaks.csv", pd.DataFrame(leaks, columns=["file", "finding"]))
-    for rel in sorted({rel for rel, _ in leaks}):
+    files = sorted({rel for rel, _ in leaks})
+    for rel in files:
         inside(out_dir, out_dir / rel).unlink(missing_ok=True)
-    log.error(
-        "%d identifying values survived in %d files (deleted; details in %s)",
-        len(leaks),
-        len({rel for rel, _ in leaks}),
-        private_dir / "leaks.csv",
-    )
+    where = private_dir / "leaks.csv"
+    log.error("%d identifying values in %d files, deleted (see %s)", len(leaks), len(files), where)
 
 
 def deidentify(
