@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pydicom
 from fastapi.testclient import TestClient
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -62,6 +63,15 @@ class Receiver:
         ds.file_meta = event.file_meta
         self.received.append(ds)
         return 0x0000
+
+
+def receive_all(spool, files: list[Path]) -> None:
+    """Put every file of one series into ``spool`` as if it had been received."""
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spool.receive(
+            path.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
 
 
 def make_tokens(folder: Path, scopes: dict[str, list[str]] | None = None) -> dict[str, str]:

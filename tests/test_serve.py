@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
-from servekit import InProcessNode, Receiver, make_cfg, wait_for
+from servekit import InProcessNode, Receiver, make_cfg, receive_all, wait_for
 
 from ctpipe.serve.send import multipart_related
 from ctpipe.serve.spool import Spool
@@ -188,14 +188,7 @@ def test_failed_sends_are_retried_until_they_succeed(tmp_path, tiny_package, stu
     receiver.server.shutdown()  # the destination is down at first
     node = InProcessNode(make_cfg(tmp_path, tiny_package, receiver))
     spool = node.spool
-    ds = pydicom.dcmread(study[0], stop_before_pixels=True)
-    for path in study:
-        spool.receive(
-            path.read_bytes(),
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
-            pydicom.dcmread(path).SOPInstanceUID,
-        )
+    receive_all(spool, study)
     node.runner.start()
     try:
         wait_for(lambda: [r for r in spool.records() if r["attempts"] >= 2])

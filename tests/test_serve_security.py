@@ -19,7 +19,16 @@ from pynetdicom.sop_class import (
     SegmentationStorage,
     Verification,
 )
-from servekit import InProcessNode, Receiver, free_port, make_certs, make_cfg, make_tokens, wait_for
+from servekit import (
+    InProcessNode,
+    Receiver,
+    free_port,
+    make_certs,
+    make_cfg,
+    make_tokens,
+    receive_all,
+    wait_for,
+)
 
 from ctpipe.serve.send import multipart_related
 from ctpipe.serve.telemetry import tag
@@ -275,14 +284,7 @@ def test_predict_past_its_time_limit_fails_the_job_and_the_node_goes_on(
 ):
     raw = make_cfg(tmp_path, tiny_package, None, predict_timeout_seconds=0.3)
     node = InProcessNode(raw)
-    ds = pydicom.dcmread(study[0], stop_before_pixels=True)
-    for path in study:
-        node.spool.receive(
-            path.read_bytes(),
-            ds.StudyInstanceUID,
-            ds.SeriesInstanceUID,
-            pydicom.dcmread(path).SOPInstanceUID,
-        )
+    receive_all(node.spool, study)
     node.runner.start()
     try:
         (record,) = wait_for(
