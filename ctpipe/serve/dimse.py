@@ -138,7 +138,6 @@ class StoreSCP:
         try:
             ds = event.dataset
             study, series, sop = instance_uids(ds)
-            self.spool.check(study, series, sop)
             data = encoded(ds, event.file_meta)
             self.spool.receive(data, study, series, sop)
         except Refused as err:

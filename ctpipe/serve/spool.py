@@ -69,7 +69,9 @@ def fsync_dir(folder: Path) -> None:
 
 
 def durable_write(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file: fsync, rename, fsync the folder (0600)."""
+    """Write ``path`` owner-only (0600) through a temporary file: fsync, rename, fsync the
+    folder, so that after a crash it is either the old file or the whole new one (the DICOM
+    node's job records, its tokens file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -137,11 +139,11 @@ class Spool:
 
     def receive(self, data: bytes, study: str, series: str, sop: str) -> None:
         """Store one instance (``data``: a DICOM file); the same SOP twice is stored once."""
-        self.check(study, series, sop)
+        self.check(study, series, sop)  # before the bytes are written
         tmp = self.new_tmp()
         with open(tmp, "wb") as f:
             f.write(data)
-        self.place(tmp, study, series, sop)
+        self._move(tmp, study, series, sop)
 
     def new_tmp(self) -> Path:
         """A new owner-only file in ``incoming/.tmp`` for an instance being received."""
@@ -151,9 +153,18 @@ class Spool:
 
     def place(self, tmp: Path, study: str, series: str, sop: str) -> None:
         """Move a fully received ``tmp`` file into its series (fsynced), or delete it and raise
-        :class:`Refused` when the study would outgrow ``max_study_mb``."""
+        :class:`Refused` when its UIDs are not UIDs, the disk is low, or the study would outgrow
+        ``max_study_mb``."""
         try:
             self.check(study, series, sop)
+        except Refused:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._move(tmp, study, series, sop)
+
+    def _move(self, tmp: Path, study: str, series: str, sop: str) -> None:
+        """:meth:`place` for an instance already checked."""
+        try:
             size = tmp.stat().st_size
             if self.study_bytes(study) + size > self.max_study:
                 raise Refused(

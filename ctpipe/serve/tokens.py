@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import sys
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from ctpipe.serve.spool import durable_write
 
 SCOPES = ("store", "read", "metrics")
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -91,11 +92,7 @@ def add(path: Path, name: str, scopes: list[str]) -> str:
     entries.append({"name": name, "sha256": digest(value), "scopes": sorted(set(scopes))})
     text = yaml.safe_dump({"tokens": entries}, default_flow_style=None, sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    durable_write(path, text.encode())
     return value
 
 
