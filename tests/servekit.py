@@ -3,8 +3,10 @@ tokens, and test certificates made with ``openssl`` (never committed)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ctpipe.serve.telemetry import Metrics
 from ctpipe.serve.web import create_app
 
 ALL_SCOPES = ["store", "read", "metrics"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -63,6 +66,18 @@ class Receiver:
         ds.file_meta = event.file_meta
         self.received.append(ds)
         return 0x0000
+
+
+def start_serve(folder: Path) -> subprocess.Popen:
+    """``python -m ctpipe.serve --config folder/serve.yaml`` as a process of its own, logging
+    to ``folder/serve.log`` (appended: a restart keeps what came before)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ctpipe.serve", "--config", str(folder / "serve.yaml")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=open(folder / "serve.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def receive_all(spool, files: list[Path]) -> None:

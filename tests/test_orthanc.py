@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pandas as pd
 import pydicom
 import pytest
 import yaml
-from servekit import make_certs, make_tokens
+from servekit import make_certs, make_tokens, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = shutil.which("Orthanc")
@@ -152,14 +150,7 @@ class Node:
         wait_for(lambda: self.http.get(self.c_url("/healthz")).status_code == 200, 60, "serve")
 
     def start_serve(self) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        return subprocess.Popen(
-            [sys.executable, "-m", "ctpipe.serve", "--config", str(self.tmp / "serve.yaml")],
-            cwd=ROOT,
-            env=env,
-            stdout=open(self.tmp / "serve.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
+        return start_serve(self.tmp)
 
     def c_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.c_http}{path}"

@@ -5,12 +5,10 @@ destination gets one SEG and one SR (nothing lost, nothing sent twice)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
+from servekit import start_serve
 
 from ctpipe.serve import tokens
 
@@ -79,14 +78,7 @@ def setup(tmp_path, tiny_package, write_tiny_cohort):
 
 
 def start(tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp_path / "serve.yaml")],
-        cwd=ROOT,
-        env=env,
-        stdout=open(tmp_path / "serve.log", "ab"),
-        stderr=subprocess.STDOUT,
-    )
+    return start_serve(tmp_path)
 
 
 def c_store(cfg: dict, files: list[Path]) -> list[int]:

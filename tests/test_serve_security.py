@@ -27,6 +27,7 @@ from servekit import (
     make_cfg,
     make_tokens,
     receive_all,
+    start_serve,
     wait_for,
 )
 
@@ -392,10 +393,7 @@ def test_the_audit_log_names_who_did_what_without_phi(tmp_path, tiny_package, st
 def test_https_listener_with_client_certificates_and_a_verified_stow_rs_send(
     tmp_path, tiny_package, study, monkeypatch
 ):
-    import os
     import ssl
-    import subprocess
-    import sys
 
     import httpx
     import yaml
@@ -416,14 +414,7 @@ def test_https_listener_with_client_certificates_and_a_verified_stow_rs_send(
     )
     token = make_tokens(tmp_path)["test"]
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(raw))
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ctpipe.serve", "--config", str(tmp_path / "serve.yaml")],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        stdout=open(tmp_path / "serve.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_serve(tmp_path)
     url = f"https://127.0.0.1:{raw['http']['port']}"
 
     def context(cert: str | None) -> ssl.SSLContext:
