@@ -16,13 +16,22 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
+
 LINE = re.compile(
     r"^(?P<indent> *)(?P<key>[A-Za-z_][\w]*):(?P<value>[^#]*?)\s*(?:#\s*(?P<comment>.*))?$"
 )
 
 
+def _flow(value: object) -> str:
+    """A value as one line of YAML, as it would be written in params.yaml."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
 def rows(text: str) -> list[tuple[str, str, str]]:
-    """``(dotted key, value as YAML, comment)`` of every key, in file order."""
+    """``(dotted key, value as YAML, comment)`` of every key, in file order (a value may continue
+    on the lines below its key)."""
+    params = yaml.safe_load(text)
     out, stack = [], []
     for line in text.splitlines():
         m = LINE.match(line)
@@ -30,9 +39,12 @@ def rows(text: str) -> list[tuple[str, str, str]]:
             continue
         depth = len(m["indent"]) // 2
         stack[depth:] = [m["key"]]
-        value = m["value"].strip()
+        value = params
+        for key in stack:
+            value = value[key]
         comment = (m["comment"] or "").replace("|", "\\|")
-        out.append((".".join(stack), value or "(section)", comment))
+        shown = "(section)" if isinstance(value, dict) else _flow(value)
+        out.append((".".join(stack), shown, comment))
     return [r for r in out if "." in r[0]]  # top-level section names are headings, not rows
 
 
@@ -40,9 +52,9 @@ HEADER = """# Params reference
 
 Generated from the comments of `params.yaml` by `python scripts/params_table.py > docs/params.md`
 (a test fails when the two differ). Every tunable value is in `params.yaml`, one section per stage
-plus `base.seed`; `dvc.yaml` declares for each stage exactly the keys it reads, so changing a param
-re-runs exactly the stages that read it. The `inference` section is shared by the stages that run
-the network on whole volumes (each declares the keys it reads). `postprocess` holds search grids,
+plus `base`; `ctpipe/config.py` checks types, ranges and choices when a stage starts, and `dvc.yaml`
+declares for each stage the sections it reads, so changing a param re-runs exactly those stages.
+The `inference` section is shared by the stages that run the network on whole volumes. `postprocess` holds search grids,
 not chosen values: the values are chosen on the validation split after every training and written to
 `models/postprocessing.json` ([post-processing](postprocessing.md)).
 

@@ -51,31 +51,20 @@ TINY_SYNTH = {
 def tiny_params() -> dict:
     """params.yaml with every section shrunk so that the whole pipeline runs in about a minute."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["ingest"].update(workers=1, min_slices=8, synthetic=copy.deepcopy(TINY_SYNTH))
-    params["preprocess"].update(
-        workers=1, split={"val_fraction": 0.25, "test_fraction": 0.25, "folds": 0}
-    )
+    params["base"].update(workers=1)
+    params["ingest"].update(min_slices=8, synthetic={"n_patients": 4, "matrix": 48, "oblique_degrees": 0})
+    params["preprocess"].update(split={"val_fraction": 0.25, "test_fraction": 0.25})
     params["train"].update(
         features=[4, 4, 8, 8, 16, 4],
         patch_size=32,
         batch_size=4,
         epochs=2,
         samples_per_epoch=8,
-        val_roi_size=64,
     )
     params["inference"].update(roi_size=64)
     params["evaluate"].update(bootstrap=20)
-    # An untrained tiny model: the INT8 gate is opened, the sweep and timings shrunk.
-    params["quantize"].update(
-        max_dice_drop=1.0,
-        calibration_slabs=8,
-        sweep_slabs=16,
-        latency_runs=3,
-        latency_rounds=1,
-        sweep_latency_runs=2,
-        entropy_bins=256,
-    )
-    params["export"].update(parity_shapes=[[1, 32, 48], [2, 48, 32]])
+    # An untrained tiny model: the INT8 gate is opened, the sweep shrunk.
+    params["quantize"].update(max_dice_drop=1.0, calibration_slabs=8, sweep_slabs=16)
     return params
 
 

@@ -40,7 +40,7 @@ def make_predictor(
     if runtime == "torch":
         return infer.torch_predictor(net, "cuda" if torch.cuda.is_available() else "cpu")
     path = workdir / "model.onnx"
-    onnx_export.export_onnx(net, channels, path, onnx_export.DEFAULT_OPSET)
+    onnx_export.export_onnx(net, channels, path, onnx_export.OPSET)
     return infer.onnx_predictor(sessions.ort_session(path))
 
 
