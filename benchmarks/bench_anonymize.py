@@ -44,28 +44,26 @@ from ctpipe.fileio import write_csv, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_anonymize")
-COHORT = {
-    "pixel_spacing_mm": [1.6, 2.2],
-    "slice_spacing_mm": [2.5],
-    "z_extent_mm": 80,
-    "oblique_degrees": 0,
-    "vessels_per_lung": 1,
-    "fraction_without_nodules": 0.0,
-    "max_nodules": 2,
-    "diameter_mm": [5, 20],
-    "part_solid_fraction": 0.25,
-    "blur_voxels": 0.6,
-    "noise_hu": 20,
-}
+COHORT = synth.Cohort(
+    pixel_spacing_mm=(1.6, 2.2),
+    slice_spacing_mm=(2.5,),
+    z_extent_mm=80,
+    oblique_degrees=0,
+    vessels_per_lung=1,
+    fraction_without_nodules=0.0,
+    max_nodules=2,
+    diameter_mm=(5, 20),
+    part_solid_fraction=0.25,
+    blur_voxels=0.6,
+    noise_hu=20,
+)
 
 
 def build_inputs(root: Path, patients: int, matrix: int) -> list[Path]:
     """Synthetic studies + pydicom's test files (those dicognito can read) under root/dicom."""
     rows = []
     for index in range(patients):
-        rows += synth.write_case(
-            root / "dicom" / "synthetic", 7, index, {**COHORT, "matrix": matrix}
-        )
+        rows += synth.write_case(root / "dicom" / "synthetic", 7, index, COHORT.but(matrix=matrix))
     write_csv(root / "annotations.csv", synth.annotations_frame(rows))
     write_json(root / "cohort.json", {"source": "synthetic"})
     for i, path in enumerate(p for p in map(Path, get_testdata_files()) if p.is_file()):
@@ -100,9 +98,10 @@ def run_stage(inputs: Path, out: Path, workers: int, tmp: Path) -> dict:
     """The stage as DVC runs it (a process of its own) with ``workers`` workers: its metrics
     (``seconds`` and ``cpu_seconds`` of the work) and the process's wall seconds."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    section = {**params["anonymize"], "key_file": "", "workers": workers}
+    params["anonymize"]["key_file"] = ""
+    params["base"]["workers"] = workers
     path = tmp / f"params_{workers}.yaml"
-    path.write_text(yaml.safe_dump({"base": params["base"], "anonymize": section}))
+    path.write_text(yaml.safe_dump(params))
     metrics = tmp / f"metrics_{workers}.json"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(f"{out}_private", ignore_errors=True)

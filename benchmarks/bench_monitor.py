@@ -20,32 +20,32 @@ from ctpipe.monitor import drift
 from ctpipe.monitor.record import synthetic_features
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "n_patients": 4,
-    "matrix": 48,
-    "pixel_spacing_mm": [5.0, 6.0],
-    "slice_spacing_mm": [5.0],
-    "z_extent_mm": 200,
-    "oblique_degrees": 0,
-    "vessels_per_lung": 2,
-    "fraction_without_nodules": 0.0,
-    "max_nodules": 2,
-    "diameter_mm": [12, 30],
-    "part_solid_fraction": 0.25,
-    "blur_voxels": 0.6,
-    "noise_hu": 20,
-}
+TINY = synth.Cohort(
+    n_patients=4,
+    matrix=48,
+    pixel_spacing_mm=(5.0, 6.0),
+    slice_spacing_mm=(5.0,),
+    z_extent_mm=200,
+    oblique_degrees=0,
+    vessels_per_lung=2,
+    fraction_without_nodules=0.0,
+    max_nodules=2,
+    diameter_mm=(12, 30),
+    part_solid_fraction=0.25,
+    blur_voxels=0.6,
+    noise_hu=20,
+)
 SHIFTS = {
     "slice thickness 5 -> 2.5 mm": {"slice_spacing_mm": [2.5]},
     "noise 20 -> 35 HU": {"noise_hu": 35},
     "intensity +40 HU": {"hu_offset": 40.0},
     "kernel B70f": {"kernel": "B70f"},
-    "all four": {"slice_spacing_mm": [2.5], "noise_hu": 35, "hu_offset": 40.0, "kernel": "B70f"},
+    "all four": {"slice_spacing_mm": (2.5,), "noise_hu": 35, "hu_offset": 40.0, "kernel": "B70f"},
 }
 
 
-def records(cfg: dict, seed: int, n: int) -> list[dict]:
-    return [synthetic_features(synth.make_case(seed, index, cfg)) for index in range(n)]
+def records(cohort: synth.Cohort, seed: int, n: int) -> list[dict]:
+    return [synthetic_features(synth.make_case(seed, index, cohort)) for index in range(n)]
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     for name, shift in {"none (false alarms)": {}, **SHIFTS}.items():
         flagged = 0
         for seed in range(args.seeds):
-            window = records({**TINY, **shift}, 10_000 + 97 * seed + len(name), args.window)
+            window = records(TINY.but(**shift), 10_000 + 97 * seed + len(name), args.window)
             flagged += any(r["drift"] for r in drift.compare(reference, window, args.alpha))
         rates[name] = flagged / args.seeds
         print(

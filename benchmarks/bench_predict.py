@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ctpipe import synth
 from ctpipe.fileio import write_json
@@ -78,15 +77,13 @@ print(json.dumps({"code": code, "seconds": seconds, "peak_rss_mb": rss, "nodules
 
 def write_studies(root: Path, n: int, matrix: int, slices: int, seed: int) -> list[Path]:
     """``n`` synthetic studies at clinical size; returns their folders."""
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["ingest"]["synthetic"]
-    cfg = {
-        **cfg,
-        "matrix": matrix,
-        "pixel_spacing_mm": [0.68, 0.72],
-        "slice_spacing_mm": [1.25],
-        "z_extent_mm": 1.25 * slices,
-        "fraction_without_nodules": 0.0,
-    }
+    cfg = synth.Cohort(
+        matrix=matrix,
+        pixel_spacing_mm=(0.68, 0.72),
+        slice_spacing_mm=(1.25,),
+        z_extent_mm=1.25 * slices,
+        fraction_without_nodules=0.0,
+    )
     for i in range(n):
         start = time.perf_counter()
         synth.write_case(root / f"study{i}", seed, 5000 + i, cfg)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from ctpipe import dicomio, prep, synth
+from ctpipe import config, dicomio, prep, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +62,12 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg, pcfg = params["ingest"]["synthetic"], params["preprocess"]
+    params = config.load(ROOT / "params.yaml")
+    cfg, pcfg = synth.Cohort.from_params(params.ingest.synthetic), params.preprocess
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for i in range(args.cases):
-            rows += synth.write_case(Path(tmp), params["base"]["seed"], i, cfg)
+            rows += synth.write_case(Path(tmp), params.base.seed, i, cfg)
         nodules = synth.annotations_frame(rows)
         manifest = dicomio.scan_folder(tmp)
         sources = [
@@ -79,7 +78,7 @@ def main() -> None:
         fps = [prep.fingerprint_case(s, n, pcfg, 0) for s, n in zip(sources, per)]
         plan = prep.make_plan(fps, pcfg)
         spacing = plan["target_spacing_mm"]
-        chain = monai_chain(spacing, pcfg["hu_window"], pcfg["body_threshold_hu"])
+        chain = monai_chain(spacing, pcfg.hu_window, pcfg.body_threshold_hu)
         folders = sorted({str(Path(s["paths"][0]).parent) for s in sources})
 
         t = time.perf_counter()

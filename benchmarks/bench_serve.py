@@ -36,7 +36,7 @@ import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import CTImageStorage
 
-from ctpipe import synth
+from ctpipe import config, synth
 from ctpipe.fileio import write_json
 from ctpipe.serve import tokens
 from ctpipe.serve.send import multipart_related
@@ -73,12 +73,12 @@ class Destination:
 
 
 # --shift: a scanner change the drift monitor should see (thin slices, an offset, another kernel)
-SHIFT = {"slice_spacing_mm": [1.25], "hu_offset": 40.0, "kernel": "B70f"}
+SHIFT = {"slice_spacing_mm": (1.25,), "hu_offset": 40.0, "kernel": "B70f"}
 
 
 def write_studies(out: Path, n: int, shift: bool) -> list[tuple[str, list[Path]]]:
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["ingest"]["synthetic"]
-    cfg = {**cfg, **SHIFT} if shift else cfg
+    cfg = synth.Cohort.from_params(config.load(ROOT / "params.yaml").ingest.synthetic)
+    cfg = cfg.but(**SHIFT) if shift else cfg
     studies = []
     for i in range(n):
         synth.write_case(out, 900, i, cfg)

@@ -39,9 +39,7 @@ def make_dataset(tmp: Path, n: int) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     rows = []
     for i in range(n):
-        rows += synth.write_case(
-            tmp / "in" / "dicom", params["base"]["seed"], i, params["ingest"]["synthetic"]
-        )
+        rows += synth.write_case(tmp / "in" / "dicom", params["base"]["seed"], i, synth.Cohort())
     synth.annotations_frame(rows).to_csv(tmp / "in" / "annotations.csv", index=False)
     params["preprocess"]["split"].update(val_fraction=0.15, test_fraction=0.15)
     (tmp / "params.yaml").write_text(yaml.safe_dump(params))

@@ -187,7 +187,9 @@ class Params(Section):
 
 
 def _where(error: dict) -> str:
-    return ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal")))
+    return ".".join(
+        str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal"))
+    )
 
 
 def validate(raw: object, source: str = "params.yaml") -> Params:
@@ -199,7 +201,9 @@ def validate(raw: object, source: str = "params.yaml") -> Params:
         for error in exc.errors(include_url=False):
             value = "" if error["type"] == "missing" else f" (got {error['input']!r})"
             lines.append(f"  {_where(error)}: {error['msg']}{value}")
-        raise ConfigError(f"{source}: {exc.error_count()} wrong key(s)\n" + "\n".join(lines)) from None
+        raise ConfigError(
+            f"{source}: {exc.error_count()} wrong key(s)\n" + "\n".join(lines)
+        ) from None
 
 
 def load(path: str | Path = "params.yaml") -> Params:

@@ -16,20 +16,13 @@ def nodule_mask(
     shape_kji: tuple[int, int, int],
     geom: Geometry,
     nodules: pd.DataFrame,
-    hu: np.ndarray | None = None,
-    hu_threshold: float | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Paint annotated nodules (world-mm centre, diameter) as spheres into a label mask.
-
-    With ``hu`` and ``hu_threshold`` only sphere voxels brighter than the threshold are kept, which
-    trims the sphere to the dense nodule tissue ("Deep Learning with PyTorch", part 2).
 
     Args:
         shape_kji: shape of the volume, numpy ``[k, j, i]`` order.
         geom: geometry of the volume.
         nodules: ``coordX, coordY, coordZ, diameter_mm`` (world mm), one scan's annotations.
-        hu: intensities of the volume in HU, shape ``shape_kji``; needs ``hu_threshold``.
-        hu_threshold: HU above which a sphere voxel is kept; needs ``hu``.
 
     Returns:
         The ``uint8`` mask (1 = nodule) and a copy of ``nodules`` with ``inside`` (the centre lies
@@ -38,21 +31,14 @@ def nodule_mask(
         is reported with ``inside == False``, not dropped; its sphere may still reach in.
     """
     shape_kji = tuple(int(s) for s in shape_kji)
-    if (hu is None) != (hu_threshold is None):
-        raise ValueError("hu and hu_threshold must be given together")
-    if hu is not None and np.shape(hu) != shape_kji:
-        raise ValueError(f"hu has shape {np.shape(hu)}, expected {shape_kji}")
     missing = [c for c in ("coordX", "coordY", "coordZ", "diameter_mm") if c not in nodules]
     if missing:
         raise ValueError(f"nodules lacks columns {missing}; has {list(nodules.columns)}")
-    bright = None if hu is None else np.asarray(hu) > hu_threshold
     mask = np.zeros(shape_kji, dtype=np.uint8)
     inside, voxels = [], []
     centres = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
     for centre, diameter in zip(centres, nodules["diameter_mm"].to_numpy(np.float64)):
         sphere = sphere_mask(shape_kji, geom, centre, diameter / 2.0)
-        if bright is not None:
-            sphere &= bright
         mask[sphere] = 1
         inside.append(contains(shape_kji, geom, centre))
         voxels.append(int(sphere.sum()))

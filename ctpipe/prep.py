@@ -12,7 +12,7 @@ native grid and resampling with nearest neighbour, which is what one does with a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,12 @@ from ctpipe import dicomio
 from ctpipe.geometry import Geometry, index_to_world
 from ctpipe.labels import nodule_mask
 
+if TYPE_CHECKING:
+    from ctpipe import config
+
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+FINGERPRINT_VOXELS = 10_000  # intensity samples per case and region, seeded
+CROP_MARGIN_MM = 5.0  # kept around the body's bounding box
 
 
 def load_volume(source: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
@@ -33,12 +38,14 @@ def load_volume(source: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
     return sitk.GetArrayFromImage(image), Geometry.from_sitk(image)
 
 
-def fingerprint_case(source: dict, nodules: pd.DataFrame, cfg: dict, seed: int) -> dict[str, Any]:
+def fingerprint_case(
+    source: dict, nodules: pd.DataFrame, cfg: config.Preprocess, seed: int
+) -> dict[str, Any]:
     """Spacing, shape and intensity samples (body and nodule voxels) of one case."""
     hu, geom = load_volume(source)
     rng = np.random.default_rng([seed, source["index"]])
-    n = int(cfg["fingerprint_voxels"])
-    body = hu[hu > float(cfg["body_threshold_hu"])]
+    n = FINGERPRINT_VOXELS
+    body = hu[hu > cfg.body_threshold_hu]
     mask, _ = nodule_mask(hu.shape, geom, nodules)
     fg = hu[mask > 0]
     return {
@@ -51,42 +58,37 @@ def fingerprint_case(source: dict, nodules: pd.DataFrame, cfg: dict, seed: int) 
     }
 
 
-def make_plan(fingerprints: list[dict], cfg: dict) -> dict[str, Any]:
+def make_plan(fingerprints: list[dict], cfg: config.Preprocess) -> dict[str, Any]:
     """Derive target spacing and intensity normalisation from the fingerprints."""
     spacings = np.array([f["spacing"] for f in fingerprints])
-    if cfg["target_spacing_mm"] == "auto":
+    if cfg.target_spacing_mm == "auto":
         target = np.median(spacings, axis=0)
         worst = int(np.argmax(target))
         if target[worst] > 3 * np.min(np.delete(target, worst)):
             target[worst] = np.percentile(spacings[:, worst], 10)
     else:
-        target = np.asarray(cfg["target_spacing_mm"], dtype=float)
+        target = np.asarray(cfg.target_spacing_mm, dtype=float)
     body = np.concatenate([f["body_sample"] for f in fingerprints] or [[0.0]])
     fg = np.concatenate([f["nodule_sample"] for f in fingerprints] or [[]])
-    if cfg["normalization"] == "window":
-        lo, hi = (float(v) for v in cfg["hu_window"])
+    if cfg.normalization == "window":
+        lo, hi = cfg.hu_window
         stats = np.clip(body, lo, hi)
-    elif cfg["normalization"] == "percentile":
+    else:  # percentile (config.Preprocess admits no other)
         if fg.size == 0:
             raise ValueError("normalization 'percentile' needs nodule voxels; the cohort has none")
         lo, hi = (float(v) for v in np.percentile(fg, [0.5, 99.5]))
         stats = np.clip(fg, lo, hi)
-    else:
-        raise ValueError(
-            f"preprocess.normalization: unknown {cfg['normalization']!r} (window, percentile)"
-        )
     return {
         "target_spacing_mm": [round(float(v), 4) for v in target],
         "normalization": {
-            "kind": cfg["normalization"],
+            "kind": cfg.normalization,
             "clip": [round(lo, 2), round(hi, 2)],
             "mean": round(float(stats.mean()), 4),
             "std": round(float(stats.std()), 4),
         },
-        "interpolation": cfg["interpolation"],
-        "body_threshold_hu": float(cfg["body_threshold_hu"]),
-        "crop_margin_mm": float(cfg["crop_margin_mm"]),
-        "label_hu_threshold": cfg["label_hu_threshold"],
+        "interpolation": cfg.interpolation,
+        "body_threshold_hu": cfg.body_threshold_hu,
+        "crop_margin_mm": CROP_MARGIN_MM,
         "fingerprint": {
             "cases": len(fingerprints),
             "spacing_median": np.median(spacings, axis=0).round(4).tolist(),
@@ -157,10 +159,7 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
     hu, geom = load_volume(source)
     hu, geom = resample(hu, geom, np.asarray(plan["target_spacing_mm"]), plan["interpolation"])
     hu, geom, _ = crop_to_body(hu, geom, plan["body_threshold_hu"], plan["crop_margin_mm"])
-    refine = plan["label_hu_threshold"]
-    mask, report = nodule_mask(
-        hu.shape, geom, nodules, hu=hu if refine is not None else None, hu_threshold=refine
-    )
+    mask, report = nodule_mask(hu.shape, geom, nodules)
     return {
         "image": normalise(hu, plan["normalization"]).astype(np.float16),
         "label": mask.astype(np.uint8),
@@ -169,13 +168,13 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
     }
 
 
-def split_patients(patients: pd.DataFrame, cfg: dict, seed: int) -> dict[str, Any]:
-    """Train/val/test by patient, stratified by whether the patient has nodules; optional k-fold.
+def split_patients(patients: pd.DataFrame, cfg: config.Split, seed: int) -> dict[str, list]:
+    """Train/val/test by patient, stratified by whether the patient has nodules.
 
     ``patients`` has one row per patient: ``patient_id``, ``has_nodules``.
     """
     # Imported here: predict imports this module for resampling and needs no scikit-learn (1-2 s).
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    from sklearn.model_selection import train_test_split
 
     ids, strata = patients["patient_id"].to_numpy(), patients["has_nodules"].to_numpy()
 
@@ -187,13 +186,7 @@ def split_patients(patients: pd.DataFrame, cfg: dict, seed: int) -> dict[str, An
         except ValueError:  # too few patients of one kind to stratify (tiny cohorts)
             return train_test_split(x, y, test_size=fraction, random_state=seed + salt)
 
-    rest, test, rest_y, _ = split(ids, strata, float(cfg["test_fraction"]), 0)
-    val_share = float(cfg["val_fraction"]) / (1 - float(cfg["test_fraction"]))
+    rest, test, rest_y, _ = split(ids, strata, cfg.test_fraction, 0)
+    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
     train, val, _, _ = split(rest, rest_y, val_share, 1)
-    result = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-    if int(cfg["folds"]) > 1:
-        pool = np.array(sorted(np.concatenate([train, val])))
-        y = patients.set_index("patient_id").loc[pool, "has_nodules"].to_numpy().astype(int)
-        skf = StratifiedKFold(int(cfg["folds"]), shuffle=True, random_state=seed)
-        result["folds"] = [sorted(pool[v]) for _, v in skf.split(pool, y)]
-    return result
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

@@ -15,7 +15,7 @@ byte-identical files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,45 @@ from ctpipe.geometry import Geometry, index_to_world, world_grid, world_to_array
 from ctpipe.phi import make_phi, phi_dataset
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as real exports carry a vendor root
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """How patients are drawn. ``params.yaml`` sets the size (``ingest.synthetic``); the rest is the
+    cohort's fixed look, which tests and benchmarks vary (``dataclasses.replace``)."""
+
+    n_patients: int = 60
+    matrix: int = 160  # rows = columns of a slice
+    pixel_spacing_mm: tuple[float, float] = (1.6, 2.2)  # drawn per patient, uniform
+    slice_spacing_mm: tuple[float, ...] = (2.0, 2.5, 3.0)  # drawn per patient, one of these
+    z_extent_mm: float = 200  # cranio-caudal coverage
+    oblique_degrees: float = 0  # > 0: the grid turned by this angle about a skew axis
+    vessels_per_lung: int = 6  # branching vessel trees per lung (the natural false positives)
+    fraction_without_nodules: float = 0.15
+    max_nodules: int = 4  # per patient with nodules: 1..max
+    diameter_mm: tuple[float, float] = (3, 30)  # log-uniform
+    part_solid_fraction: float = 0.25  # share of nodules with a ground-glass halo
+    blur_voxels: float = 0.6  # partial-volume blur (Gaussian sigma)
+    noise_hu: float = 20  # scanner noise (Gaussian sigma)
+    hu_offset: float = 0.0  # a calibration shift (drifted cohorts of the monitoring tests)
+    kernel: str | None = None  # ConvolutionKernel written when set
+
+    @classmethod
+    def from_params(cls, params) -> Cohort:
+        """The cohort of ``ingest.synthetic`` (:class:`ctpipe.config.Synthetic`): a smaller matrix
+        covers the same chest with proportionally coarser pixels and slices."""
+        scale = cls.matrix / params.matrix
+        return cls(
+            n_patients=params.n_patients,
+            matrix=params.matrix,
+            oblique_degrees=params.oblique_degrees,
+            pixel_spacing_mm=tuple(s * scale for s in cls.pixel_spacing_mm),
+            slice_spacing_mm=tuple(s * scale for s in cls.slice_spacing_mm),
+        )
+
+    def but(self, **changes) -> Cohort:
+        """A copy with ``changes``."""
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -48,19 +87,19 @@ class SyntheticCase:
     nodules: list[Nodule]
     anatomy: dict
     hu: np.ndarray | None = None
-    kernel: str | None = None  # ConvolutionKernel written when set (cfg key ``kernel``)
+    kernel: str | None = None  # ConvolutionKernel written when set (``Cohort.kernel``)
 
 
-def make_geometry(rng: np.random.Generator, cfg: dict, oblique: bool) -> tuple[Geometry, tuple]:
+def make_geometry(rng: np.random.Generator, cohort: Cohort) -> tuple[Geometry, tuple]:
     """Anisotropic, patient-specific acquisition grid covering the chest."""
-    n = int(cfg["matrix"])
-    pixel = rng.uniform(*cfg["pixel_spacing_mm"])
-    dz = float(rng.choice(cfg["slice_spacing_mm"]))
-    n_slices = int(round(cfg["z_extent_mm"] / dz))
+    n = cohort.matrix
+    pixel = rng.uniform(*cohort.pixel_spacing_mm)
+    dz = float(rng.choice(cohort.slice_spacing_mm))
+    n_slices = int(round(cohort.z_extent_mm / dz))
     direction = np.eye(3)
-    if oblique:
+    if cohort.oblique_degrees > 0:
         # A rotation about an axis that is neither x, y nor z: a non-symmetric direction matrix.
-        angle = np.deg2rad(float(cfg["oblique_degrees"]))
+        angle = np.deg2rad(cohort.oblique_degrees)
         axis = np.array([1.0, 0.4, 0.2]) / np.linalg.norm([1.0, 0.4, 0.2])
         kx = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
         direction = np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
@@ -72,7 +111,7 @@ def make_geometry(rng: np.random.Generator, cfg: dict, oblique: bool) -> tuple[G
     return Geometry(origin, spacing, direction), (n_slices, n, n)
 
 
-def make_anatomy(rng: np.random.Generator, centre_z: float, cfg: dict) -> dict:
+def make_anatomy(rng: np.random.Generator, centre_z: float, cohort: Cohort) -> dict:
     """Body, lungs, airways and vessel tree as analytic shapes in world mm."""
     body = {"a": rng.uniform(140, 165), "b": rng.uniform(100, 120), "cy": rng.uniform(-5, 5)}
     lungs = []
@@ -93,7 +132,7 @@ def make_anatomy(rng: np.random.Generator, centre_z: float, cfg: dict) -> dict:
         hilum = np.array([lung["c"][0] * 0.45, 0.0, hilum_z])
         main = hilum + np.array([np.sign(lung["c"][0]) * 20, -5, -10])
         airways.append((trachea[1], main, 5.5))
-        for _ in range(int(cfg["vessels_per_lung"])):
+        for _ in range(cohort.vessels_per_lung):
             _grow_vessel(rng, hilum, lung, 4.0, 3, vessels)
     return {"body": body, "lungs": lungs, "airways": airways, "vessels": vessels}
 
@@ -116,15 +155,15 @@ def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
             _grow_vessel(rng, end, lung, radius * 0.7, depth - 1, out)
 
 
-def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nodule]:
+def make_nodules(rng: np.random.Generator, anatomy: dict, cohort: Cohort) -> list[Nodule]:
     """0..max nodules inside the lungs, log-uniform diameters, some part-solid."""
     n = (
         0
-        if rng.random() < cfg["fraction_without_nodules"]
-        else int(rng.integers(1, cfg["max_nodules"] + 1))
+        if rng.random() < cohort.fraction_without_nodules
+        else int(rng.integers(1, cohort.max_nodules + 1))
     )
     nodules: list[Nodule] = []
-    lo, hi = cfg["diameter_mm"]
+    lo, hi = cohort.diameter_mm
     while len(nodules) < n:
         d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         lung = anatomy["lungs"][int(rng.integers(0, 2))]
@@ -137,7 +176,7 @@ def make_nodules(rng: np.random.Generator, anatomy: dict, cfg: dict) -> list[Nod
             for o in nodules
         ):
             continue
-        solid = 1.0 if rng.random() >= cfg["part_solid_fraction"] else float(rng.uniform(0.3, 0.6))
+        solid = 1.0 if rng.random() >= cohort.part_solid_fraction else float(rng.uniform(0.3, 0.6))
         nodules.append(Nodule(tuple(np.round(c, 2)), round(d, 2), solid))
     return nodules
 
@@ -151,7 +190,7 @@ def _segment_distance(
     return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1), t
 
 
-def render(case: SyntheticCase, rng: np.random.Generator, cfg: dict) -> np.ndarray:
+def render(case: SyntheticCase, rng: np.random.Generator, cohort: Cohort) -> np.ndarray:
     """Analytic phantom in HU on the case's voxel grid (numpy [k, j, i] order), float32."""
     xyz = world_grid(case.shape_kji, case.geometry).astype(np.float32)
     body, lungs = case.anatomy["body"], case.anatomy["lungs"]
@@ -180,8 +219,8 @@ def render(case: SyntheticCase, rng: np.random.Generator, cfg: dict) -> np.ndarr
         core = dist <= r * nod.solid_fraction
         hu[core] = rng.uniform(20, 60)
     # Partial-volume blur along the real voxel grid, then scanner noise.
-    hu = ndimage.gaussian_filter(hu, sigma=cfg["blur_voxels"])
-    hu += rng.normal(0, cfg["noise_hu"], case.shape_kji).astype(np.float32)
+    hu = ndimage.gaussian_filter(hu, sigma=cohort.blur_voxels)
+    hu += rng.normal(0, cohort.noise_hu, case.shape_kji).astype(np.float32)
     return np.clip(hu, -1024, 3071)
 
 
@@ -208,18 +247,17 @@ def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
     hu[box][near] = value
 
 
-def make_case(seed: int, index: int, cfg: dict, oblique: bool = False) -> SyntheticCase:
+def make_case(seed: int, index: int, cohort: Cohort) -> SyntheticCase:
     """Draw patient ``index`` (identity, geometry, anatomy, nodules) and render its volume."""
     rng = np.random.default_rng([seed, index])
     phi = make_phi(rng, index)
-    geom, shape = make_geometry(rng, cfg, oblique)
+    geom, shape = make_geometry(rng, cohort)
     centre = index_to_world((np.array(shape[::-1]) - 1) / 2, geom)
-    anatomy = make_anatomy(rng, float(centre[2]), cfg)
-    nodules = make_nodules(rng, anatomy, cfg)
+    anatomy = make_anatomy(rng, float(centre[2]), cohort)
+    nodules = make_nodules(rng, anatomy, cohort)
     case = SyntheticCase(index, phi, geom, shape, nodules, anatomy)
-    # Optional shifts (a drifted cohort for monitoring tests; absent from params.yaml: no change).
-    case.hu = render(case, rng, cfg) + float(cfg.get("hu_offset", 0.0))
-    case.kernel = cfg.get("kernel")
+    case.hu = render(case, rng, cohort) + cohort.hu_offset
+    case.kernel = cohort.kernel
     return case
 
 
@@ -298,11 +336,9 @@ def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
     ]
 
 
-def write_case(
-    out_dir: Path, seed: int, index: int, cfg: dict, oblique: bool = False
-) -> list[dict]:
+def write_case(out_dir: Path, seed: int, index: int, cohort: Cohort) -> list[dict]:
     """Generate and write patient ``index``; return its annotation rows. Picklable for a pool."""
-    case = make_case(seed, index, cfg, oblique)
+    case = make_case(seed, index, cohort)
     series_uid, _ = write_study(case, Path(out_dir), seed)
     return annotation_rows(series_uid, case.nodules)
 

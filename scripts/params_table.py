@@ -25,7 +25,12 @@ LINE = re.compile(
 
 def _flow(value: object) -> str:
     """A value as one line of YAML, as it would be written in params.yaml."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def rows(text: str) -> list[tuple[str, str, str]]:

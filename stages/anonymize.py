@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctpipe import config
 from ctpipe.deid import batch
 from ctpipe.deid.batch import DeidJob, Verification, Workers
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
@@ -40,7 +41,7 @@ from ctpipe.deid.table import DeidOptions, table_info
 from ctpipe.deid.verify import Evidence
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.listing import list_files
-from ctpipe.params import setup_logging, stage_params
+from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 from ctpipe.safepath import inside
@@ -241,7 +242,7 @@ def write_tables(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, "anonymize")
     parser.add_argument("input_dir", type=Path, help="raw cohort (data/raw), holds PHI")
     parser.add_argument("output_dir", type=Path, help="de-identified cohort (data/anonymized)")
     parser.add_argument(
@@ -250,19 +251,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="push: false folder for original paths and linkage (default: OUTPUT_DIR + '_private')",
     )
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument(
-        "--metrics",
-        type=Path,
-        default=None,
-        help="figures of the run (dvc.yaml: metrics/anonymize.json; "
-        "default: PRIVATE_DIR/anonymize.json)",
-    )
     return parser.parse_args(argv)
 
 
 def deid_meta(
-    options: DeidOptions, source: str, keyring: Keyring, key_source: str, cfg: dict
+    options: DeidOptions, source: str, keyring: Keyring, key_source: str, cfg: config.Anonymize
 ) -> dict:
     """deid_options.json: the profile, options and table this cohort was de-identified with."""
     info = table_info()
@@ -284,7 +277,9 @@ def deid_meta(
         },
         "uid_scheme": "2.25.<int(HMAC-SHA256(key, uid)[:16])>",
         "key_source": key_source,
-        **{k: cfg[k] for k in ("date_shift_days", "burned_in_missing_ok", "leak_min_chars")},
+        "date_shift_days": cfg.date_shift_days,
+        "burned_in_missing_ok": cfg.burned_in_missing_ok,
+        "leak_min_chars": batch.LEAK_MIN_CHARS,
     }
 
 
@@ -356,29 +351,43 @@ def deidentify(
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    cfg, _seed = stage_params("anonymize", args.params)
+    params = config.load(args.params)
     out_dir = args.output_dir
     private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
-    metrics_path = args.metrics or private_dir / "anonymize.json"
+    metrics_path = args.metrics
     if (
         private_dir.resolve() == out_dir.resolve()
         or out_dir.resolve() in private_dir.resolve().parents
     ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
     try:
-        return run(args.input_dir, out_dir, private_dir, metrics_path, cfg)
+        return run(
+            args.input_dir,
+            out_dir,
+            private_dir,
+            metrics_path,
+            params.anonymize,
+            params.base.workers,
+        )
     finally:  # afterwards: it imports torch, which would make the workers' start slow
         record_environment("anonymize", metrics_path.parent / "env")
 
 
-def run(input_dir: Path, out_dir: Path, private_dir: Path, metrics_path: Path, cfg: dict) -> int:
-    """The stage's work; its exit code."""
+def run(
+    input_dir: Path,
+    out_dir: Path,
+    private_dir: Path,
+    metrics_path: Path,
+    cfg: config.Anonymize,
+    workers: int,
+) -> int:
+    """The stage's work with ``workers`` processes; its exit code."""
     start = time.perf_counter(), cpu_seconds()
     try:
         source, items, unusable = discover(input_dir, [out_dir, private_dir])
         raw_annotations = load_annotations(input_dir, source)
         key, key_source = load_key(
-            cfg["key_file"], source == "synthetic", [input_dir, out_dir, private_dir]
+            cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
         )
     except (DeidKeyError, InputError) as err:
         log.error("%s", err)
@@ -390,11 +399,11 @@ def run(input_dir: Path, out_dir: Path, private_dir: Path, metrics_path: Path, c
     log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
 
     job = DeidJob.from_params(options, key, cfg, out_dir)
-    with Workers(int(cfg["workers"]), int(cfg["chunksize"])) as pool:
+    with Workers(workers) as pool:
         results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
         results += unusable
         written = [r for r in results if not r.reason]
-        gate = Verification(out_dir, written, evidence, cfg, options, names, pool)  # scans begin
+        gate = Verification(out_dir, written, evidence, options, names, pool)  # scans begin
         annotations, n_annotations = remap_annotations(
             raw_annotations, keyring, {r.series for r in written}
         )

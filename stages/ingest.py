@@ -26,9 +26,9 @@ from pathlib import Path
 import pandas as pd
 import SimpleITK as sitk
 
-from ctpipe import dicomio, listing, synth
+from ctpipe import config, dicomio, listing, synth
 from ctpipe.fileio import write_csv, write_json
-from ctpipe.params import setup_logging, stage_params, stage_parser
+from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
@@ -39,17 +39,11 @@ ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 UIDS = tuple(dicomio.UID_FIELDS)
 
 
-def generate_synthetic(out: Path, cfg: dict, seed: int, workers: int) -> pd.DataFrame:
+def generate_synthetic(out: Path, cohort: synth.Cohort, seed: int, workers: int) -> pd.DataFrame:
     """Write the synthetic cohort's DICOM studies under ``out``; return its annotations."""
-    job = partial(
-        synth.write_case,
-        out,
-        seed,
-        cfg=cfg["synthetic"],
-        oblique=float(cfg["synthetic"]["oblique_degrees"]) > 0,
-    )
-    indices = range(int(cfg["synthetic"]["n_patients"]))
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    job = partial(synth.write_case, out, seed, cohort=cohort)
+    indices = range(cohort.n_patients)
+    with ProcessPoolExecutor(workers) as pool:
         rows = list(
             progress(
                 pool.map(job, indices), total=len(indices), desc="synthetic cohort", unit="patient"
@@ -77,11 +71,11 @@ def _resolved(path: Path) -> Path | None:
         return None
 
 
-def ingest_dicom(source: Path, out: Path, cfg: dict) -> pd.DataFrame:
+def ingest_dicom(source: Path, out: Path, cfg: config.Ingest, workers: int) -> pd.DataFrame:
     """Scan ``source``, copy the accepted files to ``out`` (same relative paths). A file that
     cannot be copied (gone since the scan, unreadable) is skipped with the reason."""
-    manifest = dicomio.scan_folder(source, int(cfg["workers"]), **_checks(cfg))
-    annotations = Path(cfg["annotations"]).resolve()
+    manifest = dicomio.scan_folder(source, workers, **_checks(cfg))
+    annotations = Path(cfg.annotations or "").resolve()
     is_csv = manifest["path"].map(lambda rel: _resolved(source / rel) == annotations)
     manifest.loc[is_csv, ["status", "reason"]] = ["annotations", "the cohort's annotations CSV"]
     for i in manifest.index[manifest["status"] == "ok"]:
@@ -158,40 +152,40 @@ def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=dicomio.MANIFEST_COLUMNS)
 
 
-def _checks(cfg: dict) -> dict:
+def _checks(cfg: config.Ingest) -> dict:
     return {
-        "modalities": tuple(cfg["modalities"]),
-        "min_slices": int(cfg["min_slices"]),
-        "spacing_tolerance": float(cfg["spacing_tolerance"]),
-        "uneven": cfg["uneven_slices"],
+        "modalities": tuple(cfg.modalities),
+        "min_slices": cfg.min_slices,
+        "spacing_tolerance": cfg.spacing_tolerance,
+        "uneven": cfg.uneven_slices,
         "uids": UIDS,
     }
 
 
-def run(cfg: dict, seed: int, out: Path) -> dict:
-    """Ingest the configured source into ``out``; return the stage metrics."""
+def run(cfg: config.Ingest, seed: int, workers: int, out: Path) -> dict:
+    """Ingest the configured source into ``out`` with ``workers`` processes; return the stage
+    metrics."""
     if out.exists():
         inside(out.parent, out)  # OUT_DIR such as data/raw/.. would take its parent with it
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    source = cfg["source"]
+    source = cfg.source
     if source == "synthetic":
-        annotations = generate_synthetic(out / "dicom", cfg, seed, int(cfg["workers"]))
-        manifest = dicomio.scan_folder(out / "dicom", int(cfg["workers"]), **_checks(cfg))
+        cohort = synth.Cohort.from_params(cfg.synthetic)
+        annotations = generate_synthetic(out / "dicom", cohort, seed, workers)
+        manifest = dicomio.scan_folder(out / "dicom", workers, **_checks(cfg))
         bad = manifest[manifest["status"] != "ok"]
         if len(bad):  # the generator writes clean data: anything else is a bug, not user data
             raise RuntimeError(f"synthetic cohort has rejected files, e.g. {bad.iloc[0].to_dict()}")
     elif source == "dicom":
-        manifest = ingest_dicom(Path(cfg["source_dir"]), out / "dicom", cfg)
-        annotations = read_annotations(Path(cfg["annotations"]))
-    elif source == "luna16":
+        if cfg.annotations is None:
+            raise ValueError("params.yaml ingest.annotations: the dicom source needs its CSV")
+        manifest = ingest_dicom(Path(cfg.source_dir), out / "dicom", cfg, workers)
+        annotations = read_annotations(Path(cfg.annotations))
+    else:  # luna16 (config.Ingest admits no other source)
         (out / "images").mkdir()
-        manifest = ingest_luna16(Path(cfg["source_dir"]), out / "images")
-        annotations = read_annotations(Path(cfg["source_dir"]) / "annotations.csv")
-    else:
-        raise ValueError(
-            f"params.yaml ingest.source: unknown source {source!r} (synthetic, dicom, luna16)"
-        )
+        manifest = ingest_luna16(Path(cfg.source_dir), out / "images")
+        annotations = read_annotations(Path(cfg.source_dir) / "annotations.csv")
     accepted = set(manifest.loc[manifest["status"] == "ok", "series_uid"])
     unmatched = annotations[~annotations["seriesuid"].isin(accepted)]
     if len(unmatched):
@@ -220,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="raw cohort folder to write (data/raw)")
     args = parser.parse_args(argv)
     setup_logging()
-    cfg, seed = stage_params("ingest", args.params)
+    params = config.load(args.params)
     record_environment("ingest", Path(args.metrics).parent / "env")
     start = time.perf_counter()
-    metrics = run(cfg, seed, args.out_dir)
+    metrics = run(params.ingest, params.base.seed, params.base.workers, args.out_dir)
     write_json(args.metrics, metrics)  # no timings inside: metrics stay identical across re-runs
     log.info("ingest: %s in %.1f s", metrics, time.perf_counter() - start)
     return 0

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpipe import dicomio, prep
+from ctpipe import config, dicomio, prep
 from ctpipe.fileio import write_csv, write_json, write_npy
-from ctpipe.params import setup_logging, stage_params, stage_parser
+from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
@@ -88,7 +88,9 @@ def _pmap(fn, items, workers: int, desc: str) -> list:
     return [fn(item) for item in progress(items, desc=desc, unit="case")]
 
 
-def split_cohort(sources: list[dict], per_case: dict, cfg: dict, seed: int) -> tuple[dict, dict]:
+def split_cohort(
+    sources: list[dict], per_case: dict, cfg: config.Split, seed: int
+) -> tuple[dict, dict]:
     """The patient split (train / val / test) and the split of each patient.
 
     The split comes first, from the annotations alone, so that the fingerprint and the plan are
@@ -102,7 +104,7 @@ def split_cohort(sources: list[dict], per_case: dict, cfg: dict, seed: int) -> t
         }
     )
     patients = counts.groupby("patient_id", sort=True)["nodules"].sum().gt(0)
-    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg["split"], seed)
+    splits = prep.split_patients(patients.rename("has_nodules").reset_index(), cfg, seed)
     return splits, {p: name for name in ("train", "val", "test") for p in splits[name]}
 
 
@@ -120,8 +122,9 @@ def warn_outside(nodules: pd.DataFrame) -> pd.DataFrame:
     return outside
 
 
-def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
-    workers = int(cfg["workers"])
+def run(cfg: config.Preprocess, seed: int, workers: int, in_dir: Path, out: Path) -> dict:
+    """Preprocess every series of ``in_dir`` into ``out`` with ``workers`` processes; return the
+    stage metrics."""
     sources = discover(in_dir, workers)
     annotations = pd.read_csv(in_dir / "annotations.csv")
     per_case = {
@@ -130,7 +133,7 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     orphans = annotations[~annotations["seriesuid"].isin(per_case)]
     for _, row in orphans.iterrows():
         log.warning("annotation for series %s: no such series in the cohort", row["seriesuid"])
-    splits, split_of = split_cohort(sources, per_case, cfg, seed)
+    splits, split_of = split_cohort(sources, per_case, cfg.split, seed)
     fitted = [s for s in sources if split_of[s["patient_id"]] != "test"]
     fingerprint = partial(_fingerprint, cfg=cfg, seed=seed, per_case=per_case)
     plan = prep.make_plan(_pmap(fingerprint, fitted, workers, "fingerprint"), cfg)
@@ -170,7 +173,7 @@ def run(cfg: dict, seed: int, in_dir: Path, out: Path) -> dict:
     }
 
 
-def _fingerprint(source: dict, cfg: dict, seed: int, per_case: dict) -> dict:
+def _fingerprint(source: dict, cfg: config.Preprocess, seed: int, per_case: dict) -> dict:
     return prep.fingerprint_case(source, per_case[source["seriesuid"]], cfg, seed)
 
 
@@ -180,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="preprocessed dataset to write (data/processed)")
     args = parser.parse_args(argv)
     setup_logging()
-    cfg, seed = stage_params("preprocess", args.params)
+    params = config.load(args.params)
     record_environment("preprocess", Path(args.metrics).parent / "env")
     start = time.perf_counter()
-    metrics = run(cfg, seed, args.in_dir, args.out_dir)
+    metrics = run(
+        params.preprocess, params.base.seed, params.base.workers, args.in_dir, args.out_dir
+    )
     write_json(args.metrics, metrics)
     log.info("preprocess: %d cases in %.1f s", metrics["cases"], time.perf_counter() - start)
     return 0

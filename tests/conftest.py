@@ -31,28 +31,25 @@ from ctpipe.geometry import Geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_SYNTH = {
-    "n_patients": 4,
-    "matrix": 48,
-    "pixel_spacing_mm": [5.0, 6.0],
-    "slice_spacing_mm": [5.0],
-    "z_extent_mm": 200,
-    "oblique_degrees": 0,
-    "vessels_per_lung": 2,
-    "fraction_without_nodules": 0.0,
-    "max_nodules": 2,
-    "diameter_mm": [12, 30],
-    "part_solid_fraction": 0.25,
-    "blur_voxels": 0.6,
-    "noise_hu": 20,
-}
+TINY_SYNTH = synth.Cohort(
+    n_patients=4,
+    matrix=48,
+    pixel_spacing_mm=(5.0, 6.0),
+    slice_spacing_mm=(5.0,),
+    vessels_per_lung=2,
+    fraction_without_nodules=0.0,
+    max_nodules=2,
+    diameter_mm=(12, 30),
+)
 
 
 def tiny_params() -> dict:
     """params.yaml with every section shrunk so that the whole pipeline runs in about a minute."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["base"].update(workers=1)
-    params["ingest"].update(min_slices=8, synthetic={"n_patients": 4, "matrix": 48, "oblique_degrees": 0})
+    params["ingest"].update(
+        min_slices=8, synthetic={"n_patients": 4, "matrix": 48, "oblique_degrees": 0}
+    )
     params["preprocess"].update(split={"val_fraction": 0.25, "test_fraction": 0.25})
     params["train"].update(
         features=[4, 4, 8, 8, 16, 4],
@@ -83,10 +80,10 @@ def params_file(tmp_path: Path) -> Path:
 
 def write_tiny_cohort(out: Path, n: int = 3, seed: int = 7, **overrides) -> list[dict]:
     """Write ``n`` tiny synthetic studies under ``out``; return their annotation rows."""
-    cfg = {**TINY_SYNTH, **overrides}
+    cohort = TINY_SYNTH.but(**overrides)
     rows = []
     for i in range(n):
-        rows += synth.write_case(out, seed, i, cfg, oblique=float(cfg["oblique_degrees"]) > 0)
+        rows += synth.write_case(out, seed, i, cohort)
     return rows
 
 
@@ -97,9 +94,9 @@ def write_tiny_cohort_factory():
 
 
 @pytest.fixture(scope="session")
-def tiny_synth() -> dict:
-    """The synthetic-cohort params of :func:`write_tiny_cohort` (a copy: edit at will)."""
-    return copy.deepcopy(TINY_SYNTH)
+def tiny_synth() -> synth.Cohort:
+    """The synthetic cohort of :func:`write_tiny_cohort` (frozen: vary it with ``.but(...)``)."""
+    return TINY_SYNTH
 
 
 def scramble_slice_order(study: Path, seed: int = 0) -> list[Path]:
@@ -338,7 +335,9 @@ def make_tiny_package(root: Path) -> Path:
     write_tiny_cohort(root / "fp", n=1, seed=3)
     manifest = dicomio.scan_folder(root / "fp")
     ((uid, paths),) = dicomio.series_files(manifest).items()
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["preprocess"]
+    from ctpipe import config
+
+    cfg = config.load(ROOT / "params.yaml").preprocess
     source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
     plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
     inference = {

@@ -25,25 +25,24 @@ from ctpipe.deid.keys import DEMO_KEY, KEY_ENV, Keyring
 from ctpipe.fileio import write_csv, write_json
 from stages import anonymize
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
-CFG = {
-    "matrix": 32,
-    "pixel_spacing_mm": [1.6, 2.2],
-    "slice_spacing_mm": [2.5],
-    "z_extent_mm": 40,
-    "oblique_degrees": 0,
-    "vessels_per_lung": 1,
-    "fraction_without_nodules": 0.0,
-    "max_nodules": 2,
-    "diameter_mm": [5, 20],
-    "part_solid_fraction": 0.25,
-    "blur_voxels": 0.6,
-    "noise_hu": 20,
-}
+CFG = synth.Cohort(
+    matrix=32,
+    pixel_spacing_mm=(1.6, 2.2),
+    slice_spacing_mm=(2.5,),
+    z_extent_mm=40,
+    oblique_degrees=0,
+    vessels_per_lung=1,
+    fraction_without_nodules=0.0,
+    max_nodules=2,
+    diameter_mm=(5, 20),
+    part_solid_fraction=0.25,
+    blur_voxels=0.6,
+    noise_hu=20,
+)
 SECTION = {
     "key_file": "",
-    "workers": 1,
-    "chunksize": 4,
     "retain_modified_dates": True,
     "retain_patient_characteristics": True,
     "clean_descriptors": True,
@@ -52,7 +51,6 @@ SECTION = {
     "keep_linkage": False,
     "date_shift_days": [-3650, -365],
     "burned_in_missing_ok": ["CT", "MR", "PT", "NM", "RTDOSE", "SEG"],
-    "leak_min_chars": 4,
 }
 
 
@@ -63,7 +61,10 @@ def no_key(monkeypatch):
 
 def params(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"base": {"seed": 42}, "anonymize": {**SECTION, **overrides}}))
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    full["base"].update(seed=42, workers=overrides.pop("workers", 1))
+    full["anonymize"] = {**full["anonymize"], **SECTION, **overrides}
+    path.write_text(yaml.safe_dump(full))
     return path
 
 
@@ -218,7 +219,7 @@ def test_real_cohort_needs_a_key(tmp_path: Path, monkeypatch):
     plain = (
         tmp_path / "plain"
     )  # no dicom/, no cohort.json: any folder of DICOM files, a real cohort
-    synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
+    synth.write_study(synth.make_case(1, 0, CFG.but(z_extent_mm=10)), plain, 1)
     code, out, _ = stage(plain, tmp_path, key_file=str(tmp_path / "missing.key"))
     assert code == 2 and not out.exists()
     key_file = tmp_path / "keys" / "deid.key"
@@ -238,7 +239,7 @@ def test_real_cohort_needs_a_key(tmp_path: Path, monkeypatch):
 def test_a_typed_key_is_refused(key, tmp_path: Path):
     """Short keys, passphrases and repetitive keys are guessable: refused for a real cohort."""
     plain = tmp_path / "plain"
-    synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
+    synth.write_study(synth.make_case(1, 0, CFG.but(z_extent_mm=10)), plain, 1)
     key_file = tmp_path / "keys" / "deid.key"
     key_file.parent.mkdir()
     key_file.write_text(key + "\n")
@@ -252,7 +253,7 @@ def test_nothing_public_is_derived_from_the_key_alone(tmp_path: Path, monkeypatc
     key = "0123456789abcdef" * 4
     monkeypatch.setenv(KEY_ENV, key)
     plain = tmp_path / "plain"
-    synth.write_study(synth.make_case(1, 0, {**CFG, "z_extent_mm": 10}), plain, 1)
+    synth.write_study(synth.make_case(1, 0, CFG.but(z_extent_mm=10)), plain, 1)
     code, out, _ = stage(plain, tmp_path)
     assert code == 0
     fingerprint = Keyring(key.encode()).fingerprint()
@@ -265,7 +266,7 @@ def test_nothing_public_is_derived_from_the_key_alone(tmp_path: Path, monkeypatc
 def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch):
     monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789-abcdefXYZ")
     raw = tmp_path / "mixed"
-    _, files = synth.write_study(synth.make_case(5, 0, {**CFG, "z_extent_mm": 20}), raw, 5)
+    _, files = synth.write_study(synth.make_case(5, 0, CFG.but(z_extent_mm=20)), raw, 5)
     expected = {}
     (raw / "notes DOE John.txt").write_text("Patient DOE^JOHN, MRN 1234567")
     expected["notes DOE John.txt"] = "not_dicom"

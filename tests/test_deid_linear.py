@@ -119,13 +119,14 @@ def test_a_series_with_120000_character_comments_goes_through_the_stage(
         ds.ImageComments = comment
         ds.save_as(path)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["anonymize"].update(key_file="", workers=2)
+    params["anonymize"].update(key_file="")
+    params["base"].update(workers=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out, private = tmp_path / "anon", tmp_path / "private"
     env = {k: v for k, v in os.environ.items() if k != "CTPIPE_DEID_KEY"}
     stage = subprocess.Popen(
         [sys.executable, "stages/anonymize.py", raw, out, "--private-dir", private]
-        + ["--params", tmp_path / "params.yaml"],
+        + ["--params", tmp_path / "params.yaml", "--metrics", tmp_path / "anonymize.json"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -140,7 +141,7 @@ def test_a_series_with_120000_character_comments_goes_through_the_stage(
         stage.communicate()
         pytest.fail("the stage did not finish in 300 s")
     assert stage.returncode == 0, stderr[-3000:]
-    metrics = json.loads((private / "anonymize.json").read_text())
+    metrics = json.loads((tmp_path / "anonymize.json").read_text())
     assert (metrics["files_out"], metrics["leaks_found"]) == (len(files), 0)
     for path in out.rglob("*.dcm"):
         data = path.read_bytes().lower()

@@ -245,19 +245,6 @@ def test_nodule_mask_paints_inside_and_reports_outside(geom):
     assert len(report) == len(nodules) and "inside" not in nodules.columns
 
 
-def test_nodule_mask_hu_refinement_keeps_only_bright_voxels(geom):
-    nodules = nodules_at(geom, [((10.0, 20.0, 24.0), 12.0)])
-    hu = np.full(SHAPE_KJI, -900.0)
-    hu[10:] = 40.0  # only the half from the centre slice on is dense
-    plain, plain_report = nodule_mask(SHAPE_KJI, geom, nodules)
-    refined, report = nodule_mask(SHAPE_KJI, geom, nodules, hu=hu, hu_threshold=-400.0)
-    assert refined.sum() == plain[10:].sum() == report["voxels"].iloc[0]
-    assert 0 < report["voxels"].iloc[0] < plain_report["voxels"].iloc[0]
-    assert not refined[:10].any()
-    with pytest.raises(ValueError, match="together"):
-        nodule_mask(SHAPE_KJI, geom, nodules, hu=hu)
-
-
 def test_sphere_centre_round_trip_through_candidates(geom):
     # Annotation -> mask -> candidate comes back at the annotated world centre.
     centre = array_index_to_world(np.array([9.4, 18.2, 25.7]), geom)

@@ -47,10 +47,11 @@ def written(tmp_path_factory, write_tiny_cohort, density_package) -> Path:
     rows = write_tiny_cohort(raw / "dicom", n=1, seed=21)
     write_csv(raw / "annotations.csv", synth.annotations_frame(rows))
     write_json(raw / "cohort.json", {"source": "synthetic"})
-    section = yaml.safe_load((ROOT / "params.yaml").read_text())["anonymize"]
-    section.update(key_file="", workers=1)  # a synthetic cohort needs no key
+    full = yaml.safe_load((ROOT / "params.yaml").read_text())
+    full["anonymize"].update(key_file="")  # a synthetic cohort needs no key
+    full["base"].update(workers=1)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"base": {"seed": 42}, "anonymize": section}))
+    params.write_text(yaml.safe_dump(full))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(KEY_ENV, raising=False)
         args = [str(raw), str(root / "anonymized"), "--private-dir", str(root / "private")]

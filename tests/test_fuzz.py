@@ -96,13 +96,15 @@ def test_anonymize_accounts_for_every_entry_and_leaks_nothing(corpus, tmp_path):
             private,
             "--params",
             tmp_path / "params.yaml",
+            "--metrics",
+            tmp_path / "anonymize.json",
         ],
         env={"CTPIPE_DEID_KEY": KEY},
     )
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     quarantined = pd.read_csv(private / "quarantine.csv", keep_default_na=False)
     audit = pd.read_csv(out / "audit.csv")
-    metrics = json.loads((private / "anonymize.json").read_text())
+    metrics = json.loads((tmp_path / "anonymize.json").read_text())
     assert metrics["leaks_found"] == 0
     assert metrics["files_in"] == len(entries(meta))  # every entry, once
     assert len(audit) + len(quarantined) == metrics["files_in"]

@@ -164,7 +164,7 @@ def test_anonymize_quarantines_every_hostile_entry_and_writes_the_rest(
     monkeypatch.setenv(KEY_ENV, "pytest-secret-key-0123456789-abcdefXYZ")
     src, _, _ = hostile_folder(kind)
     params = tiny_params()
-    params["anonymize"].update(workers=1, key_file="")
+    params["anonymize"].update(key_file="")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out, private = tmp_path / "out", tmp_path / "private"
     argv = [str(src), str(out), "--private-dir", str(private), "--params"]

@@ -215,7 +215,7 @@ def run_anonymize(raw: Path, tmp_path: Path, tiny_params) -> tuple[int, pd.DataF
     """The stage on ``raw`` (a plain folder, or ingest's layout) with a key; returns the exit
     code, the private quarantine list and the metrics."""
     params = tiny_params()
-    params["anonymize"].update(workers=1, key_file="")
+    params["anonymize"].update(key_file="")
     (tmp_path / "anon.yaml").write_text(yaml.safe_dump(params))
     out, private = tmp_path / "anon", tmp_path / "anon_private"
     code = anonymize.main(

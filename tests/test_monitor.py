@@ -19,11 +19,11 @@ from ctpipe.monitor.record import synthetic_features
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(5)
 REFERENCE_CASES, WINDOW_CASES = 30, 15
-SHIFT = {"slice_spacing_mm": [2.5], "noise_hu": 35, "hu_offset": 40.0, "kernel": "B70f"}
+SHIFT = {"slice_spacing_mm": (2.5,), "noise_hu": 35, "hu_offset": 40.0, "kernel": "B70f"}
 
 
-def records(cfg: dict, seed: int, n: int) -> list[dict]:
-    return [synthetic_features(synth.make_case(seed, index, cfg)) for index in range(n)]
+def records(cohort: synth.Cohort, seed: int, n: int) -> list[dict]:
+    return [synthetic_features(synth.make_case(seed, index, cohort)) for index in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def reference(tiny_synth) -> list[dict]:
 def windows(tiny_synth) -> dict[str, list[list[dict]]]:
     return {
         "same": [records(tiny_synth, 2000 + s, WINDOW_CASES) for s in SEEDS],
-        "shifted": [records({**tiny_synth, **SHIFT}, 3000 + s, WINDOW_CASES) for s in SEEDS],
+        "shifted": [records(tiny_synth.but(**SHIFT), 3000 + s, WINDOW_CASES) for s in SEEDS],
     }
 
 

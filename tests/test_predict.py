@@ -9,9 +9,8 @@ import pandas as pd
 import pydicom
 import pytest
 import SimpleITK as sitk
-import yaml
 
-from ctpipe import dicomio, synth
+from ctpipe import config, dicomio, synth
 from ctpipe.deploy import predict, report
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry, sphere_mask
@@ -226,7 +225,7 @@ def test_a_failing_series_leaves_no_partial_output_and_the_others_run(
     [
         {},  # the cohort's own protocol
         # the most common clinical chest protocol, far finer than training: resampled, not refused
-        {"matrix": 480, "pixel_spacing_mm": [0.7, 0.7], "slice_spacing_mm": [1.25]},
+        {"matrix": 480, "pixel_spacing_mm": (0.7, 0.7), "slice_spacing_mm": (1.25,)},
     ],
     ids=["cohort_protocol", "0.7mm_1.25mm"],
 )
@@ -234,17 +233,18 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
     """A patient the pipeline never saw (index beyond the cohort): its solid nodules >= 10 mm are
     found and the mask, in world coordinates, overlaps the truth; at the cohort's spacing and at
     0.7 mm in-plane with 1.25 mm slices."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    cfg = {**params["ingest"]["synthetic"], **acquisition}
+    params = config.load(ROOT / "params.yaml")
+    seed = params.base.seed
+    cfg = synth.Cohort.from_params(params.ingest.synthetic).but(**acquisition)
     index = next(
         i
         for i in range(1000, 1100)
         if any(
             n.diameter_mm >= 10 and n.solid_fraction == 1.0
-            for n in synth.make_case(params["base"]["seed"], i, cfg).nodules
+            for n in synth.make_case(seed, i, cfg).nodules
         )
     )
-    rows = synth.write_case(tmp_path / "study", params["base"]["seed"], index, cfg)
+    rows = synth.write_case(tmp_path / "study", seed, index, cfg)
     assert (
         predict.main(
             [
@@ -267,9 +267,7 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
     if acquisition:  # the mask is on the series' own fine grid
         np.testing.assert_allclose(mask_img.GetSpacing(), [0.7, 0.7, 1.25], atol=1e-3)
     mask, geom = sitk.GetArrayFromImage(mask_img) > 0, Geometry.from_sitk(mask_img)
-    solid = [
-        n.solid_fraction == 1.0 for n in synth.make_case(params["base"]["seed"], index, cfg).nodules
-    ]
+    solid = [n.solid_fraction == 1.0 for n in synth.make_case(seed, index, cfg).nodules]
     assert len(solid) == len(truth)
     for _, nod in truth[(truth["diameter_mm"] >= 10).to_numpy() & np.array(solid)].iterrows():
         centre = nod[["coordX", "coordY", "coordZ"]].to_numpy(float)

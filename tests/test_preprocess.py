@@ -35,6 +35,7 @@ def ingest_like(write_tiny_cohort):
 
 def run_preprocess(in_dir: Path, out: Path, params_file: Path, **changes) -> dict:
     params = yaml.safe_load(params_file.read_text())
+    params["base"]["workers"] = changes.pop("workers", params["base"]["workers"])
     params["preprocess"].update(changes)
     params_file.write_text(yaml.safe_dump(params))
     metrics = out.parent / f"{out.name}.json"
@@ -155,7 +156,7 @@ def test_rerun_is_byte_identical(tmp_path, params_file, ingest_like):
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
 
 
-def several_series_per_patient(root: Path, cfg: dict, patients: int, visits: int) -> dict:
+def several_series_per_patient(root: Path, cfg: synth.Cohort, patients: int, visits: int) -> dict:
     """A cohort where each patient has ``visits`` studies (other seeds draw other scans under the
     same identity), as ingest/anonymize lay it out; return {SeriesInstanceUID: PatientID}."""
     owner, rows = {}, []

@@ -75,7 +75,7 @@ def strip_type2(sources: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
 def series(tmp_path_factory, tiny_synth) -> SimpleNamespace:
     """A 12-slice synthetic CT series (sorted by z) and a SEG of two blobs over it."""
     root = tmp_path_factory.mktemp("report")
-    synth.write_case(root / "study", 7, 0, dict(tiny_synth, z_extent_mm=60))
+    synth.write_case(root / "study", 7, 0, tiny_synth.but(z_extent_mm=60))
     sources = [pydicom.dcmread(p) for p in sorted((root / "study").rglob("*.dcm"))]
     sources.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
     shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))

@@ -46,6 +46,8 @@ from ctpipe.progress import progress
 
 _WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
 CHUNKS_PER_WORKER = 8
+MIN_CHUNK = 16  # files handed to a worker at a time, at least (fewer round trips on small files)
+LEAK_MIN_CHARS = 4  # identifying values shorter than this are not searched for ("M", "CT")
 log = logging.getLogger("ctpipe.deid.batch")
 
 
@@ -64,7 +66,7 @@ class Workers:
     while the last chunks still even out the workers.
     """
 
-    def __init__(self, workers: int, chunksize: int) -> None:
+    def __init__(self, workers: int, chunksize: int = MIN_CHUNK) -> None:
         self.workers, self.chunksize = max(1, workers), max(1, chunksize)
         self.pool = None
 
@@ -141,15 +143,16 @@ class DeidJob:
     names: frozenset[str] = frozenset()
 
     @classmethod
-    def from_params(cls, options: DeidOptions, key: bytes, cfg: dict, out_dir: Path) -> DeidJob:
-        """From the stage's params (``cfg``)."""
+    def from_params(cls, options: DeidOptions, key: bytes, cfg, out_dir: Path) -> DeidJob:
+        """From the ``anonymize`` section (:class:`ctpipe.config.Anonymize`)."""
+        lo, hi = cfg.date_shift_days
         return cls(
             options.as_dict(),
             key,
-            (int(cfg["date_shift_days"][0]), int(cfg["date_shift_days"][1])),
+            (lo, hi),
             out_dir,
-            frozenset(m.upper() for m in cfg["burned_in_missing_ok"]),
-            bool(cfg["keep_linkage"]),
+            frozenset(m.upper() for m in cfg.burned_in_missing_ok),
+            cfg.keep_linkage,
         )
 
 
@@ -244,12 +247,11 @@ class Verification:
         out_dir: Path,
         results: list[FileResult],
         evidence: dict[str, Evidence],
-        cfg: dict,
         options: DeidOptions,
         names: frozenset[str],
         pool: Workers,
     ) -> None:
-        min_chars = int(cfg["leak_min_chars"])
+        min_chars = LEAK_MIN_CHARS
         per_patient, cross = build_indexes(evidence, min_chars)
         self.shared = global_index(per_patient, cross)
         tags = frozenset(Profile(options).descriptive)

@@ -69,14 +69,10 @@ class DeidOptions:
         object.__setattr__(self, "keep_descriptors", tuple(self.keep_descriptors))
 
     @classmethod
-    def from_params(cls, params: dict) -> DeidOptions:
-        values = {
-            k: bool(params[k])
-            for k in cls.__dataclass_fields__
-            if k in params and k != "keep_descriptors"
-        }
-        if "keep_descriptors" in params:
-            values["keep_descriptors"] = tuple(params["keep_descriptors"] or ())
+    def from_params(cls, params) -> DeidOptions:
+        """The options of the ``anonymize`` section (:class:`ctpipe.config.Anonymize`)."""
+        values = {k: getattr(params, k) for k in cls.__dataclass_fields__}
+        values["keep_descriptors"] = tuple(params.keep_descriptors)
         return cls(**values)
 
     def codes(self) -> list[str]:
