@@ -12,7 +12,6 @@ Out: OUT (``models/monitor_reference.json``): ``records``, the input features of
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -21,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 
-from ctpipe import dicomio
+from ctpipe import config, dicomio
 from ctpipe.fileio import read_json, write_json
 from ctpipe.monitor.record import input_features, output_features
-from ctpipe.params import setup_logging, stage_params
+from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
 
@@ -57,20 +56,18 @@ def output_records(cases: list[dict], candidates: pd.DataFrame) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("anonymized_dir", type=Path)
-    parser.add_argument("processed_dir", type=Path)
-    parser.add_argument("evaluate_dir", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--metrics", type=Path, default=Path("metrics/monitor_reference.json"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser = stage_parser(__doc__, "monitor_reference")
+    parser.add_argument("anonymized_dir", type=Path, help="de-identified cohort (data/anonymized)")
+    parser.add_argument("processed_dir", type=Path, help="preprocessed dataset (data/processed)")
+    parser.add_argument("evaluate_dir", type=Path, help="evaluate's tables (metrics/evaluate)")
+    parser.add_argument("out", type=Path, help="reference to write (models/monitor_reference.json)")
     args = parser.parse_args(argv)
+    setup_logging()
     start = time.perf_counter()
     record_environment("monitor_reference", args.metrics.parent / "env")
-    cfg, _seed = stage_params("monitor_reference", args.params)
+    cfg = config.load(args.params).monitor_reference
     cases = read_json(args.processed_dir / "index.json")["cases"]
-    training = [c for c in cases if c["split"] in set(cfg["splits"])]
+    training = [c for c in cases if c["split"] in set(cfg.splits)]
     test = [c for c in cases if c["split"] == "test"]
     records = input_records(training, series_folders(args.anonymized_dir))
     outputs = output_records(test, pd.read_csv(args.evaluate_dir / "candidates.csv"))
