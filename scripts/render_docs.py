@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
+
+from ctpipe.fileio import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
@@ -269,18 +269,6 @@ def stale(root: Path) -> dict[Path, str]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{name} is stale: python scripts/render_docs.py", file=sys.stderr)
         else:
-            write_atomic(page, text)
+            with atomic_path(page) as tmp:
+                tmp.write_text(text, encoding="utf-8")
             print(f"rendered {name}")
     return 1 if args.check and changed else 0
 
