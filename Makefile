@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup lock repro test test-fast lint format review dag serve
+.PHONY: setup lock repro test test-fast lint format docs review dag serve
 
 # The venv is (re)installed only when the lock (requirements.txt) or pyproject.toml changed. The lock
 # pins every package with its hashes (`make lock` writes it from requirements.in); pip refuses any
@@ -64,6 +64,13 @@ lint: setup
 format: setup
 	ruff format $(LINTED)
 	ruff check --fix $(LINTED)
+
+# The generated parts of the documentation: docs/params.md from the comments of params.yaml, and the
+# figures of README.md and docs/ from metrics/*.json (blocks between <!-- render:NAME --> markers).
+# Tests fail when either is stale: tests/test_params_declared.py, tests/test_render_docs.py.
+docs: setup
+	python scripts/params_table.py > docs/params.md.tmp && mv docs/params.md.tmp docs/params.md
+	python scripts/render_docs.py
 
 # What a reviewer pastes into a pull request: params and metrics diff against BASE (default main)
 # in Markdown, and the plots diff rendered to HTML (review_plots/index.html).
