@@ -1,7 +1,8 @@
 """ctpipe: a reproducible DVC pipeline for lung-nodule segmentation and detection on chest CT.
 
 Foundations:
-    params    -- reading a stage's section of params.yaml
+    config    -- params.yaml as one typed, validated object per section
+    params    -- the command line all stages share
     fileio    -- atomic writes of JSON, CSV, numpy arrays
     runenv    -- package versions, CPU, device and git revision of a run
     progress  -- progress bars: live on a terminal, one line a minute in a log

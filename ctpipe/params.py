@@ -1,5 +1,4 @@
-"""Reading params.yaml (every stage reads only its own section plus ``base``) and the command line
-all stages share."""
+"""The command line all stages share (params.yaml itself is read by :mod:`ctpipe.config`)."""
 
 from __future__ import annotations
 
