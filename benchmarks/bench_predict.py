@@ -65,8 +65,7 @@ else:
                                 views=inf["views"], mirror_axes=inf["mirror_axes"],
                                 whole_slab=bool(inf.get("whole_slab", False)), box=box)
     _, cands = find_nodules(prob, geom, post["threshold"], post["component_threshold"],
-                            post["min_candidate_mm3"], post["shape_weight"],
-                            post.get("keep_level"), post.get("keep_volume_mm3"))
+                            post["min_candidate_mm3"], post["shape_weight"])
     code, found = 0, int(cands["detected"].sum())
 seconds = time.perf_counter() - start
 # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork and exec)

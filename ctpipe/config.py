@@ -131,15 +131,19 @@ class Inference(Section):
 
 
 Auto = Literal["auto"]
+Probability = Annotated[
+    float, Field(gt=0.0, le=1.0)
+]  # a threshold: 0 would make every voxel a candidate
+Weight = Annotated[float, Field(ge=0.0)]
 
 
 class Postprocess(Section):
-    threshold: Auto | float
-    threshold_grid: list[float] = Field(min_length=1)
-    component_threshold: Auto | float
-    component_threshold_grid: list[float] = Field(min_length=1)
-    shape_weight: Auto | float
-    shape_weight_grid: list[float] = Field(min_length=1)
+    threshold: Auto | Probability
+    threshold_grid: list[Probability] = Field(min_length=1)
+    component_threshold: Auto | Probability
+    component_threshold_grid: list[Probability] = Field(min_length=1)
+    shape_weight: Auto | Weight
+    shape_weight_grid: list[Weight] = Field(min_length=1)
 
 
 class Evaluate(Section):
@@ -188,7 +192,9 @@ class Params(Section):
 
 def _where(error: dict) -> str:
     return ".".join(
-        str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal"))
+        str(part)
+        for part in error["loc"]
+        if not str(part).startswith(("function-", "literal", "constrained-"))
     )
 
 

@@ -3,14 +3,15 @@
 In:  ``MODEL`` (models/model.pt), ``DATA_DIR`` (data/processed), ``--postprocessing``
      (models/postprocessing.json: threshold, component threshold and shape weight chosen on the
      validation split by the postprocess stage), params ``evaluate``, ``inference`` and
-     ``base.seed``. The network runs on ``inference.runtime`` (auto: PyTorch on a CUDA GPU, else
-     ONNX Runtime on the CPU), every test volume read along ``inference.views`` and mirrored along
-     ``inference.mirror_axes``.
+     ``base.seed`` (the bootstrap). The network runs on ``inference.runtime`` (auto: PyTorch on a
+     CUDA GPU, else ONNX Runtime on the CPU), every test volume read along ``inference.views`` and
+     mirrored along ``inference.mirror_axes``.
 Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over test cases with
      nodules), LUNA16 FROC: CPM with a bootstrap 95% interval, sensitivity at 1/8 .. 8 false
      positives per scan, and sensitivity / false positives per scan at the operating point (the
-     components the nodule mask keeps, :func:`ctpipe.postprocessing.candidates.find_nodules`: one definition of a
-     detection for the mask, the operating point, the FROC and the lesion confusion table).
+     components the nodule mask keeps, :func:`ctpipe.postprocessing.candidates.find_nodules`: one
+     definition of a detection for the mask, the operating point, the FROC and the lesion
+     confusion table).
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
      ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
      ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
@@ -29,14 +30,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
-from ctpipe.deploy import runtime
-from ctpipe.evaluation import luna16, scoring
+from ctpipe import config  # noqa: E402
+from ctpipe.deploy import runtime  # noqa: E402
+from ctpipe.evaluation import luna16, scoring  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
-from ctpipe.model import data, nets
-from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
-from ctpipe.postprocessing import choose
+from ctpipe.model import data, nets  # noqa: E402
+from ctpipe.params import add_model_inputs, setup_logging, stage_parser  # noqa: E402
+from ctpipe.postprocessing import choose  # noqa: E402
+from ctpipe.postprocessing.candidates import Chosen  # noqa: E402
 from ctpipe.runenv import record as record_environment  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -115,27 +117,30 @@ def write_plots(
         )
 
 
-def run(model_path: Path, processed: Path, plots: Path, cfg: dict, seed: int) -> dict:
+def run(
+    model_path: Path,
+    processed: Path,
+    plots: Path,
+    chosen: Chosen,
+    cfg: config.Evaluate,
+    inference: config.Inference,
+    seed: int,
+) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
-    torch.manual_seed(seed)
-    index = data.load_index(processed)
-    cases = data.cases_in(index, "test")
-    if not cases:
-        raise ValueError(f"{processed}/index.json: the test split is empty")
-    all_nodules = data.load_nodules(processed)
-    test_uids = [c["seriesuid"] for c in cases]
-    nodules = all_nodules[all_nodules["seriesuid"].isin(test_uids)].reset_index(drop=True)
+    cases, nodules = data.split_cases(processed, "test")
     rows, candidates, overlays = [], [], Overlays()
     for case, image, truth, prob, geom in runtime.predict_cases(
-        net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "evaluate"
+        net, processed, cases, inference, ckpt["train_params"]["context_slices"], "evaluate"
     ):
-        row, cands, pred = scoring.score_case(case, prob, truth, geom, cfg)
+        mask, found = chosen.find_nodules(prob, geom, inference.min_candidate_mm3)
+        row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
         rows.append(row)
         candidates.append(cands)
-        overlays.offer(row, image, truth, pred)
+        overlays.offer(row, image, truth, mask)
     score = scoring.summarise(rows, candidates, nodules, FP_RATES)
     cands, froc, summary = score.candidates, score.froc, score.voxel
-    boot = luna16.bootstrap_froc(cands, nodules, test_uids, int(cfg["bootstrap"]), seed, FP_RATES)
+    test_uids = [c["seriesuid"] for c in cases]
+    boot = luna16.bootstrap_froc(cands, nodules, test_uids, cfg.bootstrap, seed, FP_RATES)
     operating = luna16.operating_point(cands, nodules, len(cases))
 
     write_plots(plots, score, nodules, operating, overlays)
@@ -166,10 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    cfg, seed = stage_params("evaluate", args.params, shared=("inference",))
-    cfg.update(choose.load(args.postprocessing))
+    params = config.load(args.params)
+    chosen = choose.load(args.postprocessing)
     record_environment("evaluate", Path(args.metrics).parent / "env")
-    result = run(args.model, args.data_dir, args.plots_dir, cfg, seed)
+    result = run(
+        args.model,
+        args.data_dir,
+        args.plots_dir,
+        chosen,
+        params.evaluate,
+        params.inference,
+        params.base.seed,
+    )
     write_json(args.metrics, result)
     log.info("evaluate: Dice %.4f, CPM %.4f", result["dice"], result["froc_cpm"])
     return 0

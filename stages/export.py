@@ -77,15 +77,9 @@ def _postprocessing_spec(cfg: dict) -> dict:
         "component_threshold": float(cfg["component_threshold"]),
         "connected_components": "26-connected, on the stacked 3D probability",
         "mask": "voxels >= threshold, in components of at least min_candidate_mm3 whose highest probability "
-        "is >= component_threshold; with keep_volume_mm3 (null: off), each component of probability >= "
-        "keep_level of at least keep_volume_mm3 is kept whole instead of the components at threshold inside "
-        "it; the nodules listed are those components, one row each",
+        "is >= component_threshold; the nodules listed are those components, one row each",
         "min_candidate_mm3": float(cfg["min_candidate_mm3"]),
-        **{
-            k: None if cfg.get(k) is None else float(cfg[k])
-            for k in ("keep_level", "keep_volume_mm3")
-        },
-        "chosen_on": "threshold, component_threshold, shape_weight (and keep_level, keep_volume_mm3) chosen on the "
+        "chosen_on": "threshold, component_threshold, shape_weight chosen on the "
         "validation split after training (postprocess stage, models/postprocessing.json)",
         "shape_weight": float(cfg["shape_weight"]),
         "score": "each nodule's score is its peak probability p with the odds divided by its elongation e "

@@ -15,91 +15,75 @@ time; the rule is in :mod:`ctpipe.postprocessing.choose`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import sys
 from pathlib import Path
 
-import torch
-
+from ctpipe import config
 from ctpipe.deploy import runtime
 from ctpipe.fileio import rounded, write_csv, write_json
 from ctpipe.model import data, nets
-from ctpipe.params import add_model_inputs, setup_logging, stage_params, stage_parser
+from ctpipe.params import add_model_inputs, setup_logging, stage_parser
 from ctpipe.postprocessing import choose
 from ctpipe.runenv import record as record_environment
 
 log = logging.getLogger("postprocess")
 
-TIES = (
-    "then pooled Dice, fewer FP per scan, lower values, large-component rule off, larger volume, "
-    "higher level"
+RULE = (
+    "threshold, component_threshold, shape_weight together: highest val mean Dice (cases with "
+    "nodules) + val CPM, then pooled Dice, fewer FP per scan, lower values, smaller weight"
 )
-RULES = {
-    "dice": "threshold, component_threshold (and keep_level, keep_volume_mm3 with auto): highest mean "
-    f"val Dice (cases with nodules), {TIES}; shape_weight: highest val CPM at that threshold, then "
-    "the smallest",
-    "dice+cpm": "threshold, component_threshold, shape_weight (and keep_level, keep_volume_mm3 with "
-    f"auto) together: highest val mean Dice (cases with nodules) + val CPM, {TIES}, smaller weight",
-}
 
 
-def val_cases(model_path: Path, processed: Path, cfg: dict) -> tuple[list[choose.Case], object]:
+def val_cases(
+    model_path: Path, processed: Path, inference: config.Inference
+) -> tuple[list[choose.Case], object]:
     """Predict every validation case; return them with the validation nodules."""
     net, ckpt = nets.load_checkpoint(str(model_path))
-    cases = data.cases_in(data.load_index(processed), "val")
-    if not cases:
-        raise ValueError(
-            f"{processed}/index.json: the val split is empty; nothing to choose the post-processing on"
-        )
-    nodules = data.load_nodules(processed)
-    nodules = nodules[nodules["seriesuid"].isin([c["seriesuid"] for c in cases])].reset_index(
-        drop=True
-    )
+    cases, nodules = data.split_cases(processed, "val")
+    context = ckpt["train_params"]["context_slices"]
     out = [
         choose.Case(prob, truth, geom, case["seriesuid"])
         for case, _, truth, prob, geom in runtime.predict_cases(
-            net, processed, cases, cfg, int(ckpt["train_params"]["context_slices"]), "validation"
+            net, processed, cases, inference, context, "validation"
         )
     ]
     return out, nodules
 
 
-def run(model_path: Path, processed: Path, out: Path, tables: Path, cfg: dict, seed: int) -> dict:
-    torch.manual_seed(seed)
-    cases, nodules = val_cases(model_path, processed, cfg)
-    result = choose.choose(cases, nodules, cfg)
-    masks = result["masks"]
-    if masks["keep_volume_mm3"].isna().all():  # off (the default): the table as before it existed
-        masks = masks.drop(columns=["keep_level", "keep_volume_mm3"])
-    write_csv(tables / "sweep.csv", masks.round(4))
+def run(
+    model_path: Path,
+    processed: Path,
+    out: Path,
+    tables: Path,
+    post: config.Postprocess,
+    inference: config.Inference,
+) -> dict:
+    cases, nodules = val_cases(model_path, processed, inference)
+    result = choose.choose(cases, nodules, post, inference.min_candidate_mm3)
+    write_csv(tables / "sweep.csv", result["masks"].round(4))
     write_csv(tables / "shape.csv", result["shape"].round(4))
+    chosen = dataclasses.asdict(result["chosen"])
     record = {
-        "chosen": result["chosen"],
+        "chosen": chosen,
         "chosen_on": "val",
         "fixed_by_params": result["fixed"],
-        "objective": cfg["objective"],
-        "rule": RULES[cfg["objective"]],
+        "rule": RULE,
         "val": result["val"],
         "model_sha256_16": _sha(model_path),
     }
     write_json(out, rounded(record))
-    chosen = result["chosen"]
     log.info(
-        "chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g, "
-        "large components %s (val Dice %.4f, CPM %.4f)",
+        "chosen on %d val cases: threshold %g, component_threshold %g, shape_weight %g "
+        "(val Dice %.4f, CPM %.4f)",
         result["val"]["cases"],
-        chosen["threshold"],
-        chosen["component_threshold"],
-        chosen["shape_weight"],
-        "off"
-        if chosen["keep_volume_mm3"] is None
-        else f">= {chosen['keep_volume_mm3']:g} mm3 at {chosen['keep_level']:g}",
+        *chosen.values(),
         result["val"]["dice"],
         result["val"]["cpm"],
     )
-    figures = {k: v for k, v in result["chosen"].items() if v is not None}  # no null metric
-    return rounded({**figures, **{f"val_{k}": v for k, v in result["val"].items()}})
+    return rounded({**chosen, **{f"val_{k}": v for k, v in result["val"].items()}})
 
 
 def _sha(path: Path) -> str:
@@ -117,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    cfg, seed = stage_params("postprocess", args.params, shared=("inference",))
+    params = config.load(args.params)
     record_environment("postprocess", Path(args.metrics).parent / "env")
-    write_json(args.metrics, run(args.model, args.data_dir, args.out, args.tables, cfg, seed))
+    metrics = run(
+        args.model, args.data_dir, args.out, args.tables, params.postprocess, params.inference
+    )
+    write_json(args.metrics, metrics)
     return 0
 
 

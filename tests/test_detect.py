@@ -285,29 +285,6 @@ def test_small_components_are_neither_candidates_nor_mask(geom):
     assert mask.sum() == 27 and not mask[15, 30, 30]
 
 
-def test_a_large_faint_nodule_broken_up_at_the_threshold_is_kept_whole(geom):
-    prob = np.zeros(SHAPE_KJI)
-    prob[2:8, 5:15, 5:15] = 0.6  # 600 voxels (1,320 mm3) of a faint nodule ...
-    prob[3, 6, 6] = prob[6, 12, 12] = 0.95  # ... whose only voxels over 0.9 are two pieces
-    prob[15:17, 30:32, 30:32] = 0.7  # 8 voxels, faint and small: dropped either way
-    prob[12, 30, 40] = 0.999  # one confident voxel: kept by its peak either way
-    by_peak, cands = find_nodules(prob, geom, 0.9, 0.99)
-    assert by_peak.sum() == 1 and len(cands) == 3 and "large" not in cands
-    mask, cands = find_nodules(prob, geom, 0.9, 0.99, keep_level=0.5, keep_volume_mm3=1000.0)
-    assert mask[2:8, 5:15, 5:15].all() and mask.sum() == 601
-    assert not mask[15:17, 30:32, 30:32].any()
-    # The two pieces became one candidate: one row per mask component, flagged large.
-    assert len(cands) == 2 and cands["detected"].all()
-    assert cands["detected"].sum() == ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
-    big = cands[cands["large"]]
-    assert len(big) == 1 and big["volume_mm3"].item() == pytest.approx(600 * geom.voxel_volume_mm3)
-    assert big["peak"].item() == pytest.approx(0.95)
-    # Over that volume, or at a level the nodule does not reach, the rule keeps nothing more.
-    for level, volume in ((0.5, 2000.0), (0.65, 1000.0)):
-        mask, _ = find_nodules(prob, geom, 0.9, 0.99, keep_level=level, keep_volume_mm3=volume)
-        assert mask.sum() == 1
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_component_max_agrees_with_ndimage_maximum(dtype):
     rng = np.random.default_rng(3)

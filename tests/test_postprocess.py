@@ -11,10 +11,12 @@ import pytest
 import yaml
 from scipy import ndimage
 
+from ctpipe import config
+from ctpipe.deploy.predict import package_post_processing
 from ctpipe.geometry import Geometry, array_index_to_world
 from ctpipe.model import data, infer
 from ctpipe.postprocessing import choose
-from ctpipe.postprocessing.candidates import candidates_from_probability
+from ctpipe.postprocessing.candidates import Chosen, candidates_from_probability, find_nodules
 from stages import postprocess as stage
 
 GRIDS = {
@@ -25,6 +27,11 @@ GRIDS = {
     "shape_weight": "auto",
     "shape_weight_grid": [0, 1, 2, 4],
 }
+
+
+def postprocess_params(**changes) -> config.Postprocess:
+    """The ``postprocess`` section with ``GRIDS`` and ``changes``, checked as params.yaml is."""
+    return config.Postprocess.model_validate({**GRIDS, **changes})
 
 
 def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
@@ -56,11 +63,12 @@ def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
     # The nodule-free case's blob counts in the pooled Dice and the false positives.
     assert row.loc[(0.3, 0.5), "dice_pooled"] == pytest.approx(2 * 27 / (27 + 8 + 8 + 27))
     assert row.loc[(0.3, 0.5), "fp_per_scan"] == pytest.approx(1.0)
-    best = choose.best_pair(table)
-    assert (best["threshold"], best["component_threshold"]) == (0.3, 0.9)
+    params = postprocess_params(threshold_grid=[0.3, 0.5], component_threshold_grid=[0.5, 0.9])
+    chosen = choose.choose(cases, nodules, params, 0.0)["chosen"]
+    assert (chosen.threshold, chosen.component_threshold) == (0.3, 0.9)
 
 
-def test_best_pair_breaks_ties_by_pooled_dice_then_false_positives_then_lower_values():
+def test_best_breaks_ties_by_pooled_dice_then_false_positives_then_lower_values():
     table = pd.DataFrame(
         [
             {
@@ -100,7 +108,7 @@ def test_best_pair_breaks_ties_by_pooled_dice_then_false_positives_then_lower_va
             },
         ]
     )
-    best = choose.best_pair(table)
+    best = choose.best(table, "dice")
     assert (best["threshold"], best["component_threshold"]) == (0.4, 0.9)
 
 
@@ -122,14 +130,41 @@ def test_shape_sweep_scores_the_ranking_and_picks_the_smallest_best_weight():
     assert table.loc[0, "sens@0.125"] == 0 and table.loc[0, "sens@0.5"] == 1
     # Any positive weight here puts the ball first: found before any false positive.
     assert (table.loc[[1, 2, 8], "cpm"] == 1).all()
-    assert choose.best_shape_weight(table.reset_index()) == 1
+    # Every weight keeps the same mask (the same Dice): the smallest weight of the best CPM wins.
+    case = choose.Case(prob, prob > 0.985, geom, "a")
+    params = postprocess_params(
+        threshold=0.2, component_threshold=0.2, shape_weight_grid=[0, 1, 2, 8]
+    )
+    assert choose.choose([case], nodules, params, 0.0)["chosen"].shape_weight == 1
 
 
 def test_grid_is_the_fixed_value_when_params_set_one():
-    assert choose.grid(0.45, GRIDS["threshold_grid"], "threshold") == [0.45]
-    assert choose.grid("auto", [4, 0, 2, 1, 2], "shape_weight") == [0.0, 1.0, 2.0, 4.0]
-    with pytest.raises(ValueError, match="threshold_grid is empty"):
-        choose.grid("auto", [], "threshold")
+    assert choose.grid(0.45, GRIDS["threshold_grid"]) == [0.45]
+    assert choose.grid("auto", [4, 0, 2, 1, 2]) == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize(
+    "key, value, reason",
+    [
+        ("threshold_grid", [], r"postprocess\.threshold_grid: List should have at least 1 item"),
+        (
+            "threshold_grid",
+            [0.3, 1.5],
+            r"postprocess\.threshold_grid\.1: .*less than or equal to 1",
+        ),
+        ("component_threshold", 0, r"postprocess\.component_threshold: .*greater than 0"),
+        (
+            "shape_weight_grid",
+            [0, -1],
+            r"postprocess\.shape_weight_grid\.1: .*greater than or equal",
+        ),
+    ],
+)
+def test_params_refuse_grids_and_values_out_of_range_naming_the_key(key, value, reason):
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["postprocess"][key] = value
+    with pytest.raises(config.ConfigError, match=reason):
+        config.validate(raw)
 
 
 def test_load_names_the_file_and_what_is_missing(tmp_path):
@@ -138,6 +173,58 @@ def test_load_names_the_file_and_what_is_missing(tmp_path):
         ValueError, match=r"p.json: 'chosen' lacks \['component_threshold', 'shape_weight'\]"
     ):
         choose.load(tmp_path / "p.json")
+
+
+PAIR = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0}
+
+
+def test_load_ignores_the_deleted_rule_when_off_and_refuses_it_when_on(tmp_path):
+    """postprocessing.json written before the large-component rule was deleted: null is off."""
+    off = {**PAIR, "keep_level": None, "keep_volume_mm3": None}
+    (tmp_path / "off.json").write_text(json.dumps({"chosen": off, "objective": "dice+cpm"}))
+    chosen = choose.load(tmp_path / "off.json")
+    assert chosen == Chosen(0.5, 0.9, 0.0) and isinstance(chosen.shape_weight, float)
+    (tmp_path / "on.json").write_text(json.dumps({"chosen": {**off, "keep_volume_mm3": 500}}))
+    with pytest.raises(ValueError, match=r"on.json: 'chosen': \{'keep_volume_mm3': 500\} .*rule"):
+        choose.load(tmp_path / "on.json")
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("threshold", 0), ("component_threshold", 1.5), ("shape_weight", -1), ("shape_weight", "2")],
+)
+def test_chosen_refuses_a_value_out_of_range_by_name(tmp_path, key, value):
+    (tmp_path / "p.json").write_text(json.dumps({"chosen": {**PAIR, key: value}}))
+    with pytest.raises(ValueError, match=rf"p.json: 'chosen': {key}: "):
+        choose.load(tmp_path / "p.json")
+
+
+def test_chosen_finds_the_nodules_of_its_values():
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 2.0))
+    prob = np.zeros((10, 12, 12))
+    prob[2:5, 2:5, 2:5], prob[3, 3, 3] = 0.6, 0.95
+    prob[7:9, 8:10, 8:10] = 0.7  # never reaches the component threshold
+    chosen = Chosen(0.5, 0.9, 2.0)
+    mask, cands = chosen.find_nodules(prob, geom, 1.0)
+    expected_mask, expected = find_nodules(prob, geom, 0.5, 0.9, 1.0, 2.0)
+    assert mask.sum() == 27 and np.array_equal(mask, expected_mask)
+    pd.testing.assert_frame_equal(cands, expected)
+
+
+def test_predict_reads_a_package_with_the_rule_off_and_refuses_one_with_it_on(tmp_path):
+    post = {
+        "threshold": 0.4,
+        "component_threshold": 0.9,
+        "shape_weight": 2.0,
+        "min_candidate_mm3": 4,
+    }
+    off = {"postprocessing": {**post, "keep_level": None, "keep_volume_mm3": None}}
+    assert package_post_processing(off, tmp_path) == Chosen(0.4, 0.9, 2.0)
+    old = {"postprocessing": {"threshold": 0.4, "min_candidate_mm3": 4}}  # before the pair
+    assert package_post_processing(old, tmp_path) == Chosen(0.4, 0.4, 0.0)
+    on = {"postprocessing": {**post, "keep_level": 0.3, "keep_volume_mm3": 500.0}}
+    with pytest.raises(ValueError, match=r"input_spec.json: 'postprocessing': .*keep_level.*rule"):
+        package_post_processing(on, tmp_path)
 
 
 # Two "models" of the same data, as functions of the image (the tiny cohort's nodules are 2.5
@@ -240,42 +327,6 @@ def test_a_value_fixed_in_params_is_used_as_is(workspace, tmp_path, monkeypatch)
     assert chosen["fixed_by_params"] == ["component_threshold"]
 
 
-def test_keep_grid_reads_off_fixed_and_auto():
-    assert choose.keep_grid({}) == [(None, None)]
-    assert choose.keep_grid({"keep_volume_mm3": None, "keep_level": 0.5}) == [(None, None)]
-    assert choose.keep_grid({"keep_volume_mm3": 500, "keep_level": 0.4}) == [(0.4, 500.0)]
-    auto = {
-        "keep_volume_mm3": "auto",
-        "keep_volume_mm3_grid": [1000, None, 300],
-        "keep_level": "auto",
-        "keep_level_grid": [0.5, 0.3],
-    }
-    assert choose.keep_grid(auto) == [
-        (None, None),
-        (0.3, 300.0),
-        (0.3, 1000.0),
-        (0.5, 300.0),
-        (0.5, 1000.0),
-    ]
-    with pytest.raises(ValueError, match="keep_volume_mm3_grid is empty"):
-        choose.keep_grid({"keep_volume_mm3": "auto", "keep_volume_mm3_grid": []})
-
-
-@pytest.mark.parametrize(
-    "cfg, reason",
-    [
-        ({"keep_volume_mm3": "big"}, r"keep_volume_mm3: 'big' is not a number"),
-        ({"keep_volume_mm3": "auto", "keep_volume_mm3_grid": [None, "x"]}, r"grid: 'x' is not"),
-        ({"keep_volume_mm3": -5, "keep_level": 0.5}, r"keep_volume_mm3: \[-5.0\] not > 0"),
-        ({"keep_volume_mm3": 500, "keep_level": 1.5}, r"keep_level: \[1.5\] not in \(0, 1\]"),
-        ({"keep_volume_mm3": 500, "keep_level_grid": [0.3, 0]}, r"keep_level: \[0.0\] not in"),
-    ],
-)
-def test_keep_grid_names_the_param_and_the_reason_for_a_bad_value(cfg, reason):
-    with pytest.raises(ValueError, match=reason):
-        choose.keep_grid(cfg)
-
-
 def _nodules_of_case_a(geom: Geometry, centres_kji, diameters_mm) -> pd.DataFrame:
     """Annotations (LUNA16 columns, world mm) of nodules at array indices ``centres_kji`` of case "a"."""
     xyz = [array_index_to_world(np.array(c), geom).ravel() for c in centres_kji]
@@ -288,47 +339,6 @@ def _nodules_of_case_a(geom: Geometry, centres_kji, diameters_mm) -> pd.DataFram
             "diameter_mm": list(diameters_mm),
         }
     )
-
-
-def test_large_rule_is_chosen_where_validation_has_a_large_faint_nodule_and_off_on_ties():
-    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
-    shape = (14, 14, 14)
-    truth = np.zeros(shape, dtype=bool)
-    truth[1:9, 1:9, 1:9] = True  # a 512-voxel nodule the network is unsure of
-    prob = np.zeros(shape)
-    prob[1:9, 1:9, 1:9] = 0.6
-    prob[2, 2, 2] = 0.95  # its only voxel over the threshold
-    small = np.zeros(shape, dtype=bool)
-    small[11:13, 11:13, 11:13] = True  # a small nodule, confident
-    prob[small] = 0.999
-    cases = [choose.Case(prob, truth | small, geom, "a")]
-    nodules = _nodules_of_case_a(geom, ([4.5] * 3, [11.5] * 3), [9.0, 2.5])
-    keep = [(None, None), (0.5, 100.0), (0.5, 1000.0)]
-    table = choose.sweep_masks(cases, nodules, [0.9], [0.99], 0.0, keep)
-    row = table.assign(v=table["keep_volume_mm3"].fillna(-1)).set_index("v")
-    assert row.loc[-1, "dice"] == pytest.approx(2 * 8 / (8 + 520))  # by peak: the large one lost
-    assert row.loc[100.0, "dice"] == pytest.approx(1.0) and row.loc[100.0, "sensitivity"] == 1
-    assert row.loc[1000.0, "dice"] == row.loc[-1, "dice"]  # 512 mm3 is under 1000
-    best = choose.best_pair(table)
-    assert (best["keep_level"], best["keep_volume_mm3"]) == (0.5, 100.0)
-    # Without a large faint nodule every rule ties: off wins.
-    prob[1:9, 1:9, 1:9] = 0.999
-    table = choose.sweep_masks(cases, nodules, [0.9], [0.99], 0.0, keep)
-    assert np.isnan(choose.best_pair(table)["keep_volume_mm3"])
-
-
-def test_load_reads_the_large_rule_and_older_files_without_it(tmp_path):
-    pair = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0.0}
-    (tmp_path / "old.json").write_text(json.dumps({"chosen": pair}))
-    old = choose.load(tmp_path / "old.json")
-    assert old["keep_level"] is None and old["keep_volume_mm3"] is None
-    rule = {"keep_level": 0.3, "keep_volume_mm3": 500}
-    (tmp_path / "new.json").write_text(json.dumps({"chosen": {**pair, **rule}}))
-    assert choose.load(tmp_path / "new.json") == {
-        **pair,
-        "keep_level": 0.3,
-        "keep_volume_mm3": 500.0,
-    }
 
 
 def _dice_or_cpm_case() -> tuple[list[choose.Case], pd.DataFrame]:
@@ -348,34 +358,17 @@ def _dice_or_cpm_case() -> tuple[list[choose.Case], pd.DataFrame]:
     return [choose.Case(prob, truth, geom, "a")], nodules
 
 
-@pytest.mark.parametrize(
-    "objective, threshold, dice, cpm",
-    [
-        ("dice", 0.7, 2 * 27 / (27 + 35), 0.5),  # A exact, B never a candidate
-        ("dice+cpm", 0.5, 2 * 27 / (36 + 35), 1.0),  # A with its halo, B detected
-    ],
-)
-def test_the_objective_decides_whether_the_threshold_may_trade_dice_for_detection(
-    objective, threshold, dice, cpm
-):
+def test_the_threshold_may_trade_dice_for_detection():
+    """Dice + CPM: 0.5 keeps A's halo (lower Dice) but makes B a candidate; 0.7 would give A
+    exactly (Dice 2 * 27 / (27 + 35)) and never see B (CPM 0.5)."""
     cases, nodules = _dice_or_cpm_case()
-    cfg = {
-        **GRIDS,
-        "threshold_grid": [0.5, 0.7],
-        "component_threshold_grid": [0.9],
-        "objective": objective,
-        "min_candidate_mm3": 0.0,
-    }
-    result = choose.choose(cases, nodules, cfg)
-    assert result["chosen"]["threshold"] == threshold
-    assert result["chosen"]["shape_weight"] == 0.0  # every weight ties: the smallest
-    assert result["val"]["dice"] == pytest.approx(dice)
-    assert result["val"]["cpm"] == pytest.approx(cpm)
+    params = postprocess_params(threshold_grid=[0.5, 0.7], component_threshold_grid=[0.9])
+    result = choose.choose(cases, nodules, params, 0.0)
+    assert result["chosen"].threshold == 0.5
+    assert result["chosen"].shape_weight == 0.0  # every weight ties: the smallest
+    assert result["val"]["dice"] == pytest.approx(2 * 27 / (36 + 35))
+    assert result["val"]["cpm"] == pytest.approx(1.0)
     # the shape table of the chosen threshold, one row per weight
     assert list(result["shape"]["shape_weight"]) == [0, 1, 2, 4]
-
-
-def test_an_unknown_objective_is_refused_with_the_param():
-    cases, nodules = _dice_or_cpm_case()
-    with pytest.raises(ValueError, match=r"postprocess\.objective .*'cpm'"):
-        choose.choose(cases, nodules, {**GRIDS, "objective": "cpm", "min_candidate_mm3": 0.0})
+    rows = result["masks"].set_index("threshold")
+    assert rows.loc[0.7, "dice"] == pytest.approx(2 * 27 / (27 + 35))

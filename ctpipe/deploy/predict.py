@@ -46,7 +46,7 @@ from ctpipe.geometry import Geometry
 from ctpipe.model.views import lung_roi, mean_over_views, slab_by_slab, whole_slab_roi
 from ctpipe.monitor.record import append as append_record
 from ctpipe.monitor.record import series_record
-from ctpipe.postprocessing.candidates import find_nodules
+from ctpipe.postprocessing.candidates import Chosen
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
 log = logging.getLogger("predict")
@@ -230,6 +230,17 @@ def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry):
     return volume, cgeom, box
 
 
+def package_post_processing(spec: dict, package: Path) -> Chosen:
+    """The chosen post-processing of a package's ``input_spec.json``. Packages written before
+    ``component_threshold`` and ``shape_weight`` threshold plainly and score by the peak; one that
+    turns on the deleted large-component rule is refused (:meth:`Chosen.from_mapping`)."""
+    post = spec["postprocessing"]
+    defaults = {"component_threshold": post.get("threshold"), "shape_weight": 0.0}
+    return Chosen.from_mapping(
+        {**defaults, **post}, f"{package / 'input_spec.json'}: 'postprocessing'"
+    )
+
+
 def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> dict:
     """Run the whole chain on one sorted series into ``out/<SeriesInstanceUID>``; return a summary.
 
@@ -269,16 +280,8 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         box=box,
     )
     # One labelling gives both the mask and the nodules listed: each row is one mask component.
-    found, nodules = find_nodules(
-        prob,
-        cgeom,
-        float(post["threshold"]),
-        float(post.get("component_threshold", post["threshold"])),
-        float(post["min_candidate_mm3"]),
-        float(post.get("shape_weight", 0.0)),
-        post.get("keep_level"),  # packages before it: no large-component rule
-        post.get("keep_volume_mm3"),
-    )
+    chosen = package_post_processing(spec, package)
+    found, nodules = chosen.find_nodules(prob, cgeom, float(post["min_candidate_mm3"]))
     mask = back_to_source(found, cgeom, hu, geom)
     nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,7 +347,9 @@ def predict_study(
     """Every series of ``study_dir``: predicted into ``out_dir/<SeriesInstanceUID>/``, or skipped,
     refused or failed with its reason; returns the summary (also ``out_dir/summary.json``). Each
     predicted series' ``record.json`` is also appended to ``records_dir`` (drift monitoring)."""
-    accepted = read_json(package / "input_spec.json").get("accepted_input", {})
+    spec = read_json(package / "input_spec.json")
+    package_post_processing(spec, package)  # a package predict cannot follow: refused at once
+    accepted = spec.get("accepted_input", {})
     manifest = dicomio.scan_folder(study_dir, modalities=tuple(accepted.get("modalities", ["CT"])))
     report, files = unused_files(manifest)
     for uid, entry in report.items():

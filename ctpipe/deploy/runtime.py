@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctpipe import config
 from ctpipe.deploy import onnx_export, sessions
 from ctpipe.model import data, infer, views
 from ctpipe.progress import progress
@@ -45,27 +46,32 @@ def make_predictor(
 
 
 def predict_cases(
-    net, processed: Path, cases: list[dict], cfg: dict, context: int, desc: str = "predict"
+    net,
+    processed: Path,
+    cases: list[dict],
+    cfg: config.Inference,
+    context: int,
+    desc: str = "predict",
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
     """Yield ``(case, image, truth, prob, geometry)`` for each case, one volume in memory at a time,
-    inferred on ``cfg["runtime"]`` with the ROI, overlap, views and test-time mirroring of ``cfg``
+    inferred on ``cfg.runtime`` with the ROI, overlap, views and test-time mirroring of ``cfg``
     (the ``inference`` params), inside the lungs' box (``lung_margin_mm``)."""
     plan = data.load_plan(processed)
     with tempfile.TemporaryDirectory(prefix="ctpipe-predict-") as tmp:
-        predictor = make_predictor(net, 2 * context + 1, cfg["runtime"], Path(tmp))
+        predictor = make_predictor(net, 2 * context + 1, cfg.runtime, Path(tmp))
         for case in progress(cases, desc=desc, unit="case"):
             image, label, geom = data.load_case(processed, case["case_id"])
             image = np.asarray(image, dtype=np.float32)
-            box = views.lung_roi(image, plan, geom.spacing[::-1], cfg["lung_margin_mm"])
+            box = views.lung_roi(image, plan, geom.spacing[::-1], cfg.lung_margin_mm)
             prob = infer.predict_volume(
                 predictor,
                 image,
                 context,
-                int(cfg["roi_size"]),
-                float(cfg["overlap"]),
-                views=cfg["views"],
-                mirror_axes=cfg["mirror_axes"],
-                whole_slab=bool(cfg["whole_slab"]),
+                cfg.roi_size,
+                cfg.overlap,
+                views=cfg.views,
+                mirror_axes=cfg.mirror_axes,
+                whole_slab=cfg.whole_slab,
                 box=box,
             )
             yield case, image, np.asarray(label) > 0, prob, geom

@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from monai.metrics import (
     compute_dice,
@@ -22,9 +21,6 @@ from monai.metrics import (
     compute_surface_dice,
 )
 from monai.networks.utils import one_hot
-
-from ctpipe.geometry import Geometry
-from ctpipe.postprocessing.candidates import find_nodules
 
 VOXEL_KEYS = ("dice", "iou", "hd95_mm", "surface_dice")
 
@@ -100,39 +96,6 @@ def voxel_metrics(
         "hd95_mm": float(hd95.item()),
         "surface_dice": float(nsd.item()),
     }
-
-
-def score_volume(
-    prob: np.ndarray,
-    truth: np.ndarray,
-    geom: Geometry,
-    *,
-    threshold: float,
-    component_threshold: float,
-    min_candidate_mm3: float,
-    shape_weight: float = 0.0,
-    surface_tolerance_mm: float = 1.0,
-    keep_level: float | None = None,
-    keep_volume_mm3: float | None = None,
-) -> tuple[dict[str, float], pd.DataFrame, np.ndarray]:
-    """How one predicted volume is scored, the same in evaluate, postprocess and quantize.
-
-    Returns the voxel metrics of the nodule mask against ``truth``, the nodule candidates (with
-    ``detected``: the components the mask keeps) for the lesion-level figures, and the mask, all
-    from one labelling (:func:`ctpipe.postprocessing.candidates.find_nodules`).
-    """
-    mask, cands = find_nodules(
-        prob,
-        geom,
-        threshold,
-        component_threshold,
-        min_candidate_mm3,
-        shape_weight,
-        keep_level,
-        keep_volume_mm3,
-    )
-    voxel = voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
-    return voxel, cands, mask
 
 
 def aggregate(per_case: list[dict]) -> dict:

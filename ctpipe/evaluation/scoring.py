@@ -1,7 +1,8 @@
 """A split scored the one way evaluate reports it (quantize scores its fp32 and INT8 models alike).
 
-Per case: the voxel metrics of the post-processed mask and the nodule candidates
-(:func:`ctpipe.evaluation.overlap.score_volume`). Over the split: voxel metrics averaged over the
+Per case: the voxel metrics of the post-processed mask and the nodule candidates, both from one
+labelling of the prediction (the post-processing is applied by the caller, so that evaluation
+depends on no post-processing code). Over the split: voxel metrics averaged over the
 cases that have nodules (cases without one are judged by the lesion-level figures, their false
 positives count in FPs per scan) and the LUNA16 FROC over all scans.
 """
@@ -27,21 +28,17 @@ class SplitScore:
 
 
 def score_case(
-    case: dict, prob: np.ndarray, truth: np.ndarray, geom: Geometry, cfg: dict
-) -> tuple[dict, pd.DataFrame, np.ndarray]:
-    """One case's row, candidates and mask under the post-processing in ``cfg``."""
-    voxel, cands, mask = overlap.score_volume(
-        prob,
-        truth,
-        geom,
-        threshold=float(cfg["threshold"]),
-        component_threshold=float(cfg["component_threshold"]),
-        min_candidate_mm3=float(cfg["min_candidate_mm3"]),
-        shape_weight=float(cfg["shape_weight"]),
-        surface_tolerance_mm=float(cfg.get("surface_tolerance_mm", 1.0)),
-        keep_level=cfg.get("keep_level"),
-        keep_volume_mm3=cfg.get("keep_volume_mm3"),
-    )
+    case: dict,
+    truth: np.ndarray,
+    mask: np.ndarray,
+    cands: pd.DataFrame,
+    geom: Geometry,
+    surface_tolerance_mm: float = 1.0,
+) -> tuple[dict, pd.DataFrame]:
+    """One case's row (voxel metrics of ``mask`` against ``truth``) and its candidates tagged with
+    its series; ``mask`` and ``cands`` come from one labelling of the prediction
+    (:meth:`ctpipe.postprocessing.candidates.Chosen.find_nodules`)."""
+    voxel = overlap.voxel_metrics(mask, truth, geom.spacing[::-1], surface_tolerance_mm)
     row = {
         "case_id": case["case_id"],
         "seriesuid": case["seriesuid"],
@@ -50,7 +47,7 @@ def score_case(
         "pred_voxels": int(np.count_nonzero(mask)),
         **voxel,
     }
-    return row, cands.assign(seriesuid=case["seriesuid"]), mask
+    return row, cands.assign(seriesuid=case["seriesuid"])
 
 
 def summarise(

@@ -62,6 +62,21 @@ def cases_in(index: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return [c for c in index["cases"] if c["split"] == split]
 
 
+def split_cases(processed: Path, split: str) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """The cases of one split (index entries, in index order) and their nodules (``nodules.csv``
+    rows of those series, renumbered from 0).
+
+    Raises:
+        ValueError: the split has no case, naming the index file.
+    """
+    cases = cases_in(load_index(processed), split)
+    if not cases:
+        raise ValueError(f"{Path(processed) / 'index.json'}: the {split} split is empty")
+    nodules = load_nodules(processed)
+    uids = [c["seriesuid"] for c in cases]
+    return cases, nodules[nodules["seriesuid"].isin(uids)].reset_index(drop=True)
+
+
 def load_case(
     processed: str | Path, case_id: str, mmap: bool = True
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:

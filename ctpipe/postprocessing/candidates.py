@@ -6,6 +6,9 @@ comparable with LUNA16 ``annotations.csv`` rows whatever the grid (spacing, dire
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage
@@ -88,11 +91,7 @@ def at_operating_point(
     """Which candidates (of :func:`candidates_from_probability`) count as detections: those whose
     ``peak``, not their ranking ``score``, reaches :func:`operating_score`, so that the lesion
     figures describe the components the mask keeps whatever the shape weight."""
-    found = candidates["peak"] >= operating_score(threshold, component_threshold)
-    # Labelled with keep_level and keep_volume_mm3: large components count whatever their peak.
-    if "large" in candidates:
-        found = found | candidates["large"].astype(bool)
-    return found
+    return candidates["peak"] >= operating_score(threshold, component_threshold)
 
 
 def elongation(labels: np.ndarray, n: int, spacing_kji: np.ndarray) -> np.ndarray:
@@ -148,8 +147,6 @@ def label_candidates(
     threshold: float,
     min_volume_mm3: float = 0.0,
     shape_weight: float = 0.0,
-    keep_level: float | None = None,
-    keep_volume_mm3: float | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Nodule candidates: 26-connected components of ``prob >= threshold``, with their labels.
 
@@ -164,13 +161,6 @@ def label_candidates(
             has a probability-weighted centroid.
         min_volume_mm3: components smaller than this are dropped (from the mask too).
         shape_weight: exponent of the elongation in ``score`` (:func:`shape_score`); 0: the peak.
-        keep_level, keep_volume_mm3: with both set, each component of ``prob >= keep_level`` (at
-            most ``threshold``) of at least ``keep_volume_mm3`` replaces the components at
-            ``threshold`` inside it: one candidate, taken whole at ``keep_level``, flagged
-            ``large`` and counted as a detection whatever its peak (:func:`at_operating_point`).
-            A large, faint nodule (a part-solid one) breaks into small pieces at a high
-            threshold and its peak can stay under a component threshold chosen against small,
-            confident false positives; this keeps it whole. None: off (no ``large`` column).
 
     Returns:
         The component labels (``int32``, 0 = background, the same shape as ``prob``) and one row
@@ -185,13 +175,8 @@ def label_candidates(
     if threshold <= 0:
         raise ValueError(f"threshold must be > 0, got {threshold}")
     labels, n = ndimage.label(prob >= threshold, structure=CONNECTIVITY_26)
-    large = None
-    if keep_level is not None and keep_volume_mm3 is not None:
-        labels, n, large = _merge_large(prob, geom, labels, threshold, keep_level, keep_volume_mm3)
     if n == 0:
         empty = pd.DataFrame({c: pd.Series(dtype=np.float64) for c in CANDIDATE_COLUMNS})
-        if large is not None:
-            empty = empty.assign(large=pd.Series(dtype=bool))
         return labels, empty.assign(label=pd.Series(dtype=np.int64))
     index = np.arange(1, n + 1)
     weights = prob.astype(np.float64)
@@ -213,37 +198,8 @@ def label_candidates(
             "label": index,
         }
     )
-    if large is not None:
-        out.insert(len(CANDIDATE_COLUMNS), "large", large)
     out = out[out["volume_mm3"] >= min_volume_mm3]
     return labels, out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-
-
-def _merge_large(
-    prob: np.ndarray,
-    geom: Geometry,
-    labels: np.ndarray,
-    threshold: float,
-    keep_level: float,
-    keep_volume_mm3: float,
-) -> tuple[np.ndarray, int, np.ndarray]:
-    """Labels 1..n where the large components at ``keep_level`` (see :func:`label_candidates`)
-    replace the components at ``threshold`` inside them; and which labels are those."""
-    low, m = ndimage.label(prob >= min(float(keep_level), threshold), structure=CONNECTIVITY_26)
-    volume = np.bincount(low.ravel(), minlength=m + 1) * geom.voxel_volume_mm3
-    big = np.flatnonzero(volume >= float(keep_volume_mm3))
-    big = big[big > 0]
-    in_big = np.isin(low, big)
-    rest = np.where(in_big, 0, labels)
-    ids = np.unique(rest)
-    ids = ids[ids > 0]
-    renumber = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
-    renumber[ids] = np.arange(1, len(ids) + 1)
-    big_id = np.zeros(m + 1, dtype=np.int32)
-    big_id[big] = np.arange(len(ids) + 1, len(ids) + len(big) + 1)
-    merged = np.where(in_big, big_id[low], renumber[rest]).astype(np.int32)
-    n = len(ids) + len(big)
-    return merged, n, np.arange(1, n + 1) > len(ids)
 
 
 def candidates_from_probability(
@@ -252,13 +208,11 @@ def candidates_from_probability(
     threshold: float,
     min_volume_mm3: float = 0.0,
     shape_weight: float = 0.0,
-    keep_level: float | None = None,
-    keep_volume_mm3: float | None = None,
 ) -> pd.DataFrame:
     """The candidate table of :func:`label_candidates` (without the labels and their column)."""
-    return label_candidates(
-        prob, geom, threshold, min_volume_mm3, shape_weight, keep_level, keep_volume_mm3
-    )[1].drop(columns="label")
+    return label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)[1].drop(
+        columns="label"
+    )
 
 
 def mask_of(
@@ -282,19 +236,76 @@ def find_nodules(
     component_threshold: float,
     min_volume_mm3: float = 0.0,
     shape_weight: float = 0.0,
-    keep_level: float | None = None,
-    keep_volume_mm3: float | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Mask and candidates of one probability map, from one labelling (large components kept
-    whole with ``keep_level`` and ``keep_volume_mm3``, :func:`label_candidates`).
+    """Mask and candidates of one probability map, from one labelling (:func:`label_candidates`).
 
     Returns the boolean mask (:func:`mask_of`) and every candidate (:func:`label_candidates`,
     without ``label``) with ``detected``: True for the candidates whose components form the mask,
     the detections at the operating point. Each mask component is exactly one detected row.
     """
-    labels, cands = label_candidates(
-        prob, geom, threshold, min_volume_mm3, shape_weight, keep_level, keep_volume_mm3
-    )
+    labels, cands = label_candidates(prob, geom, threshold, min_volume_mm3, shape_weight)
     mask = mask_of(labels, cands, threshold, component_threshold)
     detected = at_operating_point(cands, threshold, component_threshold)
     return mask, cands.drop(columns="label").assign(detected=detected.to_numpy(bool))
+
+
+# The large-component rule, deleted (commit 8e68312 has it): files written before may name it.
+REMOVED_KEYS = ("keep_level", "keep_volume_mm3")
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The post-processing chosen on validation (:mod:`ctpipe.postprocessing.choose`, written to
+    ``models/postprocessing.json``): the three values that turn a probability map into nodules.
+
+    Attributes:
+        threshold: lowest probability of a mask voxel; candidates are the components at it.
+        component_threshold: lowest peak probability of a component kept in the mask (a detection).
+        shape_weight: exponent of the elongation in a candidate's score (:func:`shape_score`).
+    """
+
+    threshold: float
+    component_threshold: float
+    shape_weight: float
+
+    def __post_init__(self) -> None:
+        for name, ok, bound in (
+            ("threshold", lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("component_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("shape_weight", lambda v: v >= 0, ">= 0"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"{name}: {value!r} is not a number {bound}")
+            object.__setattr__(self, name, float(value))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object], source: str) -> Chosen:
+        """The values of ``values`` (``chosen`` of a ``postprocessing.json``, ``postprocessing`` of
+        a package's ``input_spec.json``); other keys are ignored, ``source`` names it in errors.
+
+        Files written before the large-component rule was deleted hold ``keep_level`` and
+        ``keep_volume_mm3``: null (the rule off) is ignored, a value is refused, since nodules
+        found without the rule would not be those the figures were measured with.
+        """
+        rule = {k: values[k] for k in REMOVED_KEYS if values.get(k) is not None}
+        if rule:
+            raise ValueError(
+                f"{source}: {rule} turns on the large-component rule, which ctpipe no longer has "
+                "(commit 8e68312 does); choose the post-processing again without it"
+            )
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        if missing:
+            raise ValueError(f"{source} lacks {missing}")
+        try:
+            return cls(**{f.name: values[f.name] for f in fields(cls)})
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def find_nodules(
+        self, prob: np.ndarray, geom: Geometry, min_volume_mm3: float
+    ) -> tuple[np.ndarray, pd.DataFrame]:
+        """Mask and candidates of ``prob`` under these values (:func:`find_nodules`)."""
+        return find_nodules(
+            prob, geom, self.threshold, self.component_threshold, min_volume_mm3, self.shape_weight
+        )

@@ -1,0 +1,79 @@
+"""The evaluate stage on the tiny dataset: test cases only, under the chosen post-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ctpipe.model import data, infer
+from stages import evaluate as stage
+
+REAL_LOAD_CASE = data.load_case
+
+
+def confident(image: np.ndarray) -> np.ndarray:
+    """A network sure of every nodule voxel (the tiny cohort's nodules are the bright ones)."""
+    return np.where(image > 0.25, 0.95, 0.05)
+
+
+def run_stage(root: Path, processed: Path, chosen: dict, monkeypatch) -> tuple[dict, list[str]]:
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["inference"].update(roi_size=32, views=["axial"], mirror_axes=[], min_candidate_mm3=0)
+    params["evaluate"]["bootstrap"] = 20
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "postprocessing.json").write_text(json.dumps({"chosen": chosen}))
+    read = []
+
+    def recording_load(processed, case_id):
+        read.append(case_id)
+        return REAL_LOAD_CASE(processed, case_id)
+
+    monkeypatch.setattr(data, "load_case", recording_load)
+    monkeypatch.setattr(infer, "predict_volume", lambda predictor, image, *a, **k: confident(image))
+    argv = [
+        str(root / "model.pt"),
+        str(processed),
+        str(root / "plots"),
+        "--postprocessing",
+        str(root / "postprocessing.json"),
+        "--params",
+        str(root / "params.yaml"),
+        "--metrics",
+        str(root / "evaluate.json"),
+    ]
+    assert stage.main(argv) == 0
+    return json.loads((root / "evaluate.json").read_text()), read
+
+
+def test_evaluate_scores_the_test_split_with_the_chosen_post_processing(
+    tmp_path, tiny_models, monkeypatch
+):
+    processed = tiny_models.make_processed(tmp_path / "processed")
+    tiny_models.make_checkpoint(tmp_path / "model.pt")
+    chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 2.0}
+    metrics, read = run_stage(tmp_path, processed, chosen, monkeypatch)
+    test, nodules = data.split_cases(processed, "test")
+    assert read == [c["case_id"] for c in test]  # the test split only
+    assert metrics["test_cases"] == len(test) and metrics["test_nodules"] == len(nodules) > 0
+    assert metrics["dice"] == pytest.approx(1.0, abs=0.01)
+    assert metrics["sensitivity"] == 1.0 and metrics["fp_per_scan"] == 0.0
+    lo, hi = metrics["froc_cpm_ci95"]
+    assert lo <= metrics["froc_cpm"] <= hi
+    per_case = pd.read_csv(tmp_path / "plots" / "per_case.csv")
+    assert list(per_case["case_id"]) == [c["case_id"] for c in test]
+    assert (tmp_path / "plots" / "overlays" / "best.png").is_file()
+
+
+def test_evaluate_refuses_a_post_processing_with_the_deleted_rule_on(
+    tmp_path, tiny_models, monkeypatch
+):
+    processed = tiny_models.make_processed(tmp_path / "processed")
+    tiny_models.make_checkpoint(tmp_path / "model.pt")
+    chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0, "keep_level": 0.3}
+    with pytest.raises(ValueError, match=r"postprocessing.json: 'chosen': \{'keep_level': 0.3\}"):
+        run_stage(tmp_path, processed, chosen, monkeypatch)
