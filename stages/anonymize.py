@@ -21,227 +21,27 @@ fails the stage and its file is deleted.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import shutil
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
-import pandas as pd
-
 from ctpipe import config
-from ctpipe.deid import batch
+from ctpipe.deid import batch, cohort
 from ctpipe.deid.batch import DeidJob, Verification, Workers
-from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
+from ctpipe.deid.files import FileResult
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
-from ctpipe.deid.table import DeidOptions, table_info
+from ctpipe.deid.table import DeidOptions
 from ctpipe.deid.verify import Evidence
-from ctpipe.fileio import read_json, rounded, write_csv, write_json
-from ctpipe.listing import list_files
+from ctpipe.fileio import rounded, write_csv, write_json
 from ctpipe.params import setup_logging, stage_parser
-from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
-from ctpipe.safepath import inside
 
 log = logging.getLogger("anonymize")
-ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
-OWN_FILES = ("annotations.csv", "audit.csv", "quarantine.csv", "deid_options.json")
 
 
-class InputError(ValueError):
-    """INPUT_DIR cannot be read as a cohort: the message names the file and the reason."""
-
-
-SOURCES = ("synthetic", "dicom", "luna16")
-
-
-def cohort_source(input_dir: Path) -> str:
-    """The cohort's source from ``cohort.json``; ``real`` (a plain folder of DICOM files) when
-    there is none, or when a stray one sits in a folder without ingest's ``dicom/`` layout."""
-    cohort = input_dir / "cohort.json"
-    if not cohort.is_file():
-        return "real"
-    try:
-        source = read_json(cohort).get("source")
-    except (ValueError, UnicodeDecodeError, AttributeError) as err:
-        source = f"unreadable ({type(err).__name__})"
-    layout = (input_dir / "dicom").is_dir() or (input_dir / "images").is_dir()
-    if source in SOURCES and layout:
-        return str(source)
-    if layout:  # ingest's layout with a broken cohort.json: do not guess
-        raise InputError(f"{cohort}: source {source!r} is not one of {', '.join(SOURCES)}")
-    log.warning("%s: not ingest's layout (no dicom/); reading the folder as DICOM files", cohort)
-    return "real"
-
-
-def discover(
-    input_dir: Path, exclude: list[Path]
-) -> tuple[str, list[tuple[str, str]], list[FileResult]]:
-    """Return (cohort source, [(absolute path, path relative to INPUT_DIR)], results of the
-    entries that are no regular file: quarantined ``unusable`` with the reason).
-
-    In a plain folder (source ``real``) every regular file is an input, stray CSV and JSON files
-    included (they are quarantined as not DICOM, so they are reported, not silently ignored).
-
-    Raises:
-        InputError: a broken ``cohort.json``, or no input file at all.
-    """
-    source = cohort_source(input_dir)
-    root = input_dir / "dicom" if source != "real" else input_dir
-    if not root.is_dir():
-        root = None
-    files, unusable = [], []
-    if root is not None:  # skip the stage's own outputs when they lie inside the input folder
-        skip = [p.resolve() for p in exclude if root.resolve() in p.resolve().parents]
-        paths, entries = list_files(root)
-        for path in paths:
-            if not (skip and any(s in path.resolve().parents for s in skip)):
-                files.append((str(path), str(path.relative_to(input_dir))))
-        prefix = "" if root == input_dir else f"{root.name}/"
-        for entry in entries:  # links to folders, dangling links, FIFOs, undecodable names
-            if not (skip and any(s in (root / entry["path"]).parents for s in skip)):
-                unusable.append(
-                    FileResult(
-                        rel=prefix + entry["path"], reason="unusable", detail=entry["reason"]
-                    )
-                )
-    if not files and not (source == "luna16" and list((input_dir / "images").rglob("*.mhd"))):
-        raise InputError(f"{input_dir}: no input files (DICOM under dicom/ or the folder itself)")
-    return source, files, unusable
-
-
-def prepare_output(out_dir: Path) -> None:
-    """Empty OUTPUT_DIR if a previous run of this stage wrote it; refuse any other content."""
-    if out_dir.is_dir():
-        foreign = [
-            p.name
-            for p in out_dir.iterdir()
-            if p.is_symlink()  # a link may lead out: never deleted or written through
-            or (p.name not in ("dicom", "images", *OWN_FILES) and not p.name.endswith(".tmp"))
-        ]
-        if foreign:
-            raise SystemExit(f"{out_dir} holds files this stage did not write, e.g. {foreign[0]}")
-        for name in ("dicom", "images"):
-            shutil.rmtree(inside(out_dir, out_dir / name), ignore_errors=True)
-        for name in OWN_FILES:
-            inside(out_dir, out_dir / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def luna16_images(
-    input_dir: Path, out_dir: Path, keyring: Keyring, evidence: dict[str, Evidence]
-) -> tuple[list[FileResult], list[Path]]:
-    """Copy every ``images/*.mhd`` pair renamed to the remapped series UID."""
-    (files, entries), written = list_files(input_dir / "images"), []
-    results = [FileResult(f"images/{e['path']}", "unusable", e["reason"]) for e in entries]
-    for mhd in progress([f for f in files if f.suffix == ".mhd"], desc="luna16", unit="image"):
-        rel = str(mhd.relative_to(input_dir))
-        new = keyring.uid(mhd.stem)
-        result = FileResult(
-            rel=rel, patient=new, series=new, study=new, out_rel=f"images/{new}.mhd"
-        )
-        try:
-            paths, dropped = copy_mhd(mhd, out_dir / "images", new)
-        except Quarantine as q:
-            result.reason, result.detail, result.out_rel = q.reason, q.detail, ""
-        else:
-            written += paths
-            evidence[new].ident.add(mhd.stem.lower())
-            result.audit = {
-                "file": result.out_rel,
-                "sop_class": "",
-                "modality": "mhd",
-                "n_X": dropped,
-                "actions": "ElementDataFile=U",
-            }
-        results.append(result)
-    return results, written
-
-
-def load_annotations(input_dir: Path, source: str) -> pd.DataFrame:
-    """``annotations.csv`` (empty if absent). A plain folder (source ``real``) has none: a CSV in
-    it is an input file like any other (quarantined as not DICOM, so reported).
-
-    Raises:
-        InputError: ``annotations.csv`` unreadable or without the LUNA16 columns.
-    """
-    path = input_dir / "annotations.csv"
-    if source == "real" or not path.is_file():
-        return pd.DataFrame(columns=ANNOTATION_COLUMNS)
-    try:
-        frame = pd.read_csv(path, dtype={"seriesuid": str})
-    except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: unreadable CSV ({type(err).__name__})") from None
-    missing = [c for c in ANNOTATION_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing columns {missing} (expected {ANNOTATION_COLUMNS})")
-    return frame
-
-
-def remap_annotations(
-    frame: pd.DataFrame, keyring: Keyring, series_out: set[str]
-) -> tuple[pd.DataFrame, int]:
-    """Annotations with ``seriesuid`` remapped; rows of series not written are dropped."""
-    frame = frame.copy()
-    frame["seriesuid"] = [keyring.uid(u) for u in frame["seriesuid"].astype(str)]
-    kept = frame[frame["seriesuid"].isin(series_out)]
-    if len(kept) < len(frame):
-        log.warning(
-            "%d annotation rows refer to series not written (quarantined or absent)",
-            len(frame) - len(kept),
-        )
-    return kept[ANNOTATION_COLUMNS].reset_index(drop=True), len(frame)
-
-
-def write_tables(
-    out_dir: Path,
-    private_dir: Path,
-    results: list[FileResult],
-    keyring: Keyring,
-    options: DeidOptions,
-    meta: dict,
-) -> None:
-    """audit.csv, quarantine.csv (public and private), linkage.csv, deid_options.json."""
-    codes = ";".join(options.codes())
-    audit = pd.DataFrame([{**r.audit, "options": codes} for r in results if not r.reason])
-    write_csv(out_dir / "audit.csv", audit.sort_values("file") if len(audit) else audit)
-    bad = [r for r in results if r.reason]
-    public = pd.DataFrame(
-        [{"path_hash": keyring.path_hash(r.rel), "reason": r.reason} for r in bad],
-        columns=["path_hash", "reason"],
-    )
-    write_csv(out_dir / "quarantine.csv", public.sort_values("path_hash"))
-    private = pd.DataFrame(
-        [
-            {
-                "path": r.rel,
-                "path_hash": keyring.path_hash(r.rel),
-                "reason": r.reason,
-                "detail": r.detail,
-            }
-            for r in bad
-        ],
-        columns=["path", "path_hash", "reason", "detail"],
-    )
-    write_csv(private_dir / "quarantine.csv", private.sort_values("path"))
-    linkage = sorted({row for r in results for row in r.linkage})
-    if linkage:
-        write_csv(
-            private_dir / "linkage.csv",
-            pd.DataFrame(linkage, columns=["kind", "original", "pseudonym"]),
-        )
-    write_json(out_dir / "deid_options.json", meta)
-    # Which key made this cohort, kept where it is not pushed (it would be a guessing oracle).
-    write_json(
-        private_dir / "deid_key.json",
-        {"key_fingerprint": keyring.fingerprint(), "key_source": meta["key_source"]},
-    )
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "anonymize")
     parser.add_argument("input_dir", type=Path, help="raw cohort (data/raw), holds PHI")
     parser.add_argument("output_dir", type=Path, help="de-identified cohort (data/anonymized)")
@@ -251,78 +51,78 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="push: false folder for original paths and linkage (default: OUTPUT_DIR + '_private')",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = config.load(args.params)
+    out_dir = args.output_dir
+    private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
+    if (
+        private_dir.resolve() == out_dir.resolve()
+        or out_dir.resolve() in private_dir.resolve().parents
+    ):
+        raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
+    try:
+        return run(
+            args.input_dir,
+            out_dir,
+            private_dir,
+            args.metrics,
+            params.anonymize,
+            params.base.workers,
+        )
+    finally:  # afterwards: it imports torch, which would make the workers' start slow
+        record_environment("anonymize", args.metrics.parent / "env")
 
 
-def deid_meta(
-    options: DeidOptions, source: str, keyring: Keyring, key_source: str, cfg: config.Anonymize
-) -> dict:
-    """deid_options.json: the profile, options and table this cohort was de-identified with."""
-    info = table_info()
-    return {
-        "profile": "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile",
-        "codes": options.codes(),
-        "options": options.as_dict(),
-        "cohort_source": source,
-        "table": {
-            k: info[k]
-            for k in (
-                "table",
-                "version",
-                "rows",
-                "deid_profile_csv_sha256",
-                "safe_private_rows",
-                "sources",
-            )
-        },
-        "uid_scheme": "2.25.<int(HMAC-SHA256(key, uid)[:16])>",
-        "key_source": key_source,
-        "date_shift_days": cfg.date_shift_days,
-        "burned_in_missing_ok": cfg.burned_in_missing_ok,
-        "leak_min_chars": batch.LEAK_MIN_CHARS,
-    }
+def run(
+    input_dir: Path,
+    out_dir: Path,
+    private_dir: Path,
+    metrics_path: Path,
+    cfg: config.Anonymize,
+    workers: int,
+) -> int:
+    """The stage's work with ``workers`` processes; its exit code."""
+    start = time.perf_counter(), cohort.cpu_seconds()
+    try:
+        source, items, unusable = cohort.discover(input_dir, [out_dir, private_dir])
+        raw_annotations = cohort.load_annotations(input_dir, source)
+        key, key_source = load_key(
+            cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
+        )
+    except (DeidKeyError, cohort.InputError) as err:
+        log.error("%s", err)
+        return 2
+    keyring, options = Keyring(key), DeidOptions.from_params(cfg)
+    cohort.prepare_output(out_dir)
+    private_dir.mkdir(parents=True, exist_ok=True)
+    codes = options.codes()
+    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
 
-
-def run_metrics(
-    results: list[FileResult],
-    written: list[FileResult],
-    n_annotations: int,
-    annotations: pd.DataFrame,
-    leaks: list,
-    start: tuple[float, float],
-) -> dict:
-    """Counts, and the wall and CPU seconds (workers included) since ``start``."""
-    reasons = Counter(r.reason for r in results if r.reason)
-    seconds = time.perf_counter() - start[0]
-    return {
-        "files_in": len(results),
-        "files_out": len(written),
-        "files_quarantined": sum(reasons.values()),
-        "series_out": len({r.series for r in written}),
-        "patients_out": len({r.patient for r in written}),
-        "annotations_in": n_annotations,
-        "annotations_out": len(annotations),
-        "leaks_found": len(leaks),
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds() - start[1],
-        "files_per_s": len(results) / seconds if seconds else 0.0,
-        "quarantine_reasons": dict(sorted(reasons.items())),
-    }
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (the worker processes)."""
-    return sum(os.times()[:4])  # user, system, children's user, children's system
-
-
-def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
-    """Delete every output file the leak gate found an identifier in; list them privately."""
-    write_csv(private_dir / "leaks.csv", pd.DataFrame(leaks, columns=["file", "finding"]))
-    files = sorted({rel for rel, _ in leaks})
-    for rel in files:
-        inside(out_dir, out_dir / rel).unlink(missing_ok=True)
-    where = private_dir / "leaks.csv"
-    log.error("%d identifying values in %d files, deleted (see %s)", len(leaks), len(files), where)
+    job = DeidJob.from_params(options, key, cfg, out_dir)
+    with Workers(workers) as pool:
+        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
+        results += unusable
+        written = [r for r in results if not r.reason]
+        gate = Verification(out_dir, written, evidence, options, names, pool)  # scans begin
+        annotations, n_annotations = cohort.remap_annotations(
+            raw_annotations, keyring, {r.series for r in written}
+        )
+        write_csv(out_dir / "annotations.csv", annotations)
+        meta = cohort.deid_meta(options, source, keyring, key_source, cfg)
+        cohort.write_tables(out_dir, private_dir, results, keyring, options, meta)
+        leaks = gate.leaks(extra + [out_dir / name for name in cohort.OWN_FILES])
+    metrics = cohort.run_metrics(results, written, n_annotations, annotations, leaks, start)
+    write_json(metrics_path, rounded(metrics))
+    log.info(
+        "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "
+        "%(files_per_s).1f files/s",
+        metrics,
+    )
+    if leaks:
+        cohort.remove_leaking(leaks, out_dir, private_dir)
+        return 1
+    return 0
 
 
 def deidentify(
@@ -343,85 +143,9 @@ def deidentify(
             evidence[r.patient].update(r.evidence)
     extra: list[Path] = []
     if source == "luna16":
-        image_results, extra = luna16_images(input_dir, job.out_dir, keyring, evidence)
+        image_results, extra = cohort.luna16_images(input_dir, job.out_dir, keyring, evidence)
         results += image_results
     return results, evidence, extra, names
-
-
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse_args(argv)
-    params = config.load(args.params)
-    out_dir = args.output_dir
-    private_dir = args.private_dir or out_dir.with_name(out_dir.name + "_private")
-    metrics_path = args.metrics
-    if (
-        private_dir.resolve() == out_dir.resolve()
-        or out_dir.resolve() in private_dir.resolve().parents
-    ):
-        raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
-    try:
-        return run(
-            args.input_dir,
-            out_dir,
-            private_dir,
-            metrics_path,
-            params.anonymize,
-            params.base.workers,
-        )
-    finally:  # afterwards: it imports torch, which would make the workers' start slow
-        record_environment("anonymize", metrics_path.parent / "env")
-
-
-def run(
-    input_dir: Path,
-    out_dir: Path,
-    private_dir: Path,
-    metrics_path: Path,
-    cfg: config.Anonymize,
-    workers: int,
-) -> int:
-    """The stage's work with ``workers`` processes; its exit code."""
-    start = time.perf_counter(), cpu_seconds()
-    try:
-        source, items, unusable = discover(input_dir, [out_dir, private_dir])
-        raw_annotations = load_annotations(input_dir, source)
-        key, key_source = load_key(
-            cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
-        )
-    except (DeidKeyError, InputError) as err:
-        log.error("%s", err)
-        return 2
-    keyring, options = Keyring(key), DeidOptions.from_params(cfg)
-    prepare_output(out_dir)
-    private_dir.mkdir(parents=True, exist_ok=True)
-    codes = options.codes()
-    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
-
-    job = DeidJob.from_params(options, key, cfg, out_dir)
-    with Workers(workers) as pool:
-        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
-        results += unusable
-        written = [r for r in results if not r.reason]
-        gate = Verification(out_dir, written, evidence, options, names, pool)  # scans begin
-        annotations, n_annotations = remap_annotations(
-            raw_annotations, keyring, {r.series for r in written}
-        )
-        write_csv(out_dir / "annotations.csv", annotations)
-        meta = deid_meta(options, source, keyring, key_source, cfg)
-        write_tables(out_dir, private_dir, results, keyring, options, meta)
-        leaks = gate.leaks(extra + [out_dir / name for name in OWN_FILES])
-    metrics = run_metrics(results, written, n_annotations, annotations, leaks, start)
-    write_json(metrics_path, rounded(metrics))
-    log.info(
-        "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "
-        "%(files_per_s).1f files/s",
-        metrics,
-    )
-    if leaks:
-        remove_leaking(leaks, out_dir, private_dir)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ctpipe import dicomio, synth
+from ctpipe.deid import cohort
 from ctpipe.deid.keys import KEY_ENV
 from ctpipe.deploy import predict
 from ctpipe.fileio import read_json
@@ -169,7 +170,7 @@ def test_anonymize_quarantines_every_hostile_entry_and_writes_the_rest(
     out, private = tmp_path / "out", tmp_path / "private"
     argv = [str(src), str(out), "--private-dir", str(private), "--params"]
     argv += [str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "anonymize.json")]
-    with hazards(src, anonymize, "list_files", kind):
+    with hazards(src, cohort, "list_files", kind):
         assert anonymize.main(argv) == 0
     quarantine = pd.read_csv(private / "quarantine.csv", keep_default_na=False)
     assert set(quarantine["reason"]) <= {"unusable", "unreadable"}, quarantine.to_dict("records")

@@ -11,4 +11,5 @@ files    -- one file in, one file out or a quarantine entry with its reason
 verify   -- the leak gate: every source identifier looked for in every output byte
 readback -- the leak gate's own reader of the written files
 batch    -- many files at once in worker processes, and the leak scan over the output
+cohort   -- the input folder, its annotations, the output folder and the tables beside it
 """
