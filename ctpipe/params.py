@@ -59,10 +59,20 @@ def stage_parser(doc: str, stage: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_inputs(parser: argparse.ArgumentParser, postprocessing: bool = True) -> None:
-    """``MODEL`` and ``DATA_DIR`` (and ``--postprocessing``): what the stages after train read."""
+def add_model_inputs(
+    parser: argparse.ArgumentParser, postprocessing: bool = True, onnx: bool = False
+) -> None:
+    """``MODEL`` and ``DATA_DIR`` (and ``--postprocessing``, ``--onnx``): what the stages after
+    train read."""
     parser.add_argument("model", type=Path, help="trained model (models/model.pt)")
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
+    if onnx:
+        parser.add_argument(
+            "--onnx",
+            type=Path,
+            required=True,
+            help="the fp32 ONNX export of MODEL, written by train (models/model.onnx)",
+        )
     if postprocessing:
         parser.add_argument(
             "--postprocessing",

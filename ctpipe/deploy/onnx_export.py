@@ -1,8 +1,11 @@
-"""ONNX export: one path for evaluate, quantize and export.
+"""ONNX export: the one path, taken once per pipeline run (the train stage's ``models/model.onnx``,
+which postprocess, evaluate, quantize and export read).
 
 :func:`export_onnx` runs ``torch.onnx.export(dynamo=True)`` with a pinned opset, input ``image``
 ``[N, C, H, W]`` and output ``logits`` ``[N, 2, H, W]``, batch and spatial dimensions dynamic (``H``
-and ``W`` as multiples of :data:`SPATIAL_MULTIPLE`), one self-contained file.
+and ``W`` as multiples of :data:`SPATIAL_MULTIPLE`), one self-contained file. :func:`check_opset`
+refuses a file of another opset than :data:`OPSET`; :func:`export_program` gives the
+``torch.export`` program of the same shapes (the package's ``model.pt2``).
 """
 
 from __future__ import annotations
@@ -51,12 +54,7 @@ def export_onnx(
         The written model and the ``torch.export`` program it came from (for the ``.pt2``).
     """
     net = net.eval()
-    batch = torch.export.Dim("batch", min=1)
-    h, w = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
-    size = 4 * SPATIAL_MULTIPLE
-    example = torch.randn(
-        EXPORT_BATCH, channels, size, size, generator=torch.Generator().manual_seed(0)
-    )
+    example, dynamic_shapes = _example(channels)
     with torch.no_grad():
         program = torch.onnx.export(
             net,
@@ -65,7 +63,7 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamo=True,
             opset_version=int(opset),
-            dynamic_shapes=({0: batch, 2: SPATIAL_MULTIPLE * h, 3: SPATIAL_MULTIPLE * w},),
+            dynamic_shapes=dynamic_shapes,
             external_data=False,
             verbose=False,
         )
@@ -79,6 +77,33 @@ def export_onnx(
     save_model(model, path)
     onnx.checker.check_model(str(path), full_check=True)
     return model, program.exported_program
+
+
+def _example(channels: int) -> tuple[torch.Tensor, tuple[dict]]:
+    """The example input of an export and its dynamic shapes: batch, ``16 * h`` and ``16 * w``."""
+    batch = torch.export.Dim("batch", min=1)
+    h, w = torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+    size = 4 * SPATIAL_MULTIPLE
+    example = torch.randn(
+        EXPORT_BATCH, channels, size, size, generator=torch.Generator().manual_seed(0)
+    )
+    return example, ({0: batch, 2: SPATIAL_MULTIPLE * h, 3: SPATIAL_MULTIPLE * w},)
+
+
+def export_program(net: torch.nn.Module, channels: int) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``net`` as :func:`export_onnx` captures it (for a ``.pt2``): the same
+    example and dynamic shapes, and the settings of ``torch.onnx.export(dynamo=True)``'s
+    non-strict capture, size-oblivious sizes among them, without which the program is
+    specialised to ``h, w != 1`` and refuses 16-pixel slabs."""
+    example, dynamic_shapes = _example(channels)
+    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        return torch.export.export(
+            net.eval(),
+            (example,),
+            dynamic_shapes=dynamic_shapes,
+            strict=False,
+            prefer_deferred_runtime_asserts_over_guards=True,
+        )
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> None:
@@ -117,6 +142,18 @@ def onnx_opset(path: str | Path) -> int:
     """The default-domain opset of an ONNX file."""
     model = onnx.load(str(path), load_external_data=False)
     return next(int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_opset(path: str | Path) -> int:
+    """:data:`OPSET`, after checking that ``path`` has it.
+
+    Raises:
+        ValueError: naming the file, its opset and the one expected.
+    """
+    found = onnx_opset(path)
+    if found != OPSET:
+        raise ValueError(f"{path}: ONNX opset {found}, expected {OPSET} (export it again)")
+    return found
 
 
 def quiet_exporter_logs() -> None:

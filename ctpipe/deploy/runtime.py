@@ -2,7 +2,8 @@
 
 Shared by the stages that predict whole validation or test volumes (postprocess, evaluate) and by
 the benchmarks, so that the post-processing chosen on validation and the figures reported on test
-come from the same inference.
+come from the same inference. ONNX Runtime runs the fp32 graph the train stage exported
+(``models/model.onnx``): one export per pipeline run, the one quantize and export read too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctpipe import config
+from ctpipe.config import Inference
 from ctpipe.deploy import onnx_export, sessions
 from ctpipe.model import data, infer, views
 from ctpipe.progress import progress
@@ -33,45 +34,49 @@ def resolve_runtime(runtime: str) -> str:
 
 
 def make_predictor(
-    net: torch.nn.Module, channels: int, runtime: str, workdir: Path
+    net: torch.nn.Module, runtime: str, onnx_path: str | Path | None
 ) -> infer.Predictor:
-    """The network as a predictor on ``runtime`` (:func:`resolve_runtime`): PyTorch (CUDA when
-    present), or ONNX Runtime on CPU through an fp32 ONNX export written to ``workdir``."""
+    """The network as a predictor on ``runtime`` (:func:`resolve_runtime`): ``net`` in PyTorch
+    (CUDA when present), or ``onnx_path`` (``models/model.onnx``, the fp32 export of the same
+    weights) in ONNX Runtime on the CPU.
+
+    Raises:
+        FileNotFoundError: ONNX Runtime was chosen and ``onnx_path`` is not a file.
+    """
     runtime = resolve_runtime(runtime)
     if runtime == "torch":
         return infer.torch_predictor(net, "cuda" if torch.cuda.is_available() else "cpu")
-    path = workdir / "model.onnx"
-    onnx_export.export_onnx(net, channels, path, onnx_export.OPSET)
-    return infer.onnx_predictor(sessions.ort_session(path))
+    if onnx_path is None or not Path(onnx_path).is_file():
+        raise FileNotFoundError(f"{onnx_path}: no ONNX model (the train stage writes it)")
+    return infer.onnx_predictor(sessions.ort_session(onnx_path))
 
 
 def predict_cases(
-    net,
+    net: torch.nn.Module,
     processed: Path,
     cases: list[dict],
-    cfg: config.Inference,
+    inference: Inference,
     context: int,
     desc: str = "predict",
+    onnx_path: str | Path | None = None,
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
     """Yield ``(case, image, truth, prob, geometry)`` for each case, one volume in memory at a time,
-    inferred on ``cfg.runtime`` with the ROI, overlap, views and test-time mirroring of ``cfg``
-    (the ``inference`` params), inside the lungs' box (``lung_margin_mm``)."""
+    inferred on ``inference.runtime`` (:func:`make_predictor`: ``net``, or ``onnx_path``, train's
+    ``models/model.onnx``) with the slabs, views and test-time mirroring of ``inference``, inside
+    the lungs' box (``inference.lung_margin_mm``).
+
+    ``onnx_path`` None: ONNX Runtime runs an export of ``net`` to a temporary folder, the path of
+    the stages that do not pass train's file yet (to delete once postprocess and evaluate do).
+    """
     plan = data.load_plan(processed)
     with tempfile.TemporaryDirectory(prefix="ctpipe-predict-") as tmp:
-        predictor = make_predictor(net, 2 * context + 1, cfg.runtime, Path(tmp))
+        if onnx_path is None and resolve_runtime(inference.runtime) == "onnxruntime":
+            onnx_path = Path(tmp) / "model.onnx"
+            onnx_export.export_onnx(net, 2 * context + 1, onnx_path, onnx_export.OPSET)
+        predictor = make_predictor(net, inference.runtime, onnx_path)
         for case in progress(cases, desc=desc, unit="case"):
             image, label, geom = data.load_case(processed, case["case_id"])
             image = np.asarray(image, dtype=np.float32)
-            box = views.lung_roi(image, plan, geom.spacing[::-1], cfg.lung_margin_mm)
-            prob = infer.predict_volume(
-                predictor,
-                image,
-                context,
-                cfg.roi_size,
-                cfg.overlap,
-                views=cfg.views,
-                mirror_axes=cfg.mirror_axes,
-                whole_slab=cfg.whole_slab,
-                box=box,
-            )
+            box = views.lung_roi(image, plan, geom.spacing[::-1], inference.lung_margin_mm)
+            prob = infer.predict(predictor, image, context, inference, box)
             yield case, image, np.asarray(label) > 0, prob, geom

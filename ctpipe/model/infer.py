@@ -16,6 +16,7 @@ the other two; a nodule is round in all three.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from monai.inferers import sliding_window_inference
 
 from ctpipe.model.nets import MEMORY_FORMAT
 from ctpipe.model.views import mean_over_views, slab_by_slab, whole_slab_roi
+
+if TYPE_CHECKING:
+    from ctpipe.config import Inference
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,6 +75,29 @@ def predict_volume(
             ),
             box,
         )
+
+
+def predict(
+    predictor: Predictor,
+    volume: np.ndarray,
+    context: int,
+    inference: Inference,
+    box=None,
+    mirror: bool = True,
+) -> np.ndarray:
+    """:func:`predict_volume` as the ``inference`` params say: whole slabs or windows, the views,
+    and the mirrored passes of ``mirror_axes`` unless ``mirror`` is false (one pass per view)."""
+    return predict_volume(
+        predictor,
+        volume,
+        context,
+        inference.roi_size,
+        inference.overlap,
+        views=inference.views,
+        mirror_axes=inference.mirror_axes if mirror else (),
+        whole_slab=inference.whole_slab,
+        box=box,
+    )
 
 
 def whole_slab_logits(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
