@@ -61,9 +61,9 @@ else:
                    geom.spacing[::-1], inf.get("lung_margin_mm"))
     net, ckpt = nets.load_checkpoint(model)
     prob = infer.predict_volume(infer.torch_predictor(net), volume, int(spec["context_slices"]),
-                                int(inf["roi_size"]), float(inf["sliding_window_overlap"]),
+                                inf["roi_size"], inf["overlap"],
                                 views=inf["views"], mirror_axes=inf["mirror_axes"],
-                                whole_slab=bool(inf.get("whole_slab", False)), box=box)
+                                whole_slab=inf["whole_slab"], box=box)
     _, cands = find_nodules(prob, geom, post["threshold"], post["component_threshold"],
                             post["min_candidate_mm3"], post["shape_weight"])
     code, found = 0, int(cands["detected"].sum())

@@ -81,16 +81,29 @@ def test_split_of(processed: Path, n: int, copies: int, out: Path) -> Path:
     return out
 
 
+def reads_onnx(script: Path, env: dict) -> bool:
+    """Whether a stage script takes ``--onnx`` (train's models/model.onnx); older revisions
+    exported their own graph."""
+    usage = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, env=env
+    )
+    return "--onnx" in usage.stdout
+
+
 def run_stage(stage: str, processed: Path, tmp: Path, code: Path = ROOT) -> dict:
     outs = {
         "evaluate": [str(tmp / "plots")],
         "quantize": [str(tmp / "quantized")],
     }[stage]
+    script = code / "stages" / f"{stage}.py"
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    if reads_onnx(script, env):
+        outs += ["--onnx", str(ROOT / "models" / "model.onnx")]
     cmd = [
         sys.executable,
         "-c",
         CHILD,
-        str(code / "stages" / f"{stage}.py"),
+        str(script),
         str(ROOT / "models" / "model.pt"),
         str(processed),
         *outs,
@@ -101,7 +114,6 @@ def run_stage(stage: str, processed: Path, tmp: Path, code: Path = ROOT) -> dict
         "--metrics",
         str(tmp / f"{stage}.json"),
     ]
-    env = {**os.environ, "PYTHONPATH": str(code)}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{result.stderr[-3000:]}")

@@ -1,7 +1,9 @@
 """What a stage ran on: package versions, CPU, device, git revision; the one place they are read.
 
-:func:`record` writes them next to a stage's metrics; export and quantize use :func:`package_versions`,
-:func:`cpu_info` and :func:`git_revision` for the model package.
+:func:`record` writes them next to a stage's metrics (``metrics/env/<stage>.json``), with the
+conditions of the stage's measurements where it has any (quantize: the load average around its
+timings, what its Dice figure is pooled over); the model package uses :func:`package_versions` and
+:func:`git_revision`.
 
 Kept out of the metrics JSON themselves so that ``dvc metrics diff`` compares numbers only, and so
 that two runs on different machines can still have identical metrics.
@@ -142,6 +144,12 @@ def environment() -> dict:
     }
 
 
-def record(stage: str, directory: str | Path = "metrics/env") -> None:
-    """Write ``<directory>/<stage>.json`` describing this run's environment."""
-    write_json(Path(directory) / f"{stage}.json", {"stage": stage, **environment()})
+def record(
+    stage: str, directory: str | Path = "metrics/env", conditions: dict | None = None
+) -> None:
+    """Write ``<directory>/<stage>.json`` describing this run's environment, and under
+    ``conditions`` what the stage measured its figures under (omitted when None)."""
+    env = {"stage": stage, **environment()}
+    if conditions is not None:
+        env["conditions"] = conditions
+    write_json(Path(directory) / f"{stage}.json", env)

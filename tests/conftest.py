@@ -230,6 +230,15 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_onnx(path: Path, seed: int = 0) -> Path:
+    """The fp32 ONNX export of :func:`make_checkpoint`'s network, as train writes models/model.onnx."""
+    from ctpipe.deploy import onnx_export
+    from ctpipe.model import nets
+
+    onnx_export.export_onnx(tiny_net(seed), nets.in_channels(TINY_NET), path, onnx_export.OPSET)
+    return path
+
+
 def perturbed_copy(path: Path, out: Path, scale: float = 0.1) -> Path:
     """The ONNX model with relative noise of ``scale`` added to every convolution weight."""
     import onnx
@@ -249,11 +258,13 @@ def perturbed_copy(path: Path, out: Path, scale: float = 0.1) -> Path:
 def tiny_models() -> SimpleNamespace:
     """The tiny processed dataset and network helpers above, for module-scoped fixtures too:
     ``make_processed(root, test_offset=0.0)``, ``tiny_net(seed=0)``, ``make_checkpoint(path)``,
-    ``perturbed_copy(onnx_path, out)``, and the constants ``net_params`` and ``spacing``."""
+    ``make_onnx(path)`` (its ONNX export), ``perturbed_copy(onnx_path, out)``, and the constants
+    ``net_params`` and ``spacing``."""
     return SimpleNamespace(
         make_processed=make_processed,
         tiny_net=tiny_net,
         make_checkpoint=make_checkpoint,
+        make_onnx=make_onnx,
         perturbed_copy=perturbed_copy,
         net_params=TINY_NET,
         spacing=PROCESSED_SPACING,
@@ -324,38 +335,40 @@ def make_tiny_package(root: Path) -> Path:
     """A model package as export writes it, around a random tiny network (mechanics, not skill)."""
     import torch
 
-    from ctpipe import dicomio, prep
-    from ctpipe.deploy.onnx_export import export_onnx
+    from ctpipe import config, dicomio, prep
+    from ctpipe.deploy import onnx_export, spec
     from ctpipe.model import nets
-    from stages import export
+    from ctpipe.postprocessing.candidates import Chosen
 
     torch.manual_seed(0)
-    export_onnx(nets.build_network(TINY_NET), nets.in_channels(TINY_NET), root / "model.onnx", 18)
+    onnx_export.export_onnx(
+        nets.build_network(TINY_NET),
+        nets.in_channels(TINY_NET),
+        root / "model.onnx",
+        onnx_export.OPSET,
+    )
     shutil.copy(root / "model.onnx", root / "model_int8.onnx")
     write_tiny_cohort(root / "fp", n=1, seed=3)
     manifest = dicomio.scan_folder(root / "fp")
     ((uid, paths),) = dicomio.series_files(manifest).items()
-    from ctpipe import config
-
-    cfg = config.load(ROOT / "params.yaml").preprocess
+    params = config.load(ROOT / "params.yaml")
+    cfg = params.preprocess
     source = {"kind": "dicom", "index": 0, "paths": [str(root / "fp" / p) for p in paths]}
     plan = prep.make_plan([prep.fingerprint_case(source, synth.annotations_frame([]), cfg, 0)], cfg)
-    inference = {
-        "whole_slab": True,
-        "roi_size": 64,
-        "overlap": 0.5,
-        "threshold": 0.5,
-        "component_threshold": 0.5,
-        "min_candidate_mm3": 1,
-        "shape_weight": 2.0,
-        "views": ["axial", "coronal", "sagittal"],
-        "mirror_axes": [0, 1],
-        "lung_margin_mm": 10.0,
-        "max_spacing_factor": 2.0,
-        "min_extent_mm": 100,
-    }
+    inference = config.Inference(
+        runtime="auto",
+        whole_slab=True,
+        roi_size=64,
+        overlap=0.5,
+        views=["axial", "coronal", "sagittal"],
+        mirror_axes=[0, 1],
+        min_candidate_mm3=1.0,
+        lung_margin_mm=10.0,
+    )
+    chosen = Chosen(threshold=0.5, component_threshold=0.5, shape_weight=2.0)
     write_json(
-        root / "input_spec.json", export.input_spec({"train_params": TINY_NET}, plan, inference)
+        root / "input_spec.json",
+        spec.input_spec({"train_params": TINY_NET}, plan, params.export, inference, chosen),
     )
     return root
 

@@ -24,7 +24,7 @@ from ctpipe.model.infer import onnx_predictor
 def exported(tmp_path_factory, tiny_models) -> tuple[torch.nn.Module, Path]:
     net = tiny_models.tiny_net()
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    onnx_export.export_onnx(net, nets.in_channels(tiny_models.net_params), path, opset=18)
+    onnx_export.export_onnx(net, nets.in_channels(tiny_models.net_params), path, onnx_export.OPSET)
     return net, path
 
 
@@ -33,12 +33,35 @@ def test_export_is_one_file_with_named_dynamic_io(exported):
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]  # no .onnx.data
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert onnx_export.onnx_opset(path) == 18
+    assert onnx_export.onnx_opset(path) == 18 == onnx_export.check_opset(path)
     (inp,), (out,) = model.graph.input, model.graph.output
     assert (inp.name, out.name) == ("image", "logits")
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims[1] == 3 and all(isinstance(d, str) and d for d in (dims[0], dims[2], dims[3]))
     assert "Pad" not in {n.op_type for n in model.graph.node}
+
+
+def test_check_opset_refuses_another_opset_by_name(exported, tmp_path):
+    _, path = exported
+    model = onnx.load(str(path))
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 17
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(
+        ValueError, match=rf"old\.onnx: ONNX opset 17, expected {onnx_export.OPSET}"
+    ):
+        onnx_export.check_opset(tmp_path / "old.onnx")
+
+
+def test_export_program_matches_the_network_at_other_shapes(exported):
+    net, _ = exported
+    module = onnx_export.export_program(net, 3).module()
+    x = torch.from_numpy(
+        np.random.default_rng(0).standard_normal((3, 3, 48, 80)).astype(np.float32)
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), net(x).numpy(), atol=1e-5)
 
 
 def test_roundtrip_onnxruntime_matches_pytorch(exported):
@@ -155,6 +178,7 @@ def test_sha256sums_verify_and_detect_tampering(tmp_path):
 def test_triton_config_dynamic_dims():
     text = package.triton_config("seg", 5, 16)
     assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 16" in text
+    assert package.triton_config("seg", 5) == text  # TRITON_MAX_BATCH_SIZE, the former param
     assert "dims: [ 5, -1, -1 ]" in text and "dims: [ 2, -1, -1 ]" in text
     assert 'name: "image"' in text and 'name: "logits"' in text
 

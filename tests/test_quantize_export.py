@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from ctpipe import runenv
-from ctpipe.deploy import onnx_export, package, parity, quant
+from ctpipe import config, runenv
+from ctpipe.deploy import int8, onnx_export, package, parity, quant
 from ctpipe.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +32,12 @@ QUANTIZE_KEYS = {
     "chosen",
     "sweep",
     "threads",
-    "cpu",
+    "opset",
     "cpm_fp32",
     "cpm_int8",
     "latency_p90_ms_fp32",
     "latency_p90_ms_int8",
     "latency_p90_ms_torch",
-    "dice_definition",
     "gate_passed",
     "calibration",
 }
@@ -67,100 +66,88 @@ def load_stage(name: str):
     return module
 
 
-def quantize_export_params() -> dict:
-    """The sections quantize and export read, as in params.yaml but shrunk for a tiny model."""
-    real = yaml.safe_load((ROOT / "params.yaml").read_text())
-    common = {"threads": 1}
-    return {
-        "base": {"seed": 0},
-        "inference": {
-            **real["inference"],
-            "roi_size": 32,
-            "overlap": 0.25,
-            "min_candidate_mm3": 1,
-            "runtime": "auto",
-            "views": ["axial", "coronal", "sagittal"],
-            "mirror_axes": [1],
-        },
-        "quantize": {
-            **real["quantize"],
-            **common,
-            "opset": 18,
-            "schemes": ["S8S8", "U8S8"],
-            "calibration_methods": ["minmax", "percentile", "entropy"],
-            "percentile": 99.99,
-            "entropy_bins": 256,
-            "per_channel": True,
-            "calibration_slabs": 8,
-            "calibration_batch": 4,
-            "calibration_fg_fraction": 0.5,
-            "sweep_slabs": 6,
-            "sweep_fg_fraction": 0.5,
-            "max_dice_drop": 1.0,
-            "selection": "fastest",
-            "graph_optimization": "all",
-            "latency_batch": 2,
-            "latency_warmup": 1,
-            "latency_runs": 3,
-            "latency_rounds": 1,
-            "sweep_latency_runs": 2,
-            "speedup_target": 1.3,
-        },
-        "export": {
-            **real["export"],
-            **common,
-            "opset": 18,
-            "model_name": "tiny_seg",
-            "triton_max_batch_size": 4,
-            "parity_shapes": [[1, 32, 48], [2, 48, 16]],
-            "atol": 1e-4,
-            "min_dice": 0.999,
-            "training_data": "tiny synthetic spheres (test fixture)",
-        },
-    }
+def quantize_export_params(tiny_params) -> dict:
+    """params.yaml with the sections quantize and export read shrunk for a tiny model (checked)."""
+    params = tiny_params()
+    params["base"].update(seed=0)
+    params["inference"].update(
+        roi_size=32,
+        overlap=0.25,
+        min_candidate_mm3=1.0,
+        runtime="auto",
+        views=["axial", "coronal", "sagittal"],
+        mirror_axes=[1],
+    )
+    params["quantize"].update(
+        threads=1,
+        schemes=["S8S8", "U8S8"],
+        calibration_methods=["minmax", "percentile", "entropy"],
+        per_channel=True,
+        calibration_slabs=8,
+        sweep_slabs=6,
+        max_dice_drop=1.0,
+        selection="fastest",
+    )
+    params["export"].update(
+        threads=1,
+        model_name="tiny_seg",
+        atol=1e-4,
+        min_dice=0.999,
+        training_data="tiny synthetic spheres (test fixture)",
+    )
+    config.validate(params)
+    return params
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params))
+    return path
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_models) -> dict:
+def workspace(tmp_path_factory, tiny_models, tiny_params) -> dict:
     root = tmp_path_factory.mktemp("qe")
     processed = tiny_models.make_processed(root / "processed")
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(quantize_export_params()))
     write_json(root / "postprocessing.json", {"chosen": POSTPROCESSING})
     return {
         "root": root,
         "processed": processed,
         "model": tiny_models.make_checkpoint(root / "model.pt"),
-        "params": params,
+        "onnx": tiny_models.make_onnx(root / "model.onnx"),  # what train writes next to model.pt
+        "params": write_params(root / "params.yaml", quantize_export_params(tiny_params)),
     }
+
+
+def quantize_argv(w: dict, params: Path, out: Path, metrics: Path, onnx: Path | None = None):
+    return [
+        str(w["model"]),
+        str(w["processed"]),
+        str(out),
+        "--onnx",
+        str(onnx or w["onnx"]),
+        "--params",
+        str(params),
+        "--postprocessing",
+        str(w["root"] / "postprocessing.json"),
+        "--metrics",
+        str(metrics),
+    ]
 
 
 @pytest.fixture(scope="module")
 def quantized(workspace) -> dict:
     w = workspace
     out, metrics = w["root"] / "quantized", w["root"] / "metrics" / "quantize.json"
-    argv = [
-        str(w["model"]),
-        str(w["processed"]),
-        str(out),
-        "--params",
-        str(w["params"]),
-        "--postprocessing",
-        str(w["root"] / "postprocessing.json"),
-        "--metrics",
-        str(metrics),
-    ]
-    assert load_stage("quantize").main(argv) == 0
-    return {"out": out, "metrics": json.loads(metrics.read_text())}
+    assert load_stage("quantize").main(quantize_argv(w, w["params"], out, metrics)) == 0
+    env = json.loads((metrics.parent / "env" / "quantize.json").read_text())
+    return {"out": out, "metrics": json.loads(metrics.read_text()), "env": env}
 
 
 def test_quantize_writes_models_and_every_metric(quantized):
-    m, out = quantized["metrics"], quantized["out"]
+    m, out, env = quantized["metrics"], quantized["out"], quantized["env"]
     assert QUANTIZE_KEYS <= set(m)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "model_fp32.onnx",
-        "model_int8.onnx",
-    ]  # temp dir gone
+    # train's model.onnx is the fp32 graph: no second export; the temp dir gone
+    assert sorted(p.name for p in out.iterdir()) == ["model_int8.onnx"]
     assert set(m["sweep"]) == {
         f"{s}_{c}" for s in ("S8S8", "U8S8") for c in ("minmax", "percentile", "entropy")
     }
@@ -168,30 +155,64 @@ def test_quantize_writes_models_and_every_metric(quantized):
     assert m["dice_drop"] == pytest.approx(m["dice_fp32"] - m["dice_int8"], abs=1e-3)
     assert 0 < m["size_ratio"] < 1 and isinstance(m["int8_faster"], bool)
     assert m["latency_ms_torch"] > 0 and m["latency_ms_fp32"] > 0 and m["latency_ms_int8"] > 0
-    assert m["cpu"]["cpus_available"] >= 1 and set(m["cpu"]["isa_flags"]) <= set(runenv.ISA_FLAGS)
+    assert m["latency_runs"] == int8.LATENCY_RUNS and m["opset"] == onnx_export.OPSET
+    assert m["latency_input_shape"] == [int8.LATENCY_BATCH, 3, 32, 32]
+    # What the figures ran on and were measured under: the environment record, not the metrics.
+    assert {"cpu", "dice_definition", "latency_load_average_1min"}.isdisjoint(m)
+    assert env["cpu"]["cpus_available"] >= 1 and set(env["cpu"]["isa_flags"]) <= set(
+        runenv.ISA_FLAGS
+    )
+    assert len(env["conditions"]["latency_load_average_1min"]) == 2
+    assert "pooled over all voxels of the 1 test cases" in env["conditions"]["dice_definition"]
     ops = {n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
-def test_quantize_gate_fails_when_no_configuration_passes(workspace, tmp_path):
-    params = quantize_export_params()
-    params["quantize"].update(schemes=["U8S8"], calibration_methods=["minmax"], max_dice_drop=-1.0)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    stage = load_stage("quantize")
-    argv = [
-        str(workspace["model"]),
-        str(workspace["processed"]),
-        str(tmp_path / "q"),
-        "--params",
-        str(path),
-        "--postprocessing",
-        str(workspace["root"] / "postprocessing.json"),
-        "--metrics",
-        str(tmp_path / "m.json"),
-    ]
-    with pytest.raises(stage.GateError, match="no configuration keeps the val Dice"):
-        stage.main(argv)
+def impossible_gate(monkeypatch, max_dice_drop: float) -> None:
+    """The stages read params whose ``quantize.max_dice_drop`` is below what params.yaml allows
+    (>= 0): a gate no INT8 model can pass, since a Dice drop is never below -1."""
+    real_load = config.load
+
+    def load(path):
+        params = real_load(path)
+        gate = params.quantize.model_copy(update={"max_dice_drop": max_dice_drop})
+        return params.model_copy(update={"quantize": gate})
+
+    monkeypatch.setattr(config, "load", load)
+
+
+def test_quantize_gate_fails_when_no_configuration_passes(
+    workspace, tmp_path, tiny_params, monkeypatch
+):
+    params = quantize_export_params(tiny_params)
+    params["quantize"].update(schemes=["U8S8"], calibration_methods=["minmax"])
+    path = write_params(tmp_path / "params.yaml", params)
+    impossible_gate(monkeypatch, -1.0)
+    argv = quantize_argv(workspace, path, tmp_path / "q", tmp_path / "m.json")
+    with pytest.raises(int8.GateError, match="no configuration keeps the val Dice"):
+        load_stage("quantize").main(argv)
+
+
+def test_quantize_and_export_refuse_an_onnx_of_another_opset(workspace, quantized, tmp_path):
+    """The one opset is onnx_export.OPSET: a model.onnx of another is refused by name, before
+    any work, and export leaves nothing behind."""
+    model = onnx.load(str(workspace["onnx"]))
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 17
+    other = tmp_path / "model.onnx"
+    onnx.save(model, str(other))
+    expected = rf"{other}: ONNX opset 17, expected {onnx_export.OPSET}"
+    with pytest.raises(ValueError, match=expected):
+        load_stage("quantize").main(
+            quantize_argv(
+                workspace, workspace["params"], tmp_path / "q", tmp_path / "m.json", other
+            )
+        )
+    assert not (tmp_path / "q").exists()
+    argv = export_argv(workspace, quantized["out"], tmp_path / "export", tmp_path / "e.json")
+    argv[argv.index("--onnx") + 1] = str(other)
+    with pytest.raises(ValueError, match=expected):
+        load_stage("export").main(argv)
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export.*"))
 
 
 def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]:
@@ -200,6 +221,8 @@ def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]
         str(w["processed"]),
         str(quant_dir),
         str(out),
+        "--onnx",
+        str(w["onnx"]),
         "--params",
         str(w["params"]),
         "--postprocessing",
@@ -210,6 +233,8 @@ def export_argv(w: dict, quant_dir: Path, out: Path, metrics: Path) -> list[str]
         str(w["root"] / "none.json"),
         "--quantize-metrics",
         str(w["root"] / "metrics" / "quantize.json"),
+        "--quantize-env",
+        str(w["root"] / "metrics" / "env" / "quantize.json"),
     ]
 
 
@@ -230,8 +255,11 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
     m = json.loads(metrics.read_text())
     assert m["parity_passed"] and m["onnx_max_abs_diff"] <= 1e-4 and m["onnx_dice"] >= 0.999
     assert m["pt2_max_abs_diff"] <= 1e-4 and m["opset"] == 18 and m["export_seconds"] > 0
+    assert (out / "model.onnx").read_bytes() == workspace["onnx"].read_bytes()  # train's, as is
     ver = json.loads((out / "verification.json").read_text())
-    assert [s["shape"] for s in ver["onnx_vs_torch"]["shapes"]] == [[1, 3, 32, 48], [2, 3, 48, 16]]
+    shapes = [[b, 3, h, w] for b, h, w in parity.PARITY_SHAPES]
+    assert [s["shape"] for s in ver["onnx_vs_torch"]["shapes"]] == shapes
+    assert m["parity_shapes"] == [list(s) for s in parity.PARITY_SHAPES]
     assert ver["onnx_vs_torch"]["passed"] and ver["pt2_vs_torch"]["passed"]
     spec = json.loads((out / "input_spec.json").read_text())
     assert spec["input"]["shape"] == ["N", 3, "H", "W"] and spec["label_map"] == {
@@ -246,35 +274,36 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
         "mirror_axes"
     ] == [1]
     assert spec["inference"]["whole_slab"] is True  # the default of params.yaml, read by predict
+    inference = config.load(workspace["params"]).inference
+    assert config.Inference.model_validate(spec["inference"]) == inference  # the params, whole
+    assert set(spec["inference_meaning"]) == set(spec["inference"])
     assert json.loads((out / "versions.json").read_text())["opset"] == 18
-    assert 'platform: "onnxruntime_onnx"' in (out / "triton/tiny_seg/config.pbtxt").read_text()
+    triton = (out / "triton/tiny_seg/config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in triton
+    assert f"max_batch_size: {package.TRITON_MAX_BATCH_SIZE}" in triton
     card = (out / "MODEL_CARD.md").read_text()
     assert "Not a medical device" in card and "tiny synthetic spheres" in card
+    assert f"on {runenv.cpu_info()['model']} (1 threads" in card  # from metrics/env/quantize.json
     reloaded = torch.export.load(str(out / "model.pt2")).module()
     assert tuple(reloaded(torch.zeros(2, 3, 16, 32)).shape) == (2, 2, 16, 32)
 
 
-def test_export_stage_fails_on_perturbed_model(
-    workspace, quantized, tmp_path, monkeypatch, tiny_models
-):
-    stage = load_stage("export")
-    real_export = onnx_export.export_onnx
-
-    def export_then_perturb(net, channels, path, opset, metadata=None):
-        result = real_export(net, channels, path, opset, metadata)
-        tiny_models.perturbed_copy(Path(path), Path(path))
-        return result
-
-    monkeypatch.setattr(stage.onnx_export, "export_onnx", export_then_perturb)
-    out = tmp_path / "export"
+def test_export_stage_fails_on_perturbed_model(workspace, quantized, tmp_path, tiny_models):
+    """An ONNX graph that is not the checkpoint's network fails the parity gate."""
+    argv = export_argv(workspace, quantized["out"], tmp_path / "export", tmp_path / "export.json")
+    bad = tiny_models.perturbed_copy(workspace["onnx"], tmp_path / "model.onnx")
+    argv[argv.index("--onnx") + 1] = str(bad)
     with pytest.raises(parity.ParityError, match="model.onnx vs PyTorch: parity gate failed"):
-        stage.main(export_argv(workspace, quantized["out"], out, tmp_path / "export.json"))
+        load_stage("export").main(argv)
+    out = tmp_path / "export"
     assert not out.exists() and not list(
         tmp_path.glob(".export.*")
     )  # nothing half-built left behind
 
 
-def test_quantize_fails_on_test_dice_drop_after_writing_metrics(workspace, tmp_path, monkeypatch):
+def test_quantize_fails_on_test_dice_drop_after_writing_metrics(
+    workspace, tmp_path, monkeypatch, tiny_params
+):
     """The test-split gate: INT8 Dice on the whole test volumes more than ``max_dice_drop`` below
     fp32 fails the stage, after the metrics are written.
 
@@ -282,30 +311,24 @@ def test_quantize_fails_on_test_dice_drop_after_writing_metrics(workspace, tmp_p
     limit would stop the val-slab selection first (the test above), so only that is opened here:
     the test-split measurement, the gate and ``main`` run as they are.
     """
-    params = quantize_export_params()
-    params["quantize"].update(schemes=["U8S8"], calibration_methods=["minmax"], max_dice_drop=-1.5)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    params = quantize_export_params(tiny_params)
+    params["quantize"].update(schemes=["U8S8"], calibration_methods=["minmax"])
+    path = write_params(tmp_path / "params.yaml", params)
+    impossible_gate(monkeypatch, -1.5)
     real_select = quant.select
     monkeypatch.setattr(
         quant, "select", lambda configs, max_drop, rule: real_select(configs, math.inf, rule)
     )
-    stage, metrics = load_stage("quantize"), tmp_path / "quantize.json"
-    argv = [
-        str(workspace["model"]),
-        str(workspace["processed"]),
-        str(tmp_path / "q"),
-        "--params",
-        str(path),
-        "--postprocessing",
-        str(workspace["root"] / "postprocessing.json"),
-        "--metrics",
-        str(metrics),
-    ]
-    with pytest.raises(stage.GateError, match=r"more than quantize\.max_dice_drop=-1\.5"):
-        stage.main(argv)
+    metrics = tmp_path / "quantize.json"
+    argv = quantize_argv(workspace, path, tmp_path / "q", metrics)
+    with pytest.raises(int8.GateError, match=r"more than quantize\.max_dice_drop=-1\.5"):
+        load_stage("quantize").main(argv)
     m = json.loads(metrics.read_text())
     assert m["gate_passed"] is False and m["max_dice_drop"] == -1.5 and m["test_cases"] == 1
     assert m["dice_drop"] == pytest.approx(m["dice_fp32"] - m["dice_int8"], abs=1e-3)
     assert m["dice_drop"] > -1.5 and m["chosen"]["scheme"] == "U8S8"
     assert (tmp_path / "q" / "model_int8.onnx").is_file()
+    assert (
+        "dice_definition"
+        in json.loads((tmp_path / "env" / "quantize.json").read_text())["conditions"]
+    )

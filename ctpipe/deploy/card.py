@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ctpipe.config import Export
 from ctpipe.model import data
 from ctpipe.runenv import git_revision
 
@@ -41,12 +42,16 @@ def model_card(
     spec: dict,
     verification: dict,
     versions: dict,
-    cfg: dict,
+    export: Export,
     processed: Path,
     evaluation: dict | None,
     quantized: dict | None,
+    quantize_env: dict | None = None,
 ) -> str:
-    """MODEL_CARD.md: intended use, data, metrics with intervals, verification, limitations."""
+    """MODEL_CARD.md: intended use, data, metrics with intervals, verification, limitations.
+
+    ``quantized`` and ``quantize_env``: the quantize stage's figures and its environment record
+    (the CPU its latencies were measured on)."""
     tp, index = ckpt["train_params"], data.load_index(processed)
     splits = {s: len(data.cases_in(index, s)) for s in ("train", "val", "test")}
     version = data_version(processed)
@@ -60,7 +65,7 @@ def model_card(
         "`triton/` (Triton onnxruntime backend). How to feed it: `input_spec.json`."
     )
     data_text = (
-        f"{cfg['training_data']}. Cases: {splits['train']} train / {splits['val']} val / {splits['test']} test "
+        f"{export.training_data}. Cases: {splits['train']} train / {splits['val']} val / {splits['test']} test "
         f"(split by patient). Data version: index sha256 `{version['index_sha256_16']}`"
         + (f", DVC md5 `{version['dvc_md5']}`" if version.get("dvc_md5") else "")
         + (
@@ -72,7 +77,7 @@ def model_card(
         f"{ckpt.get('selected', 'best')} checkpoint (epoch {ckpt.get('epoch', -1) + 1}, weight average decay "
         f"{tp.get('ema_decay', 0)}), "
         + (
-            "validation loss only during training (`train.val_every: 0`)"
+            "validation loss only during training"
             if ckpt.get("val_dice", ckpt.get("best_val_dice")) is None
             else "validation Dice during training (axial, threshold 0.5) "
             f"{_fmt(ckpt.get('val_dice', ckpt.get('best_val_dice')))}"
@@ -88,10 +93,10 @@ def model_card(
     )
     metrics = _metric_lines(evaluation, "metrics/evaluate.json")
     if quantized:
-        metrics += ["", _int8_line(quantized)]
+        metrics += ["", _int8_line(quantized, quantize_env or {})]
     template = resources.files("ctpipe.deploy").joinpath(TEMPLATE).read_text(encoding="utf-8")
     return string.Template(template).substitute(
-        name=cfg["model_name"],
+        name=export.model_name,
         model=model,
         training_data=data_text,
         metrics="\n".join(metrics),
@@ -105,14 +110,14 @@ def _fmt(value: object) -> str:
     )
 
 
-def _int8_line(q: dict) -> str:
+def _int8_line(q: dict, env: dict) -> str:
     chosen = q.get("chosen", {})
     return (
         f"INT8 (`model_int8.onnx`, {chosen.get('scheme')} {chosen.get('method')} calibration): Dice "
         f"{q.get('dice_int8')} vs fp32 {q.get('dice_fp32')} (pooled over test voxels), CPM {q.get('cpm_int8')} "
         f"vs {q.get('cpm_fp32')}; latency {q.get('latency_ms_int8')} ms vs {q.get('latency_ms_fp32')} ms fp32 "
-        f"per batch {q.get('latency_input_shape')} on {q.get('cpu', {}).get('model')} "
-        f"({q.get('threads')} threads; from `metrics/quantize.json`)."
+        f"per batch {q.get('latency_input_shape')} on {env.get('cpu', {}).get('model', 'a CPU')} "
+        f"({q.get('threads')} threads; from `metrics/quantize.json` and `metrics/env/quantize.json`)."
     )
 
 

@@ -16,6 +16,7 @@ from ctpipe.model.nets import NUM_CLASSES
 from ctpipe.runenv import package_versions
 
 SUMS_FILE = "SHA256SUMS"
+TRITON_MAX_BATCH_SIZE = 16  # Triton's max_batch_size (Triton owns the batch dim; H and W stay -1)
 RUNTIME_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime", "monai", "numpy")
 
 
@@ -84,7 +85,7 @@ def verify_sha256sums(root: str | Path) -> list[str]:
     return sorted(bad + [rel for rel in package_files(root) if rel not in listed])
 
 
-def triton_config(name: str, channels: int, max_batch_size: int) -> str:
+def triton_config(name: str, channels: int, max_batch_size: int = TRITON_MAX_BATCH_SIZE) -> str:
     """``config.pbtxt`` for Triton's onnxruntime backend; -1 marks the dynamic H and W.
 
     With ``max_batch_size > 0`` Triton owns the batch dimension, so ``dims`` omit it.

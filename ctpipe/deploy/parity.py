@@ -19,6 +19,10 @@ from ctpipe.model.views import slabs
 
 log = logging.getLogger(__name__)
 
+# [batch, H, W] of the real validation slabs the export gate compares: two batch sizes, non-square
+# slabs, H and W multiples of 16 that differ from the export's example (64 x 64).
+PARITY_SHAPES = ((1, 128, 96), (2, 96, 160))
+
 
 class ParityError(RuntimeError):
     """An exported model disagrees with its reference beyond the stated tolerances."""

@@ -1,7 +1,8 @@
 """Run the exported model on a new DICOM study: ``python -m ctpipe.predict STUDY_DIR OUT_DIR``.
 
-Needs only the model package (``models/export``), ONNX Runtime, NumPy, SimpleITK, pydicom and
-highdicom: no PyTorch. For every CT series in STUDY_DIR it applies the preprocessing that
+Needs only the model package (``models/export``), ONNX Runtime, NumPy, SimpleITK, pydicom,
+highdicom and pydantic (the package's ``inference`` settings are checked as ``params.yaml``'s are):
+no PyTorch. For every CT series in STUDY_DIR it applies the preprocessing that
 ``input_spec.json`` states (resample, body crop, intensity normalisation), runs the network on
 whole slabs (or sliding windows, as the spec says) over the views and mirrored passes it names, and writes to
 ``OUT_DIR/<SeriesInstanceUID>/``:
@@ -38,8 +39,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydantic import ValidationError
 
 from ctpipe import dicomio, prep
+from ctpipe.config import Inference
 from ctpipe.deploy import report
 from ctpipe.fileio import read_json, umask, write_csv, write_json
 from ctpipe.geometry import Geometry
@@ -209,10 +212,29 @@ def write_seg(path: Path, sources: list[pydicom.Dataset], mask: np.ndarray) -> N
     seg.save_as(path)
 
 
-def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry):
+def inference_settings(spec: dict, source: Path) -> Inference:
+    """The ``inference`` params the package was exported with, checked as ``params.yaml``'s are.
+
+    Raises:
+        ValueError: naming ``source`` and every wrong key (a package exported before these
+            settings were written whole: export it again).
+    """
+    try:
+        return Inference.model_validate(spec.get("inference"))
+    except ValidationError as exc:
+        wrong = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'inference'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ValueError(
+            f"{source}: inference settings: {wrong} (export the model again)"
+        ) from None
+
+
+def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry, inference: Inference):
     """The package's preprocessing of one series: resampled, body-cropped, normalised volume,
     its geometry and the lungs' box to predict (None: the whole volume)."""
-    pre, inf = spec["preprocessing"], spec["inference"]
+    pre = spec["preprocessing"]
     resampled, rgeom = prep.resample(
         hu, geom, np.asarray(pre["target_spacing_mm_xyz"]), pre["interpolation"]
     )
@@ -220,12 +242,11 @@ def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry):
         resampled, rgeom, pre["body_crop"]["threshold_hu"], pre["body_crop"]["margin_mm"]
     )
     volume = prep.normalise(cropped, pre["normalization"])
-    # Packages before inference.lung_margin_mm predict the whole volume.
     box = lung_roi(
         volume,
         {"body_threshold_hu": pre["body_crop"]["threshold_hu"], **pre},
         cgeom.spacing[::-1],
-        inf.get("lung_margin_mm"),
+        inference.lung_margin_mm,
     )
     return volume, cgeom, box
 
@@ -255,7 +276,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
 
     start = time.perf_counter()
     spec = read_json(package / "input_spec.json")
-    inf, post = spec["inference"], spec["postprocessing"]
+    inference = inference_settings(spec, package / "input_spec.json")
     # Headers only (the pixels are read once, by read_series), with the missing Type 2 patient
     # and study attributes made present and empty: headers as they come still give a SEG and SR.
     sources = [report.add_type2(pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
@@ -263,7 +284,7 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     inside(out, out / uid)  # refused before any work
     hu, geom = dicomio.read_series(paths)
     check_series(spec, sources[0], geom, hu.shape)
-    volume, cgeom, box = prepare_volume(spec, hu, geom)
+    volume, cgeom, box = prepare_volume(spec, hu, geom, inference)
     session = ort.InferenceSession(
         str(package / ("model.onnx" if model == "fp32" else "model_int8.onnx")),
         providers=["CPUExecutionProvider"],
@@ -272,16 +293,16 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
         session,
         volume,
         int(spec["context_slices"]),
-        int(inf["roi_size"]),
-        float(inf["sliding_window_overlap"]),
-        views=inf.get("views", ["axial"]),
-        mirror_axes=inf.get("mirror_axes", []),
-        whole_slab=bool(inf.get("whole_slab", False)),  # packages before it: sliding windows
+        inference.roi_size,
+        inference.overlap,
+        views=inference.views,
+        mirror_axes=inference.mirror_axes,
+        whole_slab=inference.whole_slab,
         box=box,
     )
     # One labelling gives both the mask and the nodules listed: each row is one mask component.
     chosen = package_post_processing(spec, package)
-    found, nodules = chosen.find_nodules(prob, cgeom, float(post["min_candidate_mm3"]))
+    found, nodules = chosen.find_nodules(prob, cgeom, inference.min_candidate_mm3)
     mask = back_to_source(found, cgeom, hu, geom)
     nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +369,9 @@ def predict_study(
     refused or failed with its reason; returns the summary (also ``out_dir/summary.json``). Each
     predicted series' ``record.json`` is also appended to ``records_dir`` (drift monitoring)."""
     spec = read_json(package / "input_spec.json")
-    package_post_processing(spec, package)  # a package predict cannot follow: refused at once
+    # A package predict cannot follow is refused at once.
+    inference_settings(spec, package / "input_spec.json")
+    package_post_processing(spec, package)
     accepted = spec.get("accepted_input", {})
     manifest = dicomio.scan_folder(study_dir, modalities=tuple(accepted.get("modalities", ["CT"])))
     report, files = unused_files(manifest)
