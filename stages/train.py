@@ -2,10 +2,11 @@
 
 In:  ``DATA_DIR`` (data/processed), params ``train`` + ``base.seed``
 Out: ``MODEL`` (models/model.pt: the weights after the last epoch, as an exponential moving average
-     when ``train.ema_decay`` > 0, with their params and the preprocessing plan), ``CKPT_DIR``
-     (models/checkpoints/last.pt, persisted between runs so an interrupted run resumes),
-     ``LIVE_DIR`` (dvclive logs: per-epoch train and validation loss, learning rate, samples/s,
-     data-wait fraction), ``metrics/train.json``.
+     when ``train.ema_decay`` > 0, with their params and the preprocessing plan), ``--onnx``
+     (models/model.onnx: the same weights exported once for the stages after train, opset
+     ``ctpipe.deploy.onnx_export.OPSET``), ``CKPT_DIR`` (models/checkpoints/last.pt, persisted
+     between runs so an interrupted run resumes), ``LIVE_DIR`` (dvclive logs: per-epoch train and
+     validation loss, learning rate, samples/s, data-wait fraction), ``metrics/train.json``.
 
 Why the last (averaged) weights: the cosine schedule ends at zero and the average smooths the last
 epochs; the post-processing of the model is then chosen on validation by the postprocess stage.
@@ -33,8 +34,9 @@ from dvclive import Live
 from monai.data import set_track_meta
 
 from ctpipe import config
+from ctpipe.deploy import onnx_export
 from ctpipe.fileio import rounded, write_json
-from ctpipe.model import training
+from ctpipe.model import nets, training
 from ctpipe.model.training import TrainData, TrainState
 from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
@@ -101,6 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("data_dir", type=Path, help="preprocessed dataset (data/processed)")
     parser.add_argument("model", type=Path, help="model to write (models/model.pt)")
     parser.add_argument(
+        "--onnx", type=Path, required=True, help="its ONNX export to write (models/model.onnx)"
+    )
+    parser.add_argument(
         "--checkpoints", type=Path, required=True, help="last.pt (models/checkpoints)"
     )
     parser.add_argument(
@@ -160,8 +165,13 @@ def finish(
     seed: int,
     data: TrainData,
 ) -> None:
-    """Write the model, mark the run complete, write the metrics (rank 0)."""
+    """Write the model and its ONNX export, mark the run complete, write the metrics (rank 0)."""
     training.write_model(args.model, state, cfg, seed, data.plan)
+    # Exported from the file just written: the ONNX model is the model.pt downstream stages load.
+    net, ckpt = nets.load_checkpoint(str(args.model))
+    onnx_export.quiet_exporter_logs()
+    channels = nets.in_channels(ckpt["train_params"])
+    onnx_export.export_onnx(net, channels, args.onnx, onnx_export.OPSET)
     done = {**state.checkpoint(cfg, seed, data.plan, data.data_id), "complete": True}
     training.save_checkpoint(args.checkpoints / "last.pt", **done)  # a rerun starts afresh
     live.end()

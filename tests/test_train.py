@@ -1,4 +1,5 @@
-"""Train: a CPU smoke run, resume after a kill gives the same model, and DDP with 2 gloo processes."""
+"""Train: a CPU smoke run with its ONNX export, resume after a kill gives the same model, and DDP
+with 2 gloo processes."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
 
 from ctpipe import config, synth
-from ctpipe.model import training
+from ctpipe.model import nets, training
 from stages import preprocess, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,8 @@ def run_train(processed: Path, out: Path, params_file: Path, *extra: str) -> int
         [
             str(processed),
             str(out / "model.pt"),
+            "--onnx",
+            str(out / "model.onnx"),
             "--checkpoints",
             str(out / "ckpt"),
             "--live",
@@ -98,6 +102,21 @@ def test_model_holds_the_last_averaged_weights_and_the_typed_params(trained, tin
         for k in ckpt["state_dict"]
         if ckpt["state_dict"][k].is_floating_point()
     )
+
+
+def test_onnx_export_matches_the_model_in_onnx_runtime(trained):
+    """models/model.onnx: the logits of model.pt, within 1e-3, on a random input whose size is
+    neither the export example's nor square (batch and spatial dimensions are dynamic)."""
+    net, ckpt = nets.load_checkpoint(str(trained / "model.pt"))
+    x = np.random.default_rng(0).normal(size=(3, nets.in_channels(ckpt["train_params"]), 48, 80))
+    x = x.astype(np.float32)
+    session = ort.InferenceSession(str(trained / "model.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    assert got.shape == expected.shape == (3, 2, 48, 80)
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=0)
+    assert np.abs(expected).max() > 1e-2  # a real comparison, not of two near-zero outputs
 
 
 def test_validation_loss_every_epoch_and_no_validation_dice(processed, tmp_path, params_file):
@@ -184,6 +203,8 @@ def test_ddp_two_gloo_processes(processed, tmp_path, params_file):
         str(ROOT / "stages" / "train.py"),
         str(processed),
         str(tmp_path / "model.pt"),
+        "--onnx",
+        str(tmp_path / "model.onnx"),
         "--checkpoints",
         str(tmp_path / "ckpt"),
         "--live",
@@ -197,7 +218,7 @@ def test_ddp_two_gloo_processes(processed, tmp_path, params_file):
     assert result.returncode == 0, result.stderr[-3000:]
     params = yaml.safe_load((tmp_path / "live" / "params.yaml").read_text())
     assert params["world_size"] == 2
-    assert (tmp_path / "model.pt").is_file()
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "model.onnx").is_file()
     assert json.loads((tmp_path / "train.json").read_text())["epochs_run"] == 2
 
 
