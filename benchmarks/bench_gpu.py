@@ -7,8 +7,8 @@ dataset and loader, network, loss, optimiser, EMA and schedule of ``params.yaml`
   training   samples/s, share of step time waiting for data, peak GPU memory, last losses, for
              CPU fp32 | CUDA fp32 | CUDA AMP bf16 | CUDA AMP fp16 (GradScaler) | CUDA AMP + compile
              (the first epoch, which compiles, is timed apart from the steady ones)
-  learning   a short AMP run on the GPU, then the validation Dice of ``training.validate``
-  inference  whole validation volumes (axial sliding window, as validation predicts), CPU vs GPU
+  learning   a short AMP run on the GPU, then the Dice over the validation volumes
+  inference  whole validation volumes (axial, ``inference.whole_slab`` as params.yaml), CPU vs GPU
 
     python benchmarks/bench_gpu.py [--data data/processed] [--steps 100] [--learn-epochs 8]
 
@@ -18,44 +18,24 @@ Without a CUDA GPU it prints the CPU figures and says so.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-import yaml
 from monai.data import set_track_meta
+from monai.metrics import compute_dice
 
-from ctpipe.model import data, nets, training
+from ctpipe import config
+from ctpipe.model import data, infer, training
+from ctpipe.model.training import TrainData, TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(cfg: dict, device: torch.device, amp, data_dir: Path) -> SimpleNamespace:
-    """Dataset, loader, network, optimiser, EMA, schedule, scaler and loss, as the train stage."""
-    torch.manual_seed(0)
-    index = data.load_index(data_dir)
-    train_ids = [c["case_id"] for c in data.cases_in(index, "train")]
-    run = SimpleNamespace(dataset=training.train_dataset(data_dir, train_ids, cfg, 42))
-    run.loader = data.make_loader(
-        run.dataset,
-        int(cfg["batch_size"]),
-        int(cfg["num_workers"]),
-        pin_memory=device.type == "cuda",
-    )
-    run.net = nets.build_network(cfg).to(device, memory_format=nets.MEMORY_FORMAT)
-    run.optimizer = training.make_optimizer(run.net, cfg)
-    run.ema = training.make_ema(run.net, cfg)
-    run.scheduler = training.make_schedule(run.optimizer, cfg, len(run.loader) * int(cfg["epochs"]))
-    run.scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
-    run.loss_fn = training.make_loss(cfg)
-    run.val_cases = data.cases_in(index, "val")
-    return run
-
-
-def one_epoch(run: SimpleNamespace, model, epoch: int, device, amp) -> tuple[float, float, list]:
+def one_epoch(
+    run: TrainData, state: TrainState, model, epoch: int, device, amp
+) -> tuple[float, float, list]:
     """Seconds, seconds waiting for data, and the losses of one pass over the loader."""
     run.dataset.set_epoch(epoch)
     model.train()
@@ -64,33 +44,56 @@ def one_epoch(run: SimpleNamespace, model, epoch: int, device, amp) -> tuple[flo
     for batch in run.loader:
         wait += time.perf_counter() - fetched
         # .item() synchronises with the GPU every step, as the train stage does
-        losses.append(training.step(run, model, batch, device, amp).item())
+        losses.append(training.step(state, model, batch, device, amp).item())
         fetched = time.perf_counter()
     return time.perf_counter() - start, wait, losses
 
 
-def epochs(cfg: dict, device: torch.device, amp, compile_: bool, data_dir: Path, n: int) -> dict:
-    """Build a run and time ``n`` epochs of it."""
-    run = build(cfg, device, amp, data_dir)
-    model = torch.compile(run.net) if compile_ else run.net
+def epochs(
+    cfg: config.Train, device: torch.device, amp, compile_: bool, data_dir: Path, n: int
+) -> dict:
+    """Build a run as the train stage does (seed 0) and time ``n`` epochs of it."""
+    run, state = training.build(data_dir, cfg, 0, device, amp, 1)
+    model = torch.compile(state.net) if compile_ else state.net
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, waits, losses = [], [], []
     for epoch in range(n):
-        seconds, wait, batch_losses = one_epoch(run, model, epoch, device, amp)
+        seconds, wait, batch_losses = one_epoch(run, state, model, epoch, device, amp)
         times.append(seconds)
         waits.append(wait)
         losses += batch_losses
     steady = slice(1, None) if n > 1 else slice(0, None)  # the first epoch warms up (and compiles)
-    samples = int(cfg["samples_per_epoch"])
+    samples = cfg.samples_per_epoch
     return {
-        "run": run,
+        "net": state.final,
         "first_s": times[0],
         "rate": samples * len(times[steady]) / sum(times[steady]),
         "wait": sum(waits[steady]) / sum(times[steady]),
         "loss": float(np.mean(losses[-20:])),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
     }
+
+
+def val_dice(net, processed: Path, context: int, inference: config.Inference, device) -> float:
+    """Mean Dice over the validation cases with a nodule (axial, threshold 0.5)."""
+    predictor = infer.torch_predictor(net.eval(), str(device))
+    dices = []
+    for case in data.cases_in(data.load_index(processed), "val"):
+        image, label, _ = data.load_case(processed, case["case_id"])
+        prob = infer.predict_volume(
+            predictor,
+            np.asarray(image, dtype=np.float32),
+            context,
+            inference.roi_size,
+            inference.overlap,
+            whole_slab=inference.whole_slab,
+        )
+        truth = torch.from_numpy(np.asarray(label) > 0)[None, None]
+        if truth.any():
+            pred = torch.from_numpy(prob >= 0.5)[None, None]
+            dices.append(float(compute_dice(pred, truth, include_background=True).item()))
+    return float(np.mean(dices)) if dices else float("nan")
 
 
 def main() -> None:
@@ -103,8 +106,9 @@ def main() -> None:
     parser.add_argument("--learn-epochs", type=int, default=8, help="epochs of the AMP run")
     args = parser.parse_args()
     set_track_meta(False)  # as the train stage runs
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    batch = int(cfg["batch_size"])
+    params = config.load(ROOT / "params.yaml")
+    cfg = params.train
+    batch = cfg.batch_size
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if cuda:
@@ -112,7 +116,7 @@ def main() -> None:
         print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}")
     else:
         print("no CUDA GPU: CPU figures only")
-    print(f"BasicUNet 2.5D features={cfg['features']} patch={cfg['patch_size']} batch={batch}")
+    print(f"BasicUNet 2.5D features={cfg.features} patch={cfg.patch_size} batch={batch}")
     print(
         f"{'device':6s} {'precision':16s} {'samples/s':>10s} {'data wait':>10s} "
         f"{'1st epoch s':>12s} {'peak GiB':>9s} {'loss':>7s}"
@@ -128,31 +132,30 @@ def main() -> None:
         ]
     for dev, name, amp, compile_ in modes:
         steps = args.cpu_steps if dev == "cpu" else args.steps
-        run_cfg = {**cfg, "samples_per_epoch": steps * batch, "compile": compile_}
+        run_cfg = cfg.model_copy(update={"samples_per_epoch": steps * batch, "compile": compile_})
         r = epochs(run_cfg, torch.device(dev), amp, compile_, args.data, 3)
         print(
             f"{dev:6s} {name:16s} {r['rate']:10.1f} {100 * r['wait']:9.1f}% "
             f"{r['first_s']:12.1f} {r['peak_gib']:9.2f} {r['loss']:7.4f}"
         )
     device = torch.device("cuda" if cuda else "cpu")
-    learn_cfg = copy.deepcopy(cfg)
-    learn_cfg["epochs"] = args.learn_epochs
+    learn_cfg = cfg.model_copy(update={"epochs": args.learn_epochs})
     if not cuda:
-        learn_cfg["samples_per_epoch"] = args.cpu_steps * batch
+        learn_cfg = learn_cfg.model_copy(update={"samples_per_epoch": args.cpu_steps * batch})
     start = time.perf_counter()
     r = epochs(learn_cfg, device, bf16 if cuda else None, False, args.data, args.learn_epochs)
     seconds = time.perf_counter() - start
-    net = r["run"].ema.module if r["run"].ema is not None else r["run"].net
+    net, cases = r["net"], len(data.cases_in(data.load_index(args.data), "val"))
     for dev in ["cpu"] + (["cuda"] if cuda else []):
         net.to(dev)
         start = time.perf_counter()
-        dice = training.validate(net, args.data, r["run"].val_cases, cfg, torch.device(dev))
+        dice = val_dice(net, args.data, cfg.context_slices, params.inference, torch.device(dev))
         if dev == "cuda":
             torch.cuda.synchronize()
-        per_case = (time.perf_counter() - start) / max(len(r["run"].val_cases), 1)
+        per_case = (time.perf_counter() - start) / max(cases, 1)
         print(
-            f"{dev:6s} validation of {len(r['run'].val_cases)} volumes after "
-            f"{args.learn_epochs} epochs x {learn_cfg['samples_per_epoch']} patches on {device} "
+            f"{dev:6s} validation of {cases} volumes after "
+            f"{args.learn_epochs} epochs x {learn_cfg.samples_per_epoch} patches on {device} "
             f"({seconds:.0f} s, last loss {r['loss']:.4f}): Dice {dice:.3f}, "
             f"{per_case:.2f} s a volume"
         )

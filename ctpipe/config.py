@@ -116,6 +116,14 @@ class Train(Section):
     def _shares(self) -> Train:
         if self.fg_fraction + self.hard_fraction > 1.0:
             raise ValueError("fg_fraction + hard_fraction must be at most 1")
+        if len(set(self.views)) != len(self.views):
+            raise ValueError(f"views {self.views}: each view at most once")
+        # The loader drops the last incomplete batch: an epoch needs one whole batch to step.
+        if self.samples_per_epoch < self.batch_size:
+            raise ValueError(
+                f"samples_per_epoch {self.samples_per_epoch} must hold one batch_size batch "
+                f"({self.batch_size})"
+            )
         return self
 
 

@@ -128,12 +128,7 @@ def scramble_slice_order_factory():
 
 # A tiny processed dataset and a random-init network, for the export, quantize and postprocess
 # tests: one case per entry of PROCESSED_SPLITS, each with a sphere nodule.
-TINY_NET = {
-    "context_slices": 1,
-    "features": [4, 4, 8, 8, 16, 4],
-    "patch_size": 32,
-    "val_roi_size": 32,
-}
+TINY_NET = {"context_slices": 1, "features": [4, 4, 8, 8, 16, 4], "patch_size": 32}
 PROCESSED_SPLITS = ("train", "train", "val", "test")
 PROCESSED_SHAPE = (12, 64, 48)  # k, j, i: non-square slices
 PROCESSED_SPACING = (1.0, 1.0, 2.0)  # x, y, z mm
@@ -217,13 +212,16 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     """A checkpoint of :func:`tiny_net` as train writes one, for :func:`make_processed` data."""
     import torch
 
+    from ctpipe import config
+
+    train = config.validate(tiny_params()).train.model_dump()
     torch.save(
         {
             "state_dict": tiny_net(seed).state_dict(),
-            "train_params": dict(TINY_NET, epochs=1),
+            "train_params": config.Train(**{**train, **TINY_NET, "epochs": 1}).model_dump(),
             "plan": copy.deepcopy(PROCESSED_PLAN),
-            "epoch": 1,
-            "best_val_dice": 0.0,
+            "seed": seed,
+            "epoch": 0,
         },
         path,
     )

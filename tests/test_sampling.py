@@ -1,10 +1,11 @@
-"""Training patches: hard negatives on lung structures, and scaled and rotated patches."""
+"""Training patches: nodules drawn uniformly, hard negatives on lung structures."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from ctpipe import config
 from ctpipe.fileio import write_json
 from ctpipe.model import data
 
@@ -69,90 +70,43 @@ def test_hard_fraction_centres_patches_on_lung_structures(tmp_path):
     assert not ds.hard  # off by default: not even computed
 
 
-def test_without_hard_or_affine_the_draws_are_those_of_plain_sampling(tmp_path):
-    """The new options draw nothing when off, so runs with them off keep their patches."""
+def test_without_hard_the_draws_are_those_of_plain_sampling(tmp_path):
+    """Hard negatives draw nothing when off, so runs with them off keep their patches."""
     image, label, _ = _chest()
     plain = _dataset(tmp_path, image, label, fg_fraction=0.5)
-    off = _dataset(tmp_path, image, label, fg_fraction=0.5, hard_fraction=0.0, affine_prob=0.0)
+    off = _dataset(tmp_path, image, label, fg_fraction=0.5, hard_fraction=0.0)
     for item in range(10):
         a, b = plain[item], off[item]
         assert np.array_equal(a["image"].numpy(), b["image"].numpy())
         assert np.array_equal(a["label"].numpy(), b["label"].numpy())
 
 
-def _ball(shape, centre, radius, spacing) -> np.ndarray:
-    k, j, i = np.indices(shape)
-    offsets = [(a - c) * s for a, c, s in zip((k, j, i), centre, spacing)]
-    return (sum(o**2 for o in offsets) <= radius**2).astype(np.uint8)
-
-
-def test_affine_patch_without_scale_or_turn_is_the_plain_crop():
-    rng = np.random.default_rng(0)
-    image = rng.normal(size=(9, 40, 40)).astype(np.float32)
-    label = (rng.random((9, 40, 40)) > 0.7).astype(np.uint8)
-    img, lbl = data.affine_patch(image, label, (4, 20, 21), 2, 16, 1.0, 0.0, (2.0, 1.0, 1.0), -9.0)
-    np.testing.assert_allclose(img, data.crop2d(image[2:7], 12, 13, 16, -9.0), atol=1e-6)
-    np.testing.assert_array_equal(lbl, data.crop2d(label[4:5], 12, 13, 16, 0))
-
-
-@pytest.mark.parametrize("scale", [0.7, 1.4])
-def test_affine_patch_scales_in_every_direction(scale):
-    """Seen with scale s, a ball of radius 8 mm on a 1 x 1 x 2 mm grid has radius 8 / s in the
-    centre slice, and the slab's slices lie 2 mm * s apart (on an image whose value is the
-    slice's height in mm, read exactly by linear interpolation)."""
-    spacing = (2.0, 1.0, 1.0)
-    label = _ball((21, 56, 56), (10, 28, 28), 8.0, spacing)
-    _, lbl = data.affine_patch(label, label, (10, 28, 28), 2, 40, scale, 0.0, spacing, 0.0)
-    assert lbl.sum() == pytest.approx(np.pi * (8.0 / scale) ** 2, rel=0.1)
-    shape = (21, 96, 96)  # wide enough for the turned and scaled patch
-    height = np.broadcast_to(np.arange(21, dtype=np.float32)[:, None, None] * 2.0, shape)
-    img, _ = data.affine_patch(height, np.zeros(shape), (10, 48, 48), 2, 40, scale, 0.7, spacing, 0)
-    for c, channel in zip(range(-2, 3), img):
-        np.testing.assert_allclose(channel, 20.0 + 2.0 * c * scale, atol=1e-4)
-
-
-def test_affine_patch_turns_in_mm_on_an_anisotropic_slab():
-    """A quarter turn of a coronal slab (rows 2 mm, columns 1 mm) turns a bar 8 mm long and 2 mm
-    wide into a bar 2 mm long and 8 mm wide: rows and columns swap their extents in mm."""
-    spacing = (1.0, 2.0, 1.0)
-    label = np.zeros((5, 24, 40), np.uint8)
-    label[:, 10:14, 19:21] = 1  # 4 rows (8 mm) x 2 columns (2 mm)
-    img, lbl = data.affine_patch(
-        label.astype(np.float32), label, (2, 12, 20), 1, 24, 1.0, np.pi / 2, spacing, 0.0
-    )
-    rows, cols = np.nonzero(lbl[0])
-    assert (rows.max() - rows.min() + 1) * 2.0 == pytest.approx(2.0, abs=2.0)
-    assert (cols.max() - cols.min() + 1) * 1.0 == pytest.approx(8.0, abs=1.0)
-
-
-def test_affine_patches_are_a_function_of_seed_epoch_and_item(tmp_path):
+def test_foreground_patches_are_drawn_uniformly_over_nodules(tmp_path):
+    """A nodule of 8 voxels and one of several hundred get about as many patches each."""
     image, label, _ = _chest()
-    a = _dataset(tmp_path, image, label, fg_fraction=0.5, affine_prob=1.0)
-    b = _dataset(tmp_path, image, label, fg_fraction=0.5, affine_prob=1.0)
-    plain = _dataset(tmp_path, image, label, fg_fraction=0.5)
-    for item in (0, 7, 31):
-        np.testing.assert_array_equal(a[item]["image"].numpy(), b[item]["image"].numpy())
-    assert any(
-        not np.array_equal(a[item]["image"].numpy(), plain[item]["image"].numpy())
-        for item in range(5)
-    )
+    label[:] = 0
+    label[6, 10:12, 40:44] = 1  # small: 8 voxels
+    k, j, i = np.indices(label.shape)
+    label[(k - 6) ** 2 / 2 + (j - 30) ** 2 + (i - 44) ** 2 <= 5**2] = 1  # large, apart from it
+    ds = _dataset(tmp_path, image, label, fg_fraction=1.0)
+    assert sorted(len(v) for _, v in ds.nodules)[0] == 8 and len(ds.nodules) == 2
+    small = sum(int(ds._centre(np.random.default_rng([0, 0, n]))[1][1]) < 20 for n in range(200))
+    assert 70 <= small <= 130  # binomial(200, 0.5): 100 +- 3.5 sd
 
 
 @pytest.mark.parametrize(
     "change, name",
     [
         ({"hard_fraction": 0.8, "fg_fraction": 0.5}, "hard_fraction"),
-        ({"affine_prob": 1.5}, "affine_prob"),
-        ({"scale_range": [1.4, 0.7]}, "scale_range"),
-        ({"scale_range": [0.0, 1.0]}, "scale_range"),
-        ({"scale_range": 1.2}, "scale_range"),
-        ({"scale_range": [0.7, "big"]}, "scale_range"),
         ({"hard_fraction": "half"}, "hard_fraction"),
-        ({"affine_prob": None}, "affine_prob"),
+        ({"fg_fraction": 1.5}, "fg_fraction"),
+        ({"views": ["axial", "oblique"]}, "views"),
+        ({"affine_prob": 0.2}, "affine_prob"),  # deleted with its path (commit 8e68312 has it)
+        ({"fg_sampling": "voxel"}, "fg_sampling"),
     ],
 )
-def test_bad_sampling_params_are_refused(tmp_path, change, name):
-    image, label, _ = _chest()
-    kwargs = {"fg_fraction": 0.3, **change}
-    with pytest.raises(ValueError, match=name):
-        _dataset(tmp_path, image, label, **kwargs)
+def test_bad_sampling_params_are_refused(tiny_params, change, name):
+    params = tiny_params()
+    params["train"].update(change)
+    with pytest.raises(config.ConfigError, match=name):
+        config.validate(params)

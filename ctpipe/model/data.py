@@ -37,7 +37,6 @@ from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import (
     VIEWS,
-    as_number,
     check_views,
     in_view,
     intensity_level,
@@ -121,8 +120,10 @@ class SlabPatchDataset(torch.utils.data.Dataset):
     Every item is a pure function of ``(seed, epoch, item index)``, so a run resumed mid-training
     sees exactly the batches an uninterrupted run would, whatever the number of loader workers.
     A fraction ``fg_fraction`` of the patches is centred on a nodule voxel (nnU-Net oversamples a
-    third), drawn per case or per nodule (``fg_sampling``); the rest are centred anywhere in the
-    volume, which shows the network the vessels and airways it must learn to ignore.
+    third), uniformly over the nodules; ``hard_fraction`` on bright lung structures that are not
+    nodules (:func:`lung_structures`); the rest anywhere in the volume, which shows the network the
+    vessels and airways it must learn to ignore. Augmentation: in-plane flips and quarter turns,
+    intensity jitter and noise (MONAI), drawn from one generator per item.
     """
 
     def __init__(
@@ -135,33 +136,19 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         fg_fraction: float,
         seed: int,
         augment: bool = True,
-        fg_sampling: str = "voxel",
         views=("axial",),
         hard_fraction: float = 0.0,
-        affine_prob: float = 0.0,
-        scale_range=(0.7, 1.4),
     ) -> None:
-        _check_sampling(fg_fraction, hard_fraction, affine_prob, scale_range)
-        cases = [load_case(processed, cid) for cid in case_ids]
-        self.volumes = [(image, label) for image, label, _ in cases]
-        self.spacing_kji = [np.asarray(geom.spacing[::-1], dtype=np.float64) for *_, geom in cases]
-        self.affine_prob = float(affine_prob)
-        self.scale_range = tuple(float(s) for s in scale_range)
+        self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
         self.views = check_views(views)
-        # Foreground oversampling draws a "pool" uniformly, then a voxel in it. fg_sampling "voxel":
-        # one pool per case with nodules (large nodules get most patches); "nodule": one pool per
-        # nodule (connected component), so small and part-solid nodules are seen as often as large.
-        if fg_sampling not in ("voxel", "nodule"):
-            raise ValueError(f"fg_sampling must be 'voxel' or 'nodule', got {fg_sampling!r}")
+        # Foreground oversampling draws a nodule (connected component) uniformly, then a voxel in
+        # it, so small and part-solid nodules are seen as often as large ones.
         self.nodules: list[tuple[int, np.ndarray]] = []
         for case, (_, lbl) in enumerate(self.volumes):
             components, n = ndimage.label(np.asarray(lbl) > 0)
             voxels = np.argwhere(components > 0)
-            if fg_sampling == "voxel" and len(voxels):
-                self.nodules.append((case, voxels))
-            elif fg_sampling == "nodule":
-                ids = components[tuple(voxels.T)]
-                self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
+            ids = components[tuple(voxels.T)]
+            self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
         self.pad = [float(np.asarray(img[0]).min()) for img, _ in self.volumes]
         self.hard_fraction = float(hard_fraction)
         self.hard: list[tuple[int, np.ndarray]] = []
@@ -195,15 +182,6 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         shape = self.volumes[case][0].shape
         return case, np.array([rng.integers(0, s) for s in shape])
 
-    def _affine_draw(self, rng: np.random.Generator) -> tuple[float, float]:
-        """Scale factor and in-plane rotation (radians) of a patch: each drawn with probability
-        ``affine_prob`` (nnU-Net's scaling 0.7-1.4 and rotation); no draw at all when it is 0."""
-        if self.affine_prob <= 0:
-            return 1.0, 0.0
-        scale = float(rng.uniform(*self.scale_range)) if rng.random() < self.affine_prob else 1.0
-        angle = float(rng.uniform(-np.pi, np.pi)) if rng.random() < self.affine_prob else 0.0
-        return scale, angle
-
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(item)])
         case, centre = self._centre(rng)
@@ -220,26 +198,9 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         # Jitter the centre so the nodule is not always in the middle of the patch.
         j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
         i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
-        scale, angle = self._affine_draw(rng) if self.augment else (1.0, 0.0)
-        if scale != 1.0 or angle != 0.0:
-            spacing = self.spacing_kji[case][list(VIEWS[view])]
-            img, lbl = affine_patch(
-                image,
-                label,
-                (k, j0 + half, i0 + half),
-                self.context,
-                self.patch,
-                scale,
-                angle,
-                spacing,
-                self.pad[case],
-            )
-        else:
-            ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
-            img = crop2d(
-                np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case]
-            )
-            lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
+        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
+        img = crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
+        lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
         if self.augment:
             # One RandomState per item, shared by every transform: as reproducible as seeding each
             # transform, at a tenth of the cost (Compose.set_random_state builds one per child).
@@ -254,28 +215,6 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             "image": torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)),
             "label": torch.from_numpy(np.ascontiguousarray(lbl, dtype=np.int64)),
         }
-
-
-def _check_sampling(fg_fraction, hard_fraction, affine_prob, scale_range) -> None:
-    """Refuse sampling params that cannot describe a patch draw, naming the param."""
-    fractions = {}
-    for name, value in (
-        ("fg_fraction", fg_fraction),
-        ("hard_fraction", hard_fraction),
-        ("affine_prob", affine_prob),
-    ):
-        fractions[name] = as_number(value)
-        if not 0.0 <= fractions[name] <= 1.0:  # NaN too
-            raise ValueError(f"train.{name} must be a number in [0, 1], got {value!r}")
-    if fractions["fg_fraction"] + fractions["hard_fraction"] > 1.0:
-        raise ValueError(
-            f"train.fg_fraction + train.hard_fraction must be <= 1, got {fg_fraction} + {hard_fraction}"
-        )
-    bounds = [as_number(v) for v in scale_range] if isinstance(scale_range, (list, tuple)) else []
-    if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
-        raise ValueError(
-            f"train.scale_range must be [low, high] with 0 < low <= high, got {scale_range!r}"
-        )
 
 
 def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndarray:
@@ -294,67 +233,6 @@ def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndar
     near_lung = ndimage.uniform_filter(lung.astype(np.float32), size=(3, 7, 7)) > 0.5
     near_nodule = ndimage.binary_dilation(label > 0, iterations=2)
     return np.argwhere(bright & near_lung & ~near_nodule)
-
-
-def affine_patch(
-    image: np.ndarray,
-    label: np.ndarray,
-    centre,
-    context: int,
-    patch: int,
-    scale: float,
-    angle: float,
-    spacing,
-    pad_value: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A 2.5D patch (``[2c+1, P, P]`` image, ``[1, P, P]`` centre-slice label) resampled around
-    ``centre`` (slice, row, column of ``image``, seen along the view) with the content scaled by
-    ``1 / scale`` in all three directions and rotated by ``angle`` in the slab's plane, in mm
-    (``spacing``: mm per slice, row and column), so that a sphere stays a sphere. Linear
-    interpolation; the label is interpolated linearly and cut at 0.5. Slices beyond the volume
-    repeat its edge slices (as :func:`ctpipe.model.views.slabs` does); rows and columns beyond it
-    read ``pad_value``."""
-    spacing = np.asarray(spacing, dtype=np.float64)
-    half = patch // 2
-    c = np.arange(-context, context + 1, dtype=np.float64)
-    y, x = np.meshgrid(np.arange(patch) - half, np.arange(patch) - half, indexing="ij")
-    cos, sin = np.cos(angle), np.sin(angle)
-    # Output offsets in mm, rotated and scaled, back to input voxels.
-    ym, xm = y * spacing[1], x * spacing[2]
-    rows = (cos * ym - sin * xm) * scale / spacing[1] + centre[1]
-    cols = (sin * ym + cos * xm) * scale / spacing[2] + centre[2]
-    slices = np.clip(centre[0] + c * scale, 0, image.shape[0] - 1)
-    lo = np.floor([slices.min(), rows.min(), cols.min()]).astype(int)
-    hi = np.ceil([slices.max(), rows.max(), cols.max()]).astype(int) + 1
-    block = crop3d(image, lo, hi - lo, pad_value).astype(np.float32)
-    lblock = crop3d(label, lo, hi - lo, 0).astype(np.float32)
-    grid = np.stack(
-        [
-            np.broadcast_to(slices[:, None, None] - lo[0], (len(c), patch, patch)),
-            np.broadcast_to(rows - lo[1], (len(c), patch, patch)),
-            np.broadcast_to(cols - lo[2], (len(c), patch, patch)),
-        ]
-    )
-    img = ndimage.map_coordinates(block, grid, order=1, mode="nearest", prefilter=False)
-    centre_grid = np.stack(
-        [np.full((1, patch, patch), centre[0] - lo[0], np.float64), grid[1][:1], grid[2][:1]]
-    )
-    lbl = ndimage.map_coordinates(lblock, centre_grid, order=1, mode="nearest", prefilter=False)
-    return img.astype(np.float32), (lbl >= 0.5).astype(np.uint8)
-
-
-def crop3d(arr: np.ndarray, start, size, pad_value: float) -> np.ndarray:
-    """``arr[start : start + size]`` in three dimensions, padded with ``pad_value`` where the box
-    reaches outside the array."""
-    start, size = np.asarray(start, int), np.asarray(size, int)
-    out = np.full(tuple(size), pad_value, dtype=arr.dtype)
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + size, arr.shape)
-    if np.all(src_hi > src_lo):
-        src = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
-        dst = tuple(slice(a - s, b - s) for a, b, s in zip(src_lo, src_hi, start))
-        out[dst] = arr[src]
-    return out
 
 
 def crop2d(

@@ -10,6 +10,7 @@ sagittal slabs (``train.views``, ``inference.views``; :mod:`ctpipe.model.views`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,22 +25,35 @@ NUM_CLASSES = 2  # background, nodule
 MEMORY_FORMAT = torch.channels_last
 
 
-def in_channels(cfg: dict[str, Any]) -> int:
-    """Number of input channels: the centre slice plus ``context_slices`` on each side."""
-    return 2 * int(cfg["context_slices"]) + 1
+def slab_channels(context_slices: int) -> int:
+    """Input channels of a slab: the centre slice plus ``context_slices`` on each side."""
+    return 2 * context_slices + 1
 
 
-def build_network(cfg: dict[str, Any]) -> torch.nn.Module:
-    """Build the network described by the ``train`` params (``context_slices``, ``features``)."""
+def basic_unet(context_slices: int, features: Sequence[int]) -> torch.nn.Module:
+    """The BasicUNet of ``train.context_slices`` and ``train.features`` (channels per level)."""
     return BasicUNet(
         spatial_dims=2,
-        in_channels=in_channels(cfg),
+        in_channels=slab_channels(context_slices),
         out_channels=NUM_CLASSES,
-        features=tuple(int(f) for f in cfg["features"]),
+        features=tuple(features),
         act=("relu", {"inplace": True}),
         norm=("batch", {}),
         dropout=0.0,
         upsample="nontrainable",
+    )
+
+
+def in_channels(train_params: Mapping[str, Any]) -> int:
+    """:func:`slab_channels` of a checkpoint's ``train_params`` (the train section it was trained
+    with, as a dict)."""
+    return slab_channels(int(train_params["context_slices"]))
+
+
+def build_network(train_params: Mapping[str, Any]) -> torch.nn.Module:
+    """:func:`basic_unet` of a checkpoint's ``train_params`` (``context_slices``, ``features``)."""
+    return basic_unet(
+        int(train_params["context_slices"]), [int(f) for f in train_params["features"]]
     )
 
 
