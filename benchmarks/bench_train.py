@@ -27,6 +27,7 @@ import yaml
 from monai.data import set_track_meta
 from monai.losses import DiceCELoss
 
+from ctpipe import config
 from ctpipe.model import data, nets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def make_dataset(tmp: Path, n: int) -> Path:
     return tmp / "processed"
 
 
-def monai_dataset(processed: Path, ids: list[str], cfg: dict, n: int):
+def monai_dataset(processed: Path, ids: list[str], cfg: config.Train, n: int):
     from monai.data import Dataset
     from monai.transforms import (
         Compose,
@@ -73,7 +74,7 @@ def monai_dataset(processed: Path, ids: list[str], cfg: dict, n: int):
         RandShiftIntensityd,
     )
 
-    c, p = int(cfg["context_slices"]), int(cfg["patch_size"])
+    c, p = cfg.context_slices, cfg.patch_size
     items = []
     for cid in ids:
         image, label, _ = data.load_case(processed, cid, mmap=False)
@@ -142,21 +143,21 @@ def main() -> None:
         "--cases", type=int, default=6, help="cases to generate when --data is missing"
     )
     args = parser.parse_args()
-    cfg = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    cfg = config.load(ROOT / "params.yaml").train
     tmp = None
     if not (args.data / "index.json").is_file():
         tmp = Path(tempfile.mkdtemp())
         args.data = make_dataset(tmp, args.cases)
     ids = [c["case_id"] for c in data.cases_in(data.load_index(args.data), "train")]
-    n = (args.steps + 3) * int(cfg["batch_size"])
+    n = (args.steps + 3) * cfg.batch_size
     devices = [("cpu", None)]
     if torch.cuda.is_available():
         devices.append(
             ("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         )
     print(
-        f"network BasicUNet 2.5D features={cfg['features']} patch={cfg['patch_size']} "
-        f"batch={cfg['batch_size']} loader workers={args.workers} torch threads={torch.get_num_threads()}"
+        f"network BasicUNet 2.5D features={cfg.features} patch={cfg.patch_size} "
+        f"batch={cfg.batch_size} loader workers={args.workers} torch threads={torch.get_num_threads()}"
     )
     for dev, amp in devices:
         for name, ds in (
@@ -165,10 +166,10 @@ def main() -> None:
                 data.SlabPatchDataset(
                     args.data,
                     ids,
-                    cfg["patch_size"],
-                    cfg["context_slices"],
+                    cfg.patch_size,
+                    cfg.context_slices,
                     n,
-                    cfg["fg_fraction"],
+                    cfg.fg_fraction,
                     0,
                 ),
             ),
@@ -176,12 +177,12 @@ def main() -> None:
         ):
             if name.startswith("ctpipe"):  # exactly the loader the train stage builds
                 loader = data.make_loader(
-                    ds, int(cfg["batch_size"]), args.workers, pin_memory=dev == "cuda"
+                    ds, cfg.batch_size, args.workers, pin_memory=dev == "cuda"
                 )
             else:  # the tutorials' plain DataLoader
                 loader = torch.utils.data.DataLoader(
                     ds,
-                    batch_size=int(cfg["batch_size"]),
+                    batch_size=cfg.batch_size,
                     num_workers=args.workers,
                     pin_memory=dev == "cuda",
                 )

@@ -119,6 +119,7 @@ def write_plots(
 
 def run(
     model_path: Path,
+    onnx_path: Path,
     processed: Path,
     plots: Path,
     chosen: Chosen,
@@ -130,7 +131,13 @@ def run(
     cases, nodules = data.split_cases(processed, "test")
     rows, candidates, overlays = [], [], Overlays()
     for case, image, truth, prob, geom in runtime.predict_cases(
-        net, processed, cases, inference, ckpt["train_params"]["context_slices"], "evaluate"
+        net,
+        processed,
+        cases,
+        inference,
+        ckpt["train_params"]["context_slices"],
+        onnx_path,
+        "evaluate",
     ):
         mask, found = chosen.find_nodules(prob, geom, inference.min_candidate_mm3)
         row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
@@ -165,7 +172,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "evaluate")
-    add_model_inputs(parser)
+    add_model_inputs(parser, onnx=True)
     parser.add_argument(
         "plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)"
     )
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(
         args.model,
+        args.onnx,
         args.data_dir,
         args.plots_dir,
         chosen,

@@ -38,7 +38,7 @@ RULE = (
 
 
 def val_cases(
-    model_path: Path, processed: Path, inference: config.Inference
+    model_path: Path, onnx_path: Path, processed: Path, inference: config.Inference
 ) -> tuple[list[choose.Case], object]:
     """Predict every validation case; return them with the validation nodules."""
     net, ckpt = nets.load_checkpoint(str(model_path))
@@ -47,7 +47,7 @@ def val_cases(
     out = [
         choose.Case(prob, truth, geom, case["seriesuid"])
         for case, _, truth, prob, geom in runtime.predict_cases(
-            net, processed, cases, inference, context, "validation"
+            net, processed, cases, inference, context, onnx_path, "validation"
         )
     ]
     return out, nodules
@@ -55,13 +55,14 @@ def val_cases(
 
 def run(
     model_path: Path,
+    onnx_path: Path,
     processed: Path,
     out: Path,
     tables: Path,
     post: config.Postprocess,
     inference: config.Inference,
 ) -> dict:
-    cases, nodules = val_cases(model_path, processed, inference)
+    cases, nodules = val_cases(model_path, onnx_path, processed, inference)
     result = choose.choose(cases, nodules, post, inference.min_candidate_mm3)
     write_csv(tables / "sweep.csv", result["masks"].round(4))
     write_csv(tables / "shape.csv", result["shape"].round(4))
@@ -92,7 +93,7 @@ def _sha(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__, "postprocess")
-    add_model_inputs(parser, postprocessing=False)
+    add_model_inputs(parser, postprocessing=False, onnx=True)
     parser.add_argument(
         "out", type=Path, help="chosen post-processing to write (models/postprocessing.json)"
     )
@@ -104,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     params = config.load(args.params)
     record_environment("postprocess", Path(args.metrics).parent / "env")
     metrics = run(
-        args.model, args.data_dir, args.out, args.tables, params.postprocess, params.inference
+        args.model,
+        args.onnx,
+        args.data_dir,
+        args.out,
+        args.tables,
+        params.postprocess,
+        params.inference,
     )
     write_json(args.metrics, metrics)
     return 0

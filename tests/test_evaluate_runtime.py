@@ -101,7 +101,7 @@ def test_predict_cases_runs_the_inference_params_on_the_given_onnx(
     )
     cases, _ = data.split_cases(processed, "val")
     ((case, image, truth, prob, _),) = runtime.predict_cases(
-        net, processed, cases, inference, 1, onnx_path=onnx_path
+        net, processed, cases, inference, 1, onnx_path
     )
     assert case is cases[0] and prob.shape == image.shape == truth.shape
     assert prob.dtype == np.float32 and truth.dtype == bool and truth.any()

@@ -71,9 +71,14 @@ class DeidOptions:
     @classmethod
     def from_params(cls, params) -> DeidOptions:
         """The options of the ``anonymize`` section (:class:`ctpipe.config.Anonymize`)."""
-        values = {k: getattr(params, k) for k in cls.__dataclass_fields__}
-        values["keep_descriptors"] = tuple(params.keep_descriptors)
-        return cls(**values)
+        return cls(
+            retain_modified_dates=params.retain_modified_dates,
+            retain_patient_characteristics=params.retain_patient_characteristics,
+            clean_descriptors=params.clean_descriptors,
+            retain_device_identity=params.retain_device_identity,
+            retain_safe_private=params.retain_safe_private,
+            keep_descriptors=tuple(params.keep_descriptors),
+        )
 
     def codes(self) -> list[str]:
         """CID 7050 codes of the Basic Profile and of every enabled option, in table order."""

@@ -8,7 +8,6 @@ come from the same inference. ONNX Runtime runs the fp32 graph the train stage e
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from ctpipe.config import Inference
-from ctpipe.deploy import onnx_export, sessions
+from ctpipe.deploy import sessions
 from ctpipe.model import data, infer, views
 from ctpipe.progress import progress
 
@@ -57,26 +56,18 @@ def predict_cases(
     cases: list[dict],
     inference: Inference,
     context: int,
+    onnx_path: str | Path,
     desc: str = "predict",
-    onnx_path: str | Path | None = None,
 ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, object]]:
     """Yield ``(case, image, truth, prob, geometry)`` for each case, one volume in memory at a time,
     inferred on ``inference.runtime`` (:func:`make_predictor`: ``net``, or ``onnx_path``, train's
     ``models/model.onnx``) with the slabs, views and test-time mirroring of ``inference``, inside
-    the lungs' box (``inference.lung_margin_mm``).
-
-    ``onnx_path`` None: ONNX Runtime runs an export of ``net`` to a temporary folder, the path of
-    the stages that do not pass train's file yet (to delete once postprocess and evaluate do).
-    """
+    the lungs' box (``inference.lung_margin_mm``)."""
     plan = data.load_plan(processed)
-    with tempfile.TemporaryDirectory(prefix="ctpipe-predict-") as tmp:
-        if onnx_path is None and resolve_runtime(inference.runtime) == "onnxruntime":
-            onnx_path = Path(tmp) / "model.onnx"
-            onnx_export.export_onnx(net, 2 * context + 1, onnx_path, onnx_export.OPSET)
-        predictor = make_predictor(net, inference.runtime, onnx_path)
-        for case in progress(cases, desc=desc, unit="case"):
-            image, label, geom = data.load_case(processed, case["case_id"])
-            image = np.asarray(image, dtype=np.float32)
-            box = views.lung_roi(image, plan, geom.spacing[::-1], inference.lung_margin_mm)
-            prob = infer.predict(predictor, image, context, inference, box)
-            yield case, image, np.asarray(label) > 0, prob, geom
+    predictor = make_predictor(net, inference.runtime, onnx_path)
+    for case in progress(cases, desc=desc, unit="case"):
+        image, label, geom = data.load_case(processed, case["case_id"])
+        image = np.asarray(image, dtype=np.float32)
+        box = views.lung_roi(image, plan, geom.spacing[::-1], inference.lung_margin_mm)
+        prob = infer.predict(predictor, image, context, inference, box)
+        yield case, image, np.asarray(label) > 0, prob, geom
