@@ -73,15 +73,9 @@ def model_card(
             if version.get("git_revision")
             else ""
         )
-        + f". Training: up to {tp.get('epochs')} epochs, patch {tp.get('patch_size')}; the model is the "
-        f"{ckpt.get('selected', 'best')} checkpoint (epoch {ckpt.get('epoch', -1) + 1}, weight average decay "
-        f"{tp.get('ema_decay', 0)}), "
-        + (
-            "validation loss only during training"
-            if ckpt.get("val_dice", ckpt.get("best_val_dice")) is None
-            else "validation Dice during training (axial, threshold 0.5) "
-            f"{_fmt(ckpt.get('val_dice', ckpt.get('best_val_dice')))}"
-        )
+        + f". Training: {tp.get('epochs')} epochs, patch {tp.get('patch_size')}; the model is the "
+        f"weights after the last epoch (epoch {ckpt.get('epoch', -1) + 1}), averaged with decay "
+        f"{tp.get('ema_decay', 0)}"
         + "; post-processing chosen on validation (evaluate's own inference)."
     )
     fig = verification["onnx_vs_torch"]
@@ -101,12 +95,6 @@ def model_card(
         training_data=data_text,
         metrics="\n".join(metrics),
         verification=verified,
-    )
-
-
-def _fmt(value: object) -> str:
-    return (
-        f"{value:.4f}" if isinstance(value, float) else str(value if value is not None else "n/a")
     )
 
 

@@ -68,6 +68,7 @@ def export_onnx(
             verbose=False,
         )
     model = program.model_proto
+    strip_debug_metadata(model)
     removed = strip_noop_pads(model)
     log.info("exported opset %d, removed %d zero Pad nodes", opset, removed)
     for key, value in (metadata or {}).items():
@@ -110,6 +111,31 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> None:
     """Write ``model`` as one file (no external data), atomically."""
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
+
+
+def strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's debugging metadata: stack traces with this checkout's absolute paths,
+    and a range-constraints text whose order follows Python's hash seed. Without them the same
+    weights give the same bytes wherever and whenever they are exported (DVC hashes the file)."""
+
+    def clear(graph: onnx.GraphProto) -> None:
+        del graph.metadata_props[:]
+        for value in [*graph.input, *graph.output, *graph.value_info]:
+            del value.metadata_props[:]
+        for node in graph.node:
+            del node.metadata_props[:]
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    clear(attribute.g)
+                for sub in attribute.graphs:
+                    clear(sub)
+
+    del model.metadata_props[:]
+    clear(model.graph)
+    for function in model.functions:
+        del function.metadata_props[:]
+        for node in function.node:
+            del node.metadata_props[:]
 
 
 def strip_noop_pads(model: onnx.ModelProto) -> int:
