@@ -39,6 +39,8 @@ def run_stage(root: Path, processed: Path, chosen: dict, monkeypatch) -> tuple[d
         str(root / "model.pt"),
         str(processed),
         str(root / "plots"),
+        "--onnx",
+        str(root / "model.onnx"),
         "--postprocessing",
         str(root / "postprocessing.json"),
         "--params",
@@ -55,6 +57,7 @@ def test_evaluate_scores_the_test_split_with_the_chosen_post_processing(
 ):
     processed = tiny_models.make_processed(tmp_path / "processed")
     tiny_models.make_checkpoint(tmp_path / "model.pt")
+    tiny_models.make_onnx(tmp_path / "model.onnx")
     chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 2.0}
     metrics, read = run_stage(tmp_path, processed, chosen, monkeypatch)
     test, nodules = data.split_cases(processed, "test")
@@ -74,6 +77,7 @@ def test_evaluate_refuses_a_post_processing_with_the_deleted_rule_on(
 ):
     processed = tiny_models.make_processed(tmp_path / "processed")
     tiny_models.make_checkpoint(tmp_path / "model.pt")
+    tiny_models.make_onnx(tmp_path / "model.onnx")
     chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0, "keep_level": 0.3}
     with pytest.raises(ValueError, match=r"postprocessing.json: 'chosen': \{'keep_level': 0.3\}"):
         run_stage(tmp_path, processed, chosen, monkeypatch)

@@ -259,6 +259,7 @@ def workspace(tmp_path_factory, tiny_models) -> dict:
         "root": root,
         "processed": processed,
         "model": tiny_models.make_checkpoint(root / "model.pt"),
+        "onnx": tiny_models.make_onnx(root / "model.onnx"),
         "params": root / "params.yaml",
     }
 
@@ -280,6 +281,8 @@ def run_stage(w: dict, out: Path, model_fn, monkeypatch) -> tuple[dict, list[str
                 str(w["model"]),
                 str(w["processed"]),
                 str(out / "postprocessing.json"),
+                "--onnx",
+                str(w["onnx"]),
                 "--tables",
                 str(out / "tables"),
                 "--params",
