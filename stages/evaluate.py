@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -45,15 +46,21 @@ log = logging.getLogger("evaluate")
 FP_RATES = luna16.LUNA16_FP_RATES
 
 
-def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str) -> None:
-    """The slice with the most truth voxels (else predicted ones): image, truth, prediction."""
-    k = int(np.argmax((truth if truth.any() else pred).sum(axis=(1, 2))))
+def drawn_slice(truth: np.ndarray, pred: np.ndarray) -> int:
+    """The slice an overlay shows: the one with the most truth voxels (else predicted ones)."""
+    return int(np.argmax((truth if truth.any() else pred).sum(axis=(1, 2))))
+
+
+def overlay(
+    path: Path, k: int, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, title: str
+) -> None:
+    """Slice ``k`` (``image``, ``truth``, ``pred`` are its 2D arrays): image, truth, prediction."""
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     for ax, (name, mask) in zip(axes, [("image", None), ("truth", truth), ("prediction", pred)]):
-        ax.imshow(image[k], cmap="gray")
+        ax.imshow(image, cmap="gray")
         if mask is not None:
             ax.contour(
-                mask[k], levels=[0.5], colors="lime" if name == "truth" else "red", linewidths=1
+                mask, levels=[0.5], colors="lime" if name == "truth" else "red", linewidths=1
             )
         ax.set_title(name)
         ax.axis("off")
@@ -66,7 +73,7 @@ def overlay(path: Path, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, 
 
 class Overlays:
     """The best and the worst test case with nodules (by Dice, ties by case id), kept while the
-    cases stream past: two volumes in memory, whatever the size of the test split."""
+    cases stream past: only the slice each overlay draws, so no volume stays behind its case."""
 
     def __init__(self) -> None:
         self.kept: dict[str, tuple] = {}
@@ -81,7 +88,10 @@ class Overlays:
             ("best", key > self._keys.get("best", (-np.inf, ""))),
         ):
             if better:
-                self._keys[name], self.kept[name] = key, (row, image, truth, pred)
+                k = drawn_slice(truth, pred)
+                # copies: a slice of a volume would keep the whole volume alive
+                slices = tuple(a[k].copy() for a in (image, truth, pred))
+                self._keys[name], self.kept[name] = key, (row, k, *slices)
 
 
 def write_plots(
@@ -107,14 +117,31 @@ def write_plots(
             {"fps_per_scan": curve["fps_per_scan"], "sensitivity": curve["sensitivity"]}
         ).round(4),
     )
-    for name, (row, image, truth, pred) in overlays.kept.items():
+    for name, (row, k, image, truth, pred) in overlays.kept.items():
         overlay(
             plots / "overlays" / f"{name}.png",
+            k,
             image,
             truth,
             pred,
             f"{name} test case {row['case_id']}: Dice {row['dice']:.3f}",
         )
+
+
+def score_cases(
+    predicted: Iterator[tuple], chosen: Chosen, cfg: config.Evaluate, min_candidate_mm3: float
+) -> tuple[list[dict], list[pd.DataFrame], Overlays]:
+    """Each test case's row and candidates (:func:`ctpipe.evaluation.scoring.score_case`) and the
+    overlays, from ``predicted`` (:func:`ctpipe.deploy.runtime.predict_cases`) one case at a time."""
+    rows, candidates, overlays = [], [], Overlays()
+    for case, image, truth, prob, geom in predicted:
+        mask, found = chosen.find_nodules(prob, geom, min_candidate_mm3)
+        row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
+        rows.append(row)
+        candidates.append(cands)
+        overlays.offer(row, image, truth, mask)
+        del image, truth, prob, mask  # else they stay while the next case is predicted
+    return rows, candidates, overlays
 
 
 def run(
@@ -129,8 +156,7 @@ def run(
 ) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
     cases, nodules = data.split_cases(processed, "test")
-    rows, candidates, overlays = [], [], Overlays()
-    for case, image, truth, prob, geom in runtime.predict_cases(
+    predicted = runtime.predict_cases(
         net,
         processed,
         cases,
@@ -138,12 +164,8 @@ def run(
         ckpt["train_params"]["context_slices"],
         onnx_path,
         "evaluate",
-    ):
-        mask, found = chosen.find_nodules(prob, geom, inference.min_candidate_mm3)
-        row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
-        rows.append(row)
-        candidates.append(cands)
-        overlays.offer(row, image, truth, mask)
+    )
+    rows, candidates, overlays = score_cases(predicted, chosen, cfg, inference.min_candidate_mm3)
     score = scoring.summarise(rows, candidates, nodules, FP_RATES)
     cands, froc, summary = score.candidates, score.froc, score.voxel
     test_uids = [c["seriesuid"] for c in cases]

@@ -10,7 +10,9 @@ Out: ``OUT`` (models/postprocessing.json): the chosen ``threshold``, ``component
      weight: val CPM and sensitivities); ``metrics/postprocess.json`` (the choice and its val figures).
 
 The validation volumes are predicted with the same inference as evaluate (views, mirroring), one at a
-time; the rule is in :mod:`ctpipe.postprocessing.choose`.
+time, and each is reduced to the tables the choice needs before the next is predicted, so memory
+does not grow with the number of validation cases; the rule is in
+:mod:`ctpipe.postprocessing.choose`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import dataclasses
 import hashlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pandas as pd
 
 from ctpipe import config
 from ctpipe.deploy import runtime
@@ -39,18 +44,22 @@ RULE = (
 
 def val_cases(
     model_path: Path, onnx_path: Path, processed: Path, inference: config.Inference
-) -> tuple[list[choose.Case], object]:
-    """Predict every validation case; return them with the validation nodules."""
+) -> tuple[Iterator[choose.Case], pd.DataFrame]:
+    """The validation cases, each predicted when the choice asks for it (an iterator, so that one
+    volume is in memory at a time), and the validation nodules."""
     net, ckpt = nets.load_checkpoint(str(model_path))
     cases, nodules = data.split_cases(processed, "val")
     context = ckpt["train_params"]["context_slices"]
-    out = [
-        choose.Case(prob, truth, geom, case["seriesuid"])
-        for case, _, truth, prob, geom in runtime.predict_cases(
-            net, processed, cases, inference, context, onnx_path, "validation"
-        )
-    ]
-    return out, nodules
+    predicted = runtime.predict_cases(
+        net, processed, cases, inference, context, onnx_path, "validation"
+    )
+    # map, unlike a generator expression, keeps no reference to the case it last produced
+    return map(_as_case, predicted), nodules
+
+
+def _as_case(predicted: tuple) -> choose.Case:
+    case, _, truth, prob, geom = predicted
+    return choose.Case(prob, truth, geom, case["seriesuid"])
 
 
 def run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ def confident(image: np.ndarray) -> np.ndarray:
     return np.where(image > 0.25, 0.95, 0.05)
 
 
-def run_stage(root: Path, processed: Path, chosen: dict, monkeypatch) -> tuple[dict, list[str]]:
+def run_stage(
+    root: Path, processed: Path, chosen: dict, monkeypatch, model_fn=confident
+) -> tuple[dict, list[str]]:
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["inference"].update(roi_size=32, views=["axial"], mirror_axes=[], min_candidate_mm3=0)
     params["evaluate"]["bootstrap"] = 20
@@ -34,7 +37,7 @@ def run_stage(root: Path, processed: Path, chosen: dict, monkeypatch) -> tuple[d
         return REAL_LOAD_CASE(processed, case_id)
 
     monkeypatch.setattr(data, "load_case", recording_load)
-    monkeypatch.setattr(infer, "predict_volume", lambda predictor, image, *a, **k: confident(image))
+    monkeypatch.setattr(infer, "predict_volume", lambda predictor, image, *a, **k: model_fn(image))
     argv = [
         str(root / "model.pt"),
         str(processed),
@@ -81,3 +84,28 @@ def test_evaluate_refuses_a_post_processing_with_the_deleted_rule_on(
     chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 0, "keep_level": 0.3}
     with pytest.raises(ValueError, match=r"postprocessing.json: 'chosen': \{'keep_level': 0.3\}"):
         run_stage(tmp_path, processed, chosen, monkeypatch)
+
+
+def test_evaluate_predicts_each_test_case_with_no_other_in_memory(
+    tmp_path, tiny_models, monkeypatch
+):
+    """Every case of the tiny dataset taken as test: when each is predicted, the images and
+    probability maps of the earlier ones are gone (the overlays keep 2D slices, not volumes)."""
+    processed = tiny_models.make_processed(tmp_path / "processed")
+    tiny_models.make_checkpoint(tmp_path / "model.pt")
+    tiny_models.make_onnx(tmp_path / "model.onnx")
+    every = data.load_index(processed)["cases"]
+    nodules = data.load_nodules(processed)
+    monkeypatch.setattr(data, "split_cases", lambda processed, split: (every, nodules))
+    made, alive = [], []
+
+    def tracked(image):
+        alive.append(sum(ref() is not None for ref in made))
+        prob = confident(image)
+        made.extend([weakref.ref(image), weakref.ref(prob)])
+        return prob
+
+    chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 2.0}
+    metrics, read = run_stage(tmp_path, processed, chosen, monkeypatch, model_fn=tracked)
+    assert len(read) == len(every) > 2 and alive == [0] * len(every)
+    assert metrics["test_cases"] == len(every)

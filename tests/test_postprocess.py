@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ def test_sweep_prefers_hysteresis_when_rims_are_uncertain_and_blobs_faint():
     nodules = pd.DataFrame(
         {"seriesuid": ["a"], "coordX": [x], "coordY": [y], "coordZ": [z], "diameter_mm": [3.0]}
     )
-    table = choose.sweep_masks(cases, nodules, [0.3, 0.5], [0.5, 0.9], 0.0)
+    table = choose.sweep_masks(choose.tabulate(cases, [0.3, 0.5], [0.5, 0.9], 0.0), nodules)
     row = table.set_index(["threshold", "component_threshold"])
     # Plain 0.5: only the centre voxel and the false blob -> 2 / (9 + 27).
     assert row.loc[(0.5, 0.5), "dice"] == pytest.approx(2 * 1 / (9 + 27))
@@ -375,3 +378,86 @@ def test_the_threshold_may_trade_dice_for_detection():
     assert list(result["shape"]["shape_weight"]) == [0, 1, 2, 4]
     rows = result["masks"].set_index("threshold")
     assert rows.loc[0.7, "dice"] == pytest.approx(2 * 27 / (27 + 35))
+
+
+def _ball_case(n: int, made: list) -> choose.Case:
+    """Validation case ``n`` (64^3): a ball nodule with an uncertain rim and a faint false blob;
+    a weak reference to each of its volumes goes into ``made``."""
+    geom = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0))
+    k, j, i = np.indices((64, 64, 64))
+    ball = (k - 20) ** 2 + (j - 20 - n % 8) ** 2 + (i - 30) ** 2 <= 16
+    prob = np.where(ball, 0.45, 0.02).astype(np.float32)
+    prob[20, 20 + n % 8, 30] = 0.97
+    prob[50:53, 50:53, 50:53] = 0.6
+    made += [weakref.ref(prob), weakref.ref(ball)]
+    return choose.Case(prob, ball, geom, f"s{n}")
+
+
+def _ball_nodules(n_cases: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "seriesuid": [f"s{n}" for n in range(n_cases)],
+            "coordX": [30.0] * n_cases,
+            "coordY": [20.0 + n % 8 for n in range(n_cases)],
+            "coordZ": [20.0] * n_cases,
+            "diameter_mm": [8.0] * n_cases,
+        }
+    )
+
+
+def _stream(n_cases: int, alive: list) -> Iterator[choose.Case]:
+    """The cases one at a time, noting in ``alive`` how many earlier volumes are still in memory
+    when each case is made (what a stage streaming predictions would hold)."""
+    made = []
+    for n in range(n_cases):
+        alive.append(sum(ref() is not None for ref in made))
+        yield _ball_case(n, made)
+
+
+STREAM_GRIDS = {"threshold_grid": [0.3, 0.5], "component_threshold_grid": [0.5, 0.9]}
+
+
+def test_the_choice_drops_each_case_before_the_next_is_made():
+    alive = []
+    params = postprocess_params(**STREAM_GRIDS, shape_weight_grid=[0, 1])
+    result = choose.choose(_stream(6, alive), _ball_nodules(6), params, 0.0)
+    assert alive == [0] * 6  # a list of the cases would hold 0, 2, 4, ... volumes
+    assert result["val"]["cases"] == 6 and result["val"]["dice"] == pytest.approx(1.0)
+    assert (result["chosen"].threshold, result["chosen"].component_threshold) == (0.3, 0.9)
+
+
+def _peak_bytes(n_cases: int) -> int:
+    params = postprocess_params(**STREAM_GRIDS, shape_weight_grid=[0, 1])
+    tracemalloc.start()
+    try:
+        choose.choose(_stream(n_cases, []), _ball_nodules(n_cases), params, 0.0)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_choice_peak_memory_does_not_grow_with_the_number_of_cases():
+    case_bytes = 64**3 * (4 + 1)  # one case's probability (float32) and truth (bool)
+    # 3 more cases add their small tables, far less than one more case's volumes
+    assert _peak_bytes(6) - _peak_bytes(3) < case_bytes
+
+
+def test_the_stage_predicts_each_validation_case_with_no_other_in_memory(
+    workspace, tmp_path, monkeypatch
+):
+    """Every case of the tiny dataset taken as validation: when each is predicted, the
+    probability maps of the earlier ones are gone (the old stage kept them all in a list)."""
+    every = data.load_index(workspace["processed"])["cases"]
+    nodules = data.load_nodules(workspace["processed"])
+    monkeypatch.setattr(data, "split_cases", lambda processed, split: (every, nodules))
+    made, alive = [], []
+
+    def tracked(image):
+        alive.append(sum(ref() is not None for ref in made))
+        prob = hesitant(image)
+        made.append(weakref.ref(prob))
+        return prob
+
+    chosen, read = run_stage(workspace, tmp_path, tracked, monkeypatch)
+    assert len(read) == len(every) > 2 and alive == [0] * len(every)
+    assert chosen["val"]["cases"] == len(every)

@@ -260,6 +260,7 @@ def measure_test_split(
             for name, predictor in predictors.items()
         }
         agree.add(masks["int8"], masks["fp32"])
+        del image, label, masks  # else they stay while the next case is read and predicted
     f, q = (tally[n].figures(nodules) for n in ("fp32", "int8"))
     return {
         "dice_fp32": f["dice"],

@@ -69,17 +69,19 @@ def sample_patches(
     if not cases:
         raise ValueError(f"{processed}/index.json: no cases in split '{split}'")
     rng = np.random.default_rng(seed)
-    loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # Only each case's nodule voxels are kept between slabs: the memory-mapped volumes are opened
+    # again for each slab, so that no case read stays mapped (a label read whole stays resident).
+    nodule_voxels: dict[str, np.ndarray] = {}
     batches = []
     for b, h, w in (tuple(int(v) for v in s) for s in shapes):
         batch = np.empty((b, 2 * context + 1, h, w), dtype=np.float32)
         labels = np.zeros((b, h, w), dtype=bool)
         for n in range(b):
             case_id = cases[int(rng.integers(len(cases)))]["case_id"]
-            if case_id not in loaded:
-                image, label, _ = load_case(processed, case_id)
-                loaded[case_id] = (image, label, np.argwhere(np.asarray(label) > 0))
-            image, label, fg = loaded[case_id]
+            image, label, _ = load_case(processed, case_id)
+            if case_id not in nodule_voxels:
+                nodule_voxels[case_id] = np.argwhere(np.asarray(label) > 0)
+            fg = nodule_voxels[case_id]
             if len(fg) and rng.random() < fg_fraction:
                 k, j, i = fg[int(rng.integers(len(fg)))]
             else:

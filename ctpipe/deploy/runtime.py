@@ -66,8 +66,22 @@ def predict_cases(
     plan = data.load_plan(processed)
     predictor = make_predictor(net, inference.runtime, onnx_path)
     for case in progress(cases, desc=desc, unit="case"):
-        image, label, geom = data.load_case(processed, case["case_id"])
-        image = np.asarray(image, dtype=np.float32)
-        box = views.lung_roi(image, plan, geom.spacing[::-1], inference.lung_margin_mm)
-        prob = infer.predict(predictor, image, context, inference, box)
-        yield case, image, np.asarray(label) > 0, prob, geom
+        # The volumes live in _predict_case's frame, not here: this generator holds none of a
+        # case once the caller has dropped it, so the next case is predicted with one in memory.
+        yield (case, *_predict_case(predictor, processed, plan, case, inference, context))
+
+
+def _predict_case(
+    predictor: infer.Predictor,
+    processed: Path,
+    plan: dict,
+    case: dict,
+    inference: Inference,
+    context: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+    """``(image, truth, prob, geometry)`` of one case (:func:`predict_cases`)."""
+    image, label, geom = data.load_case(processed, case["case_id"])
+    image = np.asarray(image, dtype=np.float32)
+    box = views.lung_roi(image, plan, geom.spacing[::-1], inference.lung_margin_mm)
+    prob = infer.predict(predictor, image, context, inference, box)
+    return image, np.asarray(label) > 0, prob, geom

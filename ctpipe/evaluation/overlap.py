@@ -131,8 +131,13 @@ class PooledDice:
 
     def add(self, mask: np.ndarray, truth: np.ndarray) -> None:
         m, g = np.asarray(mask) > 0, np.asarray(truth) > 0
-        self.intersection += int(np.logical_and(m, g).sum())
-        self.total += int(m.sum()) + int(g.sum())
+        self.add_counts(int(np.logical_and(m, g).sum()), int(m.sum()) + int(g.sum()))
+
+    def add_counts(self, intersection: int, total: int) -> None:
+        """Add a pair of masks by their counts: voxels in both, and voxels of each summed (a
+        caller that streams volumes keeps these instead of the masks)."""
+        self.intersection += intersection
+        self.total += total
 
     @property
     def value(self) -> float:

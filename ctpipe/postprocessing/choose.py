@@ -14,11 +14,16 @@ cases with nodules, the figure evaluate reports) + CPM (the threshold decides wh
 candidates, so it moves the CPM too); ties broken by the Dice pooled over all validation voxels
 (nodule-free cases count their false positives), then by fewer false positives per scan, then by
 the lower thresholds, then by the smaller weight (the least departure from the peak probability).
+
+The cases stream: each is reduced to small tables as it arrives (:class:`Tables`: per pair of
+thresholds the Dice terms, per threshold the candidates) and its volumes are dropped, so the choice
+needs one case's memory however many validation cases there are.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,42 +55,97 @@ def grid(value: float | str, values: list[float]) -> list[float]:
     return sorted(set(values)) if value == "auto" else [value]
 
 
-def sweep_masks(
-    cases: list[Case],
-    nodules: pd.DataFrame,
+@dataclass
+class Tables:
+    """All the choice needs of the validation cases, and no volume: a case's probability map and
+    truth are reduced to these as it arrives, so memory holds one case's volumes whatever the size
+    of the split (LUNA16's 130 validation scans would need about 22 GB as volumes).
+
+    Attributes:
+        thresholds, component_thresholds: the grids tabulated.
+        min_volume_mm3: components smaller than this are not candidates (nor in the mask).
+        truth_voxels: each case's number of truth voxels, in case order.
+        overlap: ``(threshold, component_threshold)`` -> each case's ``(intersection, predicted
+            voxels)`` of its nodule mask with its truth: the terms of the Dice.
+        candidates: ``threshold`` -> each case's candidates (:func:`label_candidates`' table with
+            ``seriesuid``): the operating point and the shape sweep read their ``peak``.
+    """
+
+    thresholds: list[float]
+    component_thresholds: list[float]
+    min_volume_mm3: float
+    truth_voxels: list[int] = field(default_factory=list)
+    overlap: dict[tuple[float, float], list[tuple[int, int]]] = field(default_factory=dict)
+    candidates: dict[float, list[pd.DataFrame]] = field(default_factory=dict)
+
+    @property
+    def cases(self) -> int:
+        return len(self.truth_voxels)
+
+    def add(self, case: Case) -> None:
+        """Tabulate one case: label it once per threshold (the components every component
+        threshold selects among, :func:`ctpipe.postprocessing.candidates.mask_of`)."""
+        truth = np.asarray(case.truth) > 0
+        self.truth_voxels.append(int(np.count_nonzero(truth)))
+        for t in self.thresholds:
+            labels, cands = candidates.label_candidates(
+                case.prob, case.geom, t, self.min_volume_mm3
+            )
+            self.candidates.setdefault(t, []).append(cands.assign(seriesuid=case.seriesuid))
+            for h in self.component_thresholds:
+                mask = candidates.mask_of(labels, cands, t, h)
+                counts = (int(np.count_nonzero(mask & truth)), int(np.count_nonzero(mask)))
+                self.overlap.setdefault((t, h), []).append(counts)
+
+    def found(self, t: float) -> pd.DataFrame:
+        """Every case's candidates at threshold ``t``, in case order."""
+        return pd.concat(self.candidates[t], ignore_index=True)
+
+
+def tabulate(
+    cases: Iterable[Case],
     thresholds: list[float],
     component_thresholds: list[float],
     min_volume_mm3: float,
-) -> pd.DataFrame:
-    """One row per pair: case-mean Dice (cases with nodules), pooled Dice, operating point.
+) -> Tables:
+    """The :class:`Tables` of ``cases``, taken one at a time from any iterable (a generator that
+    predicts each case as it is asked for keeps one case in memory)."""
+    tables = Tables(thresholds, component_thresholds, min_volume_mm3)
+    for case in cases:
+        tables.add(case)
+        del case  # else the loop keeps this case's volumes while the next one is made
+    return tables
 
-    The components of each case are labelled once per threshold; every component threshold then
-    only selects among them (:func:`ctpipe.postprocessing.candidates.mask_of`).
-    """
+
+def _dice(intersection: int, predicted: int, truth: int) -> float:
+    pooled = overlap.PooledDice()
+    pooled.add_counts(intersection, predicted + truth)
+    return pooled.value
+
+
+def sweep_masks(tables: Tables, nodules: pd.DataFrame) -> pd.DataFrame:
+    """One row per pair of the grids: case-mean Dice (cases with nodules), pooled Dice, operating
+    point (sensitivity, FP per scan)."""
     rows = []
-    for t in thresholds:
-        labelled = [candidates.label_candidates(c.prob, c.geom, t, min_volume_mm3) for c in cases]
-        for h in component_thresholds:
-            rows.append(_score_masks(cases, nodules, labelled, t, h))
+    for t in tables.thresholds:
+        found = tables.found(t)
+        for h in tables.component_thresholds:
+            rows.append(_score_masks(tables, nodules, found, t, h))
     return pd.DataFrame(rows)
 
 
-def _score_masks(cases, nodules, labelled, t, h) -> dict:
-    masks = [candidates.mask_of(labels, cands, t, h) for labels, cands in labelled]
-    found = pd.concat(
-        [
-            cands.assign(seriesuid=c.seriesuid, detected=candidates.at_operating_point(cands, t, h))
-            for c, (_, cands) in zip(cases, labelled)
-        ],
-        ignore_index=True,
+def _score_masks(tables: Tables, nodules, found, t, h) -> dict:
+    op = luna16.operating_point(
+        found.assign(detected=candidates.at_operating_point(found, t, h)), nodules, tables.cases
     )
-    op = luna16.operating_point(found, nodules, len(cases))
-    per_case = [overlap.pooled_dice([m], [c.truth]) for m, c in zip(masks, cases) if c.truth.any()]
+    counts = tables.overlap[(t, h)]
+    per_case = [_dice(i, p, g) for (i, p), g in zip(counts, tables.truth_voxels) if g > 0]
+    intersection, predicted = (sum(column) for column in zip(*counts))
     return {
         "threshold": t,
         "component_threshold": h,
         "dice": float(np.mean(per_case)) if per_case else float("nan"),
-        "dice_pooled": overlap.pooled_dice(masks, [c.truth for c in cases]),
+        "dice_pooled": _dice(intersection, predicted, sum(tables.truth_voxels)),
         "sensitivity": op["sensitivity"],
         "fp_per_scan": op["fp_per_scan"],
     }
@@ -127,27 +187,18 @@ def sweep_shape(
     return pd.DataFrame(rows)
 
 
-def _candidates(cases: list[Case], t: float, min_volume: float) -> pd.DataFrame:
-    return pd.concat(
-        [
-            candidates.candidates_from_probability(c.prob, c.geom, t, min_volume).assign(
-                seriesuid=c.seriesuid
-            )
-            for c in cases
-        ],
-        ignore_index=True,
-    )
-
-
-def best_joint(masks, cases, nodules, min_volume, weights) -> tuple[pd.Series, pd.DataFrame]:
+def best_joint(
+    masks: pd.DataFrame, tables: Tables, nodules: pd.DataFrame, weights: list[float]
+) -> tuple[pd.Series, pd.DataFrame]:
     """The row (``masks``' columns plus ``shape_weight`` and ``cpm``) of the highest validation
     Dice + CPM, and the shape table at its threshold."""
-    shapes, tables = {}, []  # shapes: threshold -> shape table
+    shapes, parts = {}, []  # shapes: threshold -> shape table
     for t in masks["threshold"].drop_duplicates():
-        shape = sweep_shape(_candidates(cases, t, min_volume), nodules, len(cases), weights)
+        cands = tables.found(t).drop(columns="label")
+        shape = sweep_shape(cands, nodules, tables.cases, weights)
         shapes[t] = shape
-        tables.append(shape.assign(threshold=t))
-    table = pd.concat(tables, ignore_index=True)
+        parts.append(shape.assign(threshold=t))
+    table = pd.concat(parts, ignore_index=True)
     joined = masks.merge(table[["threshold", "shape_weight", "cpm"]], on="threshold", how="left")
     joined = joined.assign(_score=joined["dice"] + joined["cpm"])
     row = best(joined, "_score").drop("_score")
@@ -155,12 +206,13 @@ def best_joint(masks, cases, nodules, min_volume, weights) -> tuple[pd.Series, p
 
 
 def choose(
-    cases: list[Case], nodules: pd.DataFrame, cfg: config.Postprocess, min_candidate_mm3: float
+    cases: Iterable[Case], nodules: pd.DataFrame, cfg: config.Postprocess, min_candidate_mm3: float
 ) -> dict:
     """Choose the post-processing on ``cases`` (the validation split) by the module's rule.
 
     Args:
-        cases: the validation cases with their predictions.
+        cases: the validation cases with their predictions, any iterable: each is tabulated
+            (:func:`tabulate`) and dropped before the next is taken.
         nodules: annotations of those cases (``seriesuid, coordX, coordY, coordZ, diameter_mm``).
         cfg: the ``postprocess`` params (values or ``auto``, and grids).
         min_candidate_mm3: components smaller than this are dropped (``inference`` params).
@@ -169,17 +221,17 @@ def choose(
         ``{"chosen": Chosen, "val": figures at the choice, "fixed": keys set by params,
         "masks": sweep table, "shape": shape table}``.
     """
-    if not cases:
-        raise ValueError("no validation cases to choose the post-processing on")
-    masks = sweep_masks(
+    tables = tabulate(
         cases,
-        nodules,
         grid(cfg.threshold, cfg.threshold_grid),
         grid(cfg.component_threshold, cfg.component_threshold_grid),
         min_candidate_mm3,
     )
+    if not tables.cases:
+        raise ValueError("no validation cases to choose the post-processing on")
+    masks = sweep_masks(tables, nodules)
     weights = grid(cfg.shape_weight, cfg.shape_weight_grid)
-    row, shapes = best_joint(masks, cases, nodules, min_candidate_mm3, weights)
+    row, shapes = best_joint(masks, tables, nodules, weights)
     chosen = Chosen(row["threshold"], row["component_threshold"], row["shape_weight"])
     return {
         "chosen": chosen,
@@ -189,8 +241,8 @@ def choose(
             "sensitivity": float(row["sensitivity"]),
             "fp_per_scan": float(row["fp_per_scan"]),
             "cpm": float(shapes.set_index("shape_weight").loc[chosen.shape_weight, "cpm"]),
-            "cases": len(cases),
-            "cases_with_nodules": int(sum(c.truth.any() for c in cases)),
+            "cases": tables.cases,
+            "cases_with_nodules": sum(g > 0 for g in tables.truth_voxels),
             "nodules": int(len(nodules)),
         },
         "fixed": [k for k in KEYS if getattr(cfg, k) != "auto"],
