@@ -41,8 +41,11 @@ lock:
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command "make lock" $(LOCK_FLAGS) > /dev/null
 
+# dvc repro copies a directory output into the cache; --relink then makes the workspace copy a link
+# to it (.dvc/config cache.type), so each dataset is stored once.
 repro: setup
 	dvc repro
+	dvc checkout --relink --quiet
 
 test: setup
 	python -m pytest
