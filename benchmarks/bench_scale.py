@@ -49,6 +49,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path, stages: list[dict]) ->
         report_line(n, stage["name"], r)
     train_env = repo / "metrics" / "env" / "train.json"
     device = json.loads(train_env.read_text()).get("device", {}) if train_env.is_file() else {}
+    shutil.rmtree(repo)  # before the next size: one cohort on disk at a time
     return {"stages": figures, "device": device}
 
 
