@@ -29,8 +29,9 @@ size, seconds per case times the cases. A projection, not a measurement: memory,
 params of a real run (more epochs) change it.
 
 The scratch data is deleted at the end (a real-size cohort of 16 patients takes several GB: point
-``--workdir`` at a disk with room). The anonymize key is a random one for the run (the synthetic
-demo key is only for ``ingest.source: synthetic``); quantize's INT8 gate is opened
+``--workdir`` at a disk with room). The anonymize key is a fixed one of this script (the synthetic
+demo key is only for ``ingest.source: synthetic``; the pseudonyms decide the split, so every run and
+every size split the same patients the same way); quantize's INT8 gate is opened
 (``quantize.max_dice_drop`` 1.0: a model of one or two epochs is not what the gate judges) unless
 ``--set`` says otherwise. With the default params the split needs 4 patients or more (one each
 for val and test); fewer need ``--set preprocess.split.val_fraction=...``. Usage::
@@ -45,9 +46,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
 import subprocess
@@ -66,6 +67,8 @@ from ctpipe.fileio import write_json
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"LUNA16": 888, "LIDC-IDRI": 1018}
 REAL = {"matrix": 512, "pixel_spacing_mm": (0.6, 0.8), "slice_spacing_mm": 1.25}
+# Not a secret (synthetic patients): a fixed key keeps the pseudonyms, hence the split, the same.
+DEID_KEY = hashlib.sha256(b"ctpipe bench_scale: synthetic cohort, no PHI").hexdigest()
 GROWTH_LIMIT = 0.10  # issue 36: peak RSS may grow by at most 10 % from N to 2N
 
 # A fresh process between the benchmark and a stage: its RUSAGE_CHILDREN is then the stage's
@@ -220,7 +223,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path, stages: list[dict]) ->
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "CTPIPE_DEID_KEY": secrets.token_hex(32),  # this run's key, never written
+        "CTPIPE_DEID_KEY": DEID_KEY,
     }
     look = json.dumps(dataclasses.asdict(cohort_of(args)))
     source = repo / "data" / "synthetic"
