@@ -303,6 +303,7 @@ def report(runs: dict[int, dict]) -> dict:
                 f"{name:<18s} {g[f'peak_rss_mb_{small}']:10.0f} {g[f'peak_rss_mb_{large}']:10.0f}"
                 f" {g['growth']:+8.1%} {g['tree_growth']:+11.1%}{flag}"
             )
+        print("(sum: sampled every 0.2 s, so it misses short peaks and is noisy on short stages)")
     projected = projection(runs)
     fit = f"fixed + per case through {small} and {large} cases" if large > small else "per case"
     print(f"\nlinear projection ({fit}), this machine, these params")
