@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         params.base.seed,
     )
     write_json(args.metrics, result)
-    log.info("evaluate: Dice %.4f, CPM %.4f", result["dice"], result["froc_cpm"])
+    log.info("evaluate: Dice %s, CPM %s", result["dice"], result["froc_cpm"])
     return 0
 
 

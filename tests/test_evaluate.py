@@ -109,3 +109,25 @@ def test_evaluate_predicts_each_test_case_with_no_other_in_memory(
     metrics, read = run_stage(tmp_path, processed, chosen, monkeypatch, model_fn=tracked)
     assert len(read) == len(every) > 2 and alive == [0] * len(every)
     assert metrics["test_cases"] == len(every)
+
+
+def test_evaluate_reports_null_voxel_metrics_when_no_test_case_has_a_nodule(
+    tmp_path, tiny_models, monkeypatch
+):
+    """A test split without nodule voxels (a small cohort whose few small nodules vanished at the
+    plan's spacing) leaves Dice undefined: the stage says so and writes null, it does not crash."""
+    processed = tiny_models.make_processed(tmp_path / "processed")
+    test, _ = data.split_cases(processed, "test")
+    for case in test:  # the test cases lose their nodules: empty masks, no annotation rows
+        label = processed / "cases" / f"{case['case_id']}.label.npy"
+        np.save(label, np.zeros_like(np.load(label)))
+    table = pd.read_csv(processed / "nodules.csv")
+    table[~table["seriesuid"].isin([c["seriesuid"] for c in test])].to_csv(
+        processed / "nodules.csv", index=False
+    )
+    tiny_models.make_checkpoint(tmp_path / "model.pt")
+    tiny_models.make_onnx(tmp_path / "model.onnx")
+    chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 2.0}
+    metrics, _ = run_stage(tmp_path, processed, chosen, monkeypatch)
+    assert metrics["test_nodules"] == 0
+    assert metrics["dice"] is None and metrics["iou"] is None and metrics["hd95_mm"] is None

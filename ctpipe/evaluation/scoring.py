@@ -9,6 +9,7 @@ positives count in FPs per scan) and the LUNA16 FROC over all scans.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import pandas as pd
 
 from ctpipe.evaluation import luna16, overlap
 from ctpipe.geometry import Geometry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,5 +63,13 @@ def summarise(
     per_case = pd.DataFrame(rows)
     cands = pd.concat(candidates, ignore_index=True)
     with_nodules = per_case[per_case["truth_voxels"] > 0]
-    voxel = overlap.aggregate(with_nodules[list(overlap.VOXEL_KEYS)].to_dict("records"))
+    if with_nodules.empty:  # e.g. a small test split whose nodules vanished at the plan's spacing
+        log.warning(
+            "none of the %d cases has nodule voxels: %s are undefined (null)",
+            len(per_case),
+            ", ".join(overlap.VOXEL_KEYS),
+        )
+        voxel = {"n_cases": 0, **dict.fromkeys(overlap.VOXEL_KEYS)}
+    else:
+        voxel = overlap.aggregate(with_nodules[list(overlap.VOXEL_KEYS)].to_dict("records"))
     return SplitScore(per_case, cands, voxel, luna16.froc(cands, nodules, len(rows), fp_rates))
