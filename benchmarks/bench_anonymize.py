@@ -45,17 +45,12 @@ from ctpipe.fileio import write_csv, write_json
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_anonymize")
 COHORT = synth.Cohort(
-    pixel_spacing_mm=(1.6, 2.2),
     slice_spacing_mm=(2.5,),
     z_extent_mm=80,
-    oblique_degrees=0,
     vessels_per_lung=1,
     fraction_without_nodules=0.0,
     max_nodules=2,
     diameter_mm=(5, 20),
-    part_solid_fraction=0.25,
-    blur_voxels=0.6,
-    noise_hu=20,
 )
 
 

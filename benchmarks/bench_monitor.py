@@ -25,15 +25,10 @@ TINY = synth.Cohort(
     matrix=48,
     pixel_spacing_mm=(5.0, 6.0),
     slice_spacing_mm=(5.0,),
-    z_extent_mm=200,
-    oblique_degrees=0,
     vessels_per_lung=2,
     fraction_without_nodules=0.0,
     max_nodules=2,
     diameter_mm=(12, 30),
-    part_solid_fraction=0.25,
-    blur_voxels=0.6,
-    noise_hu=20,
 )
 SHIFTS = {
     "slice thickness 5 -> 2.5 mm": {"slice_spacing_mm": [2.5]},

@@ -23,17 +23,12 @@ from ctpipe.deid.table import DeidOptions
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 CFG = synth.Cohort(
     matrix=32,
-    pixel_spacing_mm=(1.6, 2.2),
     slice_spacing_mm=(2.5,),
     z_extent_mm=10,
-    oblique_degrees=0,
     vessels_per_lung=1,
     fraction_without_nodules=0.0,
     max_nodules=1,
     diameter_mm=(5, 20),
-    part_solid_fraction=0.25,
-    blur_voxels=0.6,
-    noise_hu=20,
 )
 NONE = DeidOptions(False, False, False, False, False)
 
