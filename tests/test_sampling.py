@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -92,6 +94,26 @@ def test_foreground_patches_are_drawn_uniformly_over_nodules(tmp_path):
     assert sorted(len(v) for _, v in ds.nodules)[0] == 8 and len(ds.nodules) == 2
     small = sum(int(ds._centre(np.random.default_rng([0, 0, n]))[1][1]) < 20 for n in range(200))
     assert 70 <= small <= 130  # binomial(200, 0.5): 100 +- 3.5 sd
+
+
+
+def _mapped(folder) -> list[str]:
+    """The files of ``folder`` that this process has memory-mapped (Linux: /proc/self/maps)."""
+    maps = open("/proc/self/maps").read()
+    return sorted({line.split()[-1] for line in maps.splitlines() if str(folder) in line})
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_no_case_stays_mapped_between_items(tmp_path):
+    """Items map their case and unmap it on return: pages read through a mapping held for the
+    whole run would stay resident, so training memory would grow with the number of cases."""
+    image, label, _ = _chest()
+    ds = _dataset(tmp_path, image, label, fg_fraction=0.5, hard_fraction=0.2)
+    assert _mapped(tmp_path / "cases") == []  # after setup
+    for item in range(20):
+        assert ds[item]["image"].shape == (3, 16, 16)
+        assert _mapped(tmp_path / "cases") == []
+    assert all(v.dtype == np.int16 for _, v in ds.nodules + ds.hard)
 
 
 @pytest.mark.parametrize(

@@ -139,30 +139,45 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         views=("axial",),
         hard_fraction: float = 0.0,
     ) -> None:
-        self.volumes = [load_case(processed, cid)[:2] for cid in case_ids]
+        # Each item maps its case's arrays and unmaps them when it returns: pages read through a
+        # mapping kept open would stay resident, so memory would grow with the number of cases.
+        base = Path(processed) / "cases"
+        self.files = [(base / f"{c}.image.npy", base / f"{c}.label.npy") for c in case_ids]
         self.views = check_views(views)
+        self.shapes: list[tuple[int, ...]] = []
+        self.pad: list[float] = []
         # Foreground oversampling draws a nodule (connected component) uniformly, then a voxel in
-        # it, so small and part-solid nodules are seen as often as large ones.
+        # it, so small and part-solid nodules are seen as often as large ones. Voxel indices are
+        # kept as int16 (a quarter of argwhere's int64): they are the bulk of what stays per case.
         self.nodules: list[tuple[int, np.ndarray]] = []
-        for case, (_, lbl) in enumerate(self.volumes):
-            components, n = ndimage.label(np.asarray(lbl) > 0)
-            voxels = np.argwhere(components > 0)
-            ids = components[tuple(voxels.T)]
-            self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
-        self.pad = [float(np.asarray(img[0]).min()) for img, _ in self.volumes]
         self.hard_fraction = float(hard_fraction)
         self.hard: list[tuple[int, np.ndarray]] = []
-        if self.hard_fraction > 0:
-            plan = load_plan(processed)
-            for case, (img, lbl) in enumerate(self.volumes):
+        plan = load_plan(processed) if self.hard_fraction > 0 else None
+        for case in range(len(case_ids)):
+            img, lbl = self.arrays(case)
+            if max(img.shape) > np.iinfo(np.int16).max:
+                raise ValueError(f"{self.files[case][0]}: shape {img.shape} too large to sample")
+            self.shapes.append(img.shape)
+            self.pad.append(float(np.asarray(img[0]).min()))
+            components, n = ndimage.label(np.asarray(lbl) > 0)
+            voxels = np.argwhere(components > 0).astype(np.int16)
+            ids = components[tuple(voxels.T)]
+            self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
+            if plan is not None:
                 voxels = lung_structures(np.asarray(img, np.float32), np.asarray(lbl), plan)
                 if len(voxels):
-                    self.hard.append((case, voxels))
+                    self.hard.append((case, voxels.astype(np.int16)))
+            del img, lbl, components
         self.patch, self.context = int(patch_size), int(context)
         self.n, self.fg_fraction, self.seed = int(samples_per_epoch), float(fg_fraction), int(seed)
         self.epoch = 0
         self.augment = augment
         self.spatial, self.intensity = spatial_augmentations(), intensity_augmentations()
+
+    def arrays(self, case: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and label of case ``case``, memory-mapped (unmapped once no longer referenced)."""
+        image, label = self.files[case]
+        return np.load(image, mmap_mode="r"), np.load(label, mmap_mode="r")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -178,14 +193,14 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         if self.hard and draw < self.fg_fraction + self.hard_fraction:
             case, voxels = self.hard[int(rng.integers(len(self.hard)))]
             return case, voxels[int(rng.integers(len(voxels)))]
-        case = int(rng.integers(len(self.volumes)))
-        shape = self.volumes[case][0].shape
+        case = int(rng.integers(len(self.shapes)))
+        shape = self.shapes[case]
         return case, np.array([rng.integers(0, s) for s in shape])
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, int(item)])
         case, centre = self._centre(rng)
-        image, label = self.volumes[case]
+        image, label = self.arrays(case)
         # The slab is taken along one of the views, drawn per item (no draw with a single view).
         view = (
             self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
