@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup lock repro test test-fast lint format docs review dag serve
+.PHONY: setup lock repro exp test test-fast lint format docs review dag serve
 
 # The venv is (re)installed only when the lock (requirements.txt) or pyproject.toml changed. The lock
 # pins every package with its hashes (`make lock` writes it from requirements.in); pip refuses any
@@ -46,6 +46,13 @@ lock:
 repro: setup
 	dvc repro
 	dvc checkout --relink --quiet
+
+# An experiment with a params profile, e.g. `make exp PROFILE=profiles/real-size.yaml`: one
+# `dvc exp run --set-param` per key of the profile, checked first (docs/real-size.md). set -f: the
+# list values are not file patterns.
+exp: setup
+	@test -n "$(PROFILE)" || { echo "usage: make exp PROFILE=profiles/NAME.yaml"; exit 2; }
+	@set -f; args=$$($(BIN)/python scripts/profile.py $(PROFILE)) && dvc exp run $$args
 
 test: setup
 	python -m pytest

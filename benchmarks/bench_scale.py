@@ -38,7 +38,7 @@ for val and test); fewer need ``--set preprocess.split.val_fraction=...``. Usage
 
     python benchmarks/bench_scale.py [--patients 8] [--double] [--sizes N ...] [--matrix 512]
         [--pixel-spacing 0.6 0.8] [--slice-spacing 1.25] [--z-extent 300] [--epochs 1]
-        [--set SECTION.KEY=VALUE ...] [--params params.yaml] [--workdir DIR]
+        [--profile FILE] [--set SECTION.KEY=VALUE ...] [--params params.yaml] [--workdir DIR]
         [--out metrics/bench_scale.json]
 """
 
@@ -61,7 +61,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from ctpipe import synth
+from ctpipe import config, profiles, synth
 from ctpipe.fileio import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ sys.exit(code)
 GENERATOR = r"""
 import json, sys
 from pathlib import Path
-from ctpipe import synth
+from ctpipe import config, profiles, synth
 from ctpipe.fileio import write_csv
 out, n, seed, look = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 cohort = synth.Cohort(**{k: tuple(v) if isinstance(v, list) else v for k, v in look.items()})
@@ -119,13 +119,10 @@ def set_value(params: dict, assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep:
         raise SystemExit(f"--set {assignment}: expected SECTION.KEY=VALUE")
-    *parents, last = key.split(".")
-    node = params
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or last not in node:
-        raise SystemExit(f"--set {assignment}: no key {key} in the params file")
-    node[last] = yaml.safe_load(value)
+    try:
+        profiles.override(params, key, yaml.safe_load(value), source=f"--set {assignment}")
+    except config.ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def scale_params(args: argparse.Namespace) -> dict:
@@ -136,7 +133,13 @@ def scale_params(args: argparse.Namespace) -> dict:
         source_dir="data/synthetic",
         annotations="data/synthetic/annotations.csv",
     )
-    params["train"]["epochs"] = args.epochs
+    try:
+        for path in args.profile:
+            for key, value in profiles.load(path).items():
+                profiles.override(params, key, value, source=str(path))
+    except config.ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+    params["train"]["epochs"] = args.epochs  # a short schedule, whatever the profile says
     params["quantize"]["max_dice_drop"] = 1.0
     for assignment in args.set:
         set_value(params, assignment)
@@ -339,6 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--z-extent", type=float, default=300, help="cranio-caudal mm")
     parser.add_argument("--epochs", type=int, default=1, help="train.epochs (default: 1)")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="apply a params profile first, e.g. profiles/real-size.yaml (docs/real-size.md)",
+    )
     parser.add_argument(
         "--set",
         action="append",

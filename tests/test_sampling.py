@@ -96,7 +96,6 @@ def test_foreground_patches_are_drawn_uniformly_over_nodules(tmp_path):
     assert 70 <= small <= 130  # binomial(200, 0.5): 100 +- 3.5 sd
 
 
-
 def _mapped(folder) -> list[str]:
     """The files of ``folder`` that this process has memory-mapped (Linux: /proc/self/maps)."""
     maps = open("/proc/self/maps").read()
