@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ctpipe.serve import config
+from ctpipe.serve import config, logs
 from ctpipe.serve import tokens as tokens_file
 from ctpipe.serve.audit import Audit
 from ctpipe.serve.dimse import StoreSCP
@@ -41,13 +41,14 @@ def quiet_third_parties() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args = config.parse_args(argv)
+    role = getattr(args, "role", "all")  # which part of the node this process runs
+    logs.setup(args.log_format or "text", role)  # the flag already applies to a config error
     quiet_third_parties()
     os.umask(0o077)  # everything the node writes is owner-only
     try:
-        cfg = config.load(config.parse_args(argv))
+        cfg = config.load(args)
+        logs.setup(cfg.log_format, role)
         tokens = tokens_file.load(cfg.http.tokens_file)
         spool = Spool(
             cfg.spool_dir,
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             host=cfg.host,
             port=cfg.http.port,
             log_level="warning",
+            log_config=None,  # uvicorn's records go through the node's handler and format
             access_log=False,  # request lines could carry study UIDs; the audit log has requests
             limit_concurrency=cfg.limits.max_requests,
             ssl_certfile=tls.cert if tls else None,
