@@ -38,6 +38,9 @@ def quiet_third_parties() -> None:
     for noisy in ("predict", "ctpipe.dicomio", "pynetdicom", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")  # pydicom's warnings quote the values they warn about
+    # and so do the interpreters that multiprocessing starts (predict processes, its resource
+    # tracker, whose shutdown warnings would be lines outside the node's log format)
+    sys.warnoptions.append("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:

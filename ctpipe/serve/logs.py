@@ -25,6 +25,7 @@ from ctpipe.serve.telemetry import redact
 LogFormat = Literal["text", "json"]
 TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EVENT_LIMIT = 2000  # characters of one event; a message never needs more
+HANDLER = "ctpipe.serve"  # the name of the handler setup() adds
 JOB_PREFIX = "job %s"  # the node's convention: a line about a job starts with its id
 
 
@@ -47,10 +48,21 @@ def job_of(record: logging.LogRecord) -> str | None:
 
 
 class TextFormatter(logging.Formatter):
-    """The default ``time LEVEL logger: message`` lines, with exceptions made safe."""
+    """The default ``time LEVEL logger: message`` lines, redacted as the JSON ones are."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return redact(super().formatMessage(record), EVENT_LIMIT)
 
     def formatException(self, ei) -> str:  # noqa: N802 - logging's name
         return safe_exception(ei)
+
+    def format(self, record: logging.LogRecord) -> str:
+        cached = record.exc_text  # another handler's traceback text would skip formatException
+        record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
 
 
 class JsonFormatter(logging.Formatter):
@@ -78,12 +90,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(log_format: LogFormat = "text", role: str = "all") -> None:
-    """The root logger writes to stderr in ``log_format``; earlier handlers are replaced, so
-    the format can change once the config file is read."""
+    """The root logger writes to stderr in ``log_format``. A handler that an earlier call added
+    is replaced (the format can change once the config file is read); others are left alone."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(role) if log_format == "json" else TextFormatter(TEXT))
+    handler.set_name(HANDLER)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if h.get_name() == HANDLER]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO)
