@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ctpipe.serve import config
+from ctpipe.serve import config, logs
 from ctpipe.serve import tokens as tokens_file
 from ctpipe.serve.audit import Audit
 from ctpipe.serve.dimse import StoreSCP
@@ -38,16 +38,20 @@ def quiet_third_parties() -> None:
     for noisy in ("predict", "ctpipe.dicomio", "pynetdicom", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")  # pydicom's warnings quote the values they warn about
+    # and so do the interpreters that multiprocessing starts (predict processes, its resource
+    # tracker, whose shutdown warnings would be lines outside the node's log format)
+    sys.warnoptions.append("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args = config.parse_args(argv)
+    role = getattr(args, "role", "all")  # which part of the node this process runs
+    logs.setup(args.log_format or "text", role)  # the flag already applies to a config error
     quiet_third_parties()
     os.umask(0o077)  # everything the node writes is owner-only
     try:
-        cfg = config.load(config.parse_args(argv))
+        cfg = config.load(args)
+        logs.setup(cfg.log_format, role)
         tokens = tokens_file.load(cfg.http.tokens_file)
         spool = Spool(
             cfg.spool_dir,
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             host=cfg.host,
             port=cfg.http.port,
             log_level="warning",
+            log_config=None,  # uvicorn's records go through the node's handler and format
             access_log=False,  # request lines could carry study UIDs; the audit log has requests
             limit_concurrency=cfg.limits.max_requests,
             ssl_certfile=tls.cert if tls else None,

@@ -112,6 +112,7 @@ class ServeConfig(Section):
     predict_timeout_seconds: float = Field(900, gt=0)
     audit_log: Path | None = None
     records_dir: Path | None = None
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (ctpipe.serve.logs)
     limits: Limits = Limits()
     dicom: Dicom
     http: Http
@@ -176,6 +177,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spool-dir", type=Path)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--quiet-seconds", type=float)
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="text, or JSON lines for a log collector"
+    )
     return parser.parse_args(argv)
 
 
@@ -199,6 +203,7 @@ def load(args: argparse.Namespace) -> ServeConfig:
         ("spool_dir",): args.spool_dir,
         ("workers",): args.workers,
         ("quiet_seconds",): args.quiet_seconds,
+        ("log_format",): args.log_format,
     }
     for keys, value in flags.items():
         if value is not None:

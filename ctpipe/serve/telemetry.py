@@ -82,6 +82,11 @@ class Metrics:
             "Free bytes on the spool's file system",
             registry=self.registry,
         )
+        self.free_disk_watermark = Gauge(
+            "ctpipe_spool_min_free_bytes",
+            "limits.min_free_disk_mb in bytes: below it the spool refuses new instances",
+            registry=self.registry,
+        )
         self.refused = Counter(
             "ctpipe_refused",
             "Associations and HTTP requests refused, by protocol and reason",

@@ -237,6 +237,7 @@ def _add_status_routes(
     def prometheus(request: Request) -> Response:
         authorised(request, "metrics")
         metrics.free_disk.set(spool.free_bytes())
+        metrics.free_disk_watermark.set(spool.min_free)  # the alert compares with the node's own
         metrics.quarantined.set(sum(1 for _ in spool.quarantine.iterdir()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

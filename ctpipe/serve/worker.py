@@ -78,6 +78,11 @@ def _child(conn) -> None:
     # node's log must carry neither, so this process logs nothing; its results say what happened.
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
+    # Nor does it write anything else to the node's stderr (progress bars, ONNX Runtime's own
+    # messages): each would be a line of another format among the node's (log_format: json).
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     from ctpipe.deploy.predict import predict_study
 
     while True:
