@@ -6,6 +6,7 @@ package; elsewhere the tests that need it are skipped (``apt-get install -y rabb
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -86,6 +87,7 @@ class Broker:
         """An AMQP connection opens (the broker is up and its listener takes clients)."""
         import pika
 
+        logging.getLogger("pika").setLevel(logging.CRITICAL)  # refused while it starts: expected
         params = pika.ConnectionParameters(
             "127.0.0.1", self.port, connection_attempts=1, socket_timeout=2
         )  # guest:guest, pika's default

@@ -39,6 +39,7 @@ def quiet_third_parties() -> None:
     for noisy in ("predict", "ctpipe.dicomio", "pynetdicom", "uvicorn.error"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     warnings.simplefilter("ignore")  # pydicom's warnings quote the values they warn about
+    logging.getLogger("pika").setLevel(logging.WARNING)  # a line per connection step otherwise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -355,7 +356,12 @@ class Spool:
             record = self.load(job_id)
             status = record.get("status")
             if status == "queued" or (status == "running" and redelivered):
-                record.update(status="running", started=time.time())
+                record.update(
+                    status="running",
+                    started=time.time(),
+                    worker=f"{socket.gethostname()}:{os.getpid()}",  # who runs it (the logs)
+                    runs=record.get("runs", 0) + 1,  # 2 and more: redelivered
+                )
                 self.save(record)
                 return "run", record
             if status == "predicted" and record.get("send") in ("pending", "retrying"):
