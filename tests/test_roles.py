@@ -189,6 +189,36 @@ def test_stow_rs_round_trip_and_a_worker_s_http_side(cluster, studies):
     assert records and all(0 <= j["queue_seconds"] < 300 for j in records)
 
 
+def test_a_job_run_again_sends_the_same_objects(cluster, studies):
+    """A job predicted again (as after a worker died between storing and acknowledging) makes
+    the same SEG and SR: the PACS still holds one of each for the study."""
+    source = pydicom.dcmread(studies[2][0], stop_before_pixels=True)
+    from ctpipe.serve.telemetry import tag
+
+    (record,) = [j for j in cluster.records() if j["series"] == tag(source.SeriesInstanceUID)]
+    record.update(status="queued", send="waiting")
+    path = cluster.folder / "spool" / "jobs" / record["id"] / "job.json"
+    path.write_text(json.dumps(record))
+    params = pika.URLParameters(cluster.broker.url.replace("guest@", "guest:guest@"))
+    connection = pika.BlockingConnection(params)
+    message = json.dumps({"kind": "serve", "job": record["id"]}).encode()
+    connection.channel().basic_publish("", QUEUE, message, pika.BasicProperties(delivery_mode=2))
+    connection.close()
+    again = wait_for(
+        lambda: (r := json.loads(path.read_text()))["runs"] == 2 and r["send"] == "sent" and r,
+        120,
+        "the job run and sent again",
+    )
+    assert again["status"] == "predicted"
+    (study_id,) = [
+        s for s in cluster.orthanc.get("/studies")
+        if cluster.orthanc.get(f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"]
+        == source.StudyInstanceUID
+    ]  # fmt: skip
+    results = cluster.orthanc.results(study_id)
+    assert len(results["SEG"]) == 1 and len(results["SR"]) == 1, results
+
+
 def test_two_receivers_on_one_spool_make_one_job_per_series(cluster, tmp_path, write_tiny_cohort):
     cluster.start("receiver2", "receiver")
     write_tiny_cohort(tmp_path / "s", n=1, seed=52)
