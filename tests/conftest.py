@@ -532,3 +532,18 @@ def _drop_read_bypass():
             raise OSError(ctypes.get_errno(), "capset: could not restore the capabilities")
 
     return restore
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory):
+    """A RabbitMQ broker for the whole session (``tests/brokerkit.py``): ``.url``, ``.stop()``,
+    ``.start()``; skipped with the install command where the package is missing."""
+    import brokerkit
+
+    if not brokerkit.available():
+        pytest.skip(f"needs RabbitMQ: {brokerkit.INSTALL} (.ci/run does)")
+    broker = brokerkit.Broker(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield broker.start()
+    finally:
+        broker.close()

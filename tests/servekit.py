@@ -196,3 +196,78 @@ def make_certs(folder: Path) -> dict[str, Path]:
     return {p.stem.replace(".", "_"): p for p in folder.glob("*.pem")} | {
         f"{p.stem}_key": p for p in folder.glob("*.key")
     }
+
+
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class Orthanc:
+    """Orthanc (the PACS) as a process on free localhost ports; ``modalities`` maps a name to
+    (AE title, port) of the nodes it may send to."""
+
+    def __init__(self, folder: Path, modalities: dict[str, tuple[str, int]]) -> None:
+        import json
+        import shutil
+
+        self.folder, self.http_port, self.dicom_port = folder, free_port(), free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "Name": "ctpipe-test",
+            "StorageDirectory": str(folder / "db"),
+            "IndexDirectory": str(folder / "db"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {k: [ae, "127.0.0.1", port] for k, (ae, port) in modalities.items()},
+        }
+        (folder / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(
+            [shutil.which("Orthanc") or "Orthanc", str(folder / "orthanc.json")],
+            stdout=open(folder / "orthanc.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60)
+        wait_for(lambda: self.get("/system"), 60, "Orthanc")
+
+    def get(self, path: str):
+        response = self.http.get(path)
+        response.raise_for_status()
+        return response.json() if "json" in response.headers.get("content-type", "") else response
+
+    def post(self, path: str, body) -> dict:
+        import json
+
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = self.http.post(path, content=data)
+        response.raise_for_status()
+        return response.json()
+
+    def upload(self, files: list[Path]) -> str:
+        """Store ``files`` (one study) in Orthanc; its Orthanc study id."""
+        return [self.post("/instances", p.read_bytes()) for p in files][-1]["ParentStudy"]
+
+    def store(self, modality: str, study_id: str) -> None:
+        self.post(f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
+
+    def results(self, study_id: str) -> dict[str, list[str]]:
+        """Modality -> SOP Instance UIDs of the study's SEG and SR series in Orthanc."""
+        out: dict[str, list[str]] = {}
+        for series in self.get(f"/studies/{study_id}/series"):
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in ("SEG", "SR"):
+                for instance in series["Instances"]:
+                    tags = self.get(f"/instances/{instance}/simplified-tags")
+                    out.setdefault(modality, []).append(tags["SOPInstanceUID"])
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.http.close()

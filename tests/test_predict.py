@@ -277,3 +277,26 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
         assert (dist < nod["diameter_mm"] / 2).any(), f"missed nodule of {nod['diameter_mm']} mm"
         sphere = sphere_mask(mask.shape, geom, centre, nod["diameter_mm"] / 2)
         assert (mask & sphere).sum() > 0.3 * sphere.sum()
+
+
+def test_a_uid_seed_makes_the_same_seg_and_sr_and_none_makes_new_ones(
+    density_package, tmp_path, write_tiny_cohort
+):
+    """A job run twice (a redelivered message) must give the PACS the same objects: with the
+    same ``uid_seed`` the SEG's and SR's UIDs are equal, with another seed or none they differ."""
+    write_tiny_cohort(tmp_path / "study", n=1, seed=12)
+    files = sorted((tmp_path / "study").rglob("*.dcm"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    runs = {"a": "job-1/fp32-x", "b": "job-1/fp32-x", "c": "job-2/fp32-x", "d": None}
+    seen = {}
+    for name, seed in runs.items():
+        predict.predict_series(files, density_package, "fp32", tmp_path / name, seed)
+        seg = pydicom.dcmread(tmp_path / name / uid / "seg.dcm")
+        sr = pydicom.dcmread(tmp_path / name / uid / "sr.dcm")
+        seen[name] = (seg.SOPInstanceUID, seg.SeriesInstanceUID, sr.SOPInstanceUID,
+                      sr.SeriesInstanceUID)  # fmt: skip
+        assert sr.CurrentRequestedProcedureEvidenceSequence  # the SR still references the SEG
+        assert len(set(seen[name])) == 4
+    assert seen["a"] == seen["b"]
+    for other in ("c", "d"):
+        assert not set(seen["a"]) & set(seen[other]), other

@@ -179,8 +179,14 @@ def back_to_source(
     )
 
 
-def write_seg(path: Path, sources: list[pydicom.Dataset], mask: np.ndarray) -> None:
-    """A binary DICOM Segmentation of ``mask`` (frames in the order of ``sources``)."""
+def write_seg(
+    path: Path,
+    sources: list[pydicom.Dataset],
+    mask: np.ndarray,
+    uid: report.UidMaker | None = None,
+) -> None:
+    """A binary DICOM Segmentation of ``mask`` (frames in the order of ``sources``); ``uid``
+    makes its UIDs (:func:`ctpipe.deploy.report.uid_maker`; default: random ones)."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -199,9 +205,9 @@ def write_seg(path: Path, sources: list[pydicom.Dataset], mask: np.ndarray) -> N
         pixel_array=mask.astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[description],
-        series_instance_uid=hd.UID(),
+        series_instance_uid=(uid or report.uid_maker())("seg series"),
         series_number=900,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=(uid or report.uid_maker())("seg instance"),
         instance_number=1,
         manufacturer="ctpipe",
         manufacturer_model_name="ctpipe nodule segmentation",
@@ -262,11 +268,15 @@ def package_post_processing(spec: dict, package: Path) -> Chosen:
     )
 
 
-def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> dict:
+def predict_series(
+    paths: list[Path], package: Path, model: str, out: Path, uid_seed: str | None = None
+) -> dict:
     """Run the whole chain on one sorted series into ``out/<SeriesInstanceUID>``; return a summary.
 
-    The outputs are written to a temporary folder next to it and moved into place when complete,
-    so a failure leaves no partial folder.
+    ``uid_seed``: the SEG's and SR's UIDs derive from it and the series (the same seed gives the
+    same objects, see :func:`ctpipe.deploy.report.uid_maker`); None: random UIDs. The outputs
+    are written to a temporary folder next to it and moved into place when complete, so a
+    failure leaves no partial folder.
 
     Raises:
         UnsafePath: the SeriesInstanceUID is not a DICOM UID, or ``out/<uid>`` leads out of
@@ -309,8 +319,9 @@ def predict_series(paths: list[Path], package: Path, model: str, out: Path) -> d
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
     try:
         sitk.WriteImage(geom.apply_to(sitk.GetImageFromArray(mask)), str(tmp / "mask.nii.gz"))
-        write_seg(tmp / "seg.dcm", sources, mask)
-        report.write_sr(tmp / "sr.dcm", sources, pydicom.dcmread(tmp / "seg.dcm"), nodules)
+        make = report.uid_maker(None if uid_seed is None else f"{uid_seed}/{uid}")
+        write_seg(tmp / "seg.dcm", sources, mask, make)
+        report.write_sr(tmp / "sr.dcm", sources, pydicom.dcmread(tmp / "seg.dcm"), nodules, make)
         write_csv(tmp / "nodules.csv", nodules.round(3))
         record = series_record(
             sources[0], hu, geom.spacing, nodules, time.perf_counter() - start, model
@@ -343,6 +354,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--records", type=Path, help="also append each series' record.json here (ctpipe.monitor)"
     )
+    parser.add_argument(
+        "--queue",
+        metavar="URL",
+        help="amqp(s)://USER@HOST:PORT/VHOST: submit every series of STUDY_DIR (an archive) to "
+        "the workers of a RabbitMQ broker instead of predicting here (docs/serving.md)",
+    )
+    parser.add_argument(
+        "--password-env",
+        metavar="NAME",
+        help="--queue: environment variable with USER's password (never in the URL)",
+    )
+    parser.add_argument(
+        "--queue-name", default="ctpipe.jobs", help="--queue: the workers' queue.name"
+    )
     return parser.parse_args(argv)
 
 
@@ -363,11 +388,17 @@ def unused_files(manifest) -> tuple[dict[str, dict], list[dict]]:
 
 
 def predict_study(
-    study_dir: Path, package: Path, model: str, out_dir: Path, records_dir: Path | None = None
+    study_dir: Path,
+    package: Path,
+    model: str,
+    out_dir: Path,
+    records_dir: Path | None = None,
+    uid_seed: str | None = None,
 ) -> dict:
     """Every series of ``study_dir``: predicted into ``out_dir/<SeriesInstanceUID>/``, or skipped,
     refused or failed with its reason; returns the summary (also ``out_dir/summary.json``). Each
-    predicted series' ``record.json`` is also appended to ``records_dir`` (drift monitoring)."""
+    predicted series' ``record.json`` is also appended to ``records_dir`` (drift monitoring);
+    ``uid_seed``: see :func:`predict_series`."""
     spec = read_json(package / "input_spec.json")
     # A package predict cannot follow is refused at once.
     inference_settings(spec, package / "input_spec.json")
@@ -381,24 +412,14 @@ def predict_study(
         log.warning("not used: %s: %s", entry["path"], entry["reason"])
     for uid, rel in dicomio.series_files(manifest).items():
         paths = [study_dir / p for p in rel]
-        try:
-            if uid_reason(uid):  # it names the series' output folder: refused before any work
-                raise RefusedSeries(f"SeriesInstanceUID: {uid_reason(uid)}")
-            result = predict_series(paths, package, model, out_dir)
-            report[uid] = {"status": "predicted", "files": len(rel), **result}
-            if records_dir is not None:
-                append_record(records_dir, read_json(out_dir / uid / "record.json"))
-            log.info("series %s: %s", uid, result)
-        except (RefusedSeries, UnsafePath) as exc:
-            report[uid] = {"status": "refused", "reason": str(exc), "files": len(rel)}
-            log.error("series %s refused: %s", uid, exc)
-        except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the others
-            report[uid] = {
-                "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}",
-                "files": len(rel),
-            }
-            log.exception("series %s failed", uid)
+        report[uid] = predict_entry(uid, paths, package, model, out_dir, records_dir, uid_seed)
+    return write_summary(study_dir, model, report, files, out_dir)
+
+
+def write_summary(
+    study_dir: Path, model: str, report: dict, files: list[dict], out_dir: Path
+) -> dict:
+    """``out_dir/summary.json`` of :func:`predict_study` (also of the retrospective run)."""
     predicted = sum(e["status"] == "predicted" for e in report.values())
     summary = {
         "study_dir": str(study_dir),
@@ -409,6 +430,32 @@ def predict_study(
     }
     write_json(inside(out_dir, out_dir / "summary.json"), summary)
     return summary
+
+
+def predict_entry(
+    uid: str,
+    paths: list[Path],
+    package: Path,
+    model: str,
+    out_dir: Path,
+    records_dir: Path | None = None,
+    uid_seed: str | None = None,
+) -> dict:
+    """One series of :func:`predict_study`: its summary entry, predicted, refused or failed."""
+    try:
+        if uid_reason(uid):  # it names the series' output folder: refused before any work
+            raise RefusedSeries(f"SeriesInstanceUID: {uid_reason(uid)}")
+        result = predict_series(paths, package, model, out_dir, uid_seed)
+        if records_dir is not None:
+            append_record(records_dir, read_json(out_dir / uid / "record.json"))
+        log.info("series %s: %s", uid, result)
+        return {"status": "predicted", "files": len(paths), **result}
+    except (RefusedSeries, UnsafePath) as exc:
+        log.error("series %s refused: %s", uid, exc)
+        return {"status": "refused", "reason": str(exc), "files": len(paths)}
+    except Exception as exc:  # noqa: BLE001 - one series' failure must not stop the others
+        log.exception("series %s failed", uid)
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "files": len(paths)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ so no private coding scheme is needed. A report without nodules holds one TID 15
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import highdicom as hd
@@ -52,6 +53,17 @@ MEASUREMENTS = {
     "score": (codes.DCM.CertaintyOfFinding, codes.UCUM.NoUnits),
 }
 CENTRE_PURPOSE = codes.DCM.CenterOfMass
+UidMaker = Callable[[str], str]  # what the UID is for -> a UID (see uid_maker)
+
+
+def uid_maker(seed: str | None = None) -> UidMaker:
+    """UIDs of the objects predict writes: new random ones without ``seed``; with it, the same
+    UID for the same seed and purpose (``pydicom.uid.generate_uid`` over both), so that a job run
+    twice (a redelivered message) writes the same SEG and SR, which a PACS then keeps once."""
+    if seed is None:
+        return lambda what: hd.UID()
+    return lambda what: pydicom.uid.generate_uid(entropy_srcs=[seed, what])
+
 
 # Type 2 attributes (present, possibly empty) that highdicom reads from the first evidence dataset.
 PATIENT_STUDY_TYPE2 = (
@@ -93,9 +105,9 @@ def header_with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
     return add_type2(out)
 
 
-def _observation_context() -> hd.sr.ObservationContext:
+def _observation_context(uid: UidMaker) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=hd.UID(), name="ctpipe", manufacturer_name="ctpipe", model_name=__version__
+        uid=uid("sr device"), name="ctpipe", manufacturer_name="ctpipe", model_name=__version__
     )
     return hd.sr.ObservationContext(
         observer_person_context=None,
@@ -111,9 +123,10 @@ def _nodule_groups(
     segment: hd.sr.ReferencedSegment,
     series: hd.sr.SourceSeriesForSegmentation,
     frame_of_reference_uid: str,
+    uid: UidMaker,
 ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     """The measurement group and the centre group of one nodule (one tracking identifier)."""
-    tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"nodule {number}")
+    tracking = hd.sr.TrackingIdentifier(uid=uid(f"nodule {number}"), identifier=f"nodule {number}")
     common = {
         "tracking_identifier": tracking,
         "finding_type": NODULE,
@@ -142,9 +155,11 @@ def _nodule_groups(
     ]
 
 
-def _no_nodule_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _no_nodule_group(uid: UidMaker) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="no nodules"),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=uid("no nodules"), identifier="no nodules"
+        ),
         finding_type=NODULE,
         finding_sites=[hd.sr.FindingSite(LUNG)],
         qualitative_evaluations=[
@@ -154,7 +169,11 @@ def _no_nodule_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
 
 
 def write_sr(
-    path: Path, sources: list[pydicom.Dataset], seg: pydicom.Dataset, nodules: pd.DataFrame
+    path: Path,
+    sources: list[pydicom.Dataset],
+    seg: pydicom.Dataset,
+    nodules: pd.DataFrame,
+    uid: UidMaker | None = None,
 ) -> pydicom.Dataset:
     """Write the nodules of one series as a TID 1500 Comprehensive 3D SR (see the module docstring).
 
@@ -166,6 +185,7 @@ def write_sr(
         nodules: one row per nodule with at least :data:`REPORT_COLUMNS` (``nodules.csv``: world
             LPS mm centre, equivalent-sphere diameter in mm, volume in mm3, score in 0..1); other
             columns are ignored. It may be empty.
+        uid: makes the SR's UIDs (:func:`uid_maker`; default: random ones).
 
     Returns:
         The SR dataset that was written.
@@ -175,6 +195,7 @@ def write_sr(
     """
     if not sources:
         raise ValueError(f"{path}: no source datasets to report on")
+    uid = uid or uid_maker()
     missing = [c for c in REPORT_COLUMNS if c not in nodules.columns]
     if missing:
         raise ValueError(f"{path}: nodule table lacks the columns {missing}")
@@ -195,20 +216,20 @@ def write_sr(
     )
     groups: list = []
     for number, (_, row) in enumerate(nodules.iterrows(), start=1):
-        groups += _nodule_groups(row, number, segment, series, str(first.FrameOfReferenceUID))
+        groups += _nodule_groups(row, number, segment, series, str(first.FrameOfReferenceUID), uid)
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(),
+        observation_context=_observation_context(uid),
         procedure_reported=CT_OF_CHEST,
-        imaging_measurements=groups or [_no_nodule_group()],
+        imaging_measurements=groups or [_no_nodule_group(uid)],
     )
     # The first evidence dataset gives the SR its patient and study: a filled header copy.
     evidence = [header_with_type2(first), *sources[1:], seg]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
-        series_instance_uid=hd.UID(),
+        series_instance_uid=uid("sr series"),
         series_number=901,
-        sop_instance_uid=hd.UID(),
+        sop_instance_uid=uid("sr instance"),
         instance_number=1,
         manufacturer="ctpipe",
         series_description="ctpipe lung nodules",

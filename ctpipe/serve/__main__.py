@@ -16,6 +16,7 @@ from ctpipe.serve import config, logs
 from ctpipe.serve import tokens as tokens_file
 from ctpipe.serve.audit import Audit
 from ctpipe.serve.dimse import StoreSCP
+from ctpipe.serve.roles import ReceiverRunner, WorkerRunner
 from ctpipe.serve.runner import Runner
 from ctpipe.serve.spool import Spool, SpoolError
 from ctpipe.serve.telemetry import Metrics
@@ -41,6 +42,7 @@ def quiet_third_parties() -> None:
     # and so do the interpreters that multiprocessing starts (predict processes, its resource
     # tracker, whose shutdown warnings would be lines outside the node's log format)
     sys.warnoptions.append("ignore")
+    logging.getLogger("pika").setLevel(logging.WARNING)  # a line per connection step otherwise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,33 +65,40 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, tokens_file.TokenError, SpoolError, OSError) as err:
         log.error("%s", err)
         return 2
+    role = args.role
     metrics = Metrics(model_version(cfg.package, cfg.model))
-    runner = Runner(spool, cfg, metrics, audit)
+    runner = {"all": Runner, "receiver": ReceiverRunner, "worker": WorkerRunner}[role](
+        spool, cfg, metrics, audit
+    )
     runner.start()
-    scp = StoreSCP(cfg, spool, metrics, audit)
-    scp.start()
+    scp = StoreSCP(cfg, spool, metrics, audit) if role != "worker" else None
+    if scp is not None:
+        scp.start()
     tls = cfg.http.tls
     audit(
         "start",
         "started",
+        role=role,
         model_version=metrics.version,
         tls_dicom=bool(cfg.dicom.tls),
         tls_http=bool(tls),
     )
     log.info(
-        "serving %s: DICOM%s %s@%s:%s, HTTP%s %s:%s",
+        "serving %s as %s: DICOM%s %s@%s:%s, HTTP%s %s:%s",
         metrics.version,
+        role,
         " (TLS)" if cfg.dicom.tls else "",
         cfg.dicom.ae_title,
         cfg.host,
-        scp.port,
+        scp.port if scp is not None else "(none: a worker)",
         "S" if tls else "",
         cfg.host,
         cfg.http.port,
     )
+    broker = (lambda: runner.broker_connected) if role != "all" else None
     try:
         uvicorn.run(
-            create_app(cfg, spool, metrics, tokens, audit),
+            create_app(cfg, spool, metrics, tokens, audit, role, broker),
             host=cfg.host,
             port=cfg.http.port,
             log_level="warning",
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.require_client_cert else ssl.CERT_NONE,
         )
     finally:
-        scp.shutdown()
+        if scp is not None:
+            scp.shutdown()
         runner.shutdown()
         audit.close()
     return 0

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Port = Field(ge=0, le=65535)  # 0: any free port (tests)
+ROLES = ("all", "receiver", "worker")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,34 @@ class Monitor(Section):
     alpha: float = Field(0.01, gt=0, lt=1)
 
 
+class Queue(Section):
+    """Where jobs wait: ``local`` (the spool, one process) or a RabbitMQ broker (the roles)."""
+
+    kind: Literal["local", "rabbitmq"] = "local"
+    url: str | None = None  # rabbitmq: amqp(s)://USER@HOST:PORT/VHOST, never with a password
+    password_env: str | None = None  # environment variable with USER's password; null: guest
+    name: str = Field("ctpipe.jobs", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")  # queue name prefix
+    shared_roots: list[Path] = []  # folders retrospective runs may read from and write into
+
+    @model_validator(mode="after")
+    def _broker(self) -> Queue:
+        if self.kind == "local":
+            return self
+        url = urlsplit(self.url or "")
+        if url.scheme not in ("amqp", "amqps") or not url.hostname:
+            raise ValueError("url: an amqp:// or amqps:// URL is needed for kind rabbitmq")
+        if url.password is not None:
+            raise ValueError(
+                "url carries a password: secrets never go in the config file; "
+                "name an environment variable in password_env instead"
+            )
+        if self.password_env is None and (url.username or "guest") != "guest":
+            raise ValueError(f"password_env: needed for user {url.username!r} (null: guest only)")
+        if self.password_env and not os.environ.get(self.password_env):
+            raise ValueError(f"password_env: ${self.password_env} is not set")
+        return self
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     allow_plaintext: bool = False
@@ -120,6 +149,7 @@ class ServeConfig(Section):
     retry: Retry = Retry()
     retention: Retention = Retention()
     monitor: Monitor = Monitor()
+    queue: Queue = Queue()
 
     @model_validator(mode="after")
     def _transport(self) -> ServeConfig:
@@ -141,6 +171,10 @@ class ServeConfig(Section):
         if dest.kind == "dicom" and dest.tls is None and not loopback(dest.host):
             if not self.allow_plaintext:
                 raise ValueError("destination beyond localhost without tls: allow_plaintext: true")
+        broker = urlsplit(self.queue.url or "")
+        if broker.scheme == "amqp" and not loopback(broker.hostname or ""):
+            if not self.allow_plaintext:
+                raise ValueError("queue.url: amqp:// beyond localhost: amqps, or allow_plaintext")
         return self
 
     @property
@@ -168,6 +202,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "on each complete series, sends the SEG and SR back (docs/serving.md).",
     )
     parser.add_argument("--config", type=Path, default=Path("serve.yaml"))
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all: the one-process node (default); receiver: DICOM and STOW-RS, publishes jobs; "
+        "worker: consumes jobs, predicts, sends (both need queue.kind: rabbitmq)",
+    )
     parser.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     parser.add_argument("--dicom-port", type=int)
     parser.add_argument("--http-port", type=int)
@@ -211,7 +252,14 @@ def load(args: argparse.Namespace) -> ServeConfig:
             for key in keys[:-1]:
                 section = section.setdefault(key, {})
             section[keys[-1]] = str(value) if isinstance(value, Path) else value
-    return parse(raw, source=str(args.config))
+    cfg = parse(raw, source=str(args.config))
+    role = getattr(args, "role", "all")
+    if role != "all" and cfg.queue.kind != "rabbitmq":
+        raise ConfigError(
+            f"{args.config}: queue.kind: --role {role} needs rabbitmq (is {cfg.queue.kind}); "
+            "the roles share their jobs through a broker"
+        )
+    return cfg
 
 
 def parse(raw: dict, source: str = "config") -> ServeConfig:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import threading
 import time
 
 from ctpipe.monitor import drift
 from ctpipe.monitor import record as series_records
+from ctpipe.safepath import inside
 from ctpipe.serve.audit import Audit
 from ctpipe.serve.config import ServeConfig
 from ctpipe.serve.send import destination_name, send
@@ -46,6 +48,10 @@ class Runner:
         self.metrics.queue_depth.set(self.spool.depth())
         loops = [self.schedule, self.deliver]
         loops += [self.worker_loop() for _ in range(self.cfg.workers)]
+        self.run_loops(loops)
+
+    def run_loops(self, loops: list) -> None:
+        """Each loop in a thread of its own, until :meth:`shutdown`."""
         for i, loop in enumerate(loops):
             thread = threading.Thread(target=self._forever, args=(loop,), name=f"ctpipe-{i}")
             thread.daemon = True
@@ -91,11 +97,25 @@ class Runner:
         record = self.spool.claim()
         if record is None:
             return False
+        self.run_job(process, record)
+        self.check_drift()
+        return True
+
+    def run_job(self, process: PredictProcess, record: dict) -> dict:
+        """Predict a claimed (``running``) job and store its outcome in its record; return it.
+        The SEG's and SR's UIDs derive from the job id and the model version, so that a job run
+        again (a redelivered message, a restart) makes the same objects."""
         folder = self.spool.jobs / record["id"]
+        shutil.rmtree(inside(self.spool.root, folder / "out"), ignore_errors=True)  # a run before
         start = time.perf_counter()
         try:
             summary = process.run(
-                folder / "input", self.cfg.package, self.cfg.model, folder / "out", self.records
+                folder / "input",
+                self.cfg.package,
+                self.cfg.model,
+                folder / "out",
+                self.records,
+                f"{record['id']}/{self.metrics.version}",
             )
             series = list(summary["series"].values())
             if summary["predicted"]:
@@ -130,8 +150,7 @@ class Runner:
             reason=record["reason"] or None,
             seconds=round(seconds, 3),
         )
-        self.check_drift()
-        return True
+        return record
 
     def check_drift(self) -> None:
         """Drift of the newest records against the training reference, as Prometheus gauges."""

@@ -21,11 +21,14 @@ was sent). Renames and job records are fsynced before they count.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import threading
 import time
@@ -37,6 +40,7 @@ from ctpipe.serve.telemetry import tag
 log = logging.getLogger("ctpipe.serve")
 STATES = ("queued", "running", "predicted", "refused", "failed")
 JOB_ID = re.compile(r"[0-9]{20}-[0-9a-f]{6}")
+STALE_TMP_SECONDS = 3600  # shared spool: a part this old belongs to a receiver that died
 
 
 def instance_uids(ds) -> tuple[str, str, str]:
@@ -72,7 +76,8 @@ def durable_write(path: Path, data: bytes) -> None:
     """Write ``path`` owner-only (0600) through a temporary file: fsync, rename, fsync the
     folder, so that after a crash it is either the old file or the whole new one (the DICOM
     node's job records, its tokens file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of its own: processes sharing the spool may write the same record
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -110,8 +115,22 @@ class Spool:
         self.quiet = float(quiet_seconds)
         self.max_study = int(max_study_bytes)
         self.min_free = int(min_free_bytes)
-        self.lock = threading.Lock()  # receive vs. the move of a series into a job
+        self._thread_lock = threading.Lock()
+        self._lock_file = self.root / ".lock"
         self._bytes: dict[str, int] = {}  # study -> bytes in incoming (read from disk once)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Receive vs. the move of a series into a job vs. a claim: one at a time, among the
+        threads of this process (a lock) and the processes sharing the spool (``flock`` on
+        ``.lock``; NFS v4 supports it)."""
+        with self._thread_lock:
+            fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     # -- receiving ---------------------------------------------------------------------------
     def free_bytes(self) -> int:
@@ -173,7 +192,7 @@ class Spool:
                 )
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            with self.lock:
+            with self.lock():
                 folder = inside(self.root, self.incoming / study / series)
                 for level in (folder.parent, folder):
                     if not level.is_dir():
@@ -207,16 +226,22 @@ class Spool:
                     ready.append(series)
         return ready
 
-    def make_job(self, series: Path) -> str:
-        """Move a complete series into a new job (one rename) and queue it; return the job id."""
+    def make_job(self, series: Path) -> str | None:
+        """Move a complete series into a new job (one rename) and queue it; return the job id,
+        or None when another receiver sharing the spool made the job first."""
         job_id = f"{time.time_ns():020d}-{os.urandom(3).hex()}"
         folder = inside(self.root, self.jobs / job_id)
-        folder.mkdir(mode=0o700)
-        with self.lock:
+        with self.lock():
             study = series.parent.name
+            self._bytes.pop(study, None)  # another receiver may have changed it: count again
             current = self.study_bytes(study)  # counted before the move
-            moved = sum(p.stat().st_size for p in series.glob("*.dcm"))
-            os.rename(inside(self.root, series), folder / "input")
+            try:
+                moved = sum(p.stat().st_size for p in series.glob("*.dcm"))
+                folder.mkdir(mode=0o700)
+                os.rename(inside(self.root, series), folder / "input")
+            except FileNotFoundError:  # the series was moved by another receiver: its job
+                shutil.rmtree(folder, ignore_errors=True)
+                return None
             fsync_dir(folder)
             fsync_dir(series.parent)
             self._bytes[study] = max(0, current - moved)
@@ -224,7 +249,7 @@ class Spool:
                 series.parent.rmdir()  # the study folder, when this was its last series
             except OSError:
                 pass
-        self._new_record(folder, study, series.name)
+            self._new_record(folder, study, series.name)  # in the lock: never seen half made
         return job_id
 
     def _new_record(self, folder: Path, study: str = "", series: str = "") -> dict:
@@ -281,12 +306,22 @@ class Spool:
         durable_write(target / "REASON.txt", (reason + "\n").encode())
         log.error("job %s quarantined: %s", folder.name, reason)
 
-    def recover(self) -> dict[str, int]:
-        """Bring the spool to a state the server can resume from (after a crash or a kill)."""
+    def recover(self, shared: bool = False) -> dict[str, int]:
+        """Bring the spool to a state the server can resume from (after a crash or a kill).
+        ``shared``: other processes use the spool now (the roles): parts younger than
+        ``STALE_TMP_SECONDS`` may be theirs and stay, and running jobs are left to the broker,
+        which gives a job whose worker died to another one."""
         counts = {"requeued": 0, "recorded": 0, "removed": 0, "tmp_removed": 0}
         for tmp in self.tmp.iterdir():  # half-received instances: never acknowledged
-            tmp.unlink()
+            if shared and time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS:
+                continue
+            tmp.unlink(missing_ok=True)
             counts["tmp_removed"] += 1
+        with self.lock():
+            self._recover_jobs(counts, shared)
+        return counts
+
+    def _recover_jobs(self, counts: dict[str, int], shared: bool) -> None:
         for folder in sorted(p for p in self.jobs.iterdir() if p.is_dir()):  # not a probe file
             if not (folder / "job.json").is_file():
                 if (folder / "input").is_dir():  # killed between the move and the record
@@ -296,22 +331,42 @@ class Spool:
                     shutil.rmtree(inside(self.root, folder))
                     counts["removed"] += 1
         for record in self.records():
-            if record["status"] == "running":
+            if record["status"] == "running" and not shared:
                 shutil.rmtree(inside(self.root, self.jobs / record["id"] / "out"), True)
                 record["status"] = "queued"
                 self.save(record)
                 counts["requeued"] += 1
-        return counts
 
     def claim(self) -> dict | None:
         """The oldest queued job, marked running (one claimant at a time)."""
-        with self.lock:
+        with self.lock():
             for record in self.records():
                 if record["status"] == "queued":
                     record.update(status="running", started=time.time())
                     self.save(record)
                     return record
         return None
+
+    def claim_job(self, job_id: str, redelivered: bool) -> tuple[str, dict]:
+        """A job delivered by the broker: (what to do, its record). ``run``: it was queued, or
+        running when the message is a redelivery (its worker died): now running here;
+        ``send``: its results are stored (a worker died before its acknowledgement); ``skip``:
+        finished, or running elsewhere (a second message of a job published twice)."""
+        with self.lock():
+            record = self.load(job_id)
+            status = record.get("status")
+            if status == "queued" or (status == "running" and redelivered):
+                record.update(
+                    status="running",
+                    started=time.time(),
+                    worker=f"{socket.gethostname()}:{os.getpid()}",  # who runs it (the logs)
+                    runs=record.get("runs", 0) + 1,  # 2 and more: redelivered
+                )
+                self.save(record)
+                return "run", record
+            if status == "predicted" and record.get("send") in ("pending", "retrying"):
+                return "send", record
+            return "skip", record
 
     def results(self, job_id: str) -> list[Path]:
         """The files to send for a job: every SEG and SR it wrote."""

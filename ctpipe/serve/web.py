@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -140,8 +141,17 @@ def boundary_of(content_type: str) -> bytes:
 
 
 def create_app(
-    cfg: ServeConfig, spool: Spool, metrics: Metrics, tokens: list, audit: Audit
+    cfg: ServeConfig,
+    spool: Spool,
+    metrics: Metrics,
+    tokens: list,
+    audit: Audit,
+    role: str = "all",
+    broker: Callable[[], bool] | None = None,
 ) -> FastAPI:
+    """The node's HTTP side; a ``worker`` serves only the probes and ``/metrics``. ``broker``
+    says whether the broker is connected (the roles): a worker is ready only then, a receiver
+    reports it (it keeps receiving into the spool, and publishes when the broker is back)."""
     app = FastAPI(title="ctpipe serve", docs_url=None, redoc_url=None, openapi_url=None)
     rate = RateLimit(cfg.limits.calls_per_minute)
     protocol = "https" if cfg.http.tls else "http"
@@ -185,13 +195,14 @@ def create_app(
                     seconds=round(time.perf_counter() - start, 3),
                 )
 
-    _add_status_routes(app, cfg, spool, metrics, authorised)
-    _add_stow(app, cfg, spool, metrics, authorised)
+    _add_status_routes(app, cfg, spool, metrics, authorised, role, broker)
+    if role != "worker":
+        _add_stow(app, cfg, spool, metrics, authorised)
     return app
 
 
 def _add_status_routes(
-    app: FastAPI, cfg: ServeConfig, spool: Spool, metrics: Metrics, authorised
+    app: FastAPI, cfg: ServeConfig, spool: Spool, metrics: Metrics, authorised, role, broker
 ) -> None:
     """The probes (open), the job records (``read``) and the metrics (``metrics``)."""
 
@@ -208,9 +219,24 @@ def _add_status_routes(
             "queue_writable": _writable(spool.jobs),
             "disk": not low,
         }
+        if role == "worker":
+            checks["broker"] = broker()
         ready = all(checks.values())
+        if role == "receiver":
+            checks["broker"] = broker()
         body = {"ready": ready, **checks, **({"reason": low} if low else {})}
         return JSONResponse(body, 200 if ready else 503)
+
+    @app.get("/metrics")
+    def prometheus(request: Request) -> Response:
+        authorised(request, "metrics")
+        metrics.free_disk.set(spool.free_bytes())
+        metrics.free_disk_watermark.set(spool.min_free)  # the alert compares with the node's own
+        metrics.quarantined.set(sum(1 for _ in spool.quarantine.iterdir()))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if role == "worker":
+        return
 
     @app.get("/jobs")
     def jobs(request: Request) -> list[dict]:
@@ -232,14 +258,6 @@ def _add_status_routes(
         )
         out["expires"] = done + keep.jobs_days * 86400 if done else None
         return out
-
-    @app.get("/metrics")
-    def prometheus(request: Request) -> Response:
-        authorised(request, "metrics")
-        metrics.free_disk.set(spool.free_bytes())
-        metrics.free_disk_watermark.set(spool.min_free)  # the alert compares with the node's own
-        metrics.quarantined.set(sum(1 for _ in spool.quarantine.iterdir()))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _add_stow(app: FastAPI, cfg: ServeConfig, spool: Spool, metrics: Metrics, authorised) -> None:

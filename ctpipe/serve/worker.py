@@ -34,11 +34,24 @@ class PredictProcess:
         child.close()
         self.conn = parent
 
-    def run(self, study: Path, package: Path, model: str, out: Path, records: Path) -> dict:
+    def run(
+        self,
+        study: Path,
+        package: Path,
+        model: str,
+        out: Path,
+        records: Path | None,
+        uid_seed: str | None = None,
+    ) -> dict:
         """predict_study's summary, or an exception with the reason (no UID in it)."""
+        return self.call("study", study, package, model, out, records, uid_seed)
+
+    def call(self, what: str, *args) -> dict:
+        """``what`` (``study``: predict_study, ``series``: predict_entry) with ``args`` in the
+        child process: its answer, or an exception with the reason."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
-        self.conn.send((study, package, model, out, records))
+        self.conn.send((what, args))
         if not self.conn.poll(self.timeout):
             self.stop()
             raise PredictTimeout(f"predict ran past predict_timeout_seconds ({self.timeout:g} s)")
@@ -83,14 +96,15 @@ def _child(conn) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    from ctpipe.deploy.predict import predict_study
+    from ctpipe.deploy.predict import predict_entry, predict_study
 
+    calls = {"study": predict_study, "series": predict_entry}
     while True:
         try:
-            args = conn.recv()
+            what, args = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            conn.send((True, predict_study(*args)))
+            conn.send((True, calls[what](*args)))
         except Exception as err:  # noqa: BLE001 - the job fails with its reason, the process lives
             conn.send((False, f"{type(err).__name__}: {err}"))
