@@ -186,3 +186,28 @@ def test_bench_scale_reports_growth_and_projection():
     assert (flat["fixed_s"], flat["per_case_s"], flat["LUNA16"]) == (2.0, 2.0, 2 + 2 * 888)
     assert tables["projection"]["grows"]["LIDC-IDRI"] == 8.0  # no per-case part: fixed
     assert tables["projected_total_s"]["LUNA16"] == 2 + 2 * 888 + 8
+
+
+@pytest.mark.slow
+def test_bench_scaleout_runs_its_smallest_configuration(tmp_path, density_package):
+    """One study per configuration and a kill test of four: every study arrives, none twice."""
+    import brokerkit
+
+    if not brokerkit.available():
+        pytest.skip(f"needs RabbitMQ: {brokerkit.INSTALL}")
+    out = tmp_path / "scaleout.json"
+    done = run(
+        ["benchmarks/bench_scaleout.py", "--studies", "1", "--kill-studies", "4"]
+        + ["--package", density_package, "--workdir", tmp_path, "--out", out, "--timeout", "300"]
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["runs"]) == {
+        "one process", "roles, 1 worker", "roles, 2 workers", "kill test, 2 workers"
+    }  # fmt: skip
+    for name, r in figures["runs"].items():
+        assert r["failures"] == 0 and r["lost"] == 0 and r["duplicated"] == 0, (name, r)
+        assert r["studies_per_min"] > 0, name
+    assert figures["overhead"]["p50_ms"] > 0
+    assert re.search(r"roles, 2 workers\s+1\s+[\d.]+", done.stdout)
+    assert [p.name for p in tmp_path.iterdir()] == ["scaleout.json"]  # the scratch data is gone
