@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup lock repro exp test test-fast lint format docs review dag serve
+.PHONY: setup lock repro exp test test-fast lint format docs review dag serve image
 
 # The venv is (re)installed only when the lock (requirements.txt) or pyproject.toml changed. The lock
 # pins every package with its hashes (`make lock` writes it from requirements.in); pip refuses any
@@ -29,7 +29,9 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 # Compile the lock from requirements.in for CPython 3.11 on Linux x86_64 (glibc 2.28 or later), the
-# platform of this project's machines and CI, whatever machine runs it. Existing pins are kept unless
+# platform of this project's machines and CI, whatever machine runs it. The container image's lock
+# (deploy/requirements.txt, no torch) is compiled from deploy/requirements.in with the main lock as
+# constraints, so both pin the same versions. Existing pins are kept unless
 # LOCK_FLAGS says otherwise, e.g. LOCK_FLAGS="--upgrade-package fastapi" or LOCK_FLAGS=--upgrade.
 # uv runs from a venv of its own, so the project's .venv holds exactly the lock. docs/getting-started.md
 LOCK_VENV := .venv-lock
@@ -38,6 +40,10 @@ lock:
 	@test -x $(LOCK_VENV)/bin/uv || { python3 -m venv $(LOCK_VENV) \
 		&& $(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION); }
 	$(LOCK_VENV)/bin/uv pip compile requirements.in -o requirements.txt --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--custom-compile-command "make lock" $(LOCK_FLAGS) > /dev/null
+	$(LOCK_VENV)/bin/uv pip compile deploy/requirements.in -c requirements.txt \
+		-o deploy/requirements.txt --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command "make lock" $(LOCK_FLAGS) > /dev/null
 
@@ -63,6 +69,12 @@ test-fast: setup
 # The DICOM node next to the PACS (serve.yaml; API tokens: python -m ctpipe.serve.tokens): docs/serving.md
 serve: setup
 	python -m ctpipe.serve --config serve.yaml
+
+# The container image of the node (deploy/Containerfile) with models/export baked in; the Debian
+# base image is made first when podman has none. Needs podman and debootstrap: docs/serving.md.
+IMAGE ?= localhost/ctpipe:latest
+image: setup
+	python scripts/build_image.py --package models/export --tag $(IMAGE)
 
 # What CI checks before the tests: ruff's lint rules and formatting (pyproject.toml [tool.ruff]).
 LINTED := ctpipe stages scripts benchmarks tests

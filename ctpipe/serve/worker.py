@@ -29,7 +29,7 @@ class PredictProcess:
 
     def _start(self) -> None:
         parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_child, args=(child,), daemon=True)
+        self.proc = self.ctx.Process(target=_child, args=(child, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.conn = parent
@@ -73,20 +73,21 @@ class PredictProcess:
         self.proc = self.conn = None
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: the kernel kills this process when the node dies (even by SIGKILL), so no orphan
-    goes on writing into a job that the restarted node runs again."""
+    goes on writing into a job that the restarted node runs again. ``parent`` is the node's
+    process id (in a container the node is PID 1, so "adopted by PID 1" would be wrong)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # another libc: the pipe's EOF ends the loop instead
         return
-    if os.getppid() == 1:  # the parent died before the call
+    if os.getppid() != parent:  # the parent died before the call
         os._exit(1)
 
 
-def _child(conn) -> None:
-    _die_with_parent()
+def _child(conn, parent: int) -> None:
+    _die_with_parent(parent)
     # predict logs series UIDs and file names, and pydicom's warnings quote header values: the
     # node's log must carry neither, so this process logs nothing; its results say what happened.
     logging.disable(logging.CRITICAL)
