@@ -15,6 +15,8 @@ The manifests stay real Kubernetes YAML; :func:`podman_variant` derives, in memo
   volume makes it panic (``VolumeFromSecret``, nil pointer). The test creates the secrets for
   ``secretKeyRef`` (:func:`podman_secret_json`) and mounts secret volumes as ``hostPath`` folders
   with the same files;
+- on the host network podman 4.3 refuses the port mappings it makes of ``ports``, so they go and
+  the probes name their ports by number;
 - Services and the HorizontalPodAutoscaler are dropped (podman ignores them);
 - the images are the locally built test tags.
 """
@@ -110,8 +112,22 @@ def podman_variant(
                 c["ports"] = [
                     {**p, "containerPort": port} if p["name"] == "https" else p for p in c["ports"]
                 ]
+            for c in one["spec"]["template"]["spec"]["containers"]:
+                _probes_by_number(c)
             out.append(one)
     return out
+
+
+def _probes_by_number(container: dict) -> None:
+    """On the host network podman 4.3 refuses port mappings, which it makes of ``ports``: the
+    probes name their port by number and ``ports`` goes (the host's ports are the pod's)."""
+    ports = pod_ports(container)
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        check = container.get(probe, {})
+        for how in ("httpGet", "tcpSocket"):
+            if how in check:
+                check[how]["port"] = ports[check[how]["port"]]
+    container.pop("ports", None)
 
 
 def _localise_pod(pod: dict, prefix: str, secret_dirs: dict[str, Path], images: dict) -> None:

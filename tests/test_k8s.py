@@ -166,12 +166,18 @@ def rabbitmq_image() -> str:
 class Played:
     """The variant of deploy/k8s running under ``podman play kube``, with Orthanc as the PACS."""
 
-    def __init__(self, tmp: Path, node_image: str) -> None:
+    def __init__(self, tmp: Path) -> None:
         self.tmp, self.prefix = tmp, f"k8s{uuid.uuid4().hex[:6]}-"
-        docs = manifests()
+        self.file, self.secret_dirs = tmp / "play.yaml", {}
+        self.orthanc = self.client = None
+
+    def start(self, node_image: str) -> None:
+        tmp, docs = self.tmp, manifests()
         self.orthanc = Orthanc(tmp / "orthanc", {})
         self.certs = make_certs(tmp / "certs")
-        self.secret_dirs = self._secrets(docs)
+        ctx = ssl.create_default_context(cafile=self.certs["ca"])
+        self.client = httpx.Client(verify=ctx, timeout=10)
+        self._secrets(docs)
         self.dicom_port, self.amqp_port = free_port(), free_port()
         self.http = {"ctpipe-receiver": [free_port()], "ctpipe-worker": [free_port(), free_port()]}
         serve = {
@@ -179,7 +185,7 @@ class Played:
             "quiet_seconds": 1,
             "dicom": {"port": self.dicom_port, "allowed_callers": [{"ae_title": "TESTSCU"}]},
             "destination": {"kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                            "port": self.orthanc.dicom_port},
+                            "port": self.orthanc.dicom_port, "tls": None},  # Orthanc: plain, on loopback
             "retry": {"first_seconds": 0.5, "max_seconds": 2, "max_attempts": 50},
             "queue": {"url": f"amqp://ctpipe@127.0.0.1:{self.amqp_port}/%2F"},
         }  # fmt: skip
@@ -195,16 +201,15 @@ class Played:
         variant = podman_variant(
             docs, self.prefix, serve, self.http, erlang, self.amqp_port, self.secret_dirs, images
         )
-        self.file = tmp / "play.yaml"
         self.file.write_text(yaml.safe_dump_all(variant))
         played = subprocess.run(
             podman("play", "kube", str(self.file)), capture_output=True, text=True
         )
-        assert played.returncode == 0, played.stdout + played.stderr
-        ctx = ssl.create_default_context(cafile=self.certs["ca"])
-        self.client = httpx.Client(verify=ctx, timeout=10)
+        if played.returncode != 0:
+            self.close()
+            raise AssertionError(f"podman play kube: {played.stdout}{played.stderr}")
 
-    def _secrets(self, docs: list[dict]) -> dict[str, Path]:
+    def _secrets(self, docs: list[dict]) -> None:
         """Test values for the manifests' Secrets, with the same keys: a hostPath folder each
         (owned by the node's user, as a Secret volume with fsGroup is) and a podman secret."""
         folder = self.tmp / "secrets"
@@ -220,7 +225,7 @@ class Played:
                 "ca.crt": self.certs["ca"].read_bytes(),
             },
         }
-        dirs = {}
+        dirs = self.secret_dirs
         for doc in (d for d in docs if d["kind"] == "Secret"):
             name = doc["metadata"]["name"]
             assert set(values[name]) == set(secret_items(doc)), name  # the manifests' keys
@@ -233,7 +238,6 @@ class Played:
                 os.chown(dirs[name] / key, USER_ID, USER_ID)
             subprocess.run(podman("secret", "create", self.prefix + name, "-"),
                            input=podman_secret_json(values[name]), check=True, capture_output=True)  # fmt: skip
-        return dirs
 
     def url(self, deployment: str, path: str, i: int = 0) -> str:
         return f"https://127.0.0.1:{self.http[deployment][i]}{path}"
@@ -260,7 +264,8 @@ class Played:
         return [n for n in listed.stdout.split() if n.startswith(self.prefix)]
 
     def close(self) -> None:
-        subprocess.run(podman("play", "kube", "--down", str(self.file)), capture_output=True)
+        if self.file.is_file():
+            subprocess.run(podman("play", "kube", "--down", str(self.file)), capture_output=True)
         listed = subprocess.run(
             podman("volume", "ls", "--format", "{{.Name}}"), capture_output=True, text=True
         )
@@ -269,14 +274,17 @@ class Played:
             subprocess.run(podman("volume", "rm", "-f", *ours), capture_output=True)
         for name in self.secret_dirs:
             subprocess.run(podman("secret", "rm", self.prefix + name), capture_output=True)
-        self.client.close()
-        self.orthanc.close()
+        if self.client is not None:
+            self.client.close()
+        if self.orthanc is not None:
+            self.orthanc.close()
 
 
 @pytest.fixture(scope="module")
 def played(tmp_path_factory, ctpipe_image):
-    cluster = Played(tmp_path_factory.mktemp("k8s"), ctpipe_image)
+    cluster = Played(tmp_path_factory.mktemp("k8s"))
     try:
+        cluster.start(ctpipe_image)
         for name, ports in cluster.http.items():
             for i in range(len(ports)):
                 try:
@@ -294,7 +302,9 @@ def send_tls(played: Played, files: list[Path]) -> None:
     ctx.load_cert_chain(played.certs["client"], played.certs["client_key"])
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", played.dicom_port, ae_title="CTPIPE", tls_args=(ctx, None))
+    assoc = ae.associate(
+        "127.0.0.1", played.dicom_port, ae_title="CTPIPE", tls_args=(ctx, "localhost")
+    )
     assert assoc.is_established
     try:
         for path in files:
