@@ -199,10 +199,10 @@ def test_a_failing_series_leaves_no_partial_output_and_the_others_run(
     second = copy_as_series(gen, tmp_path / "study" / "b")
     real = predict.write_seg
 
-    def fail_once(path, sources, mask):
+    def fail_once(path, sources, mask, uid=None):
         if sources[0].SeriesInstanceUID == first:
             raise RuntimeError("disk full")
-        return real(path, sources, mask)
+        return real(path, sources, mask, uid)
 
     monkeypatch.setattr(predict, "write_seg", fail_once)
     out = tmp_path / "out"

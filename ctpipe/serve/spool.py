@@ -313,7 +313,10 @@ class Spool:
         which gives a job whose worker died to another one."""
         counts = {"requeued": 0, "recorded": 0, "removed": 0, "tmp_removed": 0}
         for tmp in self.tmp.iterdir():  # half-received instances: never acknowledged
-            if shared and time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS:
+            try:
+                if shared and time.time() - tmp.stat().st_mtime < STALE_TMP_SECONDS:
+                    continue
+            except FileNotFoundError:  # placed by another receiver meanwhile
                 continue
             tmp.unlink(missing_ok=True)
             counts["tmp_removed"] += 1
