@@ -29,11 +29,11 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 # Compile the lock from requirements.in for CPython 3.11 on Linux x86_64 (glibc 2.28 or later), the
-# platform of this project's machines and CI, whatever machine runs it. The container image's lock
-# (deploy/requirements.txt, no torch) is compiled from deploy/requirements.in with the main lock as
-# constraints, so both pin the same versions. Existing pins are kept unless
+# platform of this project's machines and CI, whatever machine runs it. Existing pins are kept unless
 # LOCK_FLAGS says otherwise, e.g. LOCK_FLAGS="--upgrade-package fastapi" or LOCK_FLAGS=--upgrade.
 # uv runs from a venv of its own, so the project's .venv holds exactly the lock. docs/getting-started.md
+# The container image's lock (deploy/requirements.txt, no torch) is compiled from
+# deploy/requirements.in with the main lock as constraints: both pin the same versions.
 LOCK_VENV := .venv-lock
 UV_VERSION := 0.13.9
 lock:
@@ -71,10 +71,11 @@ serve: setup
 	python -m ctpipe.serve --config serve.yaml
 
 # The container image of the node (deploy/Containerfile) with models/export baked in; the Debian
-# base image is made first when podman has none. Needs podman and debootstrap: docs/serving.md.
+# base image is made first when podman has none. Needs podman, runc and debootstrap, not the .venv
+# (the script uses the standard library only): docs/serving.md.
 IMAGE ?= localhost/ctpipe:latest
-image: setup
-	python scripts/build_image.py --package models/export --tag $(IMAGE)
+image:
+	python3 scripts/build_image.py --package models/export --tag $(IMAGE)
 
 # What CI checks before the tests: ruff's lint rules and formatting (pyproject.toml [tool.ruff]).
 LINTED := ctpipe stages scripts benchmarks tests

@@ -152,6 +152,7 @@ def build(package: Path, tag: str = TAG, base: str = BASE) -> str:
             log.info("%s is up to date (%s %s)", tag, LABEL, wanted[:12])
             return tag
         log.info("building %s (a few minutes the first time)", tag)
+        previous = image_id(tag) if image_exists(tag) else None
         run(
             ["podman", "build", "--isolation", "chroot", "--format", "docker",
              "--build-arg", f"BASE={base}", "--build-arg", "PACKAGE=model-package",
@@ -159,6 +160,8 @@ def build(package: Path, tag: str = TAG, base: str = BASE) -> str:
              "--label", f"{LABEL}={wanted}", "-f", "deploy/Containerfile", "-t", tag, "."],
             "podman build", cwd=context,
         )  # fmt: skip
+        if previous and previous != image_id(tag):  # untagged now: its disk space goes back
+            subprocess.run(["podman", "rmi", previous], capture_output=True)  # in use: kept
     return tag
 
 

@@ -11,6 +11,7 @@ A test module uses the image through the session fixture::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -20,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TAG = "localhost/ctpipe:test"
+# one tag per checkout: two work trees on one machine would otherwise rebuild it for each other
+TAG = f"localhost/ctpipe:test-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
 USER_ID = 10001  # the image's user (deploy/Containerfile); mounted files must be readable by it
 INSTALL = (
     "apt-get install -y podman runc debootstrap, as root, and `default_ulimits = []` under "
