@@ -11,8 +11,12 @@ dataset and loader, network, loss, optimiser, EMA and schedule of ``params.yaml`
   inference  whole validation volumes (axial, ``inference.whole_slab`` as params.yaml), CPU vs GPU
 
     python benchmarks/bench_gpu.py [--data data/processed] [--steps 100] [--learn-epochs 8]
+        [--profile profiles/real-size.yaml]
 
-Without a CUDA GPU it prints the CPU figures and says so.
+``--profile`` applies a params profile (docs/real-size.md) to params.yaml first; ``--data`` must
+then hold cases preprocessed with the same profile (its spacing), e.g. the ``data/processed`` of
+a ``make exp PROFILE=...`` run or of a ``bench_scale.py --profile ... --workdir DIR`` scratch
+repository. Without a CUDA GPU it prints the CPU figures and says so.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from monai.data import set_track_meta
 from monai.metrics import compute_dice
 
-from ctpipe import config
+from ctpipe import config, profiles
 from ctpipe.model import data, infer, training
 from ctpipe.model.training import TrainData, TrainState
 
@@ -104,9 +109,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
     parser.add_argument("--cpu-steps", type=int, default=20, help="steps per CPU epoch")
     parser.add_argument("--learn-epochs", type=int, default=8, help="epochs of the AMP run")
+    parser.add_argument("--profile", type=Path, help="params profile applied to params.yaml")
     args = parser.parse_args()
     set_track_meta(False)  # as the train stage runs
-    params = config.load(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if args.profile is not None:
+        for key, value in profiles.load(args.profile).items():
+            profiles.override(raw, key, value, source=str(args.profile))
+    params = config.validate(raw, f"params.yaml with {args.profile or 'no profile'}")
     cfg = params.train
     batch = cfg.batch_size
     cuda = torch.cuda.is_available()
