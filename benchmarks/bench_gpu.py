@@ -15,8 +15,7 @@ dataset and loader, network, loss, optimiser, EMA and schedule of ``params.yaml`
 
 ``--profile`` applies a params profile (docs/real-size.md) to params.yaml first; ``--data`` must
 then hold cases preprocessed with the same profile (its spacing), e.g. the ``data/processed`` of
-a ``make exp PROFILE=...`` run or of a ``bench_scale.py --profile ... --workdir DIR`` scratch
-repository. Without a CUDA GPU it prints the CPU figures and says so.
+a ``make exp PROFILE=...`` run. Without a CUDA GPU it prints the CPU figures and says so.
 """
 
 from __future__ import annotations

@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             {
                 "cohort": {**dataclasses.asdict(cohort), "patients": sizes},
+                "profiles": [str(path) for path in args.profile],
                 "params_set": [
                     f"train.epochs={args.epochs}",
                     "quantize.max_dice_drop=1.0",
