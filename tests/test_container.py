@@ -9,10 +9,8 @@ or root, with the install command); Orthanc as in tests/test_orthanc.py (skipped
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -23,10 +21,9 @@ import pydicom
 import pytest
 import yaml
 from imagekit import USER_ID, podman
-from servekit import free_port, make_tokens, wait_for
+from servekit import Orthanc, free_port, make_tokens, wait_for
 
 ORTHANC = shutil.which("Orthanc")
-DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 ctpipe_image = imagekit.ctpipe_image  # the session fixture: the image, built once
 pytestmark = [
     imagekit.SKIP,
@@ -52,8 +49,8 @@ class Containerised:
         self.tmp, self.image = tmp, image
         self.name = f"ctpipe-test-{uuid.uuid4().hex[:8]}"
         self.volume = f"{self.name}-spool"
-        self.o_http, self.o_dicom = free_port(), free_port()
         self.c_http, self.c_dicom = free_port(), free_port()
+        self.orthanc = Orthanc(tmp / "orthanc", {"ctpipe": ("CTPIPE", self.c_dicom)})
         etc = tmp / "etc"
         self.token = make_tokens(etc, {"orthanc": ["store", "read", "metrics"]})["orthanc"]
         cfg = yaml.safe_load((Path(__file__).parents[1] / "serve.yaml").read_text())
@@ -66,7 +63,7 @@ class Containerised:
                 "kind": "dicom",
                 "ae_title": "ORTHANC",
                 "host": "127.0.0.1",
-                "port": self.o_dicom,
+                "port": self.orthanc.dicom_port,
             },  # fmt: skip
             retry={"first_seconds": 0.5, "max_seconds": 2, "max_attempts": 100},
         )
@@ -74,31 +71,12 @@ class Containerised:
         cfg["http"].update(port=self.c_http, tokens_file=f"{CONFIG_DIR}/tokens.yaml")
         (etc / "serve.yaml").write_text(yaml.safe_dump(cfg))
         readable_by_image_user(etc)
-        orthanc = {
-            "Name": "ctpipe-container-test",
-            "StorageDirectory": str(tmp / "orthanc-db"),
-            "IndexDirectory": str(tmp / "orthanc-db"),
-            "HttpPort": self.o_http,
-            "DicomPort": self.o_dicom,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": {"ctpipe": ["CTPIPE", "127.0.0.1", self.c_dicom]},
-        }
-        (tmp / "orthanc.json").write_text(json.dumps(orthanc))
-        self.orthanc = subprocess.Popen(
-            [ORTHANC, str(tmp / "orthanc.json")],
-            stdout=open(tmp / "orthanc.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
         subprocess.run(
             podman("run", "-d", "--name", self.name, "--network", "host",
                    "-v", f"{etc}:{CONFIG_DIR}:ro", "-v", f"{self.volume}:{SPOOL}", image),
             check=True, capture_output=True,
         )  # fmt: skip
         self.http = httpx.Client(timeout=60)
-        wait_for(lambda: self.orthanc_get("/system"), 60, "Orthanc")
         wait_for(lambda: self.get(f"{self.c_url}/healthz").status_code == 200, 120, "the node")
 
     @property
@@ -107,17 +85,6 @@ class Containerised:
 
     def get(self, url: str) -> httpx.Response:
         return self.http.get(url, headers={"Authorization": f"Bearer {self.token}"})
-
-    def orthanc_get(self, path: str):
-        response = self.http.get(f"http://127.0.0.1:{self.o_http}{path}")
-        response.raise_for_status()
-        return response.json() if "json" in response.headers.get("content-type", "") else response
-
-    def orthanc_post(self, path: str, body) -> dict:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        response = self.http.post(f"http://127.0.0.1:{self.o_http}{path}", content=data)
-        response.raise_for_status()
-        return response.json()
 
     def exec(self, *cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(podman("exec", self.name, *cmd), capture_output=True, text=True)
@@ -129,12 +96,7 @@ class Containerised:
     def close(self) -> None:
         subprocess.run(podman("rm", "-f", "-t", "10", self.name), capture_output=True)
         subprocess.run(podman("volume", "rm", "-f", self.volume), capture_output=True)
-        if self.orthanc.poll() is None:
-            self.orthanc.send_signal(signal.SIGTERM)
-            try:
-                self.orthanc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.orthanc.kill()
+        self.orthanc.close()
         self.http.close()
 
 
@@ -155,13 +117,13 @@ def study(tmp_path_factory, write_tiny_cohort) -> list[Path]:
 def test_container_c_store_round_trip_with_orthanc(node, study):
     study_id = ""
     for path in study:
-        study_id = node.orthanc_post("/instances", path.read_bytes())["ParentStudy"]
-    node.orthanc_post("/modalities/ctpipe/store", {"Resources": [study_id], "Synchronous": True})
+        study_id = node.orthanc.post("/instances", path.read_bytes())["ParentStudy"]
+    node.orthanc.post("/modalities/ctpipe/store", {"Resources": [study_id], "Synchronous": True})
 
     def results():
         failed = [j for j in node.get(f"{node.c_url}/jobs").json() if j["status"] == "failed"]
         assert not failed, failed  # no need to wait out the time limit
-        series = node.orthanc_get(f"/studies/{study_id}/series")
+        series = node.orthanc.get(f"/studies/{study_id}/series")
         kinds = {s["MainDicomTags"].get("Modality"): s for s in series}
         return kinds if {"SEG", "SR"} <= set(kinds) else None
 
@@ -172,7 +134,7 @@ def test_container_c_store_round_trip_with_orthanc(node, study):
         raise AssertionError(f"{err}\njobs: {jobs}\nnode log:\n{node.logs()[-3000:]}") from None
     source = pydicom.dcmread(study[0], stop_before_pixels=True)
     (seg_id,) = kinds["SEG"]["Instances"]
-    seg = pydicom.dcmread(io.BytesIO(node.orthanc_get(f"/instances/{seg_id}/file").content))
+    seg = pydicom.dcmread(io.BytesIO(node.orthanc.get(f"/instances/{seg_id}/file").content))
     assert seg.StudyInstanceUID == source.StudyInstanceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     (job,) = wait_for(lambda: node.get(f"{node.c_url}/jobs").json(), 30, "the job")
