@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ctpipe.deploy.predict import gaussian_weights, sliding_window
+from ctpipe.deploy.window import gaussian_weights, sliding_window
 from ctpipe.model.nets import build_network
 
 

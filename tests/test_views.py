@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctpipe.deploy.predict import predict_probability
+from ctpipe.deploy.window import predict_probability
 from ctpipe.fileio import write_json
 from ctpipe.model import data, infer
 from ctpipe.model.views import (

@@ -10,6 +10,7 @@
     card        -- the model card written into the package
     build       -- the export stage: the package built, verified and swapped into place
     runtime     -- PyTorch or ONNX Runtime for whole-volume scoring in evaluate and postprocess
+    window      -- whole-volume inference with an ONNX Runtime session (slabs, windows, views)
     predict     -- a package on a new DICOM study, without PyTorch (``python -m ctpipe.predict``)
 
 Nothing here is imported by this ``__init__``: ``predict`` must run where PyTorch is not installed.
