@@ -43,6 +43,16 @@ TINY_SYNTH = synth.Cohort(
 )
 
 
+@pytest.fixture(autouse=True)
+def keep_umask():
+    """Every test starts and ends with the session's umask: the DICOM node's ``main`` sets 077
+    for its own files, and a test that runs it in this process must not hand that on."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
 def tiny_params() -> dict:
     """params.yaml with every section shrunk so that the whole pipeline runs in about a minute."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -162,6 +162,7 @@ def test_container_runs_predict_on_a_mounted_study(tmp_path, ctpipe_image, study
     out = tmp_path / "out"
     out.mkdir()
     os.chown(out, USER_ID, USER_ID)
+    readable_by_image_user(study[0].parent)  # whatever the umask it was written with
     result = subprocess.run(
         podman("run", "--rm", "--network", "none", "--entrypoint", "python",
                "-v", f"{study[0].parent}:/study:ro", "-v", f"{out}:/out", ctpipe_image,
