@@ -46,6 +46,20 @@ def wait_for(predicate, seconds: float = 180.0, what: str = "a condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def stop(*procs: subprocess.Popen, seconds: float = 20) -> None:
+    """SIGTERM every process still running, wait up to ``seconds`` for each, SIGKILL the rest:
+    the test services (nodes, Orthanc, HAProxy, Prometheus) end as they would in production."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Receiver:
     """A destination SCP that keeps what it is sent (the PACS in these tests); ``contexts``
     limits the SOP classes it accepts."""
@@ -264,10 +278,5 @@ class Orthanc:
         return out
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop(self.proc)
         self.http.close()

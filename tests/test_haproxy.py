@@ -22,7 +22,7 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts
-from servekit import free_port, make_cfg, make_tokens, start_serve, wait_for
+from servekit import free_port, make_cfg, make_tokens, start_serve, stop, wait_for
 
 from ctpipe.serve.send import multipart_related
 
@@ -92,13 +92,7 @@ class Balanced:
         proc.wait(30)
 
     def close(self) -> None:
-        for proc in [self.haproxy, *self.procs.values()]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(self.haproxy, *self.procs.values())
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pandas as pd
 import pydicom
 import pytest
 import yaml
-from servekit import make_certs, make_tokens, start_serve
+from servekit import make_certs, make_tokens, start_serve, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 ORTHANC = shutil.which("Orthanc")
@@ -190,13 +190,7 @@ class Node:
         wait_for(lambda: self.http.get(self.c_url("/healthz")).status_code == 200, 60, "serve")
 
     def close(self) -> None:
-        for proc in (self.serve, self.orthanc):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(self.serve, self.orthanc)
         self.http.close()
 
 

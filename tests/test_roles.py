@@ -22,7 +22,7 @@ import pika
 import pydicom
 import pytest
 import yaml
-from servekit import ROOT, Orthanc, free_port, make_tokens, wait_for
+from servekit import ROOT, Orthanc, free_port, make_tokens, stop, wait_for
 
 from ctpipe.serve import config
 from ctpipe.serve.__main__ import main as serve_main
@@ -93,14 +93,7 @@ class Cluster:
         return [json.loads(p.read_text()) for p in sorted(jobs.glob("*/job.json"))]
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(*self.procs.values(), seconds=30)
         self.orthanc.close()
 
 
