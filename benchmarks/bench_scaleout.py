@@ -36,12 +36,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pika
-import pydicom
 import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage
 
-from ctpipe import config, synth
 from ctpipe.fileio import write_json
 from ctpipe.serve import tokens
 from ctpipe.serve.telemetry import tag
@@ -50,12 +47,21 @@ ROOT = Path(__file__).resolve().parents[1]
 CORES = sorted(os.sched_getaffinity(0))
 
 
-def brokerkit():
-    """tests/brokerkit.py: the plain-process broker the tests use."""
-    spec = importlib.util.spec_from_file_location("brokerkit", ROOT / "tests" / "brokerkit.py")
+def load(path: Path):
+    """A module of this repository that is not on the import path, from its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def brokerkit():
+    """tests/brokerkit.py: the plain-process broker the tests use."""
+    return load(ROOT / "tests" / "brokerkit.py")
+
+
+# The studies and the C-STORE sender of bench_serve.py (studies of another seed here).
+SERVE = load(ROOT / "benchmarks" / "bench_serve.py")
 
 
 class Destination:
@@ -84,29 +90,6 @@ class Destination:
 
     def duplicated(self) -> int:
         return sum(any(len(v) > 1 for v in kinds.values()) for kinds in self.uids.values())
-
-
-def write_studies(out: Path, n: int) -> list[tuple[str, list[Path]]]:
-    cfg = synth.Cohort.from_params(config.load(ROOT / "params.yaml").ingest.synthetic)
-    for i in range(n):
-        synth.write_case(out, 950, i, cfg)
-    studies = []
-    for folder in sorted(p for p in out.iterdir() if p.is_dir()):
-        files = sorted(folder.rglob("*.dcm"))
-        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        studies.append((uid, files))
-    return studies
-
-
-def send_dimse(port: int, files: list[Path]) -> int:
-    ae = AE(ae_title="PACS")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="CTPIPE")
-    if not assoc.is_established:
-        return len(files)
-    failures = sum(assoc.send_c_store(pydicom.dcmread(p)).Status != 0 for p in files)
-    assoc.release()
-    return failures
 
 
 class Node:
@@ -183,7 +166,7 @@ def run(args, node: Node, dest: Destination, studies, kill: bool = False) -> dic
 
     def send(item):
         study, files = item
-        bad = send_dimse(node.dicom_port, files)
+        bad = SERVE.send_dimse(node.dicom_port, files)
         sent_at[study] = time.time()
         return bad
 
@@ -297,7 +280,7 @@ def main(argv=None) -> int:
         plan.append(("kill test, 2 workers", 2, args.kill_studies))
     try:
         for i, (name, workers, n) in enumerate(plan):
-            studies = write_studies(scratch / f"studies{i}", n)
+            studies = SERVE.write_studies(scratch / f"studies{i}", n, shift=False, seed=950)
             args.dest_port = kit.free_port()
             dest = Destination(args.dest_port)
             node = Node(args, scratch / f"node{i}", broker.url, workers)

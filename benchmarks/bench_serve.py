@@ -76,12 +76,13 @@ class Destination:
 SHIFT = {"slice_spacing_mm": (1.25,), "hu_offset": 40.0, "kernel": "B70f"}
 
 
-def write_studies(out: Path, n: int, shift: bool) -> list[tuple[str, list[Path]]]:
+def write_studies(out: Path, n: int, shift: bool, seed: int = 900) -> list[tuple[str, list[Path]]]:
+    """``n`` studies of the default cohort (``seed``), as (Study Instance UID, files)."""
     cfg = synth.Cohort.from_params(config.load(ROOT / "params.yaml").ingest.synthetic)
     cfg = cfg.but(**SHIFT) if shift else cfg
     studies = []
     for i in range(n):
-        synth.write_case(out, 900, i, cfg)
+        synth.write_case(out, seed, i, cfg)
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         files = sorted(folder.rglob("*.dcm"))
         studies.append(
