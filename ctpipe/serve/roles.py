@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from ctpipe.serve.audit import Audit
 from ctpipe.serve.broker import Consumer, Delivery, Outcome, Publisher, names
 from ctpipe.serve.config import ServeConfig
-from ctpipe.serve.runner import EXPIRE_EVERY, Runner
+from ctpipe.serve.runner import Runner
 from ctpipe.serve.spool import JOB_ID, Spool
 from ctpipe.serve.telemetry import Metrics, redact
 from ctpipe.serve.worker import PredictProcess
@@ -117,12 +117,6 @@ class ReceiverRunner(Runner):
             count += 1
         return count
 
-    def retain(self) -> bool:
-        now = time.time()
-        if now - self.expired_at >= EXPIRE_EVERY:
-            self.expire(now)
-        return False
-
 
 class WorkerRunner(Runner):
     """A worker: one consumer of jobs (predict, one at a time) and one of sends."""
@@ -189,6 +183,5 @@ class WorkerRunner(Runner):
             return Outcome()
         wait_ms = max(0, int((record["next_attempt"] - time.time()) * 1000))
         # per-message TTL: the message comes back to NAME.send when its back-off is over
-        retry = (self.names["retry"], {"kind": "send", "job": message.job}, {})
-        retry[2]["expiration"] = str(wait_ms)
-        return Outcome(publish=[retry])
+        retry = {"expiration": str(wait_ms)}
+        return Outcome(publish=[(self.names["retry"], {"kind": "send", "job": message.job}, retry)])

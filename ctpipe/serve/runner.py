@@ -168,10 +168,17 @@ class Runner:
         wait = min(retry.max_seconds, retry.first_seconds * 2 ** (attempts - 1))
         return wait * (1 - retry.jitter * random.random())
 
-    def deliver(self) -> bool:
+    def retain(self) -> bool:
+        """The retention policy, at most every ``EXPIRE_EVERY`` seconds (a loop step that never
+        counts as work: the queue does not change)."""
         now = time.time()
         if now - self.expired_at >= EXPIRE_EVERY:
             self.expire(now)
+        return False
+
+    def deliver(self) -> bool:
+        self.retain()
+        now = time.time()
         if self.cfg.destination.kind == "none":
             return False
         records = self.spool.records()
