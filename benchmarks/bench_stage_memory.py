@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpipe.fileio import write_csv, write_json
+from ctpipe.fileio import case_files, write_csv, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,10 +68,10 @@ def test_split_of(processed: Path, n: int, copies: int, out: Path) -> Path:
             )
             cases.append(new)
             if k:
-                for kind in ("image", "label"):
-                    (out / "cases" / f"{new['case_id']}.{kind}.npy").symlink_to(
-                        (processed / "cases" / f"{case['case_id']}.{kind}.npy").resolve()
-                    )
+                for copy, original in zip(
+                    case_files(out, new["case_id"]), case_files(processed, case["case_id"])
+                ):
+                    copy.symlink_to(original.resolve())
                 rows = nodules[nodules["seriesuid"] == case["seriesuid"]]
                 extra.append(rows.assign(seriesuid=new["seriesuid"], case_id=new["case_id"]))
     for name in ("plan.json", "splits.json"):

@@ -77,7 +77,7 @@ def monai_dataset(processed: Path, ids: list[str], cfg: config.Train, n: int):
     c, p = cfg.context_slices, cfg.patch_size
     items = []
     for cid in ids:
-        image, label, _ = data.load_case(processed, cid, mmap=False)
+        image, label, _ = data.load_case(processed, cid)
         items.append(
             {"image": image[None].astype(np.float32), "label": label[None].astype(np.float32)}
         )

@@ -1,10 +1,11 @@
 """Stage preprocess: de-identified series -> resampled, cropped, normalised volumes with nodule masks.
 
 In:  ``IN_DIR/`` from anonymize: ``dicom/`` (DICOM series) or ``images/`` (.mhd), ``annotations.csv``
-Out: ``OUT_DIR/`` (layout in ``ctpipe/data.py``): ``cases/<id>.image.npy`` (float16),
-     ``cases/<id>.label.npy`` (uint8), ``index.json``, ``nodules.csv``, ``plan.json`` (fingerprint
-     and plan), ``splits.json`` (patients per split, seeded, stratified by nodule presence; made first, so that
-     the fingerprint and plan come from the train and val cases only);
+Out: ``OUT_DIR/`` (layout in ``ctpipe/model/data.py``): ``cases/<id>.image.b2nd`` (float16) and
+     ``cases/<id>.label.b2nd`` (uint8), compressed Blosc2 arrays; ``index.json``, ``nodules.csv``,
+     ``plan.json`` (fingerprint and plan), ``splits.json`` (patients per split, seeded, stratified
+     by nodule presence; made first, so that the fingerprint and plan come from the train and val
+     cases only);
      ``metrics/preprocess.json``: cases per split, target spacing, nodules outside their volume.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from ctpipe import config, dicomio, prep
-from ctpipe.fileio import write_csv, write_json, write_npy
+from ctpipe.fileio import case_files, write_csv, write_json, write_volume
 from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
@@ -66,8 +67,9 @@ def discover(in_dir: Path, workers: int) -> list[dict]:
 def _write_case(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
     """Worker: process one case, write its arrays, return its index entry and nodule report."""
     result = prep.process_case(source, per_case[source["seriesuid"]], plan)
-    write_npy(out / "cases" / f"{source['case_id']}.image.npy", result["image"])
-    write_npy(out / "cases" / f"{source['case_id']}.label.npy", result["label"])
+    image_file, label_file = case_files(out, source["case_id"])
+    write_volume(image_file, result["image"])
+    write_volume(label_file, result["label"])
     report = result["nodules"].assign(case_id=source["case_id"])
     entry = {
         "case_id": source["case_id"],

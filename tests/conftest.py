@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from ctpipe import synth
-from ctpipe.fileio import write_json, write_npy
+from ctpipe.fileio import case_files, write_json, write_volume
 from ctpipe.geometry import Geometry
 
 # torch, onnx and ctpipe.model are imported where used: collecting the light test files (geometry,
@@ -171,8 +171,9 @@ def make_processed(root: Path, test_offset: float = 0.0) -> Path:
         label = (dist <= radius_mm).astype(np.uint8)
         offset = test_offset if split == "test" else 0.0
         image = rng.normal(-1.0, 0.3, shape) + 2.5 * label + offset
-        write_npy(root / "cases" / f"{case_id}.image.npy", image.astype(np.float16))
-        write_npy(root / "cases" / f"{case_id}.label.npy", label)
+        image_file, label_file = case_files(root, case_id)
+        write_volume(image_file, image.astype(np.float16))
+        write_volume(label_file, label)
         geom = Geometry(origin=[0.0, 0.0, 0.0], spacing=spacing)
         entries.append(
             {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from ctpipe import config
-from ctpipe.fileio import write_json
+from ctpipe.fileio import case_files, open_volume, write_json, write_volume
 from ctpipe.model import data
+from ctpipe.model.views import VIEWS, in_view
 
 PLAN = {
     "normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 1.0},
@@ -48,8 +47,8 @@ def test_lung_structures_are_vessels_not_nodules_pleura_or_skin():
 
 def _dataset(tmp_path, image, label, **kwargs) -> data.SlabPatchDataset:
     (tmp_path / "cases").mkdir(exist_ok=True)
-    np.save(tmp_path / "cases" / "c0.image.npy", image.astype(np.float16))
-    np.save(tmp_path / "cases" / "c0.label.npy", label.astype(np.uint8))
+    write_volume(case_files(tmp_path, "c0")[0], image.astype(np.float16))
+    write_volume(case_files(tmp_path, "c0")[1], label.astype(np.uint8))
     geometry = {
         "origin": [0.0, 0.0, 0.0],
         "spacing": [1.0, 1.0, 2.0],
@@ -96,23 +95,44 @@ def test_foreground_patches_are_drawn_uniformly_over_nodules(tmp_path):
     assert 70 <= small <= 130  # binomial(200, 0.5): 100 +- 3.5 sd
 
 
-def _mapped(folder) -> list[str]:
-    """The files of ``folder`` that this process has memory-mapped (Linux: /proc/self/maps)."""
-    maps = open("/proc/self/maps").read()
-    return sorted({line.split()[-1] for line in maps.splitlines() if str(folder) in line})
+def _old_slab(volume, view, k, context, j0, i0, size, pad):
+    """The slab as the sampler cut it from a whole in-memory volume: the reference."""
+    seen = in_view(volume, view)
+    ks = np.clip(np.arange(k - context, k + context + 1), 0, seen.shape[0] - 1)
+    return data.crop2d(np.asarray(seen[ks], dtype=np.float32), j0, i0, size, pad)
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
-def test_no_case_stays_mapped_between_items(tmp_path):
-    """Items map their case and unmap it on return: pages read through a mapping held for the
-    whole run would stay resident, so training memory would grow with the number of cases."""
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_a_slab_read_from_its_box_equals_one_cut_from_the_whole_volume(tmp_path, view):
+    """The sampler decompresses only the box its patch covers; the patch must be the one the whole
+    volume gives, at the volume's edges (repeated slices, padding) as inside it."""
+    rng = np.random.default_rng(3)
+    volume = rng.normal(size=(21, 40, 70)).astype(np.float16)  # spans several 16 x 64 x 64 chunks
+    write_volume(tmp_path / "v.b2nd", volume)
+    stored = open_volume(tmp_path / "v.b2nd")
+    shape = in_view(volume, view).shape
+    for k, j0, i0 in [
+        (0, -5, -5),
+        (shape[0] - 1, shape[1] - 3, shape[2] - 3),
+        (7, 3, 20),
+        (3, -40, 2),
+    ]:
+        got = data.read_slab(stored, view, k, 2, j0, i0, 16, -1.5)
+        assert got.dtype == np.float32 and got.shape == (5, 16, 16)
+        np.testing.assert_array_equal(got, _old_slab(volume, view, k, 2, j0, i0, 16, -1.5))
+
+
+def test_the_dataset_keeps_no_volume_between_items(tmp_path):
+    """What stays per case is its shape and int16 nodule voxels, not its arrays: memory grows
+    with the number of nodules, not with the number or size of the volumes."""
     image, label, _ = _chest()
     ds = _dataset(tmp_path, image, label, fg_fraction=0.5, hard_fraction=0.2)
-    assert _mapped(tmp_path / "cases") == []  # after setup
     for item in range(20):
         assert ds[item]["image"].shape == (3, 16, 16)
-        assert _mapped(tmp_path / "cases") == []
+    held = [v for v in vars(ds).values() if isinstance(v, np.ndarray) and v.size >= image.size]
+    assert held == []
     assert all(v.dtype == np.int16 for _, v in ds.nodules + ds.hard)
+    assert sum(v.nbytes for _, v in ds.nodules + ds.hard) < image.nbytes / 4
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ctpipe.deploy.window import predict_probability
-from ctpipe.fileio import write_json
+from ctpipe.fileio import case_files, write_json, write_volume
 from ctpipe.model import data, infer
 from ctpipe.model.views import (
     VIEWS,
@@ -154,8 +154,8 @@ def _tube_dataset(tmp_path, views):
     label = np.zeros((12, 24, 24), np.uint8)
     label[:, 10, 13] = 1
     (tmp_path / "cases").mkdir()
-    np.save(tmp_path / "cases" / "c0.image.npy", image)
-    np.save(tmp_path / "cases" / "c0.label.npy", label)
+    write_volume(case_files(tmp_path, "c0")[0], image)
+    write_volume(case_files(tmp_path, "c0")[1], label)
     geometry = {
         "origin": [0.0, 0.0, 0.0],
         "spacing": [1.0, 1.0, 1.0],

@@ -3,14 +3,15 @@
 Layout written by the preprocess stage (``data/processed/``)::
 
     index.json               one entry per case: case_id, seriesuid, split, shape, geometry, ...
-    cases/<case_id>.image.npy  normalised intensities, float16, [k, j, i]
-    cases/<case_id>.label.npy  nodule mask, uint8, [k, j, i]
+    cases/<case_id>.image.b2nd  normalised intensities, float16, [k, j, i]
+    cases/<case_id>.label.b2nd  nodule mask, uint8, [k, j, i]
     nodules.csv              annotations per case (world mm), with ``inside`` and ``voxels``
     plan.json                dataset fingerprint and the preprocessing plan derived from it
     splits.json              case ids per split (train / val / test)
 
-One file pair per case (not per slice): DVC hashes a few dozen files quickly, and ``np.load`` with
-``mmap_mode="r"`` lets the sampler read only the slices a patch needs.
+One file pair per case (not per slice): DVC hashes a few dozen files quickly. The volumes are
+chunked, compressed Blosc2 arrays (:func:`ctpipe.fileio.open_volume`), so the sampler
+decompresses only the chunks a patch touches.
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
-from ctpipe.fileio import read_json
+from ctpipe.fileio import case_files, open_volume, read_json
 from ctpipe.geometry import Geometry
 from ctpipe.model.views import (
     VIEWS,
     check_views,
-    in_view,
     intensity_level,
     lung_mask,
 )
@@ -76,14 +76,9 @@ def split_cases(processed: Path, split: str) -> tuple[list[dict[str, Any]], pd.D
     return cases, nodules[nodules["seriesuid"].isin(uids)].reset_index(drop=True)
 
 
-def load_case(
-    processed: str | Path, case_id: str, mmap: bool = True
-) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """Image (float16), label (uint8) and geometry of one preprocessed case."""
-    base = Path(processed) / "cases"
-    mode = "r" if mmap else None
-    image = np.load(base / f"{case_id}.image.npy", mmap_mode=mode)
-    label = np.load(base / f"{case_id}.label.npy", mmap_mode=mode)
+def load_case(processed: str | Path, case_id: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Image (float16), label (uint8) and geometry of one preprocessed case, decompressed."""
+    image, label = (open_volume(f)[:] for f in case_files(processed, case_id))
     entry = next(c for c in load_index(processed)["cases"] if c["case_id"] == case_id)
     return image, label, Geometry.from_dict(entry["geometry"])
 
@@ -139,10 +134,9 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         views=("axial",),
         hard_fraction: float = 0.0,
     ) -> None:
-        # Each item maps its case's arrays and unmaps them when it returns: pages read through a
-        # mapping kept open would stay resident, so memory would grow with the number of cases.
-        base = Path(processed) / "cases"
-        self.files = [(base / f"{c}.image.npy", base / f"{c}.label.npy") for c in case_ids]
+        # Each item opens its case's files and decompresses only the box its patch needs: nothing
+        # of a volume stays in memory between items, so memory does not grow with the cases.
+        self.files = [case_files(processed, c) for c in case_ids]
         self.views = check_views(views)
         self.shapes: list[tuple[int, ...]] = []
         self.pad: list[float] = []
@@ -158,13 +152,14 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             if max(img.shape) > np.iinfo(np.int16).max:
                 raise ValueError(f"{self.files[case][0]}: shape {img.shape} too large to sample")
             self.shapes.append(img.shape)
-            self.pad.append(float(np.asarray(img[0]).min()))
-            components, n = ndimage.label(np.asarray(lbl) > 0)
+            self.pad.append(float(img[0].min()))
+            lbl = lbl[:]
+            components, n = ndimage.label(lbl > 0)
             voxels = np.argwhere(components > 0).astype(np.int16)
             ids = components[tuple(voxels.T)]
             self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
             if plan is not None:
-                voxels = lung_structures(np.asarray(img, np.float32), np.asarray(lbl), plan)
+                voxels = lung_structures(np.asarray(img[:], np.float32), lbl, plan)
                 if len(voxels):
                     self.hard.append((case, voxels.astype(np.int16)))
             del img, lbl, components
@@ -174,10 +169,9 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.spatial, self.intensity = spatial_augmentations(), intensity_augmentations()
 
-    def arrays(self, case: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image and label of case ``case``, memory-mapped (unmapped once no longer referenced)."""
-        image, label = self.files[case]
-        return np.load(image, mmap_mode="r"), np.load(label, mmap_mode="r")
+    def arrays(self, case: int):
+        """Image and label of case ``case``, opened, not decompressed (Blosc2 arrays)."""
+        return tuple(open_volume(f) for f in self.files[case])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -206,16 +200,14 @@ class SlabPatchDataset(torch.utils.data.Dataset):
             self.views[int(rng.integers(len(self.views)))] if len(self.views) > 1 else self.views[0]
         )
         if view != "axial":
-            image, label = in_view(image, view), in_view(label, view)
             centre = np.asarray(centre)[list(VIEWS[view])]
         k, j, i = (int(c) for c in centre)
         half = self.patch // 2
         # Jitter the centre so the nodule is not always in the middle of the patch.
         j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
         i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
-        ks = np.clip(np.arange(k - self.context, k + self.context + 1), 0, image.shape[0] - 1)
-        img = crop2d(np.asarray(image[ks], dtype=np.float32), j0, i0, self.patch, self.pad[case])
-        lbl = crop2d(np.asarray(label[k : k + 1]), j0, i0, self.patch, 0)
+        img = read_slab(image, view, k, self.context, j0, i0, self.patch, self.pad[case])
+        lbl = read_slab(label, view, k, 0, j0, i0, self.patch, 0)
         if self.augment:
             # One RandomState per item, shared by every transform: as reproducible as seeding each
             # transform, at a tenth of the cost (Compose.set_random_state builds one per child).
@@ -248,6 +240,32 @@ def lung_structures(image: np.ndarray, label: np.ndarray, plan: dict) -> np.ndar
     near_lung = ndimage.uniform_filter(lung.astype(np.float32), size=(3, 7, 7)) > 0.5
     near_nodule = ndimage.binary_dilation(label > 0, iterations=2)
     return np.argwhere(bright & near_lung & ~near_nodule)
+
+
+def read_slab(
+    volume, view: str, k: int, context: int, j0: int, i0: int, size: int, pad_value: float
+) -> np.ndarray:
+    """Slices ``k - context .. k + context`` of ``volume`` seen along ``view`` (indices clipped to the
+    volume, the edge slice repeated), cropped to ``[j0:j0+size, i0:i0+size]`` in the view's rows and
+    columns and padded with ``pad_value`` outside: ``crop2d(in_view(volume, view)[ks], ...)``, read
+    from the one box of ``volume`` it covers, so a compressed volume decompresses only that box.
+    ``volume`` is anything sliced like a NumPy array (a Blosc2 array, a memory map).
+    """
+    axes = VIEWS[view]
+    shape = [volume.shape[a] for a in axes]
+    ks = np.clip(np.arange(k - context, k + context + 1), 0, shape[0] - 1)
+    lo = [int(ks[0]), min(max(j0, 0), shape[1]), min(max(i0, 0), shape[2])]
+    hi = [
+        int(ks[-1]) + 1,
+        max(min(j0 + size, shape[1]), lo[1]),
+        max(min(i0 + size, shape[2]), lo[2]),
+    ]
+    box = [slice(0, 0)] * 3
+    for axis, a, b in zip(axes, lo, hi):
+        box[axis] = slice(a, b)
+    part = np.asarray(volume[tuple(box)]).transpose(axes)
+    dtype = np.float32 if np.issubdtype(part.dtype, np.floating) else part.dtype
+    return crop2d(part[ks - lo[0]].astype(dtype), j0 - lo[1], i0 - lo[2], size, pad_value)
 
 
 def crop2d(
