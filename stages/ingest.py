@@ -16,6 +16,7 @@ Out: ``OUT_DIR/`` (holds PHI: a ``push: false`` output)
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -71,9 +72,19 @@ def _resolved(path: Path) -> Path | None:
         return None
 
 
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Put ``src`` at ``dest`` without storing it twice: a hard link where ``src`` and ``dest``
+    share a file system, a copy otherwise. Ingest never modifies what it accepts, and DVC makes
+    its outputs read-only (linked cache), so the link and the input stay the same bytes."""
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, links not allowed, or a link count at its limit
+        shutil.copy2(src, dest)
+
+
 def ingest_dicom(source: Path, out: Path, cfg: config.Ingest, workers: int) -> pd.DataFrame:
-    """Scan ``source``, copy the accepted files to ``out`` (same relative paths). A file that
-    cannot be copied (gone since the scan, unreadable) is skipped with the reason."""
+    """Scan ``source``, link or copy the accepted files to ``out`` (same relative paths). A file
+    that cannot be copied (gone since the scan, unreadable) is skipped with the reason."""
     manifest = dicomio.scan_folder(source, workers, **_checks(cfg))
     annotations = Path(cfg.annotations or "").resolve()
     is_csv = manifest["path"].map(lambda rel: _resolved(source / rel) == annotations)
@@ -87,7 +98,7 @@ def ingest_dicom(source: Path, out: Path, cfg: config.Ingest, workers: int) -> p
             continue
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / rel, dest)
+            link_or_copy(source / rel, dest)
         except OSError as err:  # gone or unreadable since the scan: no half copy is kept
             dest.unlink(missing_ok=True)
             why = (err.strerror or type(err).__name__).lower()
@@ -96,7 +107,7 @@ def ingest_dicom(source: Path, out: Path, cfg: config.Ingest, workers: int) -> p
 
 
 def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
-    """Check every .mhd/.raw pair under ``source`` and copy the readable ones to ``out``. The
+    """Check every .mhd/.raw pair under ``source``; link or copy the readable ones to ``out``. The
     file name is the series UID (it names the copy); the data file must lie inside ``source``."""
     files, unusable = listing.list_files(source)
     rows, paired = list(unusable), set()
@@ -117,7 +128,7 @@ def ingest_luna16(source: Path, out: Path) -> pd.DataFrame:
             sitk.ReadImage(str(mhd))  # reads the pixels: catches a truncated .raw
             copies = [(data, inside(out, out / data.name)), (mhd, inside(out, out / f"{uid}.mhd"))]
             for src, dest in copies:
-                shutil.copy2(src, dest)
+                link_or_copy(src, dest)
         except UnsafePath as exc:
             why = f"file name is not a series UID: {exc}" if uid_reason(uid) else str(exc)
             rows.append({"path": rel, "status": "skipped", "reason": why})

@@ -77,6 +77,9 @@ def test_ingest_stage_on_user_folder(tmp_path, params_file, write_tiny_cohort):
     copied = {str(p.relative_to(out / "dicom")) for p in (out / "dicom").rglob("*.dcm")}
     assert copied == set(manifest.loc[manifest["status"] == "ok", "path"])
     assert not copied & set(expected)
+    # Stored once: each accepted file is a link to its input (tmp_path is one file system).
+    for rel in copied:
+        assert (out / "dicom" / rel).stat().st_ino == (src / rel).stat().st_ino, rel
     assert (out / "annotations.csv").is_file() and (out / "cohort.json").is_file()
     # The good series go on through preprocess (its layout is what anonymize also writes).
     assert (
@@ -113,3 +116,18 @@ def test_slices_sorted_by_position_not_name_or_instance_number(
     assert abs(volume - case.hu).max() <= 1.0  # stored as integers: rounding only
     assert abs(geom.origin - case.geometry.origin).max() < 1e-3
     assert abs(geom.spacing - case.geometry.spacing).max() < 1e-4
+
+
+def test_where_a_link_is_refused_ingest_copies(tmp_path, monkeypatch):
+    """Another file system (EXDEV) or links not allowed: the accepted file is copied instead."""
+    src, dest = tmp_path / "a.dcm", tmp_path / "out" / "a.dcm"
+    src.write_bytes(b"DICM" * 100)
+    dest.parent.mkdir()
+
+    def refuse(a, b):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(ingest.os, "link", refuse)
+    ingest.link_or_copy(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert dest.stat().st_ino != src.stat().st_ino
