@@ -45,7 +45,7 @@ if kind == "predict":
     found = sum(s.get("nodules", 0) for s in summary["series"].values())
 else:
     import numpy as np, torch
-    from ctpipe import dicomio, prep
+    from ctpipe import dicomio, intensity, prep
     from ctpipe.fileio import read_json
     from ctpipe.model import infer, nets
     from ctpipe.model.views import lung_roi
@@ -56,7 +56,7 @@ else:
     hu, geom = dicomio.read_series([Path(study) / p for p in rel])
     hu, geom = prep.resample(hu, geom, np.asarray(pre["target_spacing_mm_xyz"]), pre["interpolation"])
     hu, geom, _ = prep.crop_to_body(hu, geom, pre["body_crop"]["threshold_hu"], pre["body_crop"]["margin_mm"])
-    volume = prep.normalise(hu, pre["normalization"])
+    volume = intensity.normalise(hu, pre["normalization"])
     box = lung_roi(volume, {"body_threshold_hu": pre["body_crop"]["threshold_hu"], **pre},
                    geom.spacing[::-1], inf.get("lung_margin_mm"))
     net, ckpt = nets.load_checkpoint(model)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpipe.fileio import case_files, write_csv, write_json
+from ctpipe.fileio import write_csv, write_json
+from ctpipe.volumes import case_files
 
 ROOT = Path(__file__).resolve().parents[1]
 

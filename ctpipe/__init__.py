@@ -3,7 +3,8 @@
 Foundations:
     config    -- params.yaml as one typed, validated object per section
     params    -- the command line all stages share
-    fileio    -- atomic writes of JSON, CSV, numpy arrays
+    fileio    -- atomic writes of JSON, CSV
+    volumes   -- the compressed volumes of the preprocessed dataset
     runenv    -- package versions, CPU, device and git revision of a run
     progress  -- progress bars: live on a terminal, one line a minute in a log
     safepath  -- values from data never decide a path: UID grammar check, writes kept under a root
@@ -12,7 +13,8 @@ Data:
     synth     -- the deterministic synthetic chest-CT cohort, written as DICOM with realistic PHI
     dicomio   -- scanning a folder of DICOM files, grouping series, checking and reading them
     deid/     -- de-identification to DICOM PS3.15
-    prep      -- fingerprint, plan, resampling, normalisation, patient split
+    prep      -- fingerprint, plan, resampling, body crop, patient split
+    intensity -- the HU the preprocessed dataset keeps and the normalisation the network sees
     labels    -- annotated nodules painted into label masks
 Model and results:
     model/          -- the 2.5D network, patch sampling, views, whole-volume inference

@@ -20,6 +20,7 @@ import SimpleITK as sitk
 
 from ctpipe import dicomio
 from ctpipe.geometry import Geometry, index_to_world
+from ctpipe.intensity import stored_hu
 from ctpipe.labels import nodule_mask
 
 if TYPE_CHECKING:
@@ -149,11 +150,6 @@ def crop_to_body(
     return hu[box], Geometry(origin, geom.spacing, geom.direction), box
 
 
-def normalise(hu: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
-    lo, hi = norm["clip"]
-    return ((np.clip(hu, lo, hi) - norm["mean"]) / max(norm["std"], 1e-6)).astype(np.float32)
-
-
 def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, Any]:
     """Resample, crop, normalise and draw the mask of one case; return arrays and metadata."""
     hu, geom = load_volume(source)
@@ -161,7 +157,7 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
     hu, geom, _ = crop_to_body(hu, geom, plan["body_threshold_hu"], plan["crop_margin_mm"])
     mask, report = nodule_mask(hu.shape, geom, nodules)
     return {
-        "image": normalise(hu, plan["normalization"]).astype(np.float16),
+        "image": stored_hu(hu, plan["normalization"]),
         "label": mask.astype(np.uint8),
         "geometry": geom,
         "nodules": report,

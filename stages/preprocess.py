@@ -22,10 +22,11 @@ from pathlib import Path
 import pandas as pd
 
 from ctpipe import config, dicomio, prep
-from ctpipe.fileio import case_files, write_csv, write_json, write_volume
+from ctpipe.fileio import write_csv, write_json
 from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
 from ctpipe.runenv import record as record_environment
+from ctpipe.volumes import case_files, write_volume
 
 log = logging.getLogger("preprocess")
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from ctpipe.fileio import case_files, open_volume, write_volume
 from ctpipe.model import data, infer
+from ctpipe.volumes import case_files, open_volume, write_volume
 from stages import evaluate as stage
 
 REAL_LOAD_CASE = data.load_case

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctpipe import config
-from ctpipe.fileio import case_files, open_volume, write_json, write_volume
+from ctpipe import config, intensity
+from ctpipe.fileio import write_json
 from ctpipe.model import data
 from ctpipe.model.views import VIEWS, in_view
+from ctpipe.volumes import case_files, open_volume, write_volume
 
 PLAN = {
     "normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 1.0},
@@ -47,7 +48,7 @@ def test_lung_structures_are_vessels_not_nodules_pleura_or_skin():
 
 def _dataset(tmp_path, image, label, **kwargs) -> data.SlabPatchDataset:
     (tmp_path / "cases").mkdir(exist_ok=True)
-    write_volume(case_files(tmp_path, "c0")[0], image.astype(np.float16))
+    write_volume(case_files(tmp_path, "c0")[0], intensity.stored_hu(image, PLAN["normalization"]))
     write_volume(case_files(tmp_path, "c0")[1], label.astype(np.uint8))
     geometry = {
         "origin": [0.0, 0.0, 0.0],

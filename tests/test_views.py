@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ctpipe.deploy.window import predict_probability
-from ctpipe.fileio import case_files, write_json, write_volume
+from ctpipe.fileio import write_json
 from ctpipe.model import data, infer
 from ctpipe.model.views import (
     VIEWS,
@@ -20,6 +20,7 @@ from ctpipe.model.views import (
     slabs,
     whole_slab_roi,
 )
+from ctpipe.volumes import case_files, write_volume
 
 ALL = ("axial", "coronal", "sagittal")
 
@@ -150,7 +151,7 @@ def test_mirrored_passes_equal_the_network_with_mirrored_kernels():
 
 def _tube_dataset(tmp_path, views):
     """One case whose nodule label is a line along z: a dot in axial slabs, a line in the others."""
-    image = np.zeros((12, 24, 24), np.float16)
+    image = np.zeros((12, 24, 24), np.int16)  # HU, as preprocess stores them
     label = np.zeros((12, 24, 24), np.uint8)
     label[:, 10, 13] = 1
     (tmp_path / "cases").mkdir()
@@ -162,6 +163,8 @@ def _tube_dataset(tmp_path, views):
         "direction": np.eye(3).ravel().tolist(),
     }
     write_json(tmp_path / "index.json", {"cases": [{"case_id": "c0", "geometry": geometry}]})
+    plan = {"normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 1.0}}
+    write_json(tmp_path / "plan.json", plan)
     return data.SlabPatchDataset(
         tmp_path, ["c0"], 16, 1, 40, 1.0, seed=0, augment=False, views=views
     )

@@ -41,7 +41,7 @@ import pydicom
 import SimpleITK as sitk
 from pydantic import ValidationError
 
-from ctpipe import dicomio, prep
+from ctpipe import dicomio, intensity, prep
 from ctpipe.config import Inference
 from ctpipe.deploy import report
 from ctpipe.deploy.window import predict_probability
@@ -173,7 +173,7 @@ def prepare_volume(spec: dict, hu: np.ndarray, geom: Geometry, inference: Infere
     cropped, cgeom, _ = prep.crop_to_body(
         resampled, rgeom, pre["body_crop"]["threshold_hu"], pre["body_crop"]["margin_mm"]
     )
-    volume = prep.normalise(cropped, pre["normalization"])
+    volume = intensity.normalise(cropped, pre["normalization"])
     box = lung_roi(
         volume,
         {"body_threshold_hu": pre["body_crop"]["threshold_hu"], **pre},
