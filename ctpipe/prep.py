@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from ctpipe import dicomio
 from ctpipe.geometry import Geometry, index_to_world
-from ctpipe.intensity import stored_hu
+from ctpipe.intensity import normalise
 from ctpipe.labels import nodule_mask
 
 if TYPE_CHECKING:
@@ -157,7 +157,7 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
     hu, geom, _ = crop_to_body(hu, geom, plan["body_threshold_hu"], plan["crop_margin_mm"])
     mask, report = nodule_mask(hu.shape, geom, nodules)
     return {
-        "image": stored_hu(hu, plan["normalization"]),
+        "image": normalise(hu, plan["normalization"]).astype(np.float16),
         "label": mask.astype(np.uint8),
         "geometry": geom,
         "nodules": report,

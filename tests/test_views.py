@@ -151,7 +151,7 @@ def test_mirrored_passes_equal_the_network_with_mirrored_kernels():
 
 def _tube_dataset(tmp_path, views):
     """One case whose nodule label is a line along z: a dot in axial slabs, a line in the others."""
-    image = np.zeros((12, 24, 24), np.int16)  # HU, as preprocess stores them
+    image = np.zeros((12, 24, 24), np.float16)
     label = np.zeros((12, 24, 24), np.uint8)
     label[:, 10, 13] = 1
     (tmp_path / "cases").mkdir()
@@ -163,8 +163,6 @@ def _tube_dataset(tmp_path, views):
         "direction": np.eye(3).ravel().tolist(),
     }
     write_json(tmp_path / "index.json", {"cases": [{"case_id": "c0", "geometry": geometry}]})
-    plan = {"normalization": {"clip": [-1000.0, 400.0], "mean": 0.0, "std": 1.0}}
-    write_json(tmp_path / "plan.json", plan)
     return data.SlabPatchDataset(
         tmp_path, ["c0"], 16, 1, 40, 1.0, seed=0, augment=False, views=views
     )

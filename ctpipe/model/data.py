@@ -3,7 +3,7 @@
 Layout written by the preprocess stage (``data/processed/``)::
 
     index.json               one entry per case: case_id, seriesuid, split, shape, geometry, ...
-    cases/<case_id>.image.b2nd  HU, clipped to the normalisation's range, int16, [k, j, i]
+    cases/<case_id>.image.b2nd  normalised intensities, float16, [k, j, i]
     cases/<case_id>.label.b2nd  nodule mask, uint8, [k, j, i]
     nodules.csv              annotations per case (world mm), with ``inside`` and ``voxels``
     plan.json                dataset fingerprint and the preprocessing plan derived from it
@@ -11,8 +11,7 @@ Layout written by the preprocess stage (``data/processed/``)::
 
 One file pair per case (not per slice): DVC hashes a few dozen files quickly. The volumes are
 chunked, compressed Blosc2 arrays (:func:`ctpipe.volumes.open_volume`), so the sampler
-decompresses only the chunks a patch touches; readers normalise the HU as ``plan.json`` says
-(:func:`ctpipe.intensity.normalise`).
+decompresses only the chunks a patch touches.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from scipy import ndimage
 
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry
-from ctpipe.intensity import normalise
 from ctpipe.model.views import (
     VIEWS,
     check_views,
@@ -80,9 +78,8 @@ def split_cases(processed: Path, split: str) -> tuple[list[dict[str, Any]], pd.D
 
 
 def load_case(processed: str | Path, case_id: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """Image (normalised as the plan says, float32), label (uint8) and geometry of one case."""
+    """Image (float16), label (uint8) and geometry of one preprocessed case, decompressed."""
     image, label = (open_volume(f)[:] for f in case_files(processed, case_id))
-    image = normalise(image, load_plan(processed)["normalization"])
     entry = next(c for c in load_index(processed)["cases"] if c["case_id"] == case_id)
     return image, label, Geometry.from_dict(entry["geometry"])
 
@@ -150,21 +147,20 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         self.nodules: list[tuple[int, np.ndarray]] = []
         self.hard_fraction = float(hard_fraction)
         self.hard: list[tuple[int, np.ndarray]] = []
-        plan = load_plan(processed)
-        self.norm = plan["normalization"]
+        plan = load_plan(processed) if self.hard_fraction > 0 else None
         for case in range(len(case_ids)):
             img, lbl = self.arrays(case)
             if max(img.shape) > np.iinfo(np.int16).max:
                 raise ValueError(f"{self.files[case][0]}: shape {img.shape} too large to sample")
             self.shapes.append(img.shape)
-            self.pad.append(float(img[0].min()))  # HU, normalised with the patch
+            self.pad.append(float(img[0].min()))
             lbl = lbl[:]
             components, n = ndimage.label(lbl > 0)
             voxels = np.argwhere(components > 0).astype(np.int16)
             ids = components[tuple(voxels.T)]
             self.nodules += [(case, voxels[ids == c]) for c in range(1, n + 1)]
-            if self.hard_fraction > 0:
-                voxels = lung_structures(normalise(img[:], self.norm), lbl, plan)
+            if plan is not None:
+                voxels = lung_structures(np.asarray(img[:], np.float32), lbl, plan)
                 if len(voxels):
                     self.hard.append((case, voxels.astype(np.int16)))
             del img, lbl, components
@@ -212,7 +208,6 @@ class SlabPatchDataset(torch.utils.data.Dataset):
         j0 = int(j) - half + int(rng.integers(-half // 2, half // 2 + 1))
         i0 = int(i) - half + int(rng.integers(-half // 2, half // 2 + 1))
         img = read_slab(image, view, k, self.context, j0, i0, self.patch, self.pad[case])
-        img = normalise(img, self.norm)
         lbl = read_slab(label, view, k, 0, j0, i0, self.patch, 0)
         if self.augment:
             # One RandomState per item, shared by every transform: as reproducible as seeding each
