@@ -343,6 +343,46 @@ def _series_problem(recs, modalities, min_slices, tolerance) -> str:
     return ""
 
 
+AGE_UNITS_PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.0, "D": 365.0}  # PatientAge: nnnY/M/W/D
+
+
+def header_attributes(path: Path) -> dict:
+    """Sex, age (years), scanner and slice thickness (mm) from one file's header; None where a
+    value is absent or unreadable (de-identification without option 113108 removes sex and age).
+
+    ``scanner`` is Manufacturer and ManufacturerModelName joined; the slice thickness comes from
+    SliceThickness, or for an enhanced multi-frame file from its shared Pixel Measures.
+    """
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    sex = _text(ds, "PatientSex").strip().upper()
+    age = _text(ds, "PatientAge").strip().upper()
+    try:
+        years = int(age[:-1]) / AGE_UNITS_PER_YEAR[age[-1]] if age else None
+    except (KeyError, ValueError):
+        years = None
+    scanner = " ".join(
+        part for part in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if part
+    )
+    return {
+        "sex": sex if sex in ("F", "M", "O") else None,
+        "age_years": years,
+        "scanner": scanner.strip()[:64] or None,
+        "slice_thickness_mm": _thickness(ds),
+    }
+
+
+def _thickness(ds: pydicom.Dataset) -> float | None:
+    try:
+        value = ds.get("SliceThickness")
+        if value is None:
+            shared = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            value = shared.get("SliceThickness")
+        value = float(value)
+    except BAD_VALUE:
+        return None
+    return value if value > 0 else None
+
+
 def series_files(manifest: pd.DataFrame) -> dict[str, list[str]]:
     """Accepted series -> their file paths, sorted along the slice normal."""
     ok = manifest[manifest["status"] == "ok"].sort_values(["series_uid", "position_mm", "path"])

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 FINGERPRINT_VOXELS = 10_000  # intensity samples per case and region, seeded
 CROP_MARGIN_MM = 5.0  # kept around the body's bounding box
+AGE_BAND_YEARS = 10  # index.json keeps the age band, not the age: decades ...
+AGE_TOP_BAND = 90  # ... and 90 and over as one (HIPAA Safe Harbor aggregates ages over 89)
 
 
 def load_volume(source: dict[str, Any]) -> tuple[np.ndarray, Geometry]:
@@ -150,9 +152,32 @@ def crop_to_body(
     return hu[box], Geometry(origin, geom.spacing, geom.direction), box
 
 
+def age_band(years: float | None) -> str | None:
+    """``"60-69"`` for 65 years, ``"90+"`` from 90 on; None for an unknown age."""
+    if years is None or years < 0:
+        return None
+    low = int(years // AGE_BAND_YEARS * AGE_BAND_YEARS)
+    return f"{AGE_TOP_BAND}+" if low >= AGE_TOP_BAND else f"{low}-{low + AGE_BAND_YEARS - 1}"
+
+
+def case_attributes(source: dict[str, Any], native: Geometry) -> dict[str, Any]:
+    """What evaluate's subgroup report groups cases by, and no identity: sex, age band, scanner
+    (manufacturer and model), slice thickness (mm; the native slice spacing where the header has
+    none, as for a MetaImage). None where unknown."""
+    found = dicomio.header_attributes(Path(source["paths"][0])) if source["kind"] == "dicom" else {}
+    thickness = found.get("slice_thickness_mm") or float(native.spacing[2])
+    return {
+        "sex": found.get("sex"),
+        "age_band": age_band(found.get("age_years")),
+        "scanner": found.get("scanner"),
+        "slice_thickness_mm": round(thickness, 3),
+    }
+
+
 def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, Any]:
     """Resample, crop, normalise and draw the mask of one case; return arrays and metadata."""
     hu, geom = load_volume(source)
+    attributes = case_attributes(source, geom)
     hu, geom = resample(hu, geom, np.asarray(plan["target_spacing_mm"]), plan["interpolation"])
     hu, geom, _ = crop_to_body(hu, geom, plan["body_threshold_hu"], plan["crop_margin_mm"])
     mask, report = nodule_mask(hu.shape, geom, nodules)
@@ -161,6 +186,7 @@ def process_case(source: dict, nodules: pd.DataFrame, plan: dict) -> dict[str, A
         "label": mask.astype(np.uint8),
         "geometry": geom,
         "nodules": report,
+        "attributes": attributes,
     }
 
 

@@ -6,8 +6,15 @@ descriptions, vendor private tags and nested sequences. The anatomy is analytic 
 world (LPS mm) coordinates, so the same patient can be written on an axial or an oblique grid and
 the ground truth (LUNA16 ``annotations.csv``, world mm) stays exact:
 
-    body (soft tissue, fat rim) > two lungs (-850 HU) > airways (air, with walls) and a vessel tree
-    (blood, the natural false positives) > nodules 3-30 mm, solid or part-solid; spine; noise.
+    body (soft tissue, fat rim) > two lungs (-850 HU), each with a fissure sheet > airways (air,
+    with walls) and a vessel tree (blood, the natural false positives) > nodules 3-30 mm; spine;
+    noise.
+
+Nodules (:mod:`ctpipe.synth_nodules`) are isolated, juxta-pleural, perifissural or juxta-vascular;
+solid, part-solid or pure ground glass; smooth, lobulated or spiculated, each drawn per nodule in
+the proportions of :class:`Cohort`. The shares of LIDC-IDRI and screening cohorts and why the
+defaults enrich the rare kinds: ``docs/data.md``. ``annotations.csv`` names each nodule's kinds
+(``type``, ``texture``, ``margin``, ``solid_fraction``; :mod:`ctpipe.annotations`).
 
 Everything is drawn from ``numpy.random.default_rng([seed, patient_index])``: the same params write
 byte-identical files.
@@ -24,8 +31,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from ctpipe.geometry import Geometry, index_to_world, world_grid, world_to_array_index
+from ctpipe.annotations import COLUMNS
+from ctpipe.geometry import Geometry, index_to_world, world_grid
 from ctpipe.phi import make_phi, phi_dataset
+from ctpipe.synth_nodules import AIRWAY_WALL_MM, Nodule, make_nodules, paint_nodule, paint_tube
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as real exports carry a vendor root
 
@@ -45,11 +54,35 @@ class Cohort:
     fraction_without_nodules: float = 0.15
     max_nodules: int = 4  # per patient with nodules: 1..max
     diameter_mm: tuple[float, float] = (3, 30)  # log-uniform
-    part_solid_fraction: float = 0.25  # share of nodules with a ground-glass halo
+    # Shares of nodules, three independent draws per nodule (docs/data.md: sources, enrichment).
+    # Where it sits (``type``); the rest are isolated.
+    juxta_pleural_fraction: float = 0.25  # touching the chest wall or mediastinum
+    perifissural_fraction: float = 0.10  # touching a fissure
+    juxta_vascular_fraction: float = 0.20  # a vessel running into it
+    # Texture; the rest are solid.
+    part_solid_fraction: float = 0.20  # a solid core in a ground-glass halo
+    ground_glass_fraction: float = 0.10  # the halo alone (pure ground glass)
+    # Margin; the rest are smooth.
+    lobulated_fraction: float = 0.15
+    spiculated_fraction: float = 0.10
+    fissure_hu: float = -750.0  # the fissure sheet of each lung, about one voxel thick
     blur_voxels: float = 0.6  # partial-volume blur (Gaussian sigma)
     noise_hu: float = 20  # scanner noise (Gaussian sigma)
     hu_offset: float = 0.0  # a calibration shift (drifted cohorts of the monitoring tests)
     kernel: str | None = None  # ConvolutionKernel written when set
+
+    def __post_init__(self) -> None:
+        groups = {
+            "type": ("juxta_pleural_fraction", "perifissural_fraction", "juxta_vascular_fraction"),
+            "texture": ("part_solid_fraction", "ground_glass_fraction"),
+            "margin": ("lobulated_fraction", "spiculated_fraction"),
+        }
+        for group, names in groups.items():
+            shares = [getattr(self, name) for name in names]
+            if min(shares) < 0 or sum(shares) > 1:
+                raise ValueError(
+                    f"Cohort {group} shares {dict(zip(names, shares))}: each >= 0, sum <= 1"
+                )
 
     @classmethod
     def from_params(cls, params) -> Cohort:
@@ -67,13 +100,6 @@ class Cohort:
     def but(self, **changes) -> Cohort:
         """A copy with ``changes``."""
         return replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class Nodule:
-    centre_xyz: tuple[float, float, float]
-    diameter_mm: float
-    solid_fraction: float  # 1.0 solid; < 1 part-solid: a solid core inside a ground-glass halo
 
 
 @dataclass
@@ -134,7 +160,22 @@ def make_anatomy(rng: np.random.Generator, centre_z: float, cohort: Cohort) -> d
         airways.append((trachea[1], main, 5.5))
         for _ in range(cohort.vessels_per_lung):
             _grow_vessel(rng, hilum, lung, 4.0, 3, vessels)
-    return {"body": body, "lungs": lungs, "airways": airways, "vessels": vessels}
+    return {
+        "body": body,
+        "lungs": lungs,
+        "airways": airways,
+        "vessels": vessels,
+        "fissures": [_fissure(rng, lung) for lung in lungs],
+    }
+
+
+def _fissure(rng: np.random.Generator, lung: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A major fissure: a plane (point, unit normal) through the lung, running from posterior and
+    superior (+y, +z in LPS) to anterior and inferior, 40-60 degrees from the axial plane."""
+    tilt = np.deg2rad(rng.uniform(40, 60))
+    normal = np.array([rng.uniform(-0.15, 0.15), np.cos(tilt), -np.sin(tilt)])
+    normal /= np.linalg.norm(normal)
+    return lung["c"] + normal * rng.uniform(-10, 10), normal
 
 
 def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
@@ -155,41 +196,6 @@ def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
             _grow_vessel(rng, end, lung, radius * 0.7, depth - 1, out)
 
 
-def make_nodules(rng: np.random.Generator, anatomy: dict, cohort: Cohort) -> list[Nodule]:
-    """0..max nodules inside the lungs, log-uniform diameters, some part-solid."""
-    n = (
-        0
-        if rng.random() < cohort.fraction_without_nodules
-        else int(rng.integers(1, cohort.max_nodules + 1))
-    )
-    nodules: list[Nodule] = []
-    lo, hi = cohort.diameter_mm
-    while len(nodules) < n:
-        d = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        lung = anatomy["lungs"][int(rng.integers(0, 2))]
-        c = lung["c"] + rng.uniform(-1, 1, 3) * lung["r"]
-        # Keep the whole nodule inside the lung and away from other nodules.
-        if np.sum(((c - lung["c"]) / (lung["r"] - d / 2 - 4)) ** 2) > 1:
-            continue
-        if any(
-            np.linalg.norm(c - np.array(o.centre_xyz)) < (d + o.diameter_mm) / 2 + 10
-            for o in nodules
-        ):
-            continue
-        solid = 1.0 if rng.random() >= cohort.part_solid_fraction else float(rng.uniform(0.3, 0.6))
-        nodules.append(Nodule(tuple(np.round(c, 2)), round(d, 2), solid))
-    return nodules
-
-
-def _segment_distance(
-    points: np.ndarray, a: np.ndarray, b: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of each point to segment a-b, and the position ``t`` in [0, 1] of its foot."""
-    ab = b - a
-    t = np.clip(((points - a) @ ab) / (ab @ ab), 0, 1)
-    return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1), t
-
-
 def render(case: SyntheticCase, rng: np.random.Generator, cohort: Cohort) -> np.ndarray:
     """Analytic phantom in HU on the case's voxel grid (numpy [k, j, i] order), float32."""
     xyz = world_grid(case.shape_kji, case.geometry).astype(np.float32)
@@ -201,50 +207,38 @@ def render(case: SyntheticCase, rng: np.random.Generator, cohort: Cohort) -> np.
     hu[ell <= 0.85] = 45.0  # muscle and mediastinum
     spine = (x / 18) ** 2 + ((y - body["b"] * 0.7) / 16) ** 2 <= 1
     hu[spine] = 650.0
-    in_lung = np.zeros(case.shape_kji, dtype=bool)
-    for lung in lungs:
-        in_lung |= np.sum(((xyz - lung["c"]) / lung["r"]) ** 2, axis=-1) <= 1
+    each = [np.sum(((xyz - lung["c"]) / lung["r"]) ** 2, axis=-1) <= 1 for lung in lungs]
+    in_lung = each[0] | each[1]
     texture = ndimage.gaussian_filter(rng.normal(0, 1, case.shape_kji).astype(np.float32), 1.5)
     hu[in_lung] = -850.0 + 25.0 * texture[in_lung] / (texture.std() + 1e-6)
+    for lung_mask, fissure in zip(each, case.anatomy["fissures"]):
+        _paint_fissure(hu, xyz, case.geometry, lung_mask, fissure, cohort.fissure_hu)
     for a, b, r in case.anatomy["vessels"]:
-        _paint_tube(hu, xyz, case.geometry, a, b, r, 40.0, in_lung)
+        paint_tube(hu, xyz, case.geometry, a, b, r, 40.0, in_lung)
     for a, b, r in case.anatomy["airways"]:
-        _paint_tube(hu, xyz, case.geometry, a, b, r + 1.5, 20.0, None)  # wall
-        _paint_tube(hu, xyz, case.geometry, a, b, r, -1000.0, None)  # lumen
+        paint_tube(hu, xyz, case.geometry, a, b, r + AIRWAY_WALL_MM, 20.0, None)  # wall
+        paint_tube(hu, xyz, case.geometry, a, b, r, -1000.0, None)  # lumen
     for nod in case.nodules:
-        dist = np.linalg.norm(xyz - np.array(nod.centre_xyz, dtype=np.float32), axis=-1)
-        r = nod.diameter_mm / 2
-        if nod.solid_fraction < 1.0:
-            hu[dist <= r] = np.maximum(hu[dist <= r], rng.uniform(-600, -400))
-        core = dist <= r * nod.solid_fraction
-        hu[core] = rng.uniform(20, 60)
+        paint_nodule(hu, xyz, case.geometry, nod, in_lung, rng)
     # Partial-volume blur along the real voxel grid, then scanner noise.
     hu = ndimage.gaussian_filter(hu, sigma=cohort.blur_voxels)
     hu += rng.normal(0, cohort.noise_hu, case.shape_kji).astype(np.float32)
     return np.clip(hu, -1024, 3071)
 
 
-def _paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
-    """Set voxels within ``radius`` of segment a-b to ``value``, looking only in its bounding box.
+def _paint_fissure(hu, xyz, geom: Geometry, lung: np.ndarray, fissure: tuple, value: float) -> None:
+    """Raise the voxels of ``lung`` that the fissure plane crosses to ``value`` (HU).
 
-    ``radius`` is a number, or ``(r_a, r_b)`` for a tube that tapers linearly from a to b.
+    The sheet is as thick as a voxel measured along the plane's normal, so it has no holes on an
+    anisotropic or oblique grid: a 1 mm pleural line seen through partial volume.
     """
-    r_a, r_b = radius if isinstance(radius, tuple) else (radius, radius)
-    lo, hi = np.minimum(a, b) - max(r_a, r_b), np.maximum(a, b) + max(r_a, r_b)
-    corners = np.array(
-        [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
-    )
-    kji = world_to_array_index(corners, geom)
-    start = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
-    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, hu.shape)
-    if np.any(stop <= start):
-        return
-    box = tuple(slice(s0, s1) for s0, s1 in zip(start, stop))
-    dist, t = _segment_distance(xyz[box], a, b)
-    near = dist <= r_a + (r_b - r_a) * t
-    if within is not None:
-        near &= within[box]
-    hu[box][near] = value
+    point, normal = fissure
+    across = np.abs(geom.direction.T @ normal) @ geom.spacing  # voxel extent along the normal
+    signed = (xyz[lung] - point.astype(np.float32)) @ normal.astype(np.float32)
+    values = hu[lung]
+    sheet = np.abs(signed) <= across / 2
+    values[sheet] = np.maximum(values[sheet], value)
+    hu[lung] = values
 
 
 def make_case(seed: int, index: int, cohort: Cohort) -> SyntheticCase:
@@ -323,7 +317,7 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
 
 
 def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
-    """LUNA16 ``annotations.csv`` rows (world mm) for one series."""
+    """``annotations.csv`` rows for one series: LUNA16's columns (world mm) and the nodule's kinds."""
     return [
         {
             "seriesuid": series_uid,
@@ -331,6 +325,10 @@ def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
             "coordY": n.centre_xyz[1],
             "coordZ": n.centre_xyz[2],
             "diameter_mm": n.diameter_mm,
+            "type": n.kind,
+            "texture": n.texture,
+            "margin": n.margin,
+            "solid_fraction": n.solid_fraction,
         }
         for n in nodules
     ]
@@ -344,4 +342,4 @@ def write_case(out_dir: Path, seed: int, index: int, cohort: Cohort) -> list[dic
 
 
 def annotations_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+    return pd.DataFrame(rows, columns=COLUMNS)

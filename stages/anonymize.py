@@ -1,7 +1,8 @@
 """Stage anonymize: the boundary PHI never crosses (DICOM PS3.15 Annex E, Basic Profile + options).
 
 In:  INPUT_DIR (``data/raw`` from ingest): ``dicom/**`` (any tree of DICOM files; names may carry
-     PHI), ``annotations.csv`` (seriesuid,coordX,coordY,coordZ,diameter_mm), ``cohort.json``
+     PHI), ``annotations.csv`` (seriesuid,coordX,coordY,coordZ,diameter_mm and the optional
+     nodule kinds of ``ctpipe/annotations.py``; any other column is dropped), ``cohort.json``
      (``{"source": "synthetic" | "dicom" | "luna16"}``); for luna16 ``images/*.mhd`` + data files.
      A folder with neither ``dicom/`` nor ``cohort.json`` is read as a plain folder of DICOM files
      (a real cohort: a key is required; no annotations).

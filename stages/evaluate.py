@@ -12,9 +12,16 @@ Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over te
      components the nodule mask keeps, :func:`ctpipe.postprocessing.candidates.find_nodules`: one
      definition of a detection for the mask, the operating point, the FROC and the lesion
      confusion table).
+     With bootstrap intervals also the operating point's sensitivity and FPs per scan, and its
+     sensitivity per nodule ``type``, ``texture`` and ``margin`` (``sensitivity_by_type``, ...;
+     empty where ``nodules.csv`` has no such column); ``subgroups_flagged``: how many subgroups
+     do worse than the whole split.
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
      ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
-     ``overlays/best.png`` and ``overlays/worst.png`` (image, truth, prediction).
+     ``subgroups.csv`` (sensitivity, FPs per scan and CPM with intervals per sex, age band,
+     scanner, slice thickness, nodule size band, type, texture, margin, and a flag:
+     :mod:`ctpipe.evaluation.subgroups`), ``overlays/best.png`` and ``overlays/worst.png`` (image,
+     truth, prediction).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import pandas as pd  # noqa: E402
 
 from ctpipe import config  # noqa: E402
 from ctpipe.deploy import runtime  # noqa: E402
-from ctpipe.evaluation import luna16, scoring  # noqa: E402
+from ctpipe.evaluation import luna16, scoring, subgroups  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
 from ctpipe.model import data, nets  # noqa: E402
 from ctpipe.params import add_model_inputs, setup_logging, stage_parser  # noqa: E402
@@ -44,6 +51,7 @@ from ctpipe.runenv import record as record_environment  # noqa: E402
 
 log = logging.getLogger("evaluate")
 FP_RATES = luna16.LUNA16_FP_RATES
+KINDS = subgroups.NODULE_COLUMNS  # sensitivity_by_type, _texture, _margin in evaluate.json
 
 
 def drawn_slice(truth: np.ndarray, pred: np.ndarray) -> int:
@@ -100,9 +108,10 @@ def write_plots(
     nodules: pd.DataFrame,
     operating: dict,
     overlays: Overlays,
+    groups: pd.DataFrame,
 ) -> None:
-    """metrics/evaluate/: per-case table, candidates, lesion confusion, FROC curve, overlays of the
-    best and the worst test case with nodules."""
+    """metrics/evaluate/: per-case table, candidates, lesion confusion, subgroups, FROC curve,
+    overlays of the best and the worst test case with nodules."""
     per_case, cands, froc = score.per_case, score.candidates, score.froc
     if plots.exists():
         shutil.rmtree(plots)
@@ -110,6 +119,7 @@ def write_plots(
     write_csv(plots / "per_case.csv", per_case.round(4))
     write_csv(plots / "candidates.csv", luna16.match_candidates(cands, nodules))
     write_csv(plots / "lesion_confusion.csv", operating["confusion"])
+    write_csv(plots / "subgroups.csv", groups.round(4))
     curve = froc["curve"]
     write_csv(
         plots / "froc.csv",
@@ -171,8 +181,10 @@ def run(
     test_uids = [c["seriesuid"] for c in cases]
     boot = luna16.bootstrap_froc(cands, nodules, test_uids, cfg.bootstrap, seed, FP_RATES)
     operating = luna16.operating_point(cands, nodules, len(cases))
+    groups = subgroups.report(cands, nodules, cases, cfg.bootstrap, seed)
+    overall = groups.iloc[0]
 
-    write_plots(plots, score, nodules, operating, overlays)
+    write_plots(plots, score, nodules, operating, overlays, groups)
     return rounded(
         {
             "dice": summary["dice"],
@@ -185,11 +197,19 @@ def run(
                 f"{rate:g}": value for rate, value in froc["sensitivity_at"].items()
             },
             "sensitivity": operating["sensitivity"],
+            "sensitivity_ci95": _pair(overall, "sensitivity"),
             "fp_per_scan": operating["fp_per_scan"],
+            "fp_per_scan_ci95": _pair(overall, "fp_per_scan"),
+            **{f"sensitivity_by_{a}": subgroups.sensitivity_by(groups, a) for a in KINDS},
+            "subgroups_flagged": int(groups["flagged"].sum()),
             "test_cases": len(cases),
             "test_nodules": int(len(nodules)),
         }
     )
+
+
+def _pair(row: pd.Series, metric: str) -> list[float]:
+    return [round(float(row[f"{metric}_lo"]), 4), round(float(row[f"{metric}_hi"]), 4)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ In:  ``ingest.source`` from params.yaml:
 Out: ``OUT_DIR/`` (holds PHI: a ``push: false`` output)
        dicom/            accepted DICOM files (dicom and synthetic sources), original tree
        images/           accepted .mhd/.raw pairs (luna16 source)
-       annotations.csv   seriesuid,coordX,coordY,coordZ,diameter_mm (world mm)
+       annotations.csv   seriesuid,coordX,coordY,coordZ,diameter_mm (world mm), and the nodule
+                         kinds type,texture,margin,solid_fraction where known (ctpipe/annotations.py)
        manifest.csv      every input file: path, status (ok / skipped), reason, series, position
        cohort.json       the source and what was accepted
      ``metrics/ingest.json``: file, series and nodule counts.
@@ -28,6 +29,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from ctpipe import config, dicomio, listing, synth
+from ctpipe.annotations import select as select_columns
 from ctpipe.fileio import write_csv, write_json
 from ctpipe.params import setup_logging, stage_parser
 from ctpipe.progress import progress
@@ -35,7 +37,6 @@ from ctpipe.runenv import record as record_environment
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
 log = logging.getLogger("ingest")
-ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 # UIDs a file must have to be accepted: anonymize names its output after them, preprocess its cases
 UIDS = tuple(dicomio.UID_FIELDS)
 
@@ -54,14 +55,11 @@ def generate_synthetic(out: Path, cohort: synth.Cohort, seed: int, workers: int)
 
 
 def read_annotations(path: Path) -> pd.DataFrame:
-    """A LUNA16-style annotations CSV; a clear error if a column is missing."""
+    """A LUNA16-style annotations CSV, with the optional nodule kinds it has; a clear error if a
+    required column is missing or a kind is not a short word (:func:`ctpipe.annotations.select`)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotations CSV not found (param ingest.annotations)")
-    frame = pd.read_csv(path)
-    missing = [c for c in ANNOTATION_COLUMNS if c not in frame]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {ANNOTATION_COLUMNS}")
-    return frame[ANNOTATION_COLUMNS]
+    return select_columns(pd.read_csv(path), str(path))
 
 
 def _resolved(path: Path) -> Path | None:

@@ -2,10 +2,12 @@
 
 In:  ``IN_DIR/`` from anonymize: ``dicom/`` (DICOM series) or ``images/`` (.mhd), ``annotations.csv``
 Out: ``OUT_DIR/`` (layout in ``ctpipe/model/data.py``): ``cases/<id>.image.b2nd`` (float16) and
-     ``cases/<id>.label.b2nd`` (uint8), compressed Blosc2 arrays; ``index.json``, ``nodules.csv``,
-     ``plan.json`` (fingerprint and plan), ``splits.json`` (patients per split, seeded, stratified
-     by nodule presence; made first, so that the fingerprint and plan come from the train and val
-     cases only);
+     ``cases/<id>.label.b2nd`` (uint8), compressed Blosc2 arrays; ``index.json`` (per case also
+     sex, age band, scanner and slice thickness, no identity), ``nodules.csv`` (annotations.csv's
+     columns, the nodule kinds included, plus ``inside``, ``voxels``, ``case_id``), ``plan.json``
+     (fingerprint and plan), ``splits.json`` (patients per split, seeded, stratified by nodule
+     presence; made first, so that the fingerprint and plan come from the train and val cases
+     only);
      ``metrics/preprocess.json``: cases per split, target spacing, nodules outside their volume.
 """
 
@@ -80,6 +82,7 @@ def _write_case(source: dict, per_case: dict, plan: dict, out: Path) -> dict:
         "geometry": result["geometry"].to_dict(),
         "nodules": int(len(report)),
         "foreground_voxels": int(result["label"].sum()),
+        **result["attributes"],  # sex, age band, scanner, slice thickness: evaluate's subgroups
     }
     return {"entry": entry, "nodules": report}
 

@@ -74,6 +74,14 @@ def test_evaluate_scores_the_test_split_with_the_chosen_post_processing(
     per_case = pd.read_csv(tmp_path / "plots" / "per_case.csv")
     assert list(per_case["case_id"]) == [c["case_id"] for c in test]
     assert (tmp_path / "plots" / "overlays" / "best.png").is_file()
+    # Subgroups: the tiny dataset's index has no sex, age or scanner and its nodules.csv no kinds,
+    # so only the split and the size bands remain; nothing does worse than the split.
+    groups = pd.read_csv(tmp_path / "plots" / "subgroups.csv")
+    assert groups["subgroup"].iloc[0] == "all" and set(groups["attribute"]) == {"all", "size"}
+    assert groups["sensitivity"].eq(1.0).all() and not groups["flagged"].any()
+    assert metrics["sensitivity_by_type"] == {} and metrics["subgroups_flagged"] == 0
+    lo, hi = metrics["sensitivity_ci95"]
+    assert lo <= metrics["sensitivity"] <= hi
 
 
 def test_evaluate_refuses_a_post_processing_with_the_deleted_rule_on(

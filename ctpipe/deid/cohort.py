@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpipe import config
+from ctpipe import annotations, config
 from ctpipe.deid import batch
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import Keyring
@@ -27,7 +27,6 @@ from ctpipe.progress import progress
 from ctpipe.safepath import inside
 
 log = logging.getLogger("anonymize")
-ANNOTATION_COLUMNS = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 OWN_FILES = ("annotations.csv", "audit.csv", "quarantine.csv", "deid_options.json")
 
 
@@ -142,23 +141,25 @@ def luna16_images(
 
 
 def load_annotations(input_dir: Path, source: str) -> pd.DataFrame:
-    """``annotations.csv`` (empty if absent). A plain folder (source ``real``) has none: a CSV in
+    """``annotations.csv`` (empty if absent): the LUNA16 columns and the optional nodule kinds of
+    :mod:`ctpipe.annotations`, nothing else. A plain folder (source ``real``) has none: a CSV in
     it is an input file like any other (quarantined as not DICOM, so reported).
 
     Raises:
-        InputError: ``annotations.csv`` unreadable or without the LUNA16 columns.
+        InputError: ``annotations.csv`` unreadable, without the LUNA16 columns, or with a nodule
+            kind that is not a short word.
     """
     path = input_dir / "annotations.csv"
     if source == "real" or not path.is_file():
-        return pd.DataFrame(columns=ANNOTATION_COLUMNS)
+        return pd.DataFrame(columns=annotations.REQUIRED)
     try:
         frame = pd.read_csv(path, dtype={"seriesuid": str})
     except (ValueError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: unreadable CSV ({type(err).__name__})") from None
-    missing = [c for c in ANNOTATION_COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(f"{path}: missing columns {missing} (expected {ANNOTATION_COLUMNS})")
-    return frame
+    try:
+        return annotations.select(frame, str(path))
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def remap_annotations(
@@ -173,7 +174,7 @@ def remap_annotations(
             "%d annotation rows refer to series not written (quarantined or absent)",
             len(frame) - len(kept),
         )
-    return kept[ANNOTATION_COLUMNS].reset_index(drop=True), len(frame)
+    return kept.reset_index(drop=True), len(frame)
 
 
 def write_tables(

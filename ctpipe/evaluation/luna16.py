@@ -276,7 +276,9 @@ def bootstrap_froc(
     fp_rates: Sequence[float] = LUNA16_FP_RATES,
     confidence: float = 0.95,
 ) -> dict:
-    """Percentile bootstrap intervals of the CPM and of each sensitivity, resampling scans.
+    """Percentile bootstrap intervals of the CPM, of each sensitivity and of the curve's end point
+    (sensitivity and FPs per scan with every candidate counted: pass the ``detected`` candidates
+    alone for the operating point), resampling scans.
 
     Matching never crosses scans, so candidates are matched once and a scan drawn ``c`` times is
     counted ``c`` times (its nodules, TPs and FPs alike): the same as re-matching ``c`` renamed
@@ -293,9 +295,9 @@ def bootstrap_froc(
         confidence: coverage of the two-sided percentile interval.
 
     Returns:
-        ``cpm`` and ``sensitivity_at[rate]`` each as ``{"estimate", "lo", "hi", "mean"}``
-        (``estimate`` from the full data, ``mean`` over resamples), plus ``n_bootstrap``,
-        ``n_undefined``, ``seed``, ``confidence``.
+        ``cpm``, ``sensitivity_at[rate]``, ``sensitivity`` and ``fp_per_scan`` (at the lowest
+        threshold) each as ``{"estimate", "lo", "hi", "mean"}`` (``estimate`` from the full data,
+        ``mean`` over resamples), plus ``n_bootstrap``, ``n_undefined``, ``seed``, ``confidence``.
     """
     if n_bootstrap < 1 or not 0 < confidence < 1:
         raise ValueError(f"need n_bootstrap >= 1, 0 < confidence < 1: {n_bootstrap}, {confidence}")
@@ -304,10 +306,12 @@ def bootstrap_froc(
     scored = _Scored.build(match_candidates(candidates, nodules), nodules, scans)
     rng = np.random.default_rng(seed)
     draws = np.empty((n_bootstrap, len(fp_rates)), dtype=np.float64)
+    ends = np.empty((n_bootstrap, 2), dtype=np.float64)  # sensitivity, FPs per scan
     for b in range(n_bootstrap):
         weight = np.bincount(rng.integers(0, len(scans), len(scans)), minlength=len(scans))
         curve = scored.curve(weight)
         draws[b] = sensitivity_at_rates(curve["fps_per_scan"], curve["sensitivity"], fp_rates)
+        ends[b] = curve["sensitivity"][-1], curve["fps_per_scan"][-1]
 
     rates = [float(r) for r in fp_rates]
     at = point["sensitivity_at"]
@@ -316,6 +320,8 @@ def bootstrap_froc(
         "sensitivity_at": {
             r: _interval(draws[:, c], at[r], confidence) for c, r in enumerate(rates)
         },
+        "sensitivity": _interval(ends[:, 0], point["sensitivity"], confidence),
+        "fp_per_scan": _interval(ends[:, 1], point["fp_per_scan"], confidence),
         "n_bootstrap": int(n_bootstrap),
         "n_undefined": int(np.isnan(draws[:, 0]).sum()),
         "seed": int(seed),

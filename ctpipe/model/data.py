@@ -2,10 +2,12 @@
 
 Layout written by the preprocess stage (``data/processed/``)::
 
-    index.json               one entry per case: case_id, seriesuid, split, shape, geometry, ...
+    index.json               one entry per case: case_id, seriesuid, split, shape, geometry, ...,
+                             sex, age_band, scanner, slice_thickness_mm (null: unknown)
     cases/<case_id>.image.b2nd  normalised intensities, float16, [k, j, i]
     cases/<case_id>.label.b2nd  nodule mask, uint8, [k, j, i]
-    nodules.csv              annotations per case (world mm), with ``inside`` and ``voxels``
+    nodules.csv              annotations per case (world mm; the nodule kinds type, texture,
+                             margin, solid_fraction where known), with ``inside`` and ``voxels``
     plan.json                dataset fingerprint and the preprocessing plan derived from it
     splits.json              case ids per split (train / val / test)
 
