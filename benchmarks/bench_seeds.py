@@ -11,7 +11,8 @@ working tree) in a temporary folder, with one seed changed in its ``params.yaml`
 so a stage whose deps and params match ``dvc.lock`` (the committed default run, the data stages
 of the default cohort) is restored instead of re-run; a run whose training was restored is marked
 ``reused``. Prints a table and
-writes ``metrics/seeds.json``: per run test Dice, CPM, sensitivity at 1 FP/scan, the training's best
+writes ``metrics/seeds.json``: per run test Dice, CPM, sensitivity at 1 FP/scan and at the
+operating point per nodule type (juxta-pleural, juxta-vascular, ...), the training's best
 validation epoch and selected epoch, the post-processing chosen on validation, and seconds; then
 min, mean and standard deviation over the runs. The clones are deleted afterwards (``--keep`` keeps
 them). Run from the repository root with the venv active::
@@ -94,6 +95,7 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
         "sensitivity": evaluate["sensitivity"],
         "fp_per_scan": evaluate["fp_per_scan"],
+        "sensitivity_by_type": evaluate.get("sensitivity_by_type", {}),
         "best_epoch": train.get("best_epoch"),
         "selected_epoch": train.get("selected_epoch"),
         "postprocessing": {

@@ -157,6 +157,31 @@ def render_seed_runs(metrics: Metrics) -> list[str]:
     return table(header, "llrrrrl", rows)
 
 
+def render_seed_types(metrics: Metrics) -> list[str]:
+    """Sensitivity at the operating point per nodule type over the runs of the seed study (the
+    runs that report it: ``sensitivity_by_type`` of their ``evaluate.json``)."""
+    runs = [run for run in seed_runs(metrics) if run.get("sensitivity_by_type")]
+    if not runs:
+        raise RenderError(f"{metrics.folder / 'seeds.json'}: no run reports sensitivity_by_type")
+    types = sorted({t for run in runs for t in run["sensitivity_by_type"]})
+    rows = []
+    for kind in types:
+        values = [
+            float(r["sensitivity_by_type"][kind]) for r in runs if kind in r["sensitivity_by_type"]
+        ]
+        low, mean, high = min(values), statistics.fmean(values), max(values)
+        rows.append(
+            [
+                kind.replace("_", "-"),
+                str(len(values)),
+                number(low, 2),
+                f"**{number(mean, 2)}**",
+                number(high, 2),
+            ]
+        )
+    return table(["nodule type", "runs", "min", "mean", "max"], "lrrrr", rows)
+
+
 def fp_rate(key: str) -> str:
     """``1/8`` for the FROC rate ``"0.125"``."""
     return str(Fraction(key).limit_denominator(64))
@@ -230,6 +255,7 @@ def render_package(metrics: Metrics) -> list[str]:
 RENDERERS: dict[str, Callable[[Metrics], list[str]]] = {
     "seeds": render_seeds,
     "seed-runs": render_seed_runs,
+    "seed-types": render_seed_types,
     "evaluate": render_evaluate,
     "package": render_package,
 }
