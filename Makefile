@@ -31,7 +31,9 @@ setup: $(STAMP)
 # Compile the lock from requirements.in for CPython 3.11 on Linux x86_64 (glibc 2.28 or later), the
 # platform of this project's machines and CI, whatever machine runs it. Existing pins are kept unless
 # LOCK_FLAGS says otherwise, e.g. LOCK_FLAGS="--upgrade-package fastapi" or LOCK_FLAGS=--upgrade.
-# uv runs from a venv of its own, so the project's .venv holds exactly the lock. docs/getting-started.md
+# uv runs from a venv of its own, so the project's .venv holds exactly the lock. Extras stay in the
+# lock (--no-strip-extras): pip's hash mode refuses a dependency's extra (blosc2 needs
+# httpx[http2]) that the lock pins only without it. docs/getting-started.md
 # The container image's lock (deploy/requirements.txt, no torch) is compiled from
 # deploy/requirements.in with the main lock as constraints: both pin the same versions.
 LOCK_VENV := .venv-lock
@@ -40,7 +42,7 @@ lock:
 	@test -x $(LOCK_VENV)/bin/uv || { python3 -m venv $(LOCK_VENV) \
 		&& $(LOCK_VENV)/bin/python -m pip install -q uv==$(UV_VERSION); }
 	$(LOCK_VENV)/bin/uv pip compile requirements.in -o requirements.txt --generate-hashes \
-		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-strip-extras \
 		--custom-compile-command "make lock" $(LOCK_FLAGS) > /dev/null
 	$(LOCK_VENV)/bin/uv pip compile deploy/requirements.in -c requirements.txt \
 		-o deploy/requirements.txt --generate-hashes \
