@@ -93,9 +93,16 @@ def array_index_to_world(kji: np.ndarray, geom: Geometry) -> np.ndarray:
     return index_to_world(np.asarray(kji, dtype=np.float64)[..., ::-1], geom)
 
 
-def world_grid(shape_kji: tuple[int, int, int], geom: Geometry) -> np.ndarray:
-    """World coordinates of every voxel centre of an array of ``shape_kji``: ``(k, j, i, 3)``."""
-    k, j, i = np.meshgrid(*(np.arange(n) for n in shape_kji), indexing="ij")
+def world_grid(
+    shape_kji: tuple[int, int, int], geom: Geometry, slices: tuple[int, int] | None = None
+) -> np.ndarray:
+    """World coordinates of every voxel centre of an array of ``shape_kji``: ``(k, j, i, 3)``.
+
+    ``slices=(first, stop)``: only the slab of slices ``first <= k < stop``, the same values as
+    the whole grid's rows there.
+    """
+    first, stop = slices if slices is not None else (0, shape_kji[0])
+    k, j, i = np.meshgrid(np.arange(first, stop), *map(np.arange, shape_kji[1:]), indexing="ij")
     return array_index_to_world(np.stack([k, j, i], axis=-1), geom)
 
 

@@ -34,9 +34,17 @@ from scipy import ndimage
 from ctpipe.annotations import COLUMNS
 from ctpipe.geometry import Geometry, index_to_world, world_grid
 from ctpipe.phi import make_phi, phi_dataset
-from ctpipe.synth_nodules import AIRWAY_WALL_MM, Nodule, make_nodules, paint_nodule, paint_tube
+from ctpipe.synth_nodules import (
+    AIRWAY_WALL_MM,
+    Nodule,
+    make_nodules,
+    nodule_shades,
+    paint_nodule,
+    paint_tube,
+)
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root, as real exports carry a vendor root
+SLAB_SLICES = 16  # slices rendered at once: bounds the generator's working memory, not its output
 
 
 @dataclass(frozen=True)
@@ -196,34 +204,72 @@ def _grow_vessel(rng, start, lung, radius, depth, out) -> None:
             _grow_vessel(rng, end, lung, radius * 0.7, depth - 1, out)
 
 
-def render(case: SyntheticCase, rng: np.random.Generator, cohort: Cohort) -> np.ndarray:
-    """Analytic phantom in HU on the case's voxel grid (numpy [k, j, i] order), float32."""
-    xyz = world_grid(case.shape_kji, case.geometry).astype(np.float32)
+def render(
+    case: SyntheticCase, rng: np.random.Generator, cohort: Cohort, slab: int | None = None
+) -> np.ndarray:
+    """Analytic phantom in HU on the case's voxel grid (numpy [k, j, i] order), float32.
+
+    Painted ``slab`` slices at a time (with the blur's reach of neighbours on each side), so the
+    working memory is a few copies of a slab besides the volume and the lung texture; the random
+    stream is drawn in the order a whole-volume pass draws it, so the volume does not depend on
+    ``slab`` (default :data:`SLAB_SLICES`).
+    """
+    n, slab = case.shape_kji[0], slab or SLAB_SLICES
+    texture = _lung_texture(rng, case.shape_kji, slab)
+    scale = texture.std() + 1e-6
+    shades = [nodule_shades(nod, rng) for nod in case.nodules]
+    reach = int(4.0 * cohort.blur_voxels + 0.5)  # scipy's Gaussian kernel radius (truncate 4)
+    hu = np.empty(case.shape_kji, dtype=np.float32)
+    for first in range(0, n, slab):
+        stop = min(first + slab, n)
+        lo, hi = max(first - reach, 0), min(stop + reach, n)
+        part = _paint_slab(case, cohort, (lo, hi), (texture[lo:hi], scale), shades)
+        # Partial-volume blur along the real voxel grid, then scanner noise.
+        part = ndimage.gaussian_filter(part, sigma=cohort.blur_voxels)[first - lo : stop - lo]
+        part += rng.normal(0, cohort.noise_hu, part.shape).astype(np.float32)
+        hu[first:stop] = np.clip(part, -1024, 3071)
+    return hu
+
+
+def _lung_texture(rng: np.random.Generator, shape_kji: tuple, slab: int) -> np.ndarray:
+    """Smooth unit noise for the lung parenchyma, float32, drawn ``slab`` slices at a time."""
+    noise = np.empty(shape_kji, dtype=np.float32)
+    for first in range(0, shape_kji[0], slab):
+        part = noise[first : first + slab]
+        part[...] = rng.normal(0, 1, part.shape)
+    return ndimage.gaussian_filter(noise, 1.5, output=noise)
+
+
+def _paint_slab(
+    case: SyntheticCase, cohort: Cohort, slices: tuple[int, int], texture: tuple, shades: list
+) -> np.ndarray:
+    """The sharp phantom (before blur and noise) of slices ``first <= k < stop``; ``texture`` is
+    the lung texture of those slices and the scale that makes it unit."""
+    first = slices[0]
+    texture, scale = texture
+    xyz = world_grid(case.shape_kji, case.geometry, slices).astype(np.float32)
     body, lungs = case.anatomy["body"], case.anatomy["lungs"]
     x, y = xyz[..., 0], xyz[..., 1] - body["cy"]
     ell = (x / body["a"]) ** 2 + (y / body["b"]) ** 2
-    hu = np.full(case.shape_kji, -1000.0, dtype=np.float32)
+    hu = np.full(xyz.shape[:3], -1000.0, dtype=np.float32)
     hu[ell <= 1.0] = -90.0  # subcutaneous fat
     hu[ell <= 0.85] = 45.0  # muscle and mediastinum
     spine = (x / 18) ** 2 + ((y - body["b"] * 0.7) / 16) ** 2 <= 1
     hu[spine] = 650.0
     each = [np.sum(((xyz - lung["c"]) / lung["r"]) ** 2, axis=-1) <= 1 for lung in lungs]
     in_lung = each[0] | each[1]
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, case.shape_kji).astype(np.float32), 1.5)
-    hu[in_lung] = -850.0 + 25.0 * texture[in_lung] / (texture.std() + 1e-6)
+    hu[in_lung] = -850.0 + 25.0 * texture[in_lung] / scale
+    geom = case.geometry
     for lung_mask, fissure in zip(each, case.anatomy["fissures"]):
-        _paint_fissure(hu, xyz, case.geometry, lung_mask, fissure, cohort.fissure_hu)
+        _paint_fissure(hu, xyz, geom, lung_mask, fissure, cohort.fissure_hu)
     for a, b, r in case.anatomy["vessels"]:
-        paint_tube(hu, xyz, case.geometry, a, b, r, 40.0, in_lung)
+        paint_tube(hu, xyz, geom, a, b, r, 40.0, in_lung, first)
     for a, b, r in case.anatomy["airways"]:
-        paint_tube(hu, xyz, case.geometry, a, b, r + AIRWAY_WALL_MM, 20.0, None)  # wall
-        paint_tube(hu, xyz, case.geometry, a, b, r, -1000.0, None)  # lumen
-    for nod in case.nodules:
-        paint_nodule(hu, xyz, case.geometry, nod, in_lung, rng)
-    # Partial-volume blur along the real voxel grid, then scanner noise.
-    hu = ndimage.gaussian_filter(hu, sigma=cohort.blur_voxels)
-    hu += rng.normal(0, cohort.noise_hu, case.shape_kji).astype(np.float32)
-    return np.clip(hu, -1024, 3071)
+        paint_tube(hu, xyz, geom, a, b, r + AIRWAY_WALL_MM, 20.0, None, first)  # wall
+        paint_tube(hu, xyz, geom, a, b, r, -1000.0, None, first)  # lumen
+    for nod, shade in zip(case.nodules, shades):
+        paint_nodule(hu, xyz, geom, nod, in_lung, shade, first)
+    return hu
 
 
 def _paint_fissure(hu, xyz, geom: Geometry, lung: np.ndarray, fissure: tuple, value: float) -> None:

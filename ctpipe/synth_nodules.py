@@ -235,15 +235,19 @@ def _on_vessel(rng: np.random.Generator, lung: dict, vessels: list, r: float) ->
 
 
 def box_of(
-    lo: np.ndarray, hi: np.ndarray, geom: Geometry, shape: tuple
+    lo: np.ndarray, hi: np.ndarray, geom: Geometry, shape: tuple, first: int = 0
 ) -> tuple[slice, ...] | None:
-    """The array slices of the voxels within the world box ``lo``..``hi`` (None: outside)."""
+    """The array slices of the voxels within the world box ``lo``..``hi`` (None: outside).
+
+    The array of ``shape`` is the slab of ``geom``'s grid that starts at slice ``first``.
+    """
     corners = np.array(
         [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
     )
     kji = world_to_array_index(corners, geom)
-    start = np.maximum(np.floor(kji.min(axis=0)).astype(int), 0)
-    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1, shape)
+    shift = np.array([first, 0, 0])
+    start = np.maximum(np.floor(kji.min(axis=0)).astype(int) - shift, 0)
+    stop = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 1 - shift, shape)
     if np.any(stop <= start):
         return None
     return tuple(slice(s0, s1) for s0, s1 in zip(start, stop))
@@ -258,14 +262,15 @@ def segment_distance(
     return np.linalg.norm(points - (a + t[..., None] * ab), axis=-1), t
 
 
-def paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
+def paint_tube(hu, xyz, geom, a, b, radius, value, within, first: int = 0) -> None:
     """Set voxels within ``radius`` of segment a-b to ``value``, looking only in its bounding box.
 
-    ``radius`` is a number, or ``(r_a, r_b)`` for a tube that tapers linearly from a to b.
+    ``radius`` is a number, or ``(r_a, r_b)`` for a tube that tapers linearly from a to b. ``hu``,
+    ``xyz`` and ``within`` are the slab of ``geom``'s grid that starts at slice ``first``.
     """
     r_a, r_b = radius if isinstance(radius, tuple) else (radius, radius)
     reach = max(r_a, r_b)
-    box = box_of(np.minimum(a, b) - reach, np.maximum(a, b) + reach, geom, hu.shape)
+    box = box_of(np.minimum(a, b) - reach, np.maximum(a, b) + reach, geom, hu.shape, first)
     if box is None:
         return
     dist, t = segment_distance(xyz[box], a, b)
@@ -275,20 +280,28 @@ def paint_tube(hu, xyz, geom, a, b, radius, value, within) -> None:
     hu[box][near] = value
 
 
+def nodule_shades(nod: Nodule, rng: np.random.Generator) -> tuple[float | None, float | None]:
+    """The HU of ``nod``'s ground-glass halo and of its solid part (None: it has none)."""
+    halo = rng.uniform(*HALO_HU) if nod.solid_fraction < 1.0 else None
+    solid = rng.uniform(*SOLID_HU) if nod.solid_fraction > 0.0 else None
+    return halo, solid
+
+
 def paint_nodule(
     hu: np.ndarray,
     xyz: np.ndarray,
     geom: Geometry,
     nod: Nodule,
     in_lung: np.ndarray,
-    rng: np.random.Generator,
+    shades: tuple[float | None, float | None],
+    first: int = 0,
 ) -> None:
-    """Paint ``nod`` into ``hu`` (float32 HU on the grid of ``xyz``), inside the lungs only."""
+    """Paint ``nod`` into ``hu`` (float32 HU on the grid of ``xyz``), inside the lungs only, in the
+    ``shades`` of :func:`nodule_shades`. The arrays are the slab that starts at slice ``first``."""
     c, r = np.array(nod.centre_xyz, dtype=np.float32), nod.diameter_mm / 2
     swell = sum(amp for _, amp in nod.lobes)  # bounds the lobe factor
-    box = box_of(c - r * (1 + swell), c + r * (1 + swell), geom, hu.shape)
-    halo = rng.uniform(*HALO_HU) if nod.solid_fraction < 1.0 else None
-    solid = rng.uniform(*SOLID_HU) if nod.solid_fraction > 0.0 else None
+    box = box_of(c - r * (1 + swell), c + r * (1 + swell), geom, hu.shape, first)
+    halo, solid = shades
     if box is not None:
         offset = xyz[box] - c
         dist = np.linalg.norm(offset, axis=-1)
@@ -304,7 +317,7 @@ def paint_nodule(
         u = np.asarray(direction, dtype=np.float32)
         start, end = c + u * 0.8 * r, c + u * (r + length)
         value = solid if solid is not None else halo
-        paint_tube(hu, xyz, geom, start, end, (thick, 0.3 * thick), value, in_lung)
+        paint_tube(hu, xyz, geom, start, end, (thick, 0.3 * thick), value, in_lung, first)
 
 
 def _lobe_factor(offset: np.ndarray, dist: np.ndarray, lobes: tuple) -> np.ndarray | float:
