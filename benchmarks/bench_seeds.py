@@ -46,9 +46,12 @@ FIGURES = ("dice", "froc_cpm", "sensitivity_at_1fp")
 
 
 def sh(cwd: Path, *cmd: str, log: Path | None = None) -> None:
+    # The clone's own package first: the venv's editable install points at this working tree,
+    # whose uncommitted code is not the clone's.
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(cwd),
         "DVC_NO_ANALYTICS": "1",
     }
     with open(log, "a") if log else open(os.devnull, "w") as out:
