@@ -211,3 +211,25 @@ def test_bench_scaleout_runs_its_smallest_configuration(tmp_path, density_packag
     assert figures["overhead"]["p50_ms"] > 0
     assert re.search(r"roles, 2 workers\s+1\s+[\d.]+", done.stdout)
     assert [p.name for p in tmp_path.iterdir()] == ["scaleout.json"]  # the scratch data is gone
+
+
+def test_bench_disk_counts_hard_links_once(tmp_path):
+    """Input 1000 bytes; processed 500 and models 100, each also in the cache through a hard
+    link (as `dvc checkout --relink` leaves them), and a stale cache entry of 50 bytes."""
+    files = {"data/raw/dicom/a.dcm": 1000, "data/processed/b.b2nd": 500, "models/m.pt": 100}
+    for rel, size in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * size)
+        entry = tmp_path / ".dvc/cache/files/md5" / path.name
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, entry)
+    (tmp_path / ".dvc/cache/files/md5/stale").write_bytes(b"y" * 50)
+    out = tmp_path / "disk.json"
+    done = run(["benchmarks/bench_disk.py", "--root", tmp_path, "--out", out])
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert figures["total"]["apparent"] == 1650
+    assert figures["ratio"]["apparent"] == pytest.approx(1.65)
+    assert figures["ratio"]["copies"] == pytest.approx((1600 + 1650) / 1000)
+    assert "1.65 x (file bytes)" in done.stdout
