@@ -20,7 +20,9 @@ import gc
 import logging
 import math
 import multiprocessing
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +47,9 @@ from ctpipe.deid.verify import (
 from ctpipe.progress import progress
 
 _WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
-CHUNKS_PER_WORKER = 8
-MIN_CHUNK = 16  # files handed to a worker at a time, at least (fewer round trips on small files)
+GUIDED = 2  # a chunk is the remaining files over this many times the workers
+MIN_CHUNK = 8  # files handed to a worker at a time, at least (fewer round trips on small files)
+AHEAD = 2  # chunks sent to a forked worker before it asks: one to run, one waiting
 LEAK_MIN_CHARS = 4  # identifying values shorter than this are not searched for ("M", "CT")
 log = logging.getLogger("ctpipe.deid.batch")
 
@@ -59,11 +62,14 @@ def quiet_pydicom() -> None:
 
 
 class Workers:
-    """The worker processes of a run, started once for every pass (1 worker: this process).
+    """The worker processes of a run, started once for every pass. This process is one of the
+    ``workers``: it forks the others and, while it waits for a pass, takes chunks as they do
+    (1 worker: this process alone).
 
-    Files go out in chunks of ``chunksize`` or more: about :data:`CHUNKS_PER_WORKER` per worker,
-    so that a worker keeps a patient's files together (its caches) and round trips stay few,
-    while the last chunks still even out the workers.
+    Files go out in chunks that shrink as the work runs out (guided scheduling): each is the
+    remaining files over :data:`GUIDED` times the workers, at least ``chunksize``. The first
+    chunks are large, so that a worker keeps a patient's files together (its caches) and round
+    trips stay few; the last are small, so that the workers finish together.
     """
 
     def __init__(self, workers: int, chunksize: int = MIN_CHUNK) -> None:
@@ -77,7 +83,7 @@ class Workers:
             # A worker's first full garbage collection would walk, and so copy, every object it
             # inherits (70 ms stalls): objects that exist now stay out of its collections.
             gc.freeze()
-            self.pool = multiprocessing.Pool(self.workers, quiet_pydicom)
+            self.pool = multiprocessing.Pool(self.workers - 1, quiet_pydicom)
             gc.unfreeze()
         return self
 
@@ -93,24 +99,85 @@ class Workers:
     def start(
         self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None
     ) -> Callable[[], list]:
-        """:meth:`map` begun in the workers (this process: nothing yet); call the result to
-        wait for it (this process: to run it)."""
-        size = max(self.chunksize, math.ceil(len(items) / (CHUNKS_PER_WORKER * self.workers)))
+        """:meth:`map` begun in the forked workers; call the result to take part and wait."""
         tasks = [
-            (func, job_of(items[i : i + size]), items[i : i + size])
-            for i in range(0, len(items), size)
+            (func, job_of(items[i:j]), items[i:j])
+            for i, j in guided(len(items), self.workers, self.chunksize)
         ]
-        running = self.pool.imap_unordered(_chunk, tasks) if self.pool and tasks else None
+        return _Pass(self.pool, tasks, self.workers - 1, len(items), desc).results
 
-        def results() -> list:
-            out: list = []
-            with progress(total=len(items), desc=desc, unit="file") as bar:
-                for done in running if running is not None else map(_chunk, tasks):
-                    out += done
-                    bar.update(len(done))
-            return out
 
-        return results
+class _Pass:
+    """The chunks of one pass in a queue: each forked worker is kept :data:`AHEAD` chunks ahead
+    (a chunk it finishes sends it the next), and :meth:`results` runs the rest here."""
+
+    def __init__(self, pool, tasks: list, forked: int, total: int, desc: str) -> None:
+        self.pool, self.tasks, self.total, self.desc = pool, deque(tasks), total, desc
+        self.lock = threading.Condition()
+        self.done: list = []
+        self.pending, self.error = 0, None
+        for _ in range(AHEAD * forked if pool is not None else 0):
+            self._send()
+
+    def _take(self) -> tuple | None:
+        with self.lock:
+            return self.tasks.popleft() if self.tasks and self.error is None else None
+
+    def _send(self) -> None:
+        with self.lock:  # taken and counted at once: results() must not see neither
+            if not self.tasks or self.error is not None:
+                return
+            task = self.tasks.popleft()
+            self.pending += 1
+        try:
+            self.pool.apply_async(_chunk, (task,), callback=self._back, error_callback=self._fail)
+        except ValueError:  # the pool is closing: the pass failed here, in this process
+            with self.lock:
+                self.pending -= 1
+
+    def _back(self, result: list) -> None:  # the pool's result thread
+        with self.lock:
+            self.done.append(result)
+            self.pending -= 1
+            self.lock.notify_all()
+        self._send()
+
+    def _fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.error, self.pending = error, self.pending - 1
+            self.lock.notify_all()
+
+    def results(self) -> list:
+        out: list = []
+        with progress(total=self.total, desc=self.desc, unit="file") as bar:
+            try:
+                while (task := self._take()) is not None:
+                    mine = _chunk(task)
+                    out += mine
+                    bar.update(len(mine))
+            except BaseException as error:  # no more chunks go out: the pool is closed next
+                with self.lock:
+                    self.error = self.error or error
+                raise
+            with self.lock:
+                while self.pending and self.error is None:
+                    self.lock.wait()
+                if self.error is not None:
+                    raise self.error
+                theirs = [r for chunk in self.done for r in chunk]
+            bar.update(len(theirs))
+        return out + theirs
+
+
+def guided(n: int, workers: int, smallest: int) -> list[tuple[int, int]]:
+    """(start, stop) of the chunks of ``n`` items: remaining / (GUIDED * workers), at least
+    ``smallest``, in order."""
+    bounds, start = [], 0
+    while start < n:
+        size = max(smallest, math.ceil((n - start) / (GUIDED * workers)))
+        bounds.append((start, min(start + size, n)))
+        start += size
+    return bounds
 
 
 def _chunk(task: tuple) -> list:
