@@ -223,7 +223,7 @@ def render(
     for first in range(0, n, slab):
         stop = min(first + slab, n)
         lo, hi = max(first - reach, 0), min(stop + reach, n)
-        part = _paint_slab(case, cohort, (lo, hi), (texture[lo:hi], scale), shades)
+        part = _paint_slab(case, cohort, (lo, hi), texture[lo:hi], scale, shades)
         # Partial-volume blur along the real voxel grid, then scanner noise.
         part = ndimage.gaussian_filter(part, sigma=cohort.blur_voxels)[first - lo : stop - lo]
         part += rng.normal(0, cohort.noise_hu, part.shape).astype(np.float32)
@@ -241,12 +241,16 @@ def _lung_texture(rng: np.random.Generator, shape_kji: tuple, slab: int) -> np.n
 
 
 def _paint_slab(
-    case: SyntheticCase, cohort: Cohort, slices: tuple[int, int], texture: tuple, shades: list
+    case: SyntheticCase,
+    cohort: Cohort,
+    slices: tuple[int, int],
+    texture: np.ndarray,
+    scale: float,
+    shades: list,
 ) -> np.ndarray:
     """The sharp phantom (before blur and noise) of slices ``first <= k < stop``; ``texture`` is
-    the lung texture of those slices and the scale that makes it unit."""
+    the lung texture of those slices, ``scale`` what makes the whole texture unit."""
     first = slices[0]
-    texture, scale = texture
     xyz = world_grid(case.shape_kji, case.geometry, slices).astype(np.float32)
     body, lungs = case.anatomy["body"], case.anatomy["lungs"]
     x, y = xyz[..., 0], xyz[..., 1] - body["cy"]

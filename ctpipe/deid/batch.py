@@ -116,19 +116,22 @@ class _Pass:
         self.lock = threading.Condition()
         self.done: list = []
         self.pending, self.error = 0, None
-        for _ in range(AHEAD * forked if pool is not None else 0):
+        for _ in range(AHEAD * forked):
             self._send()
 
-    def _take(self) -> tuple | None:
+    def _take(self, sent: bool = False) -> tuple | None:
+        """The next chunk (None: none left, or the pass failed); ``sent``: counted as pending in
+        the same step, so that results() never sees a chunk neither queued nor pending."""
         with self.lock:
-            return self.tasks.popleft() if self.tasks and self.error is None else None
+            if not self.tasks or self.error is not None:
+                return None
+            self.pending += sent
+            return self.tasks.popleft()
 
     def _send(self) -> None:
-        with self.lock:  # taken and counted at once: results() must not see neither
-            if not self.tasks or self.error is not None:
-                return
-            task = self.tasks.popleft()
-            self.pending += 1
+        task = self._take(sent=True)
+        if task is None:
+            return
         try:
             self.pool.apply_async(_chunk, (task,), callback=self._back, error_callback=self._fail)
         except ValueError:  # the pool is closing: the pass failed here, in this process
