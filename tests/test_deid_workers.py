@@ -12,7 +12,7 @@ from ctpipe.deid import batch
 
 
 def square(job: int, item: int) -> tuple[int, int, int]:
-    return item, item * item + job, os.getpid()
+    return item, item * item + (job or 0), os.getpid()
 
 
 def fail_on(job: int, item: int) -> int:
@@ -50,9 +50,18 @@ def test_an_error_in_any_chunk_is_raised(bad):
             pool.map(fail_on, list(range(200)), "test", lambda chunk: bad)
 
 
-def test_chunks_shrink_toward_the_end():
-    bounds = batch.guided(425, 2, 8)
-    sizes = [stop - start for start, stop in bounds]
-    assert bounds[0][0] == 0 and bounds[-1][1] == 425
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 100 and sizes[-1] <= 8
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_chunks_shrink_toward_the_end(workers):
+    sizes: list[int] = []  # job_of is called here once per chunk, whoever runs it
+    with batch.Workers(workers, chunksize=8) as pool:
+        out = pool.map(square, list(range(425)), "test", lambda chunk: sizes.append(len(chunk)))
+    assert len(out) == sum(sizes) == 425
+    assert sizes[0] >= 425 // (batch.GUIDED * workers) > 8 >= sizes[-1]
+
+
+def test_a_pass_of_one_chunk_runs_here():
+    with batch.Workers(2, chunksize=8) as pool:
+        out = pool.map(square, list(range(8)), "test", lambda chunk: 0)
+        larger = pool.map(square, list(range(9)), "test", lambda chunk: 0)
+    assert {pid for _, _, pid in out} == {os.getpid()}
+    assert len(larger) == 9

@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import threading
 import warnings
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +65,9 @@ class Workers:
     ``workers``: it forks the others and, while it waits for a pass, takes chunks as they do
     (1 worker: this process alone).
 
-    Files go out in chunks that shrink as the work runs out (guided scheduling): each is the
-    remaining files over :data:`GUIDED` times the workers, at least ``chunksize``. The first
-    chunks are large, so that a worker keeps a patient's files together (its caches) and round
-    trips stay few; the last are small, so that the workers finish together.
+    Files go out in chunks that shrink as the work runs out (guided scheduling, :class:`_Pass`).
+    The first chunks are large, so that a worker keeps a patient's files together (its caches)
+    and round trips stay few; the last are small, so that the workers finish together.
     """
 
     def __init__(self, workers: int, chunksize: int = MIN_CHUNK) -> None:
@@ -100,36 +98,49 @@ class Workers:
         self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None
     ) -> Callable[[], list]:
         """:meth:`map` begun in the forked workers; call the result to take part and wait."""
-        tasks = [
-            (func, job_of(items[i:j]), items[i:j])
-            for i, j in guided(len(items), self.workers, self.chunksize)
-        ]
-        return _Pass(self.pool, tasks, self.workers - 1, len(items), desc).results
+        return _Pass(self, func, items, job_of, desc).results
 
 
 class _Pass:
-    """The chunks of one pass in a queue: each forked worker is kept :data:`AHEAD` chunks ahead
-    (a chunk it finishes sends it the next), and :meth:`results` runs the rest here."""
+    """The items of one pass, cut into chunks as they are taken: this process takes the remaining
+    items over :data:`GUIDED` times the workers (at least the pool's ``chunksize``); the forked
+    workers are kept :data:`AHEAD` chunks ahead (a chunk they finish sends the next), each sized
+    on what will be left once they reach it, so that no chunk queued in a worker keeps the others
+    waiting at the end. A pass no larger than one chunk runs here alone."""
 
-    def __init__(self, pool, tasks: list, forked: int, total: int, desc: str) -> None:
-        self.pool, self.tasks, self.total, self.desc = pool, deque(tasks), total, desc
+    def __init__(self, workers: Workers, func: Callable, items: list, job_of, desc: str) -> None:
+        self.pool, self.func, self.items, self.job_of = workers.pool, func, items, job_of
+        self.workers, self.smallest, self.desc = workers.workers, workers.chunksize, desc
+        self.forked = self.workers - 1 if len(items) > self.smallest else 0
         self.lock = threading.Condition()
+        self.taken = 0  # items handed out
+        self.queued = 0  # items sent to the forked workers and not back
         self.done: list = []
         self.pending, self.error = 0, None
-        for _ in range(AHEAD * forked):
+        for _ in range(AHEAD * self.forked):
             self._send()
 
-    def _take(self, sent: bool = False) -> tuple | None:
-        """The next chunk (None: none left, or the pass failed); ``sent``: counted as pending in
-        the same step, so that results() never sees a chunk neither queued nor pending."""
+    def _take(self, forked: bool = False) -> tuple | None:
+        """The next chunk (None: none left, none worth queueing in a forked worker, or the pass
+        failed). A forked worker's chunk is counted as pending in the same step, so that
+        results() never sees a chunk neither taken nor pending."""
         with self.lock:
-            if not self.tasks or self.error is not None:
+            left = len(self.items) - self.taken
+            if left <= 0 or self.error is not None:
                 return None
-            self.pending += sent
-            return self.tasks.popleft()
+            if forked:  # the forked workers reach this chunk once their queued items are done
+                left -= self.queued / self.forked
+                if self.queued and left < self.smallest:
+                    return None  # this process finishes the rest first
+            size = max(self.smallest, math.ceil(left / (GUIDED * self.workers)))
+            chunk = self.items[self.taken : self.taken + size]
+            self.taken += len(chunk)
+            if forked:
+                self.pending, self.queued = self.pending + 1, self.queued + len(chunk)
+        return self.func, self.job_of(chunk), chunk
 
     def _send(self) -> None:
-        task = self._take(sent=True)
+        task = self._take(forked=True)
         if task is None:
             return
         try:
@@ -141,7 +152,7 @@ class _Pass:
     def _back(self, result: list) -> None:  # the pool's result thread
         with self.lock:
             self.done.append(result)
-            self.pending -= 1
+            self.pending, self.queued = self.pending - 1, self.queued - len(result)
             self.lock.notify_all()
         self._send()
 
@@ -152,7 +163,7 @@ class _Pass:
 
     def results(self) -> list:
         out: list = []
-        with progress(total=self.total, desc=self.desc, unit="file") as bar:
+        with progress(total=len(self.items), desc=self.desc, unit="file") as bar:
             try:
                 while (task := self._take()) is not None:
                     mine = _chunk(task)
@@ -170,17 +181,6 @@ class _Pass:
                 theirs = [r for chunk in self.done for r in chunk]
             bar.update(len(theirs))
         return out + theirs
-
-
-def guided(n: int, workers: int, smallest: int) -> list[tuple[int, int]]:
-    """(start, stop) of the chunks of ``n`` items: remaining / (GUIDED * workers), at least
-    ``smallest``, in order."""
-    bounds, start = [], 0
-    while start < n:
-        size = max(smallest, math.ceil((n - start) / (GUIDED * workers)))
-        bounds.append((start, min(start + size, n)))
-        start += size
-    return bounds
 
 
 def _chunk(task: tuple) -> list:
