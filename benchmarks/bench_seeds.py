@@ -11,7 +11,8 @@ working tree) in a temporary folder, with one seed changed in its ``params.yaml`
 so a stage whose deps and params match ``dvc.lock`` (the committed default run, the data stages
 of the default cohort) is restored instead of re-run; a run whose training was restored is marked
 ``reused``. Prints a table and
-writes ``metrics/seeds.json``: per run test Dice, CPM, sensitivity at 1 FP/scan and at the
+writes ``metrics/seeds.json``: per run test Dice, CPM (with the candidate classifier, and of the
+segmentation's score alone), sensitivity at 1 FP/scan and at the
 operating point per nodule type (juxta-pleural, juxta-vascular, ...), the training's best
 validation epoch and selected epoch, the post-processing chosen on validation, and seconds; then
 min, mean and standard deviation over the runs. The clones are deleted afterwards (``--keep`` keeps
@@ -42,7 +43,7 @@ from ctpipe.runenv import cpu_info, git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FIGURES = ("dice", "froc_cpm", "sensitivity_at_1fp")
+FIGURES = ("dice", "froc_cpm", "froc_cpm_segmentation", "sensitivity_at_1fp")
 
 
 def sh(cwd: Path, *cmd: str, log: Path | None = None) -> None:
@@ -85,6 +86,8 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
     evaluate = json.loads((clone / "metrics" / "evaluate.json").read_text())
     train = json.loads((clone / "metrics" / "train.json").read_text())
     post = json.loads((clone / "metrics" / "postprocess.json").read_text())
+    classify_file = clone / "metrics" / "classify.json"
+    second = json.loads(classify_file.read_text()) if classify_file.is_file() else {}
     if not keep:
         shutil.rmtree(clone)
     return {
@@ -95,6 +98,11 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
         "seconds": round(seconds, 1),
         "dice": evaluate["dice"],
         "froc_cpm": evaluate["froc_cpm"],
+        # the same candidates ranked by the segmentation alone (without the candidate classifier)
+        "froc_cpm_segmentation": evaluate.get("froc_cpm_segmentation", evaluate["froc_cpm"]),
+        "classifier": {
+            k: second.get(k) for k in ("weight", "val_auc", "val_cpm", "val_cpm_without")
+        },
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
         "sensitivity": evaluate["sensitivity"],
         "fp_per_scan": evaluate["fp_per_scan"],

@@ -154,6 +154,22 @@ class Postprocess(Section):
     shape_weight_grid: list[Weight] = Field(min_length=1)
 
 
+class Candidates(Section):
+    crop_mm: float = Field(gt=0.0)
+    train_views: list[View] = Field(min_length=1)
+    train_mirror_axes: list[Literal[0, 1]]
+
+
+class Classify(Section):
+    channels: list[int] = Field(min_length=2)
+    epochs: int = Field(ge=1)
+    samples_per_epoch: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Positive
+    positive_fraction: float = Field(gt=0.0, lt=1.0)
+    weight_grid: list[Annotated[float, Fraction]] = Field(min_length=1)
+
+
 class Evaluate(Section):
     surface_tolerance_mm: float = Positive
     bootstrap: int = Field(ge=0)
@@ -192,6 +208,8 @@ class Params(Section):
     train: Train
     inference: Inference
     postprocess: Postprocess
+    candidates: Candidates
+    classify: Classify
     evaluate: Evaluate
     quantize: Quantize
     monitor_reference: MonitorReference

@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ctpipe import config  # noqa: E402
+from ctpipe.classifier import CandidateClassifier  # noqa: E402
 from ctpipe.deploy import runtime  # noqa: E402
 from ctpipe.evaluation import luna16, scoring, subgroups  # noqa: E402
 from ctpipe.fileio import rounded, write_csv, write_json  # noqa: E402
@@ -139,13 +140,21 @@ def write_plots(
 
 
 def score_cases(
-    predicted: Iterator[tuple], chosen: Chosen, cfg: config.Evaluate, min_candidate_mm3: float
+    predicted: Iterator[tuple],
+    chosen: Chosen,
+    cfg: config.Evaluate,
+    min_candidate_mm3: float,
+    second: CandidateClassifier | None = None,
 ) -> tuple[list[dict], list[pd.DataFrame], Overlays]:
     """Each test case's row and candidates (:func:`ctpipe.evaluation.scoring.score_case`) and the
-    overlays, from ``predicted`` (:func:`ctpipe.deploy.runtime.predict_cases`) one case at a time."""
+    overlays, from ``predicted`` (:func:`ctpipe.deploy.runtime.predict_cases`) one case at a time;
+    with ``second``, ranked by the candidate classifier's score
+    (:meth:`ctpipe.classifier.CandidateClassifier.rescore`)."""
     rows, candidates, overlays = [], [], Overlays()
     for case, image, truth, prob, geom in predicted:
         mask, found = chosen.find_nodules(prob, geom, min_candidate_mm3)
+        if second is not None:  # the classifier's score ranks the candidates (the FROC)
+            found = second.rescore(image, geom, found)
         row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
         rows.append(row)
         candidates.append(cands)
@@ -163,6 +172,7 @@ def run(
     cfg: config.Evaluate,
     inference: config.Inference,
     seed: int,
+    second: CandidateClassifier | None = None,
 ) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
     cases, nodules = data.split_cases(processed, "test")
@@ -175,9 +185,16 @@ def run(
         onnx_path,
         "evaluate",
     )
-    rows, candidates, overlays = score_cases(predicted, chosen, cfg, inference.min_candidate_mm3)
+    rows, candidates, overlays = score_cases(
+        predicted, chosen, cfg, inference.min_candidate_mm3, second
+    )
     score = scoring.summarise(rows, candidates, nodules, FP_RATES)
     cands, froc, summary = score.candidates, score.froc, score.voxel
+    if second is None:
+        segmentation = froc
+    else:  # the same candidates ranked by the segmentation's score alone
+        seg_ranked = cands.assign(score=cands["seg_score"])
+        segmentation = luna16.froc(seg_ranked, nodules, len(cases), FP_RATES)
     test_uids = [c["seriesuid"] for c in cases]
     boot = luna16.bootstrap_froc(cands, nodules, test_uids, cfg.bootstrap, seed, FP_RATES)
     operating = luna16.operating_point(cands, nodules, len(cases))
@@ -193,6 +210,8 @@ def run(
             "surface_dice": summary["surface_dice"],
             "froc_cpm": froc["cpm"],
             "froc_cpm_ci95": [boot["cpm"]["lo"], boot["cpm"]["hi"]],
+            "froc_cpm_segmentation": segmentation["cpm"],
+            "classifier": second is not None,
             "sensitivity_at_fp": {
                 f"{rate:g}": value for rate, value in froc["sensitivity_at"].items()
             },
@@ -218,10 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "plots_dir", type=Path, help="per-case table, FROC curve, overlays (metrics/evaluate)"
     )
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="candidate classifier (models/classifier.pt); without it, the segmentation alone",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     params = config.load(args.params)
     chosen = choose.load(args.postprocessing)
+    second = None if args.classifier is None else CandidateClassifier.load(args.classifier)
     record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(
         args.model,
@@ -232,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         params.evaluate,
         params.inference,
         params.base.seed,
+        second,
     )
     write_json(args.metrics, result)
     log.info("evaluate: Dice %s, CPM %s", result["dice"], result["froc_cpm"])

@@ -24,7 +24,7 @@ def confident(image: np.ndarray) -> np.ndarray:
 
 
 def run_stage(
-    root: Path, processed: Path, chosen: dict, monkeypatch, model_fn=confident
+    root: Path, processed: Path, chosen: dict, monkeypatch, model_fn=confident, extra=()
 ) -> tuple[dict, list[str]]:
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["inference"].update(roi_size=32, views=["axial"], mirror_axes=[], min_candidate_mm3=0)
@@ -51,6 +51,7 @@ def run_stage(
         str(root / "params.yaml"),
         "--metrics",
         str(root / "evaluate.json"),
+        *extra,
     ]
     assert stage.main(argv) == 0
     return json.loads((root / "evaluate.json").read_text()), read
@@ -82,6 +83,36 @@ def test_evaluate_scores_the_test_split_with_the_chosen_post_processing(
     assert metrics["sensitivity_by_type"] == {} and metrics["subgroups_flagged"] == 0
     lo, hi = metrics["sensitivity_ci95"]
     assert lo <= metrics["sensitivity"] <= hi
+
+
+def test_a_classifier_ranks_the_candidates_and_leaves_the_mask_alone(
+    tmp_path, tiny_models, monkeypatch
+):
+    import torch
+
+    from ctpipe import classifier
+
+    processed = tiny_models.make_processed(tmp_path / "processed")
+    tiny_models.make_checkpoint(tmp_path / "model.pt")
+    tiny_models.make_onnx(tmp_path / "model.onnx")
+    chosen = {"threshold": 0.5, "component_threshold": 0.9, "shape_weight": 2.0}
+    before, _ = run_stage(tmp_path, processed, chosen, monkeypatch)
+    before_cands = pd.read_csv(tmp_path / "plots" / "candidates.csv")
+    torch.manual_seed(0)
+    shape = (8, 8, 8)
+    model = classifier.CandidateClassifier(classifier.make_net(shape, [4, 8]), shape, 8.0, 0.5)
+    model.save(tmp_path / "classifier.pt", [4, 8], {})
+    extra = ("--classifier", str(tmp_path / "classifier.pt"))
+    after, _ = run_stage(tmp_path, processed, chosen, monkeypatch, extra=extra)
+    cands = pd.read_csv(tmp_path / "plots" / "candidates.csv")
+    assert after["classifier"] and not before["classifier"]
+    assert after["froc_cpm_segmentation"] == before["froc_cpm"] == before["froc_cpm_segmentation"]
+    for key in ("dice", "sensitivity", "fp_per_scan"):  # the operating point is unchanged
+        assert after[key] == before[key], key
+    assert sorted(cands["seg_score"]) == sorted(before_cands["score"])
+    assert cands["classifier"].between(0, 1).all()
+    expected = classifier.combine(cands["seg_score"], cands["classifier"], 0.5)
+    np.testing.assert_allclose(cands["score"], expected)
 
 
 def test_evaluate_refuses_a_post_processing_with_the_deleted_rule_on(

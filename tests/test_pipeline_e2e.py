@@ -1,5 +1,5 @@
 """End to end: the real DVC commands on the real dvc.yaml, with tiny params, in a temporary git
-repository: `dvc repro` (all nine stages), a second `dvc repro` doing nothing,
+repository: `dvc repro` (all eleven stages), a second `dvc repro` doing nothing,
 `dvc exp run -S`, `dvc exp show` and `dvc metrics diff`."""
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ STAGES = [
     "preprocess",
     "train",
     "postprocess",
+    "candidates",
+    "classify",
     "evaluate",
     "quantize",
     "monitor_reference",
