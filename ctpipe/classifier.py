@@ -9,12 +9,11 @@ split's candidates and nodules, and its probability is combined with the segment
 (:func:`combine`) into the score that the FROC ranks; how much the classifier weighs is chosen on
 the val split (:func:`choose_weight`). The operating point (which candidates are detections and
 form the mask) stays the segmentation's: a cut on the combined score chosen on val cost the test
-split a detected nodule (docs/results.md), so the classifier ranks and does not yet decide.
+split a detected nodule (docs/postprocessing.md), so the classifier ranks and does not yet decide.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,45 +25,13 @@ from monai.networks.nets import Classifier
 from monai.transforms import Compose, RandFlip, RandRotate90
 
 from ctpipe.evaluation import luna16
-from ctpipe.geometry import Geometry, world_to_array_index
+from ctpipe.geometry import Geometry
+from ctpipe.postprocessing.crops import MARGIN, centre, combine, crop_shape, cut_crops
 
-MARGIN = 2  # voxels stored around a crop on each side: the room of the training shifts
+__all__ = ["MARGIN", "centre", "combine", "crop_shape", "cut_crops"]  # and what is defined here
+ONNX_INPUT, ONNX_OUTPUT = "crops", "logit"  # the names in the package's classifier.onnx
+
 FP_RATES = luna16.LUNA16_FP_RATES
-
-
-def crop_shape(spacing_xyz: Sequence[float], crop_mm: float) -> tuple[int, int, int]:
-    """Voxels ``[k, j, i]`` of a cube of side ``crop_mm`` on a grid of ``spacing_xyz``, each a
-    multiple of 4 (the network halves it twice), at least 8."""
-    return tuple(max(8, 4 * math.ceil(crop_mm / float(s) / 4)) for s in reversed(list(spacing_xyz)))
-
-
-def cut_crops(
-    image: np.ndarray, geom: Geometry, xyz: np.ndarray, shape: Sequence[int], margin: int = 0
-) -> np.ndarray:
-    """Crops of ``image`` (``[k, j, i]``) centred on the world points ``xyz`` (``[n, 3]``, mm),
-    each ``shape`` grown by ``margin`` voxels on every side, float16 ``[n, k, j, i]``. Outside the
-    volume the crop holds the image's lowest value (air after the normalisation)."""
-    size = np.asarray(shape, dtype=int) + 2 * margin
-    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-    out = np.full((len(xyz), *size), np.min(image), dtype=np.float16)
-    if not len(xyz):
-        return out
-    kji = world_to_array_index(xyz, geom)
-    inside = np.isfinite(kji).all(axis=1) & (np.abs(kji) < 1e6).all(axis=1)  # else: all air
-    low = np.rint(np.where(inside[:, None], kji, -1e6)).astype(int) - size // 2
-    for n, start in enumerate(low):
-        src = tuple(slice(max(a, 0), min(a + s, d)) for a, s, d in zip(start, size, image.shape))
-        dst = tuple(slice(sl.start - a, sl.stop - a) for sl, a in zip(src, start))
-        if all(sl.stop > sl.start for sl in src):
-            out[(n, *dst)] = image[src]
-    return out
-
-
-def centre(crops: np.ndarray, margin: int = MARGIN) -> np.ndarray:
-    """The middle of crops cut with ``margin``: the network's input size."""
-    if margin == 0:
-        return crops
-    return crops[:, margin:-margin, margin:-margin, margin:-margin]
 
 
 def make_net(shape: Sequence[int], channels: Sequence[int]) -> Classifier:
@@ -110,14 +77,6 @@ def probabilities(net: torch.nn.Module, crops: np.ndarray, batch: int = 256) -> 
         for i in range(0, len(crops), batch)
     ]
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def combine(seg_score: np.ndarray, prob: np.ndarray, weight: float) -> np.ndarray:
-    """The candidate score: ``seg_score ** (1 - weight) * prob ** weight`` (a weighted geometric
-    mean); ``weight`` 0 is the segmentation's score alone, 1 the classifier's alone."""
-    seg_score = np.clip(np.asarray(seg_score, dtype=np.float64), 1e-12, 1.0)
-    prob = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1.0)
-    return seg_score ** (1.0 - weight) * prob**weight
 
 
 def choose_weight(
@@ -166,6 +125,26 @@ class CandidateClassifier:
             },
             path,
         )
+
+    def export_onnx(self, path: Path, opset: int) -> None:
+        """The network as one ONNX file: input ``crops`` ``[N, 1, k, j, i]`` float32 (the crop
+        shape fixed, the batch free), output ``logit`` ``[N, 1]``."""
+        batch = torch.export.Dim("batch", min=1)
+        example = torch.zeros((2, 1, *self.shape))
+        with torch.no_grad():
+            program = torch.onnx.export(
+                self.net.eval(),
+                (example,),
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
+                dynamo=True,
+                opset_version=int(opset),
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
+        program.model_proto.producer_name = "ctpipe"
+        program.save(str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> CandidateClassifier:

@@ -9,7 +9,9 @@ In:  ``MODEL`` (models/model.pt), ``--onnx`` (models/model.onnx, train's fp32 ex
 Out: ``OUT_DIR`` (models/export): ``model.onnx`` (train's export, opset checked), ``model_int8.onnx``,
      ``model.pt2`` (``torch.export``), ``input_spec.json``, ``MODEL_CARD.md``, ``versions.json``,
      ``verification.json``, ``triton/<name>/config.pbtxt`` + ``triton/<name>/1/model.onnx``,
-     ``SHA256SUMS`` over every other file; ``metrics/export.json``.
+     ``SHA256SUMS`` over every other file; with ``--classifier`` (models/classifier.pt) also
+     ``classifier.onnx``, which ``predict`` runs on each nodule (checked against PyTorch with
+     ``export.atol`` on probabilities); ``metrics/export.json``.
 
 Gate: the opset and ``onnx.checker`` (full check), then ONNX Runtime and the reloaded ``.pt2``
 against PyTorch on real validation slabs: max |logit difference| <= ``export.atol`` and Dice of the
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation=read_optional(args.evaluate_metrics),
         quantized=read_optional(args.quantize_metrics),
         quantize_env=read_optional(args.quantize_env),
+        classifier=args.classifier,
     )
     record_environment("export", Path(args.metrics).parent / "env")
     result = build.export_package(
@@ -77,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("quantize-env", "the CPU of the INT8 latencies (dvc.yaml: metrics/env/quantize.json)"),
     ):
         parser.add_argument(f"--{name}", type=Path, default=None, help=f"model card: {source}")
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="candidate classifier (models/classifier.pt): exported as classifier.onnx",
+    )
     return parser.parse_args(argv)
 
 

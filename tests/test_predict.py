@@ -14,6 +14,7 @@ from ctpipe import config, dicomio, synth
 from ctpipe.deploy import predict, report
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry, sphere_mask
+from ctpipe.postprocessing import crops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,9 +261,12 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
     uid = truth["seriesuid"].iloc[0]
     found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
     reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")  # the SR says what the CSV says
-    cols = list(report.REPORT_COLUMNS)
-    assert len(found) > 0
+    second = read_json(ROOT / "models" / "export" / "input_spec.json")["classifier"]
+    cols = [*report.REPORT_COLUMNS, "classifier"]  # the candidate classifier's probability too
+    assert len(found) > 0 and list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
+    combined = crops.combine(found["seg_score"], found["classifier"], second["weight"])
+    np.testing.assert_allclose(found["score"], combined, atol=1e-3)
     mask_img = sitk.ReadImage(str(tmp_path / "out" / uid / "mask.nii.gz"))
     if acquisition:  # the mask is on the series' own fine grid
         np.testing.assert_allclose(mask_img.GetSpacing(), [0.7, 0.7, 1.25], atol=1e-3)
@@ -303,3 +307,44 @@ def test_a_uid_seed_makes_the_same_seg_and_sr_and_none_makes_new_ones(
     assert seen["a"] == seen["b"]
     for other in ("c", "d"):
         assert not set(seen["a"]) & set(seen[other]), other
+
+
+def test_a_package_with_the_classifier_scores_and_reports_each_nodule(
+    density_package, tmp_path, write_tiny_cohort
+):
+    """classifier.onnx in the package (as export writes it): nodules.csv gains the classifier's
+    probability and the segmentation's score, the score combines them, and the SR carries the
+    probability of each nodule ("Probability", DCM 122157) as nodules.csv has it."""
+    import shutil
+
+    import torch
+
+    from ctpipe import classifier
+    from ctpipe.deploy import spec
+    from ctpipe.fileio import write_json
+
+    package = tmp_path / "pkg"
+    shutil.copytree(density_package, package)
+    torch.manual_seed(0)
+    model = classifier.CandidateClassifier(
+        classifier.make_net((8, 8, 8), [4, 8]), (8, 8, 8), 8, 0.5
+    )
+    model.export_onnx(package / "classifier.onnx", 18)
+    input_spec = read_json(package / "input_spec.json")
+    write_json(
+        package / "input_spec.json", {**input_spec, "classifier": spec.classifier_spec(model)}
+    )
+    write_tiny_cohort(tmp_path / "study", n=1, seed=12)
+    files = sorted((tmp_path / "study").rglob("*.dcm"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    predict.predict_series(files, package, "fp32", tmp_path / "out")
+    found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
+    assert len(found) > 0 and found["classifier"].between(0, 1).all()
+    np.testing.assert_allclose(
+        found["score"], crops.combine(found["seg_score"], found["classifier"], 0.5), atol=1e-3
+    )
+    assert found["score"].is_monotonic_decreasing
+    reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")
+    cols = [*report.REPORT_COLUMNS, "classifier"]
+    assert list(reported.columns) == cols
+    np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)

@@ -288,6 +288,31 @@ def test_export_package_verifies(workspace, quantized, tmp_path):
     assert tuple(reloaded(torch.zeros(2, 3, 16, 32)).shape) == (2, 2, 16, 32)
 
 
+def test_export_package_carries_the_candidate_classifier(workspace, quantized, tmp_path):
+    """With ``--classifier``: classifier.onnx in the package (and its checksum), checked against
+    PyTorch, and how predict runs it in input_spec.json."""
+    from ctpipe import classifier
+
+    torch.manual_seed(0)
+    shape = (8, 12, 12)
+    model = classifier.CandidateClassifier(classifier.make_net(shape, [4, 8]), shape, 24.0, 0.25)
+    model.save(tmp_path / "classifier.pt", [4, 8], {})
+    out, metrics = tmp_path / "export", tmp_path / "export.json"
+    argv = export_argv(workspace, quantized["out"], out, metrics)
+    assert load_stage("export").main([*argv, "--classifier", str(tmp_path / "classifier.pt")]) == 0
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == EXPORT_FILES | {"classifier.onnx"}
+    assert (
+        package.verify_sha256sums(out) == []
+        and "classifier.onnx" in (out / "SHA256SUMS").read_text()
+    )
+    ver = json.loads((out / "verification.json").read_text())["classifier_onnx_vs_torch"]
+    assert ver["crops"] == 64 and ver["max_abs_prob_diff"] <= 1e-4
+    second = json.loads((out / "input_spec.json").read_text())["classifier"]
+    assert second["file"] == "classifier.onnx" and second["crop_shape_kji"] == list(shape)
+    assert second["weight"] == 0.25 and second["crop_mm"] == 24.0
+
+
 def test_export_stage_fails_on_perturbed_model(workspace, quantized, tmp_path, tiny_models):
     """An ONNX graph that is not the checkpoint's network fails the parity gate."""
     argv = export_argv(workspace, quantized["out"], tmp_path / "export", tmp_path / "export.json")

@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
+from ctpipe.classifier import ONNX_INPUT, CandidateClassifier, probabilities
 from ctpipe.config import Export, Inference
 from ctpipe.deploy import card, onnx_export, package, parity, sessions, spec
 from ctpipe.fileio import write_json
@@ -43,6 +45,7 @@ class Inputs:
     evaluation: dict | None = None  # metrics/evaluate.json
     quantized: dict | None = None  # metrics/quantize.json
     quantize_env: dict | None = None  # metrics/env/quantize.json
+    classifier: Path | None = None  # models/classifier.pt (None: the segmentation alone)
 
 
 def export_package(
@@ -88,6 +91,10 @@ def build(inputs: Inputs, stage: Path, export: Export, inference: Inference, see
     add_triton(stage, export.model_name, channels)
     plan = ckpt.get("plan") or data.load_plan(inputs.processed)
     input_spec = spec.input_spec(ckpt, plan, export, inference, inputs.chosen)
+    if inputs.classifier is not None:
+        second = CandidateClassifier.load(inputs.classifier)
+        verification["classifier_onnx_vs_torch"] = add_classifier(second, stage, export, seed)
+        input_spec["classifier"] = spec.classifier_spec(second)
     versions = package.versions(onnx_export.OPSET)
     write_json(stage / "input_spec.json", input_spec)
     write_json(stage / "versions.json", versions)
@@ -121,6 +128,23 @@ def add_graphs(net: torch.nn.Module, channels: int, onnx_path: Path, stage: Path
     shutil.copyfile(onnx_path, stage / "model.onnx")
     onnx.checker.check_model(str(stage / "model.onnx"), full_check=True)
     torch.export.save(onnx_export.export_program(net, channels), str(stage / "model.pt2"))
+
+
+def add_classifier(model: CandidateClassifier, stage: Path, export: Export, seed: int) -> dict:
+    """``classifier.onnx``, checked in full and against PyTorch on random crops: max |probability
+    difference| <= ``export.atol``, else :class:`~ctpipe.deploy.parity.ParityError`."""
+    path = stage / "classifier.onnx"
+    model.export_onnx(path, onnx_export.OPSET)
+    onnx.checker.check_model(str(path), full_check=True)
+    crops = np.random.default_rng(seed).normal(size=(64, *model.shape)).astype(np.float32)
+    session = sessions.ort_session(path, export.threads)
+    logits = session.run(None, {ONNX_INPUT: crops[:, None]})[0][:, 0].astype(np.float64)
+    diff = float(np.abs(1 / (1 + np.exp(-logits)) - probabilities(model.net, crops)).max())
+    if not diff <= export.atol:
+        raise parity.ParityError(
+            f"classifier.onnx vs PyTorch: max |probability difference| {diff:.3g} > {export.atol}"
+        )
+    return {"crops": len(crops), "max_abs_prob_diff": diff}
 
 
 def verify(

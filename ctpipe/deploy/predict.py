@@ -14,7 +14,9 @@ whole slabs (or sliding windows, as the spec says) over the views and mirrored p
                   per nodule its centre, diameter, volume and score, referencing seg.dcm
     nodules.csv   detected nodules: world coordinates (LPS mm), equivalent diameter, score (the
                   peak probability discounted by elongation, ``shape_weight`` of the spec), peak,
-                  elongation, volume
+                  elongation, volume; with a candidate classifier in the package (``classifier``
+                  of the spec) also its probability ``classifier`` and the segmentation's score
+                  ``seg_score``, the score being both combined
 
 Every series of the study is considered (a study folder may hold a localizer, several
 reconstructions, a dose report, secondary captures): each CT image series the model can work on is
@@ -37,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import SimpleITK as sitk
 from pydantic import ValidationError
@@ -51,6 +54,7 @@ from ctpipe.model.views import lung_roi
 from ctpipe.monitor.record import append as append_record
 from ctpipe.monitor.record import series_record
 from ctpipe.postprocessing.candidates import Chosen
+from ctpipe.postprocessing.crops import combine, cut_crops
 from ctpipe.safepath import UnsafePath, inside, uid_component, uid_reason
 
 log = logging.getLogger("predict")
@@ -194,6 +198,30 @@ def package_post_processing(spec: dict, package: Path) -> Chosen:
     )
 
 
+def classify_nodules(
+    second: dict, package: Path, volume: np.ndarray, geom: Geometry, nodules
+) -> pd.DataFrame:
+    """``nodules`` with ``seg_score`` (the segmentation's score), ``classifier`` (the probability of
+    the package's ``classifier.onnx`` on each nodule's crop of ``volume``, the preprocessed
+    volume on ``geom``) and ``score`` (:func:`ctpipe.postprocessing.crops.combine` with the
+    spec's ``weight``), sorted by ``score``."""
+    import onnxruntime as ort
+
+    shape = tuple(int(n) for n in second["crop_shape_kji"])
+    xyz = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+    crops = cut_crops(volume, geom, xyz, shape).astype(np.float32)[:, None]
+    prob = np.zeros(len(nodules))
+    if len(nodules):
+        session = ort.InferenceSession(
+            str(package / second["file"]), providers=["CPUExecutionProvider"]
+        )
+        logits = session.run(None, {session.get_inputs()[0].name: crops})[0][:, 0]
+        prob = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    out = nodules.assign(seg_score=nodules["score"], classifier=prob)
+    out["score"] = combine(out["seg_score"], prob, float(second["weight"]))
+    return out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
 def predict_series(
     paths: list[Path], package: Path, model: str, out: Path, uid_seed: str | None = None
 ) -> dict:
@@ -241,6 +269,8 @@ def predict_series(
     found, nodules = chosen.find_nodules(prob, cgeom, inference.min_candidate_mm3)
     mask = back_to_source(found, cgeom, hu, geom)
     nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
+    if "classifier" in spec:  # the candidate classifier's probability, and the score with it
+        nodules = classify_nodules(spec["classifier"], package, volume, cgeom, nodules)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
     try:

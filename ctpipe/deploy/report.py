@@ -17,6 +17,10 @@ the segment) and refuses spatial coordinates inside measurements of ROI groups; 
 groups that share a tracking UID to one finding. The SEG holds all nodules in its one segment, so
 the segment reference alone does not say which component a row is: the centre does.
 
+With the candidate classifier in the package, each nodule's group also holds the classifier's
+probability that the finding is a nodule as "Probability" (DCM 122157, UCUM ``1``), and the score
+is the combined one (``nodules.csv``: ``seg_score``, ``classifier``, ``score``).
+
 Certainty of Finding is DICOM's concept for a CAD detector's likelihood that a finding is the
 feature sought (a nodule), not its malignancy ("Probability of cancer", DCM 111047, would be wrong),
 so no private coding scheme is needed. A report without nodules holds one TID 1501 group stating
@@ -52,6 +56,9 @@ MEASUREMENTS = {
     "volume_mm3": (codes.SCT.Volume, codes.UCUM.CubicMillimeter),
     "score": (codes.DCM.CertaintyOfFinding, codes.UCUM.NoUnits),
 }
+# Written when the table has the column (a package with the candidate classifier): the classifier's
+# probability that the finding is a nodule, as "Probability" (DCM 122157, UCUM 1).
+OPTIONAL_MEASUREMENTS = {"classifier": (codes.DCM.Probability, codes.UCUM.NoUnits)}
 CENTRE_PURPOSE = codes.DCM.CenterOfMass
 UidMaker = Callable[[str], str]  # what the UID is for -> a UID (see uid_maker)
 
@@ -135,7 +142,8 @@ def _nodule_groups(
     }
     measurements = [
         hd.sr.Measurement(name=name, value=float(row[column]), unit=unit)
-        for column, (name, unit) in MEASUREMENTS.items()
+        for column, (name, unit) in {**MEASUREMENTS, **OPTIONAL_MEASUREMENTS}.items()
+        if column in row.index
     ]
     centre = np.array([[row["coordX"], row["coordY"], row["coordZ"]]], dtype=np.float64)
     return [
@@ -183,8 +191,8 @@ def write_sr(
             They may lack Type 2 patient and study attributes; they are not modified.
         seg: the Segmentation of ``predict`` (segment 1: the nodules) of that series.
         nodules: one row per nodule with at least :data:`REPORT_COLUMNS` (``nodules.csv``: world
-            LPS mm centre, equivalent-sphere diameter in mm, volume in mm3, score in 0..1); other
-            columns are ignored. It may be empty.
+            LPS mm centre, equivalent-sphere diameter in mm, volume in mm3, score in 0..1), and
+            any of :data:`OPTIONAL_MEASUREMENTS`; other columns are ignored. It may be empty.
         uid: makes the SR's UIDs (:func:`uid_maker`; default: random ones).
 
     Returns:
@@ -199,7 +207,8 @@ def write_sr(
     missing = [c for c in REPORT_COLUMNS if c not in nodules.columns]
     if missing:
         raise ValueError(f"{path}: nodule table lacks the columns {missing}")
-    values = nodules[REPORT_COLUMNS].to_numpy(dtype=np.float64)
+    optional = [c for c in OPTIONAL_MEASUREMENTS if c in nodules.columns]
+    values = nodules[REPORT_COLUMNS + optional].to_numpy(dtype=np.float64)
     if not np.isfinite(values).all():
         raise ValueError(f"{path}: nodule table has non-finite values")
     first = sources[0]
@@ -244,7 +253,8 @@ def read_sr(path: str | Path) -> pd.DataFrame:
     """The nodules of an SR written by :func:`write_sr`, one row each, in the order written.
 
     Returns:
-        Columns :data:`REPORT_COLUMNS` (``float64``); no rows for a report without nodules.
+        Columns :data:`REPORT_COLUMNS` and those of :data:`OPTIONAL_MEASUREMENTS` the report has
+        (``float64``); no rows for a report without nodules.
 
     Raises:
         ValueError: not a TID 1500 report, or a nodule without its centre or a measurement.
@@ -254,6 +264,7 @@ def read_sr(path: str | Path) -> pd.DataFrame:
     if not isinstance(report, hd.sr.MeasurementReport):
         raise ValueError(f"{path}: not a TID 1500 Measurement Report")
     rows: dict[str, dict[str, float]] = {}
+    extra: dict[str, bool] = {}
     for group in report.get_volumetric_roi_measurement_groups(
         finding_type=NODULE, reference_type=codes.DCM.ReferencedSegment
     ):
@@ -265,6 +276,11 @@ def read_sr(path: str | Path) -> pd.DataFrame:
                     f"{path}: {group.tracking_identifier} has no single {name.meaning}"
                 )
             row[column] = float(found[0].value)
+        for column, (name, _) in OPTIONAL_MEASUREMENTS.items():
+            found = group.get_measurements(name=name)
+            if found:
+                extra[column] = True
+                row[column] = float(found[0].value)
     for group in report.get_volumetric_roi_measurement_groups(
         finding_type=NODULE,
         reference_type=codes.DCM.VolumeSurface,
@@ -272,7 +288,8 @@ def read_sr(path: str | Path) -> pd.DataFrame:
     ):
         x, y, z = np.asarray(group.roi.graphic_data, dtype=np.float64).reshape(3)
         rows.setdefault(str(group.tracking_uid), {}).update(coordX=x, coordY=y, coordZ=z)
-    incomplete = [uid for uid, row in rows.items() if len(row) != len(REPORT_COLUMNS)]
+    columns = REPORT_COLUMNS + list(extra)
+    incomplete = [uid for uid, row in rows.items() if len(row) != len(columns)]
     if incomplete:
         raise ValueError(f"{path}: nodules without a centre or a measurement: {incomplete}")
-    return pd.DataFrame(list(rows.values()), columns=REPORT_COLUMNS, dtype=np.float64)
+    return pd.DataFrame(list(rows.values()), columns=columns, dtype=np.float64)

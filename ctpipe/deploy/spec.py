@@ -118,3 +118,19 @@ def accepted_input(plan: dict, export: Export) -> dict:
         "when it is a localizer or not an image of a listed modality, or when ingest's series checks "
         "fail (missing or duplicate slices, gantry tilt, mixed orientations)",
     }
+
+
+def classifier_spec(model) -> dict:
+    """How ``predict`` runs ``classifier.onnx`` (a :class:`ctpipe.classifier.CandidateClassifier`)."""
+    return {
+        "file": "classifier.onnx",
+        "input": "crops [N, 1, k, j, i] float32 of the preprocessed (resampled, normalised) volume, "
+        "centred on each nodule's centre (ctpipe.postprocessing.crops.cut_crops)",
+        "crop_shape_kji": list(model.shape),
+        "crop_mm": model.crop_mm,
+        "output": "logit [N, 1]; the classifier's probability that the finding is a nodule is its "
+        "sigmoid",
+        "weight": model.weight,
+        "score": "seg_score ** (1 - weight) * classifier ** weight: the nodule's score, with "
+        "seg_score the segmentation's (postprocessing.score); weight chosen on validation by CPM",
+    }
