@@ -6,10 +6,11 @@ through a crop of the preprocessed image centred on it, of fixed size in mm on t
 (:func:`crop_shape`, :func:`cut_crops`). The network is MONAI's
 :class:`~monai.networks.nets.Classifier`; it is trained by the ``classify`` stage on the train
 split's candidates and nodules, and its probability is combined with the segmentation's score
-(:func:`combine`) into the score that the FROC ranks; how much the classifier weighs is chosen on
-the val split (:func:`choose_weight`). The operating point (which candidates are detections and
-form the mask) stays the segmentation's: a cut on the combined score chosen on val cost the test
-split a detected nodule (docs/postprocessing.md), so the classifier ranks and does not yet decide.
+(:func:`combine`) into the score that the FROC ranks. How much the classifier weighs is chosen on
+the val split, and only a gain beyond the val split's noise counts (:func:`choose_weight`). The
+operating point (which candidates are detections and form the mask) stays the segmentation's: a
+cut on the combined score chosen on val cost the test split a detected nodule
+(docs/postprocessing.md), so the classifier ranks and does not yet decide.
 """
 
 from __future__ import annotations
@@ -80,18 +81,36 @@ def probabilities(net: torch.nn.Module, crops: np.ndarray, batch: int = 256) -> 
 
 
 def choose_weight(
-    cands: pd.DataFrame, nodules: pd.DataFrame, n_scans: int, weights: Sequence[float]
+    cands: pd.DataFrame,
+    nodules: pd.DataFrame,
+    seriesuids: list[str],
+    weights: Sequence[float],
+    confidence: float,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, float]:
-    """The weight of :func:`combine` with the highest CPM on ``cands`` (val: ``seg_score`` and
-    ``classifier`` columns; ties: the smaller weight); each weight's CPM and the choice."""
+    """The weight of :func:`combine` chosen on ``cands`` (val: ``seg_score`` and ``classifier``
+    columns; ``seriesuids``: every val scan). A weight above 0 is eligible only when its CPM beats
+    the segmentation's alone (weight 0) in at least ``confidence`` of the paired bootstrap
+    resamples of the scans (:func:`ctpipe.evaluation.luna16.cpm_draws`): a gain within the noise
+    of a small val split is not taken. Among the eligible, the highest CPM; ties: the smaller
+    weight. Returns each weight's CPM and share of resamples won, and the choice."""
+
+    def scored(weight: float) -> pd.DataFrame:
+        return cands.assign(score=combine(cands["seg_score"], cands["classifier"], weight))
+
+    base = luna16.cpm_draws(scored(0.0), nodules, seriesuids, n_bootstrap, seed)
     rows = []
-    for weight in sorted(set(weights)):
-        scored = cands.assign(score=combine(cands["seg_score"], cands["classifier"], weight))
-        rows.append({"weight": weight, "cpm": luna16.froc(scored, nodules, n_scans)["cpm"]})
+    for weight in sorted(set(weights) | {0.0}):
+        cpm = luna16.froc(scored(weight), nodules, len(seriesuids))["cpm"]
+        gain = luna16.cpm_draws(scored(weight), nodules, seriesuids, n_bootstrap, seed) - base
+        won = float(np.mean(gain[np.isfinite(gain)] > 0)) if np.isfinite(gain).any() else 0.0
+        rows.append({"weight": weight, "cpm": cpm, "resamples_won": won if weight else np.nan})
     table = pd.DataFrame(rows)
-    if table["cpm"].isna().all():  # no val nodule: nothing to choose by, the segmentation alone
+    eligible = table[(table["weight"] == 0) | (table["resamples_won"] >= confidence)]
+    if eligible["cpm"].isna().all():  # no val nodule: nothing to choose by, the segmentation alone
         return table, 0.0
-    return table, float(table.loc[table["cpm"].idxmax(), "weight"])  # idxmax: the first on ties
+    return table, float(eligible.loc[eligible["cpm"].idxmax(), "weight"])  # the first on ties
 
 
 @dataclass

@@ -168,6 +168,7 @@ class Classify(Section):
     lr: float = Positive
     positive_fraction: float = Field(gt=0.0, lt=1.0)
     weight_grid: list[Annotated[float, Fraction]] = Field(min_length=1)
+    gain_confidence: float = Field(ge=0.0, le=1.0)
 
 
 class Evaluate(Section):

@@ -202,6 +202,10 @@ def render_evaluate(metrics: Metrics) -> list[str]:
         ["HD95 / surface Dice", f"{get('hd95_mm'):.1f} mm / {get('surface_dice'):.3f}"],
         ["LUNA16 CPM (95 % bootstrap interval)", f"{get('froc_cpm'):.3f} ({low:.3f}-{high:.3f})"],
         [
+            "LUNA16 CPM of the segmentation's score alone (without the candidate classifier)",
+            f"{get('froc_cpm_segmentation'):.3f}",
+        ],
+        [
             f"sensitivity at {', '.join(fp_rate(r) for r in rates)} FP per scan",
             ", ".join(f"{froc[r]:.2f}" for r in rates),
         ],

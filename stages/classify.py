@@ -5,8 +5,9 @@ In:  ``CANDIDATES`` (data/candidates: the candidates stage's tables), ``DATA_DIR
      ``classify`` and ``base.seed``.
 Out: ``MODEL`` (models/classifier.pt: MONAI ``Classifier`` weights of the epoch with the best val
      AUC, the crop size and the chosen ``weight``, read by evaluate), ``LIVE_DIR``
-     (dvclive: per-epoch train loss, val loss and val AUC), ``TABLES_DIR`` (``weights.csv``: the val
-     CPM of each weight of ``classify.weight_grid``), ``metrics/classify.json``.
+     (dvclive: per-epoch train loss, val loss and val AUC), ``TABLES_DIR`` (``weights.csv``: the
+     val CPM of each weight of ``classify.weight_grid`` and the share of resamples it beats 0
+     in), ``metrics/classify.json``.
 
 Training: the train split's crops, ``classify.positive_fraction`` of each epoch drawn from the
 nodule crops (the candidates that hit a nodule and the nodules themselves) and the rest from the
@@ -14,7 +15,9 @@ other candidates, each shifted by up to ``ctpipe.classifier.MARGIN`` voxels, fli
 (:func:`ctpipe.classifier.augmentations`); binary cross-entropy, AdamW with cosine decay.
 Choice on val (the test split plays no part): the weight of the classifier in the candidate
 score (:func:`ctpipe.classifier.combine`; 0 is the segmentation's score alone) with the highest
-val CPM (:func:`ctpipe.classifier.choose_weight`). Which candidates are detections stays the
+val CPM among those that beat weight 0 in at least ``classify.gain_confidence`` of the paired
+bootstrap resamples of the val scans (:func:`ctpipe.classifier.choose_weight`): with a small val
+split the classifier is used only when its gain is beyond the noise. Which candidates are detections stays the
 segmentation's operating point (``models/postprocessing.json``).
 """
 
@@ -170,7 +173,10 @@ def run(
     prob = classifier.probabilities(net, classifier.centre(val_crops[val_table.index.to_numpy()]))
     cands = val_table.assign(classifier=prob, score=val_table["seg_score"])
     cases, nodules = data.split_cases(processed, "val")
-    weights, weight = classifier.choose_weight(cands, nodules, len(cases), cfg.weight_grid)
+    uids = [c["seriesuid"] for c in cases]
+    weights, weight = classifier.choose_weight(
+        cands, nodules, uids, cfg.weight_grid, cfg.gain_confidence, seed=seed
+    )
     log.info("val CPM per weight of the classifier:\n%s", weights.round(4).to_string(index=False))
     cpm = dict(zip(weights["weight"], weights["cpm"]))
     without = luna16.froc(cands, nodules, len(cases))["cpm"]  # score: the segmentation's

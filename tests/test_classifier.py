@@ -74,6 +74,7 @@ def test_the_classifier_ranks_a_faint_nodule_above_a_bright_vessel(tmp_path):
         lr=0.003,
         positive_fraction=0.5,
         weight_grid=[0.0, 0.5, 1.0],
+        gain_confidence=0.95,
     )
     live = stage.Live(str(tmp_path / "live"), dvcyaml=False, save_dvc_exp=False)
     net, record = stage.train(
@@ -102,20 +103,37 @@ def test_the_classifier_ranks_a_faint_nodule_above_a_bright_vessel(tmp_path):
     pd.testing.assert_frame_equal(again, rescored)
 
 
-def test_the_weight_is_the_one_with_the_best_val_cpm():
-    nodules = pd.DataFrame(
-        {"seriesuid": ["a", "b"], "coordX": [0.0, 0.0], "coordY": 0.0, "coordZ": 0.0}
-    ).assign(diameter_mm=10.0)
+def val_candidates(scans: str, gains: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One nodule and 8 false candidates per scan. Where ``gains`` says ``+`` the segmentation
+    ranks the nodule last and the classifier first; where ``-``, the other way round."""
+    nodules = pd.DataFrame({"seriesuid": list(scans), "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0})
     far = {"coordX": 100.0, "coordY": 100.0, "coordZ": 100.0}
-    cands = pd.DataFrame(
-        [
-            {"seriesuid": "a", "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0, "seg": 0.3, "p": 0.9},
-            {"seriesuid": "b", "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0, "seg": 0.4, "p": 0.8},
-            *[{"seriesuid": s, **far, "seg": 0.9, "p": 0.1} for s in "ab" for _ in range(8)],
-        ]
-    ).rename(columns={"seg": "seg_score", "p": "classifier"})
-    table, weight = classifier.choose_weight(cands, nodules, 2, [0.0, 0.5, 1.0])
-    assert table.set_index("weight")["cpm"][0.0] < table.set_index("weight")["cpm"][1.0] == 1.0
-    assert weight == 0.5  # 0.5 already ranks both nodules first: the smaller weight on ties
-    _, weight = classifier.choose_weight(cands, nodules.iloc[:0], 2, [0.0, 0.5])
+    rows = []
+    for scan, gain in zip(scans, gains):
+        hit = {"coordX": 0.0, "coordY": 0.0, "coordZ": 0.0}
+        seg, p = (0.5, 0.99) if gain == "+" else (0.95, 0.01)
+        rows.append({"seriesuid": scan, **hit, "seg": seg, "p": p})
+        rows += [{"seriesuid": scan, **far, "seg": 0.9, "p": 0.1} for _ in range(8)]
+    cands = pd.DataFrame(rows).rename(columns={"seg": "seg_score", "p": "classifier"})
+    return cands, nodules.assign(diameter_mm=10.0)
+
+
+def test_a_weight_is_taken_when_it_beats_the_segmentation_beyond_the_noise():
+    cands, nodules = val_candidates("abcdef", "++++++")
+    table, weight = classifier.choose_weight(cands, nodules, list("abcdef"), [0.0, 0.5, 1.0], 0.95)
+    cpm = table.set_index("weight")["cpm"]
+    assert cpm[0.0] < cpm[0.5] == cpm[1.0] == 1.0
+    assert weight == 0.5  # the smaller weight on ties
+    assert table.set_index("weight")["resamples_won"][0.5] == 1.0
+
+
+def test_a_gain_within_the_noise_of_the_val_split_is_not_taken():
+    cands, nodules = val_candidates("abcdef", "++++--")  # better on 4 scans, worse on 2
+    table, weight = classifier.choose_weight(cands, nodules, list("abcdef"), [0.0, 1.0], 0.95)
+    cpm = table.set_index("weight")["cpm"]
+    assert cpm[1.0] > cpm[0.0]  # higher on val as a whole
+    assert table.set_index("weight")["resamples_won"][1.0] < 0.95 and weight == 0.0
+    _, weight = classifier.choose_weight(cands, nodules, list("abcdef"), [0.0, 1.0], 0.5)
+    assert weight == 1.0  # a looser rule takes it
+    _, weight = classifier.choose_weight(cands, nodules.iloc[:0], list("abcdef"), [0.0, 1.0], 0.5)
     assert weight == 0.0  # no val nodule: the segmentation alone

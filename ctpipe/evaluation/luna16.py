@@ -267,6 +267,29 @@ def _interval(values: np.ndarray, estimate: float, confidence: float) -> dict[st
     return {"estimate": estimate, "lo": float(lo), "hi": float(hi), "mean": float(values.mean())}
 
 
+def cpm_draws(
+    candidates: pd.DataFrame,
+    nodules: pd.DataFrame,
+    seriesuids: list[str],
+    n_bootstrap: int,
+    seed: int,
+    fp_rates: Sequence[float] = LUNA16_FP_RATES,
+) -> np.ndarray:
+    """The CPM of each of ``n_bootstrap`` resamples of the scans, drawn as :func:`bootstrap_froc`
+    draws them (NaN where a resample has no nodule). The same ``seed`` and ``seriesuids`` give
+    the same resamples whatever the scores, so two scorings of one set of candidates compare
+    resample by resample (a paired bootstrap)."""
+    scans = _scan_index(candidates, nodules, seriesuids)
+    scored = _Scored.build(match_candidates(candidates, nodules), nodules, scans)
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_bootstrap, dtype=np.float64)
+    for b in range(n_bootstrap):
+        weight = np.bincount(rng.integers(0, len(scans), len(scans)), minlength=len(scans))
+        curve = scored.curve(weight)
+        out[b] = sensitivity_at_rates(curve["fps_per_scan"], curve["sensitivity"], fp_rates).mean()
+    return out
+
+
 def bootstrap_froc(
     candidates: pd.DataFrame,
     nodules: pd.DataFrame,
