@@ -83,6 +83,7 @@ def table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
 SEED_FIGURES = [
     ("dice", "test Dice (mean over the cases with nodules)", 3),
     ("froc_cpm", "LUNA16 CPM", 3),
+    ("froc_cpm_segmentation", "LUNA16 CPM of the segmentation's score alone", 3),
     ("sensitivity_at_1fp", "sensitivity at 1 false positive per scan", 2),
     ("sensitivity", "sensitivity at the operating point", 2),
     ("fp_per_scan", "false positives per scan at the operating point", 2),
