@@ -32,8 +32,6 @@ from ctpipe.postprocessing.crops import MARGIN, centre, combine, crop_shape, cut
 __all__ = ["MARGIN", "centre", "combine", "crop_shape", "cut_crops"]  # and what is defined here
 ONNX_INPUT, ONNX_OUTPUT = "crops", "logit"  # the names in the package's classifier.onnx
 
-FP_RATES = luna16.LUNA16_FP_RATES
-
 
 def make_net(shape: Sequence[int], channels: Sequence[int]) -> Classifier:
     """MONAI's residual classifier on one-channel crops of ``shape``, one logit out."""

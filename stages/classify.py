@@ -36,7 +36,6 @@ from dvclive import Live
 from sklearn.metrics import roc_auc_score
 
 from ctpipe import classifier, config
-from ctpipe.evaluation import luna16
 from ctpipe.fileio import read_json, rounded, write_csv, write_json
 from ctpipe.model import data
 from ctpipe.params import setup_logging, stage_parser
@@ -179,7 +178,7 @@ def run(
     )
     log.info("val CPM per weight of the classifier:\n%s", weights.round(4).to_string(index=False))
     cpm = dict(zip(weights["weight"], weights["cpm"]))
-    without = luna16.froc(cands, nodules, len(cases))["cpm"]  # score: the segmentation's
+    without = cpm[0.0]  # weight 0: the segmentation's score alone (always in the table)
     tables.mkdir(parents=True, exist_ok=True)
     write_csv(tables / "weights.csv", weights.round(4))
     model = classifier.CandidateClassifier(net, shape, float(summary["crop_mm"]), weight)

@@ -281,13 +281,21 @@ def cpm_draws(
     resample by resample (a paired bootstrap)."""
     scans = _scan_index(candidates, nodules, seriesuids)
     scored = _Scored.build(match_candidates(candidates, nodules), nodules, scans)
+    return np.array(
+        [
+            sensitivity_at_rates(curve["fps_per_scan"], curve["sensitivity"], fp_rates).mean()
+            for curve in _resampled_curves(scored, len(scans), n_bootstrap, seed)
+        ],
+        dtype=np.float64,
+    )
+
+
+def _resampled_curves(scored: _Scored, n_scans: int, n_bootstrap: int, seed: int):
+    """The FROC curve of each bootstrap resample of the ``n_scans`` scans, seeded by ``seed``."""
     rng = np.random.default_rng(seed)
-    out = np.empty(n_bootstrap, dtype=np.float64)
-    for b in range(n_bootstrap):
-        weight = np.bincount(rng.integers(0, len(scans), len(scans)), minlength=len(scans))
-        curve = scored.curve(weight)
-        out[b] = sensitivity_at_rates(curve["fps_per_scan"], curve["sensitivity"], fp_rates).mean()
-    return out
+    for _ in range(n_bootstrap):
+        weight = np.bincount(rng.integers(0, n_scans, n_scans), minlength=n_scans)
+        yield scored.curve(weight)
 
 
 def bootstrap_froc(
@@ -327,12 +335,9 @@ def bootstrap_froc(
     scans = _scan_index(candidates, nodules, seriesuids)
     point = froc(candidates, nodules, len(scans), fp_rates)
     scored = _Scored.build(match_candidates(candidates, nodules), nodules, scans)
-    rng = np.random.default_rng(seed)
     draws = np.empty((n_bootstrap, len(fp_rates)), dtype=np.float64)
     ends = np.empty((n_bootstrap, 2), dtype=np.float64)  # sensitivity, FPs per scan
-    for b in range(n_bootstrap):
-        weight = np.bincount(rng.integers(0, len(scans), len(scans)), minlength=len(scans))
-        curve = scored.curve(weight)
+    for b, curve in enumerate(_resampled_curves(scored, len(scans), n_bootstrap, seed)):
         draws[b] = sensitivity_at_rates(curve["fps_per_scan"], curve["sensitivity"], fp_rates)
         ends[b] = curve["sensitivity"][-1], curve["fps_per_scan"][-1]
 

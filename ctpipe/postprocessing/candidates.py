@@ -220,14 +220,12 @@ def mask_of(
 ) -> np.ndarray:
     """The nodule mask: the voxels of the candidates (of :func:`label_candidates` at ``threshold``)
     that :func:`at_operating_point` counts as detections, and nothing else."""
-    detected = at_operating_point(candidates, threshold, component_threshold)
-    return components_mask(labels, candidates.loc[detected, "label"].to_numpy(int))
-
-
-def components_mask(labels: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """The voxels of the components numbered ``kept`` in ``labels``."""
     keep = np.zeros(int(labels.max(initial=0)) + 1, dtype=bool)
-    keep[np.asarray(kept, dtype=int)] = True
+    keep[
+        candidates.loc[
+            at_operating_point(candidates, threshold, component_threshold), "label"
+        ].to_numpy(int)
+    ] = True
     return keep[labels]
 
 
