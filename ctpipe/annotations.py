@@ -7,7 +7,9 @@ each column may be absent and each cell empty (unknown):
   mediastinum), ``perifissural`` (on a fissure), ``juxta_vascular`` (touching a vessel);
 - ``texture``: ``solid``, ``part_solid``, ``ground_glass``;
 - ``margin``: ``smooth``, ``lobulated``, ``spiculated``;
-- ``solid_fraction``: diameter of the solid part over the nodule's (1 solid, 0 pure ground glass).
+- ``solid_fraction``: diameter of the solid part over the nodule's (1 solid, 0 pure ground glass);
+- ``malignancy_1`` .. ``malignancy_4``: each reader's malignancy rating, an integer from 1 (highly
+  unlikely) to 5 (highly suspicious), as LIDC-IDRI's readers rate (empty: that reader did not).
 
 The synthetic cohort writes all of them; a LUNA16 or user CSV may have none. A category is a short
 snake_case word (another vocabulary is kept as it is), so no free text travels with the nodules;
@@ -22,7 +24,8 @@ import pandas as pd
 
 REQUIRED = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 CATEGORIES = ["type", "texture", "margin"]
-OPTIONAL = [*CATEGORIES, "solid_fraction"]
+RATINGS = [f"malignancy_{r}" for r in range(1, 5)]  # ctpipe.malignancy reads them
+OPTIONAL = [*CATEGORIES, "solid_fraction", *RATINGS]
 COLUMNS = REQUIRED + OPTIONAL
 WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -58,6 +61,15 @@ def select(frame: pd.DataFrame, source: str) -> pd.DataFrame:
                 f"{source}: column 'solid_fraction', row {_row(bad)}: not a number in [0, 1]"
             )
         frame = frame.assign(solid_fraction=number)
+    for column in [c for c in RATINGS if c in frame.columns]:
+        number = pd.to_numeric(frame[column], errors="coerce")
+        given = frame[column].notna()
+        bad = given & ~(number.isin(range(1, 6)))
+        if bad.any():
+            raise ValueError(
+                f"{source}: column {column!r}, row {_row(bad)}: not a rating 1, 2, 3, 4 or 5"
+            )
+        frame = frame.assign(**{column: number.astype("Int64")})
     return frame[[c for c in COLUMNS if c in frame.columns]]
 
 

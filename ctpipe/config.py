@@ -171,6 +171,11 @@ class Classify(Section):
     gain_confidence: float = Field(ge=0.0, le=1.0)
 
 
+class Malignancy(Section):
+    c_grid: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1)
+    bootstrap: int = Field(ge=0)
+
+
 class Evaluate(Section):
     surface_tolerance_mm: float = Positive
     bootstrap: int = Field(ge=0)
@@ -211,6 +216,7 @@ class Params(Section):
     postprocess: Postprocess
     candidates: Candidates
     classify: Classify
+    malignancy: Malignancy
     evaluate: Evaluate
     quantize: Quantize
     monitor_reference: MonitorReference

@@ -31,6 +31,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from ctpipe import synth_ratings
 from ctpipe.annotations import COLUMNS
 from ctpipe.geometry import Geometry, index_to_world, world_grid
 from ctpipe.phi import make_phi, phi_dataset
@@ -366,10 +367,15 @@ def write_study(case: SyntheticCase, out_dir: Path, seed: int) -> tuple[str, lis
     return uids["series"], files
 
 
-def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
-    """``annotations.csv`` rows for one series: LUNA16's columns (world mm) and the nodule's kinds."""
-    return [
-        {
+def annotation_rows(
+    series_uid: str, nodules: list[Nodule], ratings: np.ndarray | None = None
+) -> list[dict]:
+    """``annotations.csv`` rows for one series: LUNA16's columns (world mm), the nodule's kinds
+    and, when given, the readers' malignancy ratings (``[nodules, readers]``,
+    :mod:`ctpipe.synth_ratings`)."""
+    rows = []
+    for i, n in enumerate(nodules):
+        row = {
             "seriesuid": series_uid,
             "coordX": n.centre_xyz[0],
             "coordY": n.centre_xyz[1],
@@ -380,15 +386,19 @@ def annotation_rows(series_uid: str, nodules: list[Nodule]) -> list[dict]:
             "margin": n.margin,
             "solid_fraction": n.solid_fraction,
         }
-        for n in nodules
-    ]
+        if ratings is not None:
+            row.update(zip(synth_ratings.COLUMNS, (int(r) for r in ratings[i])))
+        rows.append(row)
+    return rows
 
 
 def write_case(out_dir: Path, seed: int, index: int, cohort: Cohort) -> list[dict]:
-    """Generate and write patient ``index``; return its annotation rows. Picklable for a pool."""
+    """Generate and write patient ``index``; return its annotation rows (with the readers'
+    ratings, drawn from a stream of their own). Picklable for a pool."""
     case = make_case(seed, index, cohort)
     series_uid, _ = write_study(case, Path(out_dir), seed)
-    return annotation_rows(series_uid, case.nodules)
+    ratings = synth_ratings.rate_nodules(case.nodules, synth_ratings.rating_rng(seed, index))
+    return annotation_rows(series_uid, case.nodules, ratings)
 
 
 def annotations_frame(rows: list[dict]) -> pd.DataFrame:

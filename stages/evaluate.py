@@ -16,8 +16,13 @@ Out: ``metrics/evaluate.json``: Dice, IoU, HD95 (mm), surface Dice (mean over te
      sensitivity per nodule ``type``, ``texture`` and ``margin`` (``sensitivity_by_type``, ...;
      empty where ``nodules.csv`` has no such column); ``subgroups_flagged``: how many subgroups
      do worse than the whole split.
+     With ``--malignancy`` (models/malignancy.json): the model's ROC AUC on the rated test nodules
+     the segmentation finds, side by side with the segmentation's diameter and the annotated
+     diameter as the score, each with a bootstrap 95% interval, and the model's paired gain.
      ``PLOTS_DIR/`` (metrics/evaluate): ``per_case.csv``, ``froc.csv``, ``candidates.csv``,
      ``lesion_confusion.csv`` (nodules detected / missed, false candidates, at the operating point),
+     ``malignancy.csv`` (with ``--malignancy``: each rated test nodule a candidate hits, its
+     figures, label and the model's probability),
      ``subgroups.csv`` (sensitivity, FPs per scan and CPM with intervals per sex, age band,
      scanner, slice thickness, nodule size band, type, texture, margin, and a flag:
      :mod:`ctpipe.evaluation.subgroups`), ``overlays/best.png`` and ``overlays/worst.png`` (image,
@@ -39,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ctpipe import config  # noqa: E402
+from ctpipe import config, malignancy  # noqa: E402
 from ctpipe.classifier import CandidateClassifier  # noqa: E402
 from ctpipe.deploy import runtime  # noqa: E402
 from ctpipe.evaluation import luna16, scoring, subgroups  # noqa: E402
@@ -145,16 +150,24 @@ def score_cases(
     cfg: config.Evaluate,
     min_candidate_mm3: float,
     second: CandidateClassifier | None = None,
+    third: tuple[malignancy.MalignancyModel, dict] | None = None,
 ) -> tuple[list[dict], list[pd.DataFrame], Overlays]:
     """Each test case's row and candidates (:func:`ctpipe.evaluation.scoring.score_case`) and the
     overlays, from ``predicted`` (:func:`ctpipe.deploy.runtime.predict_cases`) one case at a time;
     with ``second``, ranked by the candidate classifier's score
-    (:meth:`ctpipe.classifier.CandidateClassifier.rescore`)."""
+    (:meth:`ctpipe.classifier.CandidateClassifier.rescore`); with ``third`` (the malignancy model
+    and the plan's normalisation), each candidate's figures and ``malignancy``."""
     rows, candidates, overlays = [], [], Overlays()
     for case, image, truth, prob, geom in predicted:
         mask, found = chosen.find_nodules(prob, geom, min_candidate_mm3)
         if second is not None:  # the classifier's score ranks the candidates (the FROC)
             found = second.rescore(image, geom, found)
+        if third is not None:
+            model, norm = third
+            xyz = found[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+            feats = malignancy.features(image, geom, xyz, found["diameter_mm"].to_numpy(), norm)
+            found = pd.concat([found, feats.set_index(found.index)], axis=1)
+            found["malignancy"] = model.probability(feats)
         row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
         rows.append(row)
         candidates.append(cands)
@@ -173,6 +186,7 @@ def run(
     inference: config.Inference,
     seed: int,
     second: CandidateClassifier | None = None,
+    third: malignancy.MalignancyModel | None = None,
 ) -> dict:
     net, ckpt = nets.load_checkpoint(str(model_path))
     cases, nodules = data.split_cases(processed, "test")
@@ -185,8 +199,9 @@ def run(
         onnx_path,
         "evaluate",
     )
+    norm = data.load_plan(processed)["normalization"]
     rows, candidates, overlays = score_cases(
-        predicted, chosen, cfg, inference.min_candidate_mm3, second
+        predicted, chosen, cfg, inference.min_candidate_mm3, second, third and (third, norm)
     )
     score = scoring.summarise(rows, candidates, nodules, FP_RATES)
     cands, froc, summary = score.candidates, score.froc, score.voxel
@@ -202,6 +217,12 @@ def run(
     overall = groups.iloc[0]
 
     write_plots(plots, score, nodules, operating, overlays, groups)
+    mal = {}
+    if third is not None:
+        found = malignancy.found_nodules(luna16.match_candidates(cands, nodules), nodules)
+        write_csv(plots / "malignancy.csv", found.round(5))
+        rated = int(malignancy.label(nodules.reindex(columns=malignancy.RATINGS)).notna().sum())
+        mal = malignancy.test_report(found, rated, cfg.bootstrap, seed)
     return rounded(
         {
             "dice": summary["dice"],
@@ -223,6 +244,7 @@ def run(
             "subgroups_flagged": int(groups["flagged"].sum()),
             "test_cases": len(cases),
             "test_nodules": int(len(nodules)),
+            **mal,
         }
     )
 
@@ -243,10 +265,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="candidate classifier (models/classifier.pt); without it, the segmentation alone",
     )
+    parser.add_argument(
+        "--malignancy",
+        type=Path,
+        default=None,
+        help="malignancy model (models/malignancy.json); without it, or without a model in it, "
+        "no malignancy figures",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     params = config.load(args.params)
     chosen = choose.load(args.postprocessing)
+    third = None if args.malignancy is None else malignancy.load_optional(args.malignancy)
     second = None if args.classifier is None else CandidateClassifier.load(args.classifier)
     record_environment("evaluate", Path(args.metrics).parent / "env")
     result = run(
@@ -259,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         params.inference,
         params.base.seed,
         second,
+        third,
     )
     write_json(args.metrics, result)
     log.info("evaluate: Dice %s, CPM %s", result["dice"], result["froc_cpm"])

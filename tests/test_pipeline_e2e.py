@@ -23,6 +23,7 @@ STAGES = [
     "postprocess",
     "candidates",
     "classify",
+    "malignancy",
     "evaluate",
     "quantize",
     "monitor_reference",

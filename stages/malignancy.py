@@ -1,0 +1,164 @@
+"""Stage malignancy: a malignancy model on the nodules the segmentation finds, from their ratings.
+
+In:  ``CANDIDATES`` (data/candidates: the train and val splits' candidates, each with the nodule it
+     hits), ``DATA_DIR`` (data/processed: the preprocessed images, ``nodules.csv`` with the readers'
+     ratings ``malignancy_1`` .. ``malignancy_4``), params ``malignancy`` and ``base.seed``.
+Out: ``MODEL`` (models/malignancy.json: :class:`ctpipe.malignancy.MalignancyModel`, or
+     ``{"model": null, "reason": ...}`` when the cohort has no ratings), ``--tables``
+     (metrics/malignancy_tables: ``val.csv``, each val nodule's figures, label and probability),
+     ``--metrics`` (metrics/malignancy.json).
+
+A nodule takes the figures of the candidate that hits it with the highest segmentation score
+(:mod:`ctpipe.malignancy`), so it is read as evaluate and predict read a found nodule. Its label is
+the readers' verdict (mean rating above 3); a nodule no reader rated, or that the segmentation
+misses, is left out and counted. The model is a logistic regression on the standardised figures
+(scikit-learn), its regularisation chosen on val by ROC AUC among ``malignancy.c_grid``. The
+diameter-only baseline is the segmentation's diameter itself as the score.
+
+Without ratings (a LUNA16 or DICOM cohort whose ``annotations.csv`` has none: LIDC-IDRI's XML holds
+them, see docs/own-data.md) no model is fitted; evaluate and export then leave malignancy out.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctpipe import config, malignancy
+from ctpipe.annotations import RATINGS
+from ctpipe.fileio import rounded, write_csv, write_json
+from ctpipe.model import data
+from ctpipe.params import setup_logging, stage_parser
+from ctpipe.runenv import record as record_environment
+
+log = logging.getLogger("malignancy")
+
+
+def split_table(candidates: Path, processed: Path, split: str) -> tuple[pd.DataFrame, dict]:
+    """One row per rated nodule the split's segmentation finds (:func:`ctpipe.malignancy.
+    found_nodules`) with its figures; and the counts of the nodules left out."""
+    _, nodules = data.split_cases(processed, split)
+    table = pd.read_csv(candidates / f"{split}.csv", dtype={"case_id": str})
+    found = malignancy.found_nodules(table[table["source"] == "candidate"], nodules)
+    rated = int(malignancy.label(nodules.reindex(columns=RATINGS)).notna().sum())
+    norm = data.load_plan(processed)["normalization"]
+    figures = []
+    for case_id, rows in found.groupby("case_id", sort=False):
+        image, _, geom = data.load_case(processed, case_id)
+        xyz = rows[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+        feats = malignancy.features(image, geom, xyz, rows["diameter_mm"].to_numpy(), norm)
+        figures.append(feats.set_index(rows.index))
+        del image
+    columns = ["case_id", "seriesuid", "nodule_index", "diameter_mm", "annotated_diameter_mm"]
+    feats = pd.concat(figures) if figures else pd.DataFrame(columns=list(malignancy.FEATURES))
+    out = pd.concat([found[[*columns, "label"]], feats], axis=1)
+    counts = {
+        "nodules": len(nodules),
+        "rated": rated,
+        "missed_by_segmentation": rated - len(found),
+        "used": len(found),
+        "malignant": int(found["label"].sum()),
+    }
+    return out, counts
+
+
+def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int):
+    """The logistic regression with the best val AUC over ``c_grid``; its per-C val AUCs."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    cols = list(malignancy.FEATURES)
+    scaler = StandardScaler().fit(train[cols].to_numpy(np.float64))
+    x_train = scaler.transform(train[cols].to_numpy(np.float64))
+    x_val = scaler.transform(val[cols].to_numpy(np.float64))
+    tried, best = {}, None
+    for c in c_grid:
+        reg = LogisticRegression(C=c, random_state=seed).fit(x_train, train["label"])
+        auc = float(roc_auc_score(val["label"], reg.decision_function(x_val)))
+        tried[c] = auc
+        if best is None or auc > tried[best[0]]:
+            best = (c, reg)
+    c, reg = best
+    model = malignancy.MalignancyModel(
+        features=tuple(cols),
+        mean=tuple(float(v) for v in scaler.mean_),
+        scale=tuple(float(v) for v in scaler.scale_),
+        coef=tuple(float(v) for v in reg.coef_[0]),
+        intercept=float(reg.intercept_[0]),
+    )
+    return model, c, tried
+
+
+def run(candidates: Path, processed: Path, model_path: Path, tables: Path, cfg, seed: int) -> dict:
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    nodules = data.load_nodules(processed)
+    if not any(c in nodules.columns for c in RATINGS):
+        reason = "nodules.csv has no malignancy ratings (malignancy_1 .. malignancy_4)"
+        log.warning("no malignancy model: %s", reason)
+        write_json(model_path, {"model": None, "reason": reason})
+        return {"model": False, "reason": reason}
+    train, train_counts = split_table(candidates, processed, "train")
+    val, val_counts = split_table(candidates, processed, "val")
+    for name, part in (("train", train), ("val", val)):
+        if part["label"].nunique() < 2:
+            raise SystemExit(f"{processed}: the {name} split's found nodules are all one label")
+    model, c, tried = fit(train, val, cfg.c_grid, seed)
+    model.save(model_path)
+    val = val.assign(probability=model.probability(val))
+    tables.mkdir(parents=True, exist_ok=True)
+    write_csv(tables / "val.csv", val.round(5))
+    scores = {
+        "model": val["probability"].to_numpy(),
+        "diameter": val["diameter_mm"].to_numpy(),
+    }
+    auc = malignancy.auc_with_interval(
+        val["label"].to_numpy(), scores, val["case_id"].to_numpy(), cfg.bootstrap, seed
+    )
+    log.info(
+        "val AUC %.3f (diameter alone %.3f), C %g", auc["model"]["auc"], auc["diameter"]["auc"], c
+    )
+    return rounded(
+        {
+            "model": True,
+            "c": c,
+            "val_auc_by_c": {f"{k:g}": v for k, v in tried.items()},
+            "val_auc": auc["model"]["auc"],
+            "val_auc_diameter": auc["diameter"]["auc"],
+            "coef": dict(zip(model.features, model.coef)),
+            **{f"train_{k}": v for k, v in train_counts.items()},
+            **{f"val_{k}": v for k, v in val_counts.items()},
+        }
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__, "malignancy")
+    parser.add_argument("candidates", type=Path, help="candidate tables (data/candidates)")
+    parser.add_argument("data_dir", type=Path, help="preprocessed cohort (data/processed)")
+    parser.add_argument("model", type=Path, help="the fitted model (models/malignancy.json)")
+    parser.add_argument(
+        "--tables", type=Path, default=Path("metrics/malignancy_tables"), help="val nodules"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = config.load(args.params)
+    record_environment("malignancy", Path(args.metrics).parent / "env")
+    metrics = run(
+        args.candidates,
+        args.data_dir,
+        args.model,
+        args.tables,
+        params.malignancy,
+        params.base.seed,
+    )
+    write_json(args.metrics, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
