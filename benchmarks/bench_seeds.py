@@ -13,7 +13,8 @@ of the default cohort) is restored instead of re-run; a run whose training was r
 ``reused``. Prints a table and
 writes ``metrics/seeds.json``: per run test Dice, CPM (with the candidate classifier, and of the
 segmentation's score alone), sensitivity at 1 FP/scan and at the
-operating point per nodule type (juxta-pleural, juxta-vascular, ...), the training's best
+operating point per nodule type (juxta-pleural, juxta-vascular, ...), the malignancy model's test
+ROC AUC beside the diameter's and its paired gain (``malignancy``), the training's best
 validation epoch and selected epoch, the post-processing chosen on validation, and seconds; then
 min, mean and standard deviation over the runs. The clones are deleted afterwards (``--keep`` keeps
 them). Run from the repository root with the venv active::
@@ -103,6 +104,13 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
         "classifier": {
             k: second.get(k) for k in ("weight", "val_auc", "val_cpm", "val_cpm_without")
         },
+        "malignancy": {  # the malignancy model beside the segmentation's diameter (test ROC AUC)
+            k: evaluate.get(f"malignancy_{k}")
+            for k in (
+                *("auc", "auc_ci95", "auc_diameter", "auc_diameter_ci95"),
+                *("auc_gain", "auc_gain_ci95", "nodules", "malignant"),
+            )
+        },
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
         "sensitivity": evaluate["sensitivity"],
         "fp_per_scan": evaluate["fp_per_scan"],
@@ -170,6 +178,21 @@ def print_table(runs: list[dict], stats: dict) -> None:
         s = stats[key]
         print(
             f"{key:<18} min {s['min']:.3f}  mean {s['mean']:.3f}  std {s['std']:.3f}  max {s['max']:.3f}"
+        )
+    gains = [
+        r["malignancy"]["auc_gain"] for r in runs if r["malignancy"].get("auc_gain") is not None
+    ]
+    for r in runs:
+        m = r["malignancy"]
+        if m.get("auc") is not None:
+            print(
+                f"{r['run']:<18} malignancy AUC {m['auc']:.3f}, diameter {m['auc_diameter']:.3f}, "
+                f"gain {m['auc_gain']:+.3f} {m['auc_gain_ci95']}"
+            )
+    if gains:
+        spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        print(
+            f"malignancy gain over the diameter: mean {statistics.fmean(gains):+.3f}, sd {spread:.3f}"
         )
 
 

@@ -109,16 +109,32 @@ class MalignancyModel:
 
     @classmethod
     def load(cls, path: Path) -> MalignancyModel:
-        values = json.loads(Path(path).read_text())
-        if values.get("features") != list(FEATURES):
-            raise ValueError(f"{path}: features {values.get('features')}, expected {FEATURES}")
-        if (values["solid_hu"], values["margin_hu"], values["shell"]) != (
-            SOLID_HU,
-            MARGIN_HU,
-            SHELL,
-        ):
-            raise ValueError(f"{path}: made with other feature settings than this code reads")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> MalignancyModel:
+        """The model of ``values`` (as :meth:`save` writes them; ``source`` names them in errors).
+
+        Raises:
+            ValueError: other figures or figure settings than this code reads, or a malformed
+                model.
+        """
+        if list(values.get("features", [])) != list(FEATURES):
+            raise ValueError(f"{source}: features {values.get('features')}, expected {FEATURES}")
+        settings = tuple(values.get(k) for k in ("solid_hu", "margin_hu", "shell"))
+        if settings != (SOLID_HU, MARGIN_HU, SHELL):
+            raise ValueError(f"{source}: made with other feature settings than this code reads")
+        try:
+            model = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+            numbers = np.asarray([*model.mean, *model.scale, *model.coef, model.intercept], float)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: not a malignancy model ({err})") from None
+        n = len(FEATURES)
+        if not (len(model.mean) == len(model.scale) == len(model.coef) == n):
+            raise ValueError(f"{source}: {n} means, scales and coefficients expected")
+        if not np.isfinite(numbers).all() or min(model.scale) <= 0:
+            raise ValueError(f"{source}: non-finite values or a scale <= 0")
+        return model
 
 
 def load_optional(path: Path) -> MalignancyModel | None:

@@ -215,7 +215,35 @@ def render_evaluate(metrics: Metrics) -> list[str]:
             f"{get('sensitivity'):.2f} / {get('fp_per_scan'):.2f}",
         ],
     ]
+    if get("malignancy_auc") is not None:
+        rows += malignancy_rows(get)
     return table(["test split (`metrics/evaluate.json`)", "value"], "lr", rows)
+
+
+def malignancy_rows(get) -> list[list[str]]:
+    """The malignancy model's ROC AUC beside the diameter-only baselines (evaluate.json)."""
+
+    def auc(key: str) -> str:
+        low, high = get(f"{key}_ci95")
+        return f"{get(key):.3f} ({low:.3f}-{high:.3f})"
+
+    return [
+        [
+            "malignancy: rated nodules found (malignant) / missed by the segmentation",
+            f"{get('malignancy_nodules')} ({get('malignancy_malignant')}) / "
+            f"{get('malignancy_missed')}",
+        ],
+        ["malignancy ROC AUC, the model (95 % bootstrap interval)", auc("malignancy_auc")],
+        [
+            "malignancy ROC AUC, the segmentation's diameter alone",
+            auc("malignancy_auc_diameter"),
+        ],
+        [
+            "malignancy ROC AUC, the annotated diameter alone",
+            f"{get('malignancy_auc_annotated_diameter'):.3f}",
+        ],
+        ["the model's paired gain over the diameter", auc("malignancy_auc_gain")],
+    ]
 
 
 def megabytes(size: int) -> str:

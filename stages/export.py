@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         quantized=read_optional(args.quantize_metrics),
         quantize_env=read_optional(args.quantize_env),
         classifier=args.classifier,
+        malignancy=args.malignancy,
     )
     record_environment("export", Path(args.metrics).parent / "env")
     result = build.export_package(
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="candidate classifier (models/classifier.pt): exported as classifier.onnx",
+    )
+    parser.add_argument(
+        "--malignancy",
+        type=Path,
+        default=None,
+        help="malignancy model (models/malignancy.json): into input_spec.json's 'malignancy'",
     )
     return parser.parse_args(argv)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -348,3 +349,44 @@ def test_a_package_with_the_classifier_scores_and_reports_each_nodule(
     cols = [*report.REPORT_COLUMNS, "classifier"]
     assert list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
+
+
+def test_a_package_with_a_malignancy_model_rates_and_reports_each_nodule(
+    density_package, tmp_path, write_tiny_cohort
+):
+    """input_spec.json's 'malignancy' (as export writes it): nodules.csv gains the model's
+    probability from each nodule's figures, bigger nodules rated higher by a model that weighs
+    the diameter alone, and the SR carries it ("Probability of cancer", DCM 111047)."""
+    import shutil
+
+    from ctpipe import malignancy
+    from ctpipe.fileio import write_json
+
+    package = tmp_path / "pkg"
+    shutil.copytree(density_package, package)
+    model = malignancy.MalignancyModel(
+        features=malignancy.FEATURES,
+        mean=(2.0, 0.5, 0.1),
+        scale=(0.5, 0.3, 0.1),
+        coef=(1.0, 0.0, 0.0),
+        intercept=0.0,
+    )
+    input_spec = read_json(package / "input_spec.json")
+    write_json(package / "input_spec.json", {**input_spec, "malignancy": dataclasses.asdict(model)})
+    write_tiny_cohort(tmp_path / "study", n=1, seed=12)
+    files = sorted((tmp_path / "study").rglob("*.dcm"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    predict.predict_series(files, package, "fp32", tmp_path / "out")
+    found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
+    assert len(found) > 0 and found["malignancy"].between(0, 1).all()
+    expected = 1 / (1 + np.exp(-(np.log(found["diameter_mm"]) - 2.0) / 0.5))
+    np.testing.assert_allclose(found["malignancy"], expected, atol=2e-3)
+    reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")
+    cols = [*report.REPORT_COLUMNS, "malignancy"]
+    assert list(reported.columns) == cols
+    np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
+    # a spec whose model is not one this code reads is refused, naming it
+    bad = {**input_spec, "malignancy": {**dataclasses.asdict(model), "scale": [0, 1, 1]}}
+    write_json(package / "input_spec.json", bad)
+    with pytest.raises(ValueError, match="input_spec.json: 'malignancy': non-finite values or"):
+        predict.predict_series(files, package, "fp32", tmp_path / "again")

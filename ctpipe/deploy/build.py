@@ -11,6 +11,7 @@ and nothing is left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 import torch
 
+from ctpipe import malignancy
 from ctpipe.classifier import ONNX_INPUT, CandidateClassifier, probabilities
 from ctpipe.config import Export, Inference
 from ctpipe.deploy import card, onnx_export, package, parity, sessions, spec
@@ -46,6 +48,7 @@ class Inputs:
     quantized: dict | None = None  # metrics/quantize.json
     quantize_env: dict | None = None  # metrics/env/quantize.json
     classifier: Path | None = None  # models/classifier.pt (None: the segmentation alone)
+    malignancy: Path | None = None  # models/malignancy.json (None, or no model in it: none)
 
 
 def export_package(
@@ -95,6 +98,9 @@ def build(inputs: Inputs, stage: Path, export: Export, inference: Inference, see
         second = CandidateClassifier.load(inputs.classifier)
         verification["classifier_onnx_vs_torch"] = add_classifier(second, stage, export, seed)
         input_spec["classifier"] = spec.classifier_spec(second)
+    third = None if inputs.malignancy is None else malignancy.load_optional(inputs.malignancy)
+    if third is not None:  # a few numbers: they travel in the spec, with nothing to export
+        input_spec["malignancy"] = dataclasses.asdict(third)
     versions = package.versions(onnx_export.OPSET)
     write_json(stage / "input_spec.json", input_spec)
     write_json(stage / "versions.json", versions)

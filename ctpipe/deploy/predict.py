@@ -16,7 +16,8 @@ whole slabs (or sliding windows, as the spec says) over the views and mirrored p
                   peak probability discounted by elongation, ``shape_weight`` of the spec), peak,
                   elongation, volume; with a candidate classifier in the package (``classifier``
                   of the spec) also its probability ``classifier`` and the segmentation's score
-                  ``seg_score``, the score being both combined
+                  ``seg_score``, the score being both combined; with a malignancy model
+                  (``malignancy`` of the spec) its probability ``malignancy``
 
 Every series of the study is considered (a study folder may hold a localizer, several
 reconstructions, a dose report, secondary captures): each CT image series the model can work on is
@@ -44,7 +45,7 @@ import pydicom
 import SimpleITK as sitk
 from pydantic import ValidationError
 
-from ctpipe import dicomio, intensity, prep
+from ctpipe import dicomio, intensity, malignancy, prep
 from ctpipe.config import Inference
 from ctpipe.deploy import report
 from ctpipe.deploy.window import predict_probability
@@ -222,6 +223,21 @@ def classify_nodules(
     return out.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
+def rate_nodules(
+    spec: dict, package: Path, volume: np.ndarray, geom: Geometry, nodules: pd.DataFrame
+) -> pd.DataFrame:
+    """``nodules`` with ``malignancy``: the probability of the package's malignancy model
+    (:mod:`ctpipe.malignancy`) from each nodule's figures on ``volume`` (preprocessed, on
+    ``geom``)."""
+    model = malignancy.MalignancyModel.from_dict(
+        spec["malignancy"], f"{package / 'input_spec.json'}: 'malignancy'"
+    )
+    xyz = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
+    norm = spec["preprocessing"]["normalization"]
+    feats = malignancy.features(volume, geom, xyz, nodules["diameter_mm"].to_numpy(), norm)
+    return nodules.assign(malignancy=model.probability(feats) if len(nodules) else [])
+
+
 def predict_series(
     paths: list[Path], package: Path, model: str, out: Path, uid_seed: str | None = None
 ) -> dict:
@@ -271,6 +287,8 @@ def predict_series(
     nodules = nodules[nodules["detected"]].drop(columns="detected").assign(seriesuid=uid)
     if "classifier" in spec:  # the candidate classifier's probability, and the score with it
         nodules = classify_nodules(spec["classifier"], package, volume, cgeom, nodules)
+    if "malignancy" in spec:  # the malignancy model's probability per nodule
+        nodules = rate_nodules(spec, package, volume, cgeom, nodules)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{uid}.", dir=out))
     try:

@@ -58,7 +58,10 @@ MEASUREMENTS = {
 }
 # Written when the table has the column (a package with the candidate classifier): the classifier's
 # probability that the finding is a nodule, as "Probability" (DCM 122157, UCUM 1).
-OPTIONAL_MEASUREMENTS = {"classifier": (codes.DCM.Probability, codes.UCUM.NoUnits)}
+OPTIONAL_MEASUREMENTS = {
+    "classifier": (codes.DCM.Probability, codes.UCUM.NoUnits),  # the candidate classifier's
+    "malignancy": (codes.DCM.ProbabilityOfCancer, codes.UCUM.NoUnits),  # ctpipe.malignancy's
+}
 CENTRE_PURPOSE = codes.DCM.CenterOfMass
 UidMaker = Callable[[str], str]  # what the UID is for -> a UID (see uid_maker)
 
