@@ -173,6 +173,7 @@ class Classify(Section):
 
 class Malignancy(Section):
     c_grid: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1)
+    gain_confidence: float = Field(ge=0.0, le=1.0)
     bootstrap: int = Field(ge=0)
 
 

@@ -12,8 +12,11 @@ A nodule takes the figures of the candidate that hits it with the highest segmen
 (:mod:`ctpipe.malignancy`), so it is read as evaluate and predict read a found nodule. Its label is
 the readers' verdict (mean rating above 3); a nodule no reader rated, or that the segmentation
 misses, is left out and counted. The model is a logistic regression on the standardised figures
-(scikit-learn), its regularisation chosen on val by ROC AUC among ``malignancy.c_grid``. The
-diameter-only baseline is the segmentation's diameter itself as the score.
+(scikit-learn), its regularisation chosen on val by ROC AUC among ``malignancy.c_grid``; it is
+kept only if it beats the same regression on the diameter alone in ``malignancy.gain_confidence``
+of paired bootstrap resamples of the val scans, else the diameter's regression is the model (the
+other figures weigh 0). The diameter-only baseline is the segmentation's diameter itself as the
+score.
 
 Without ratings (a LUNA16 or DICOM cohort whose ``annotations.csv`` has none: LIDC-IDRI's XML holds
 them, see docs/own-data.md) no model is fitted; evaluate and export then leave malignancy out.
@@ -66,16 +69,18 @@ def split_table(candidates: Path, processed: Path, split: str) -> tuple[pd.DataF
     return out, counts
 
 
-def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int):
-    """The logistic regression with the best val AUC over ``c_grid``; its per-C val AUCs."""
+def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int, used: list[str]):
+    """The logistic regression on the figures ``used`` (the others get coefficient 0) with the
+    best val AUC over ``c_grid``; its per-C val AUCs."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     cols = list(malignancy.FEATURES)
+    pick = [cols.index(name) for name in used]
     scaler = StandardScaler().fit(train[cols].to_numpy(np.float64))
-    x_train = scaler.transform(train[cols].to_numpy(np.float64))
-    x_val = scaler.transform(val[cols].to_numpy(np.float64))
+    x_train = scaler.transform(train[cols].to_numpy(np.float64))[:, pick]
+    x_val = scaler.transform(val[cols].to_numpy(np.float64))[:, pick]
     tried, best = {}, None
     for c in c_grid:
         reg = LogisticRegression(C=c, random_state=seed).fit(x_train, train["label"])
@@ -84,14 +89,38 @@ def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int):
         if best is None or auc > tried[best[0]]:
             best = (c, reg)
     c, reg = best
+    coef = np.zeros(len(cols))
+    coef[pick] = reg.coef_[0]
     model = malignancy.MalignancyModel(
         features=tuple(cols),
         mean=tuple(float(v) for v in scaler.mean_),
         scale=tuple(float(v) for v in scaler.scale_),
-        coef=tuple(float(v) for v in reg.coef_[0]),
+        coef=tuple(float(v) for v in coef),
         intercept=float(reg.intercept_[0]),
     )
     return model, c, tried
+
+
+def choose(train: pd.DataFrame, val: pd.DataFrame, cfg, seed: int) -> tuple:
+    """The model on every figure if it beats the one on the diameter alone in at least
+    ``cfg.gain_confidence`` of paired bootstrap resamples of the val scans, else the diameter's
+    (a gain within the noise of a small val split would not carry over to test); the figures."""
+    full, c_full, tried = fit(train, val, cfg.c_grid, seed, list(malignancy.FEATURES))
+    alone, c_alone, _ = fit(train, val, cfg.c_grid, seed, ["log_diameter"])
+    scores = {"full": full.probability(val), "diameter": alone.probability(val)}
+    auc = malignancy.auc_with_interval(
+        val["label"].to_numpy(), scores, val["case_id"].to_numpy(), cfg.bootstrap, seed
+    )
+    share = auc["diff_diameter"]["share_above"]
+    taken = share is not None and share >= cfg.gain_confidence
+    figures = {
+        "uses_image_figures": taken,
+        "val_gain_share": share,
+        "val_auc_all_figures": auc["full"]["auc"],
+        "val_auc_by_c": {f"{k:g}": v for k, v in tried.items()},
+        "c": c_full if taken else c_alone,
+    }
+    return (full if taken else alone), figures
 
 
 def run(candidates: Path, processed: Path, model_path: Path, tables: Path, cfg, seed: int) -> dict:
@@ -107,7 +136,7 @@ def run(candidates: Path, processed: Path, model_path: Path, tables: Path, cfg, 
     for name, part in (("train", train), ("val", val)):
         if part["label"].nunique() < 2:
             raise SystemExit(f"{processed}: the {name} split's found nodules are all one label")
-    model, c, tried = fit(train, val, cfg.c_grid, seed)
+    model, chosen = choose(train, val, cfg, seed)
     model.save(model_path)
     val = val.assign(probability=model.probability(val))
     tables.mkdir(parents=True, exist_ok=True)
@@ -120,13 +149,18 @@ def run(candidates: Path, processed: Path, model_path: Path, tables: Path, cfg, 
         val["label"].to_numpy(), scores, val["case_id"].to_numpy(), cfg.bootstrap, seed
     )
     log.info(
-        "val AUC %.3f (diameter alone %.3f), C %g", auc["model"]["auc"], auc["diameter"]["auc"], c
+        "val AUC %.3f (the diameter itself %.3f); every figure: AUC %.3f, above the diameter's "
+        "model in %s of the resamples: %s",
+        auc["model"]["auc"],
+        auc["diameter"]["auc"],
+        chosen["val_auc_all_figures"],
+        chosen["val_gain_share"],
+        "taken" if chosen["uses_image_figures"] else "not taken, the diameter alone",
     )
     return rounded(
         {
             "model": True,
-            "c": c,
-            "val_auc_by_c": {f"{k:g}": v for k, v in tried.items()},
+            **chosen,
             "val_auc": auc["model"]["auc"],
             "val_auc_diameter": auc["diameter"]["auc"],
             "coef": dict(zip(model.features, model.coef)),

@@ -163,8 +163,9 @@ def test_auc_intervals_resample_scans_and_pair_the_scores():
     assert one_class["p"]["auc"] is None
 
 
-def write_rated_cohort(root, per_split: int = 6):
-    """A processed cohort of single balls, big ones malignant, and its candidate tables."""
+def write_rated_cohort(root, per_split: int = 6, by: str = "size"):
+    """A processed cohort of single balls and its candidate tables: the malignant ones big
+    (``by`` size) or solid among ground-glass ones of the same size (``by`` texture)."""
     rng = np.random.default_rng(1)
     shape, entries, nodules, tables = (24, 40, 40), [], [], {"train": [], "val": []}
     (root / "processed" / "cases").mkdir(parents=True)
@@ -173,8 +174,8 @@ def write_rated_cohort(root, per_split: int = 6):
         split = "train" if n < per_split else "val"
         case_id, uid, big = f"case_{n:03d}", f"1.2.3.{n}", n % 2 == 1
         vol = hu_volume(shape) + rng.normal(0, 20, shape)
-        radius = 6.0 if big else 2.5
-        ball(vol, (12, 20, 20), radius, 30.0)
+        radius = (6.0 if big else 2.5) if by == "size" else 5.0
+        ball(vol, (12, 20, 20), radius, 30.0 if big or by == "size" else -550.0)
         image_file, label_file = case_files(root / "processed", case_id)
         write_volume(image_file, ((np.clip(vol, -1000, 400) - 0) / 100).astype(np.float16))
         write_volume(label_file, np.zeros(shape, np.uint8))
@@ -213,6 +214,8 @@ def test_stage_fits_a_model_that_ranks_big_balls_first(tmp_path, params_file):
     figures_ = json.loads(metrics.read_text())
     assert figures_["train_used"] == 6 and figures_["val_used"] == 6
     assert figures_["val_auc"] == 1.0 and figures_["coef"]["log_diameter"] > 0
+    # every figure ranks the val balls as well as the diameter alone: no gain, the diameter's model
+    assert not figures_["uses_image_figures"] and figures_["coef"]["solid_share"] == 0
     val = pd.read_csv(tmp_path / "tables" / "val.csv")
     assert (val.loc[val["label"] == 1, "probability"] > 0.5).all()
     assert (val.loc[val["label"] == 0, "probability"] < 0.5).all()
@@ -229,3 +232,15 @@ def test_stage_without_ratings_writes_why_there_is_no_model(tmp_path, params_fil
     assert stage.main([*argv, "--metrics", str(tmp_path / "m.json")]) == 0
     assert malignancy.load_optional(out) is None
     assert "no malignancy ratings" in json.loads(out.read_text())["reason"]
+
+
+def test_stage_takes_the_image_figures_when_they_beat_the_diameter(tmp_path, params_file):
+    root = write_rated_cohort(tmp_path, by="texture")  # one size: the diameter cannot tell
+    metrics = tmp_path / "m.json"
+    argv = [str(root / "candidates"), str(root / "processed"), str(tmp_path / "model.json")]
+    argv += ["--tables", str(tmp_path / "t"), "--params", str(params_file)]
+    assert stage.main([*argv, "--metrics", str(metrics)]) == 0
+    figures_ = json.loads(metrics.read_text())
+    assert figures_["uses_image_figures"] and figures_["val_gain_share"] >= 0.95
+    assert figures_["val_auc"] == 1.0 and figures_["val_auc_diameter"] == 0.5
+    assert figures_["coef"]["solid_share"] > 0
