@@ -89,6 +89,8 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
     post = json.loads((clone / "metrics" / "postprocess.json").read_text())
     classify_file = clone / "metrics" / "classify.json"
     second = json.loads(classify_file.read_text()) if classify_file.is_file() else {}
+    malignancy_file = clone / "metrics" / "malignancy.json"
+    third = json.loads(malignancy_file.read_text()) if malignancy_file.is_file() else {}
     if not keep:
         shutil.rmtree(clone)
     return {
@@ -110,7 +112,8 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
                 *("auc", "auc_ci95", "auc_diameter", "auc_diameter_ci95"),
                 *("auc_gain", "auc_gain_ci95", "nodules", "malignant"),
             )
-        },
+        }
+        | {k: third.get(k) for k in ("uses_image_figures", "val_gain_share")},
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
         "sensitivity": evaluate["sensitivity"],
         "fp_per_scan": evaluate["fp_per_scan"],

@@ -37,6 +37,7 @@ import pydicom
 from ctpipe import annotations
 from ctpipe.fileio import write_csv
 from ctpipe.listing import list_files
+from ctpipe.progress import progress
 
 log = logging.getLogger("ctpipe.lidc")
 NS = {"l": "http://www.nih.gov"}
@@ -108,7 +109,7 @@ def slice_geometry(dicom_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, n
     those without the attributes are skipped, counted in the log)."""
     paths, _ = list_files(dicom_dir)
     out, skipped = {}, 0
-    for path in paths:
+    for path in progress(paths, desc="DICOM headers", unit="file"):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)

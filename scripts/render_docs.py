@@ -183,6 +183,40 @@ def render_seed_types(metrics: Metrics) -> list[str]:
     return table(["nodule type", "runs", "min", "mean", "max"], "lrrrr", rows)
 
 
+def render_seed_malignancy(metrics: Metrics) -> list[str]:
+    """The malignancy model's test ROC AUC beside the segmentation's diameter, per run of the seed
+    study, and the mean and spread of the paired gain."""
+    runs = [r for r in seed_runs(metrics) if (r.get("malignancy") or {}).get("auc") is not None]
+    if not runs:
+        raise RenderError(f"{metrics.folder / 'seeds.json'}: no run reports a malignancy AUC")
+    rows = []
+    for run in runs:
+        m = run["malignancy"]
+
+        def auc(key: str, m=m) -> str:
+            low, high = m[f"{key}_ci95"]
+            return f"{m[key]:.3f} ({low:.3f}-{high:.3f})"
+
+        rows.append(
+            [
+                run["run"],
+                f"{m['nodules']} ({m['malignant']})",
+                "yes" if m.get("uses_image_figures") else "no",
+                auc("auc"),
+                auc("auc_diameter"),
+                auc("auc_gain"),
+            ]
+        )
+    gains = [float(r["malignancy"]["auc_gain"]) for r in runs]
+    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    rows.append(
+        ["mean (sd) of the gain", "", "", "", "", f"{statistics.fmean(gains):+.3f} ({spread:.3f})"]
+    )
+    header = ["run", "found rated nodules (malignant)", "image figures used", "model AUC"]
+    header += ["diameter AUC", "gain"]
+    return table(header, "lrlrrr", rows)
+
+
 def fp_rate(key: str) -> str:
     """``1/8`` for the FROC rate ``"0.125"``."""
     return str(Fraction(key).limit_denominator(64))
@@ -290,6 +324,7 @@ RENDERERS: dict[str, Callable[[Metrics], list[str]]] = {
     "seed-runs": render_seed_runs,
     "seed-types": render_seed_types,
     "evaluate": render_evaluate,
+    "seed-malignancy": render_seed_malignancy,
     "package": render_package,
 }
 

@@ -71,9 +71,10 @@ def split_table(candidates: Path, processed: Path, split: str) -> tuple[pd.DataF
 
 def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int, used: list[str]):
     """The logistic regression on the figures ``used`` (the others get coefficient 0) with the
-    best val AUC over ``c_grid``; its per-C val AUCs."""
+    best val AUC over ``c_grid`` (ties: the lower val log loss, so that the probability the SR
+    carries is not squeezed by a regularisation the ranking does not need); its per-C val AUCs."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
     cols = list(malignancy.FEATURES)
@@ -85,10 +86,11 @@ def fit(train: pd.DataFrame, val: pd.DataFrame, c_grid: list[float], seed: int, 
     for c in c_grid:
         reg = LogisticRegression(C=c, random_state=seed).fit(x_train, train["label"])
         auc = float(roc_auc_score(val["label"], reg.decision_function(x_val)))
+        rank = (auc, -float(log_loss(val["label"], reg.predict_proba(x_val)[:, 1])))
         tried[c] = auc
-        if best is None or auc > tried[best[0]]:
-            best = (c, reg)
-    c, reg = best
+        if best is None or rank > best[0]:
+            best = (rank, c, reg)
+    _, c, reg = best
     coef = np.zeros(len(cols))
     coef[pick] = reg.coef_[0]
     model = malignancy.MalignancyModel(

@@ -310,6 +310,19 @@ def test_a_uid_seed_makes_the_same_seg_and_sr_and_none_makes_new_ones(
         assert not set(seen["a"]) & set(seen[other]), other
 
 
+def predict_with(package: Path, spec_part: dict, study: Path, out: Path, write_tiny_cohort):
+    """``package`` with ``spec_part`` added to its input_spec.json, run on a tiny one-series study
+    written to ``study``; that series' nodules.csv and SR as read back."""
+    from ctpipe.fileio import write_json
+
+    write_json(package / "input_spec.json", {**read_json(package / "input_spec.json"), **spec_part})
+    write_tiny_cohort(study, n=1, seed=12)
+    files = sorted(study.rglob("*.dcm"))
+    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    predict.predict_series(files, package, "fp32", out)
+    return pd.read_csv(out / uid / "nodules.csv"), report.read_sr(out / uid / "sr.dcm")
+
+
 def test_a_package_with_the_classifier_scores_and_reports_each_nodule(
     density_package, tmp_path, write_tiny_cohort
 ):
@@ -322,7 +335,6 @@ def test_a_package_with_the_classifier_scores_and_reports_each_nodule(
 
     from ctpipe import classifier
     from ctpipe.deploy import spec
-    from ctpipe.fileio import write_json
 
     package = tmp_path / "pkg"
     shutil.copytree(density_package, package)
@@ -331,21 +343,18 @@ def test_a_package_with_the_classifier_scores_and_reports_each_nodule(
         classifier.make_net((8, 8, 8), [4, 8]), (8, 8, 8), 8, 0.5
     )
     model.export_onnx(package / "classifier.onnx", 18)
-    input_spec = read_json(package / "input_spec.json")
-    write_json(
-        package / "input_spec.json", {**input_spec, "classifier": spec.classifier_spec(model)}
+    found, reported = predict_with(
+        package,
+        {"classifier": spec.classifier_spec(model)},
+        tmp_path / "study",
+        tmp_path / "out",
+        write_tiny_cohort,
     )
-    write_tiny_cohort(tmp_path / "study", n=1, seed=12)
-    files = sorted((tmp_path / "study").rglob("*.dcm"))
-    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    predict.predict_series(files, package, "fp32", tmp_path / "out")
-    found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
     assert len(found) > 0 and found["classifier"].between(0, 1).all()
     np.testing.assert_allclose(
         found["score"], crops.combine(found["seg_score"], found["classifier"], 0.5), atol=1e-3
     )
     assert found["score"].is_monotonic_decreasing
-    reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")
     cols = [*report.REPORT_COLUMNS, "classifier"]
     assert list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
@@ -360,7 +369,6 @@ def test_a_package_with_a_malignancy_model_rates_and_reports_each_nodule(
     import shutil
 
     from ctpipe import malignancy
-    from ctpipe.fileio import write_json
 
     package = tmp_path / "pkg"
     shutil.copytree(density_package, package)
@@ -371,22 +379,17 @@ def test_a_package_with_a_malignancy_model_rates_and_reports_each_nodule(
         coef=(1.0, 0.0, 0.0),
         intercept=0.0,
     )
-    input_spec = read_json(package / "input_spec.json")
-    write_json(package / "input_spec.json", {**input_spec, "malignancy": dataclasses.asdict(model)})
-    write_tiny_cohort(tmp_path / "study", n=1, seed=12)
-    files = sorted((tmp_path / "study").rglob("*.dcm"))
-    uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
-    predict.predict_series(files, package, "fp32", tmp_path / "out")
-    found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
+    part = {"malignancy": dataclasses.asdict(model)}
+    found, reported = predict_with(
+        package, part, tmp_path / "study", tmp_path / "out", write_tiny_cohort
+    )
     assert len(found) > 0 and found["malignancy"].between(0, 1).all()
     expected = 1 / (1 + np.exp(-(np.log(found["diameter_mm"]) - 2.0) / 0.5))
     np.testing.assert_allclose(found["malignancy"], expected, atol=2e-3)
-    reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")
     cols = [*report.REPORT_COLUMNS, "malignancy"]
     assert list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
     # a spec whose model is not one this code reads is refused, naming it
-    bad = {**input_spec, "malignancy": {**dataclasses.asdict(model), "scale": [0, 1, 1]}}
-    write_json(package / "input_spec.json", bad)
+    bad = {"malignancy": {**part["malignancy"], "scale": [0, 1, 1]}}
     with pytest.raises(ValueError, match="input_spec.json: 'malignancy': non-finite values or"):
-        predict.predict_series(files, package, "fp32", tmp_path / "again")
+        predict_with(package, bad, tmp_path / "s2", tmp_path / "again", write_tiny_cohort)
