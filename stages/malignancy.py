@@ -125,19 +125,29 @@ def choose(train: pd.DataFrame, val: pd.DataFrame, cfg, seed: int) -> tuple:
     return (full if taken else alone), figures
 
 
+def no_model(model_path: Path, tables: Path, reason: str) -> dict:
+    """``models/malignancy.json`` saying why there is no model (evaluate and export then leave
+    malignancy out), an empty val table; the stage's figures."""
+    log.warning("no malignancy model: %s", reason)
+    write_json(model_path, {"model": None, "reason": reason})
+    tables.mkdir(parents=True, exist_ok=True)
+    columns = ["case_id", "seriesuid", "nodule_index", *malignancy.FEATURES, "label"]
+    write_csv(tables / "val.csv", pd.DataFrame(columns=[*columns, "probability"]))
+    return {"model": False, "reason": reason}
+
+
 def run(candidates: Path, processed: Path, model_path: Path, tables: Path, cfg, seed: int) -> dict:
     model_path.parent.mkdir(parents=True, exist_ok=True)
     nodules = data.load_nodules(processed)
     if not any(c in nodules.columns for c in RATINGS):
-        reason = "nodules.csv has no malignancy ratings (malignancy_1 .. malignancy_4)"
-        log.warning("no malignancy model: %s", reason)
-        write_json(model_path, {"model": None, "reason": reason})
-        return {"model": False, "reason": reason}
+        reason = "nodules.csv has no malignancy ratings (malignancy_1 .. _4)"
+        return no_model(model_path, tables, reason)
     train, train_counts = split_table(candidates, processed, "train")
     val, val_counts = split_table(candidates, processed, "val")
     for name, part in (("train", train), ("val", val)):
         if part["label"].nunique() < 2:
-            raise SystemExit(f"{processed}: the {name} split's found nodules are all one label")
+            reason = f"the {name} split's found rated nodules are all one label"
+            return no_model(model_path, tables, reason)
     model, chosen = choose(train, val, cfg, seed)
     model.save(model_path)
     val = val.assign(probability=model.probability(val))

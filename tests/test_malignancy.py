@@ -232,6 +232,7 @@ def test_stage_without_ratings_writes_why_there_is_no_model(tmp_path, params_fil
     assert stage.main([*argv, "--metrics", str(tmp_path / "m.json")]) == 0
     assert malignancy.load_optional(out) is None
     assert "no malignancy ratings" in json.loads(out.read_text())["reason"]
+    assert pd.read_csv(tmp_path / "t" / "val.csv").empty  # DVC's output exists
 
 
 def test_stage_takes_the_image_figures_when_they_beat_the_diameter(tmp_path, params_file):
@@ -244,3 +245,18 @@ def test_stage_takes_the_image_figures_when_they_beat_the_diameter(tmp_path, par
     assert figures_["uses_image_figures"] and figures_["val_gain_share"] >= 0.95
     assert figures_["val_auc"] == 1.0 and figures_["val_auc_diameter"] == 0.5
     assert figures_["coef"]["solid_share"] > 0
+
+
+def test_stage_with_one_label_only_writes_why_there_is_no_model(tmp_path, params_file):
+    root = write_rated_cohort(tmp_path)
+    nodules = pd.read_csv(root / "processed" / "nodules.csv")
+    nodules[annotations.RATINGS] = 1  # every reader: highly unlikely
+    nodules.to_csv(root / "processed" / "nodules.csv", index=False)
+    out = tmp_path / "malignancy.json"
+    argv = [str(root / "candidates"), str(root / "processed"), str(out), "--params"]
+    argv += [str(params_file), "--tables", str(tmp_path / "t")]
+    assert stage.main([*argv, "--metrics", str(tmp_path / "m.json")]) == 0
+    assert (
+        "train split's found rated nodules are all one label"
+        in json.loads(out.read_text())["reason"]
+    )
