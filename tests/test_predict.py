@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from ctpipe import config, dicomio, synth
+from ctpipe import config, dicomio, malignancy, synth
 from ctpipe.deploy import predict, report
 from ctpipe.fileio import read_json
 from ctpipe.geometry import Geometry, sphere_mask
@@ -262,12 +262,19 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
     uid = truth["seriesuid"].iloc[0]
     found = pd.read_csv(tmp_path / "out" / uid / "nodules.csv")
     reported = report.read_sr(tmp_path / "out" / uid / "sr.dcm")  # the SR says what the CSV says
-    second = read_json(ROOT / "models" / "export" / "input_spec.json")["classifier"]
-    cols = [*report.REPORT_COLUMNS, "classifier"]  # the candidate classifier's probability too
+    input_spec = read_json(ROOT / "models" / "export" / "input_spec.json")
+    second = input_spec["classifier"]
+    # the candidate classifier's probability too, and the malignancy model's
+    cols = [*report.REPORT_COLUMNS, "classifier", "malignancy"]
     assert len(found) > 0 and list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
     combined = crops.combine(found["seg_score"], found["classifier"], second["weight"])
     np.testing.assert_allclose(found["score"], combined, atol=1e-3)
+    third = malignancy.MalignancyModel.from_dict(input_spec["malignancy"], "input_spec.json")
+    if not any(third.coef[1:]):  # the diameter's model: the probability follows the diameter
+        figures = found.assign(log_diameter=np.log(found["diameter_mm"]), solid_share=0.0)
+        expected = third.probability(figures.assign(margin_share=0.0))
+        np.testing.assert_allclose(found["malignancy"], expected, atol=2e-3)
     mask_img = sitk.ReadImage(str(tmp_path / "out" / uid / "mask.nii.gz"))
     if acquisition:  # the mask is on the series' own fine grid
         np.testing.assert_allclose(mask_img.GetSpacing(), [0.7, 0.7, 1.25], atol=1e-3)
