@@ -17,7 +17,6 @@ thing whatever the annotation said:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -27,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from ctpipe.annotations import RATINGS
+from ctpipe.fileio import read_json, write_json
 from ctpipe.geometry import Geometry, world_to_array_index
+from ctpipe.intensity import normalise
 from ctpipe.postprocessing.crops import cut_crops
 
 FEATURES = ("log_diameter", "solid_share", "margin_share")
@@ -43,21 +44,18 @@ def label(ratings: pd.DataFrame) -> pd.Series:
     return (mean > 3).astype("Int64").where(mean.notna())
 
 
-def hu_to_input(hu: float, norm: dict) -> float:
-    """A HU level on the network's input scale (:func:`ctpipe.intensity.normalise`)."""
-    lo, hi = norm["clip"]
-    return (min(max(hu, lo), hi) - norm["mean"]) / max(norm["std"], 1e-6)
+def labels_of(nodules: pd.DataFrame) -> pd.Series:
+    """:func:`label` of each row of a nodules table (NA where it has no ratings)."""
+    return label(nodules.reindex(columns=RATINGS))
 
 
-def features(
-    volume: np.ndarray, geom: Geometry, xyz: np.ndarray, diameter_mm: np.ndarray, norm: dict
-) -> pd.DataFrame:
-    """:data:`FEATURES` of nodules centred on ``xyz`` (world mm, ``[n, 3]``) with equivalent
-    diameters ``diameter_mm``, on ``volume`` (preprocessed, ``[k, j, i]``, on ``geom``) whose
-    intensities ``norm`` normalised."""
-    xyz = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-    diameter = np.asarray(diameter_mm, dtype=np.float64).reshape(-1)
-    solid, margin = hu_to_input(SOLID_HU, norm), hu_to_input(MARGIN_HU, norm)
+def features(volume: np.ndarray, geom: Geometry, nodules: pd.DataFrame, norm: dict) -> pd.DataFrame:
+    """:data:`FEATURES` of ``nodules`` (``coordX/Y/Z``: centres in world mm; ``diameter_mm``:
+    equivalent diameters), on ``volume`` (preprocessed, ``[k, j, i]``, on ``geom``) whose
+    intensities ``norm`` normalised; indexed as ``nodules``."""
+    xyz = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64).reshape(-1, 3)
+    diameter = nodules["diameter_mm"].to_numpy(np.float64).reshape(-1)
+    solid, margin = (float(normalise(np.float64(hu), norm)) for hu in (SOLID_HU, MARGIN_HU))
     spacing_kji = np.asarray(geom.spacing, dtype=np.float64)[::-1]
     rows = []
     for centre, d in zip(xyz, diameter):
@@ -81,7 +79,7 @@ def features(
                 "margin_share": float(np.mean(crop[shell] > margin)) if shell.any() else 0.0,
             }
         )
-    return pd.DataFrame(rows, columns=list(FEATURES))
+    return pd.DataFrame(rows, columns=list(FEATURES), index=nodules.index)
 
 
 @dataclass(frozen=True)
@@ -103,13 +101,11 @@ class MalignancyModel:
         return 1.0 / (1.0 + np.exp(-(z @ np.asarray(self.coef) + self.intercept)))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> MalignancyModel:
-        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+        return cls.from_dict(read_json(path), str(path))
 
     @classmethod
     def from_dict(cls, values: dict, source: str) -> MalignancyModel:
@@ -139,8 +135,10 @@ class MalignancyModel:
 
 def load_optional(path: Path) -> MalignancyModel | None:
     """The model of ``path``, or None where the malignancy stage fitted none (no ratings)."""
-    values = json.loads(Path(path).read_text())
-    return None if values.get("model", True) is None else MalignancyModel.load(path)
+    values = read_json(path)
+    return (
+        None if values.get("model", True) is None else MalignancyModel.from_dict(values, str(path))
+    )
 
 
 def auc_with_interval(
@@ -196,7 +194,7 @@ def found_nodules(candidates: pd.DataFrame, nodules: pd.DataFrame) -> pd.DataFra
     """Each rated nodule of ``nodules`` that a candidate hits (``nodule_index``, from
     :func:`ctpipe.evaluation.luna16.match_candidates`), with the columns of the hitting candidate
     of the highest ``seg_score`` (else ``score``), its ``label`` and ``annotated_diameter_mm``."""
-    labels = label(nodules.reindex(columns=RATINGS))
+    labels = labels_of(nodules)
     order = "seg_score" if "seg_score" in candidates.columns else "score"
     hits = candidates[candidates["nodule_index"] >= 0]
     best = hits.sort_values(order, ascending=False, kind="stable").drop_duplicates("nodule_index")

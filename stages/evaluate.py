@@ -164,10 +164,8 @@ def score_cases(
             found = second.rescore(image, geom, found)
         if third is not None:
             model, norm = third
-            xyz = found[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
-            feats = malignancy.features(image, geom, xyz, found["diameter_mm"].to_numpy(), norm)
-            found = pd.concat([found, feats.set_index(found.index)], axis=1)
-            found["malignancy"] = model.probability(feats)
+            feats = malignancy.features(image, geom, found, norm)
+            found = pd.concat([found, feats.assign(malignancy=model.probability(feats))], axis=1)
         row, cands = scoring.score_case(case, truth, mask, found, geom, cfg.surface_tolerance_mm)
         rows.append(row)
         candidates.append(cands)
@@ -221,7 +219,7 @@ def run(
     if third is not None:
         found = malignancy.found_nodules(luna16.match_candidates(cands, nodules), nodules)
         write_csv(plots / "malignancy.csv", found.round(5))
-        rated = int(malignancy.label(nodules.reindex(columns=malignancy.RATINGS)).notna().sum())
+        rated = int(malignancy.labels_of(nodules).notna().sum())
         mal = malignancy.test_report(found, rated, cfg.bootstrap, seed)
     return rounded(
         {

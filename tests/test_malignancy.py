@@ -33,7 +33,8 @@ def figures(vol: np.ndarray, centre, diameter: float) -> dict:
     geom = Geometry(origin=[0.0, 0.0, 0.0], spacing=SPACING)
     xyz = array_index_to_world(np.array([centre], dtype=np.float64), geom)
     norm = ((np.clip(vol, -1000, 400) - NORM["mean"]) / NORM["std"]).astype(np.float16)
-    return malignancy.features(norm, geom, xyz, [diameter], NORM).iloc[0].to_dict()
+    nodule = pd.DataFrame(xyz, columns=["coordX", "coordY", "coordZ"]).assign(diameter_mm=diameter)
+    return malignancy.features(norm, geom, nodule, NORM).iloc[0].to_dict()
 
 
 def test_ratings_are_one_to_five_per_reader_and_the_same_for_the_same_patient(tmp_path):

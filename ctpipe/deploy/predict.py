@@ -232,9 +232,7 @@ def rate_nodules(
     model = malignancy.MalignancyModel.from_dict(
         spec["malignancy"], f"{package / 'input_spec.json'}: 'malignancy'"
     )
-    xyz = nodules[["coordX", "coordY", "coordZ"]].to_numpy(np.float64)
-    norm = spec["preprocessing"]["normalization"]
-    feats = malignancy.features(volume, geom, xyz, nodules["diameter_mm"].to_numpy(), norm)
+    feats = malignancy.features(volume, geom, nodules, spec["preprocessing"]["normalization"])
     return nodules.assign(malignancy=model.probability(feats) if len(nodules) else [])
 
 
