@@ -7,6 +7,7 @@ Foundations:
     volumes   -- the compressed volumes of the preprocessed dataset
     runenv    -- package versions, CPU, device and git revision of a run
     progress  -- progress bars: live on a terminal, one line a minute in a log
+    prefork   -- worker processes started before the heavy imports (no shared heap to copy)
     safepath  -- values from data never decide a path: UID grammar check, writes kept under a root
     geometry  -- world (LPS mm) <-> voxel index conversion, the only place it is done
 Data:

@@ -22,24 +22,12 @@ fails the stage and its file is deleted.
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
-from ctpipe import config
-from ctpipe.deid import batch, cohort
-from ctpipe.deid.batch import DeidJob, Verification, Workers
-from ctpipe.deid.files import FileResult
-from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
-from ctpipe.deid.table import DeidOptions
-from ctpipe.deid.verify import Evidence
-from ctpipe.fileio import rounded, write_csv, write_json
+from ctpipe import config, prefork
 from ctpipe.params import setup_logging, stage_parser
 from ctpipe.runenv import record as record_environment
-
-log = logging.getLogger("anonymize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,91 +50,26 @@ def main(argv: list[str] | None = None) -> int:
         or out_dir.resolve() in private_dir.resolve().parents
     ):
         raise SystemExit(f"--private-dir {private_dir} must not be inside {out_dir} (pushable)")
+    # The other workers first, before the de-identification modules are imported here: forked
+    # later, they would share (and copy page by page) this process's heap.
+    started = prefork.start(params.base.workers - 1, "ctpipe.deid.stage", "worker_ready")
     try:
-        return run(
+        from ctpipe.deid import stage
+
+        return stage.run(
             args.input_dir,
             out_dir,
             private_dir,
             args.metrics,
             params.anonymize,
             params.base.workers,
+            started,
         )
-    finally:  # afterwards: it imports torch, which would make the workers' start slow
+    finally:
+        if started is not None:  # stopped already, unless the run failed before starting them
+            started.stop()
+        # afterwards: it imports torch, which would make the workers' start slow
         record_environment("anonymize", args.metrics.parent / "env")
-
-
-def run(
-    input_dir: Path,
-    out_dir: Path,
-    private_dir: Path,
-    metrics_path: Path,
-    cfg: config.Anonymize,
-    workers: int,
-) -> int:
-    """The stage's work with ``workers`` processes; its exit code."""
-    start = time.perf_counter(), cohort.cpu_seconds()
-    try:
-        source, items, unusable = cohort.discover(input_dir, [out_dir, private_dir])
-        raw_annotations = cohort.load_annotations(input_dir, source)
-        key, key_source = load_key(
-            cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
-        )
-    except (DeidKeyError, cohort.InputError) as err:
-        log.error("%s", err)
-        return 2
-    keyring, options = Keyring(key), DeidOptions.from_params(cfg)
-    cohort.prepare_output(out_dir)
-    private_dir.mkdir(parents=True, exist_ok=True)
-    codes = options.codes()
-    log.info("%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes)
-
-    job = DeidJob.from_params(options, key, cfg, out_dir)
-    with Workers(workers) as pool:
-        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
-        results += unusable
-        written = [r for r in results if not r.reason]
-        gate = Verification(out_dir, written, evidence, options, names, pool)  # scans begin
-        annotations, n_annotations = cohort.remap_annotations(
-            raw_annotations, keyring, {r.series for r in written}
-        )
-        write_csv(out_dir / "annotations.csv", annotations)
-        meta = cohort.deid_meta(options, source, keyring, key_source, cfg)
-        cohort.write_tables(out_dir, private_dir, results, keyring, options, meta)
-        leaks = gate.leaks(extra + [out_dir / name for name in cohort.OWN_FILES])
-    metrics = cohort.run_metrics(results, written, n_annotations, annotations, leaks, start)
-    write_json(metrics_path, rounded(metrics))
-    log.info(
-        "%(files_in)d in, %(files_out)d out, %(files_quarantined)d quarantined %(quarantine_reasons)s, "
-        "%(files_per_s).1f files/s",
-        metrics,
-    )
-    if leaks:
-        cohort.remove_leaking(leaks, out_dir, private_dir)
-        return 1
-    return 0
-
-
-def deidentify(
-    items: list[tuple[str, str]],
-    job: DeidJob,
-    pool: Workers,
-    source: str,
-    input_dir: Path,
-    keyring: Keyring,
-) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
-    """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the
-    identifying values found per patient (for the leak gate); for luna16 the image files too;
-    the cohort's person-name components."""
-    results, names = batch.deidentify(items, job, pool)
-    evidence: dict[str, Evidence] = defaultdict(Evidence)
-    for r in results:
-        if r.patient:
-            evidence[r.patient].update(r.evidence)
-    extra: list[Path] = []
-    if source == "luna16":
-        image_results, extra = cohort.luna16_images(input_dir, job.out_dir, keyring, evidence)
-        results += image_results
-    return results, evidence, extra, names
 
 
 if __name__ == "__main__":

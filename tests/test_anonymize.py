@@ -327,8 +327,9 @@ def test_malformed_and_risky_inputs_are_quarantined(tmp_path: Path, monkeypatch)
         ({"dicom": None}, "no input files"),
     ],
 )
+@pytest.mark.parametrize("workers", [1, 2])  # 2: annotations.csv is read by the other worker
 def test_a_broken_cohort_folder_stops_with_the_file_and_the_reason(
-    change, message, cohort: Path, tmp_path: Path, caplog
+    change, message, workers, cohort: Path, tmp_path: Path, caplog
 ):
     raw = tmp_path / "raw"
     shutil.copytree(cohort, raw)
@@ -340,7 +341,7 @@ def test_a_broken_cohort_folder_stops_with_the_file_and_the_reason(
             (raw / name).write_bytes(content)
         else:
             (raw / name).write_text(content)
-    code, out, _ = stage(raw, tmp_path)
+    code, out, _ = stage(raw, tmp_path, workers=workers)
     assert code == 2 and message in caplog.text
     assert not (out / "dicom").exists() or not list((out / "dicom").rglob("*.dcm"))
 

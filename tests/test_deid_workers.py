@@ -1,13 +1,16 @@
 """The worker processes of the anonymize stage (:class:`ctpipe.deid.batch.Workers`): this process
 and the forked ones share the chunks of a pass, every item comes back once, and an error in
-either is raised, not lost."""
+either is raised, not lost; workers started early (:mod:`ctpipe.prefork`) do the same and leave
+their start-up out of the CPU time they report."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
+from ctpipe import prefork
 from ctpipe.deid import batch
 
 
@@ -65,3 +68,45 @@ def test_a_pass_of_one_chunk_runs_here():
         larger = pool.map(square, list(range(9)), "test", lambda chunk: 0)
     assert {pid for _, _, pid in out} == {os.getpid()}
     assert len(larger) == 9
+
+
+def burn() -> None:
+    """A worker's start-up that takes CPU time (a started worker's initialiser)."""
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+
+
+def test_started_workers_take_chunks_and_report_their_work_only():
+    started = prefork.start(1, __name__, "burn")
+    try:
+        with batch.Workers(2, chunksize=4, started=started) as pool:
+            out = pool.map(square, list(range(203)), "test", lambda chunk: 1)
+            total = pool.call(os.times)()
+            work = pool.call(prefork.work_cpu)()
+        assert sorted(i for i, _, _ in out) == list(range(203))
+        assert len({pid for _, _, pid in out}) == 2
+        assert total.user + total.system >= 0.25 > 0.15 > work  # its start-up is not its work
+        assert 0 <= pool.worker_cpu() <= work
+    finally:
+        started.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_call_returns_its_value_or_raises_its_error(workers):
+    with batch.Workers(workers) as pool:
+        value, error = pool.call(square, 1, 3), pool.call(fail_on, 2, 2)
+        assert value()[:2] == (3, 10)
+        with pytest.raises(ValueError, match="item 2"):
+            error()
+        if workers > 1:
+            assert value()[2] != os.getpid()
+
+
+@pytest.mark.parametrize("n", [9, 40, 203])
+def test_the_last_pass_lets_the_workers_go_and_no_pass_may_follow(n):
+    with batch.Workers(2, chunksize=4) as pool:
+        out = pool.start(square, list(range(n)), "test", lambda chunk: 0, last=True)()
+        assert sorted(i for i, _, _ in out) == list(range(n))
+        with pytest.raises(RuntimeError, match="after the last pass"):
+            pool.map(square, [1], "test")

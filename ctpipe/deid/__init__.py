@@ -12,4 +12,5 @@ verify   -- the leak gate: every source identifier looked for in every output by
 readback -- the leak gate's own reader of the written files
 batch    -- many files at once in worker processes, and the leak scan over the output
 cohort   -- the input folder, its annotations, the output folder and the tables beside it
+stage    -- the anonymize stage's run: these strung together
 """

@@ -16,18 +16,22 @@ each with what its function needs (a :class:`DeidJob` or :class:`ScanJob`). Two 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import math
 import multiprocessing
+import os
 import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom import config
 
+from ctpipe import prefork
 from ctpipe.deid.engine import Deidentifier
 from ctpipe.deid.files import FileResult, process_file
 from ctpipe.deid.freetext import Terms
@@ -43,6 +47,7 @@ from ctpipe.deid.verify import (
     scan_file,
     scan_text,
 )
+from ctpipe.prefork import Started
 from ctpipe.progress import progress
 
 _WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
@@ -68,16 +73,27 @@ class Workers:
     Files go out in chunks that shrink as the work runs out (guided scheduling, :class:`_Pass`).
     The first chunks are large, so that a worker keeps a patient's files together (its caches)
     and round trips stay few; the last are small, so that the workers finish together.
+
+    ``started``: the other workers, started before this module was imported
+    (:func:`ctpipe.prefork.start`, for ``quiet_pydicom`` of this module), so that they share no
+    heap with this process; else they are forked here.
     """
 
-    def __init__(self, workers: int, chunksize: int = MIN_CHUNK) -> None:
+    def __init__(
+        self, workers: int, chunksize: int = MIN_CHUNK, started: Started | None = None
+    ) -> None:
         self.workers, self.chunksize = max(1, workers), max(1, chunksize)
+        self.started = started if started and started.processes == self.workers - 1 else None
         self.pool = None
+        self.closed = False  # the last pass has begun
+        self.cpu: dict[int, float] = {}  # CPU seconds each forked worker reported, by process
 
     def __enter__(self) -> Workers:
         quiet_pydicom()
         _WORKER.clear()  # a run starts with fresh caches (what was reported kept, per patient)
-        if self.workers > 1:
+        if self.started is not None:
+            self.pool = self.started.pool
+        elif self.workers > 1:
             # A worker's first full garbage collection would walk, and so copy, every object it
             # inherits (70 ms stalls): objects that exist now stay out of its collections.
             gc.freeze()
@@ -85,33 +101,72 @@ class Workers:
             gc.unfreeze()
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:  # reaped here, so their CPU time counts for this process
+    def __exit__(self, error_type, *exc) -> None:
+        if self.pool is None:
+            return
+        if self.started is not None and error_type is None:
+            self.pool.close()  # they exit once done; their owner reaps them (Started.stop)
+        else:
             self.pool.terminate()
             self.pool.join()
+
+    def worker_cpu(self) -> float:
+        """CPU seconds of the forked workers' work, as they last reported it with a result."""
+        return sum(self.cpu.values())
+
+    def call(self, func: Callable, *args) -> Callable[[], Any]:
+        """``func(*args)`` in a forked worker while this process goes on (here and now when
+        there is none); call the result for its value or its exception."""
+        if self.pool is None:
+            try:
+                value = func(*args)
+            except Exception as error:  # raised where the value is asked for, as a worker's is
+                return functools.partial(_raise, error)
+            return lambda: value
+        pending = self.pool.apply_async(_reporting, (func, *args), callback=self._report)
+        return lambda: pending.get()[2]
+
+    def _report(self, result: tuple) -> None:  # the pool's result thread
+        self.cpu[result[0]] = result[1]
 
     def map(self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None):
         """``func(job_of(chunk), item)`` for every item, in any order."""
         return self.start(func, items, desc, job_of)()
 
     def start(
-        self, func: Callable, items: list, desc: str, job_of: Callable = lambda c: None
+        self,
+        func: Callable,
+        items: list,
+        desc: str,
+        job_of: Callable = lambda c: None,
+        last: bool = False,
     ) -> Callable[[], list]:
-        """:meth:`map` begun in the forked workers; call the result to take part and wait."""
-        return _Pass(self, func, items, job_of, desc).results
+        """:meth:`map` begun in the forked workers; call the result to take part and wait.
+        ``last``: no pass follows, so the forked workers exit as soon as their last chunk is
+        done (their exit overlaps this process's last chunks, not the stop)."""
+        if self.closed:
+            raise RuntimeError("a pass after the last pass of these workers")
+        self.closed = last
+        return _Pass(self, func, items, job_of, desc, last).results
 
 
 class _Pass:
-    """The items of one pass, cut into chunks as they are taken: this process takes the remaining
-    items over :data:`GUIDED` times the workers (at least the pool's ``chunksize``); the forked
-    workers are kept :data:`AHEAD` chunks ahead (a chunk they finish sends the next), each sized
-    on what will be left once they reach it, so that no chunk queued in a worker keeps the others
-    waiting at the end. A pass no larger than one chunk runs here alone."""
+    """The items of one pass, cut into chunks as they are taken: the remaining items over
+    :data:`GUIDED` times the workers. The forked workers are kept :data:`AHEAD` chunks ahead (a
+    chunk they finish sends the next), each sized on what will be left once they reach it, at
+    least the pool's ``chunksize`` (round trips) and at most a worker's share of what is left;
+    near the end, one chunk ahead only. This process's own chunks cost no round trip and shrink
+    to one item, so that no chunk queued in a worker keeps the others waiting at the end. A pass
+    no larger than one chunk runs here alone."""
 
-    def __init__(self, workers: Workers, func: Callable, items: list, job_of, desc: str) -> None:
-        self.pool, self.func, self.items, self.job_of = workers.pool, func, items, job_of
+    def __init__(
+        self, workers: Workers, func: Callable, items: list, job_of, desc: str, last: bool
+    ) -> None:
+        self.owner, self.pool, self.func, self.items = workers, workers.pool, func, items
+        self.job_of = job_of
         self.workers, self.smallest, self.desc = workers.workers, workers.chunksize, desc
         self.forked = self.workers - 1 if len(items) > self.smallest else 0
+        self.last = last and self.pool is not None
         self.lock = threading.Condition()
         self.taken = 0  # items handed out
         self.queued = 0  # items sent to the forked workers and not back
@@ -130,26 +185,40 @@ class _Pass:
                 return None
             if forked:  # the forked workers reach this chunk once their queued items are done
                 left -= self.queued / self.forked
-                if self.queued and left < self.smallest:
-                    return None  # this process finishes the rest first
-            size = max(self.smallest, math.ceil(left / (GUIDED * self.workers)))
+                if self.queued and left < 2 * self.smallest:
+                    return None  # near the end, one chunk each: this process takes the rest
+            smallest = self.smallest if forked or not self.forked else 1
+            size = max(smallest, math.ceil(left / (GUIDED * self.workers)))
+            if forked:  # never more than a worker's share of what is left
+                size = min(size, max(1, math.ceil(left / self.workers)))
             chunk = self.items[self.taken : self.taken + size]
             self.taken += len(chunk)
             if forked:
                 self.pending, self.queued = self.pending + 1, self.queued + len(chunk)
+            elif self.last and self.taken == len(self.items):
+                self.pool.close()  # every chunk is out: the forked workers exit after theirs
         return self.func, self.job_of(chunk), chunk
 
     def _send(self) -> None:
-        task = self._take(forked=True)
-        if task is None:
-            return
-        try:
-            self.pool.apply_async(_chunk, (task,), callback=self._back, error_callback=self._fail)
-        except ValueError:  # the pool is closing: the pass failed here, in this process
-            with self.lock:
+        with self.lock:  # taken and sent in one step, so that the pool is closed after the send
+            task = self._take(forked=True)
+            if task is None:
+                return
+            try:
+                self.pool.apply_async(
+                    _reporting, (_chunk, task), callback=self._back, error_callback=self._fail
+                )
+            except ValueError as error:  # the pool is closing: the pass fails, nothing is lost
                 self.pending -= 1
+                self.error = self.error or error
+                self.lock.notify_all()
+                return
+            if self.last and self.taken == len(self.items):
+                self.pool.close()
 
-    def _back(self, result: list) -> None:  # the pool's result thread
+    def _back(self, reported: tuple) -> None:  # the pool's result thread
+        self.owner._report(reported)
+        result = reported[2]
         with self.lock:
             self.done.append(result)
             self.pending, self.queued = self.pending - 1, self.queued - len(result)
@@ -186,6 +255,16 @@ class _Pass:
 def _chunk(task: tuple) -> list:
     func, job, items = task
     return [func(job, item) for item in items]
+
+
+def _reporting(func: Callable, *args) -> tuple[int, float, Any]:
+    """In a forked worker: its process id, its CPU seconds so far and ``func(*args)``."""
+    value = func(*args)
+    return os.getpid(), prefork.work_cpu(), value
+
+
+def _raise(error: BaseException) -> None:
+    raise error
 
 
 def cohort_names(items: list[tuple[str, str]], workers: int, chunksize: int) -> set[str]:
@@ -333,7 +412,7 @@ class Verification:
             return ScanJob(out_dir, mine, cross, free_text)
 
         self.out_dir, self.results = out_dir, results
-        self.scanned = pool.start(scan_one, items, "verify", job_of)
+        self.scanned = pool.start(scan_one, items, "verify", job_of, last=True)
 
     def leaks(self, extra_files: list[Path]) -> list[tuple[str, str]]:
         """(file, finding) pairs: in ``extra_files`` (mhd headers, CSVs, JSON), in the output

@@ -1,7 +1,7 @@
 """The cohort around de-identification: where the input files are, its annotations, the output
 folder, and the tables written next to the de-identified files (audit, quarantine, options).
 
-The stage ``stages/anonymize.py`` strings these together with :mod:`ctpipe.deid.batch`.
+:mod:`ctpipe.deid.stage` strings these together with :mod:`ctpipe.deid.batch`.
 """
 
 from __future__ import annotations
@@ -57,18 +57,18 @@ def cohort_source(input_dir: Path) -> str:
 
 
 def discover(
-    input_dir: Path, exclude: list[Path]
-) -> tuple[str, list[tuple[str, str]], list[FileResult]]:
-    """Return (cohort source, [(absolute path, path relative to INPUT_DIR)], results of the
-    entries that are no regular file: quarantined ``unusable`` with the reason).
+    input_dir: Path, source: str, exclude: list[Path]
+) -> tuple[list[tuple[str, str]], list[FileResult]]:
+    """Return ([(absolute path, path relative to INPUT_DIR)], results of the entries that are no
+    regular file: quarantined ``unusable`` with the reason) of a cohort from ``source``
+    (:func:`cohort_source`).
 
     In a plain folder (source ``real``) every regular file is an input, stray CSV and JSON files
     included (they are quarantined as not DICOM, so they are reported, not silently ignored).
 
     Raises:
-        InputError: a broken ``cohort.json``, or no input file at all.
+        InputError: no input file at all.
     """
-    source = cohort_source(input_dir)
     root = input_dir / "dicom" if source != "real" else input_dir
     if not root.is_dir():
         root = None
@@ -89,7 +89,7 @@ def discover(
                 )
     if not files and not (source == "luna16" and list((input_dir / "images").rglob("*.mhd"))):
         raise InputError(f"{input_dir}: no input files (DICOM under dicom/ or the folder itself)")
-    return source, files, unusable
+    return files, unusable
 
 
 def prepare_output(out_dir: Path) -> None:
@@ -279,8 +279,8 @@ def run_metrics(
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (the worker processes)."""
-    return sum(os.times()[:4])  # user, system, children's user, children's system
+    """CPU seconds of this process (its workers report theirs: :meth:`batch.Workers.worker_cpu`)."""
+    return sum(os.times()[:2])  # user, system
 
 
 def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:
