@@ -402,7 +402,7 @@ class Verification:
     ) -> None:
         min_chars = LEAK_MIN_CHARS
         per_patient, cross = build_indexes(evidence, min_chars)
-        self.shared = global_index(per_patient, cross)
+        self.shared = functools.partial(global_index, per_patient, cross)  # once the scans run
         tags = frozenset(Profile(options).descriptive)
         free_text = FreeTextCheck(tags, name_index(names, min_chars))
         items = [(r.out_rel, r.patient) for r in results if r.out_rel.startswith("dicom/")]
@@ -417,13 +417,13 @@ class Verification:
     def leaks(self, extra_files: list[Path]) -> list[tuple[str, str]]:
         """(file, finding) pairs: in ``extra_files`` (mhd headers, CSVs, JSON), in the output
         file names, and in the DICOM files."""
-        leaks = []
+        leaks, shared = [], self.shared()
         for path in extra_files:
             text = path.read_text(encoding="latin-1")
             cells = text.replace(",", "\n").replace('"', "\n").splitlines()
             rel = str(path.relative_to(self.out_dir))
-            leaks += [(rel, f) for f in scan_text(cells, [self.shared])]
+            leaks += [(rel, f) for f in scan_text(cells, [shared])]
         names = [part for r in self.results if r.out_rel for part in Path(r.out_rel).parts]
-        leaks += [("<file names>", f) for f in scan_text(names, [self.shared])]
+        leaks += [("<file names>", f) for f in scan_text(names, [shared])]
         scanned = self.scanned()
         return [(rel, finding) for rel, findings in scanned for finding in findings] + leaks

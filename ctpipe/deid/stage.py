@@ -44,10 +44,10 @@ def run(
     with Workers(workers, started=started) as pool:
         try:
             source = cohort.cohort_source(input_dir)
-            # read by a worker while this process lists the files
-            read_annotations = pool.call(cohort.load_annotations, input_dir, source)
-            items, unusable = cohort.discover(input_dir, source, [out_dir, private_dir])
-            raw_annotations = read_annotations()
+            # listed by a worker while this process reads the annotations
+            listed = pool.call(cohort.discover, input_dir, source, [out_dir, private_dir])
+            raw_annotations = cohort.load_annotations(input_dir, source)
+            items, unusable = listed()
             key, key_source = load_key(
                 cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
             )
