@@ -20,8 +20,12 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import XRayRadiationDoseSRStorage
 
 from ctpipe import synth
+from ctpipe.deid import batch
+from ctpipe.deid import stage as deid_stage
 from ctpipe.deid.engine import Deidentifier
+from ctpipe.deid.files import FileResult
 from ctpipe.deid.keys import DEMO_KEY, KEY_ENV, Keyring
+from ctpipe.deid.verify import Evidence, build_indexes
 from ctpipe.fileio import write_csv, write_json
 from stages import anonymize
 
@@ -396,6 +400,70 @@ def test_free_text_cannot_leak_names_no_header_holds(free_text_cohort, tmp_path:
         assert "ImageComments" not in ds and "PatientComments" not in ds
         descriptions.add(ds.SeriesDescription)
     assert descriptions == {"Lung 1.0 B60f"}  # the allow-listed descriptor kept, scrubbed
+
+
+def assert_same_indexes(got: tuple, want: tuple) -> None:
+    (per_patient, cross), (want_patients, want_cross) = got, want
+    assert per_patient.keys() == want_patients.keys()
+    for patient, index in [*per_patient.items(), ("<cross>", cross)]:
+        other = want_patients.get(patient, want_cross)
+        assert (index.text, index.exact) == (other.text, other.exact), patient
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_gate_looks_for_the_values_of_the_final_files(
+    workers, free_text_cohort, tmp_path: Path, monkeypatch
+):
+    """The gate's indexes are built while the file with the cohort's names is de-identified
+    again: they must be those of the files as finally written."""
+    raw, _, _ = free_text_cohort
+    seen = []
+    deidentify = deid_stage.deidentify
+    monkeypatch.setattr(
+        deid_stage, "deidentify", lambda *a: seen.append(deidentify(*a)) or seen[-1]
+    )
+    assert stage(raw, tmp_path, workers=workers)[0] == 0
+    results, indexes, _, _ = seen[0]
+    want = build_indexes(deid_stage.merged(results, {}), batch.LEAK_MIN_CHARS)
+    assert_same_indexes(indexes, want)
+
+
+@pytest.mark.parametrize(
+    ("first", "final"),
+    [  # a kept descriptor held a name only another file revealed: scrubbed the second time
+        (
+            {"ident": {"quince margaretta"}, "kept": {"lung quince margaretta"}},
+            {"ident": {"quince margaretta"}, "cleaned": {"lung quince margaretta"}},
+        ),
+        (  # only what was cleaned changed: that patient's index alone is made again
+            {"weak": {"ward seven"}, "cleaned": {"seen on ward seven"}},
+            {"weak": {"ward seven"}, "cleaned": {"seen on ward"}},
+        ),
+    ],
+)
+def test_indexes_follow_the_evidence_the_second_pass_changed(first, final, monkeypatch):
+    """The gate must look for the values of the files as finally written."""
+
+    def results(evidence: dict) -> list[FileResult]:
+        out_rel = "dicom/1/2/3.dcm"
+        other = FileResult(
+            rel="b.dcm", out_rel=out_rel, patient="q", evidence=Evidence(ident={"oddsworth"})
+        )
+        return [
+            FileResult(rel="a.dcm", out_rel=out_rel, patient="p", evidence=Evidence(**evidence)),
+            other,
+        ]
+
+    first_results, final_results = results(first), results(final)
+    monkeypatch.setattr(
+        batch, "deidentify", lambda *a: (first_results, frozenset(), lambda: final_results)
+    )
+    got, indexes, _, _ = deid_stage.deidentify([], None, None, "synthetic", Path("."), None)
+    assert got == final_results
+    want = build_indexes(deid_stage.merged(final_results, {}), batch.LEAK_MIN_CHARS)
+    assert_same_indexes(indexes, want)
+    stale = build_indexes(deid_stage.merged(first_results, {}), batch.LEAK_MIN_CHARS)
+    assert stale[0]["p"].text != want[0]["p"].text  # the first pass's would have missed it
 
 
 def test_the_gate_finds_free_text_patterns_not_only_known_values(

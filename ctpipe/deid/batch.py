@@ -39,10 +39,8 @@ from ctpipe.deid.keys import Keyring
 from ctpipe.deid.names import names_of_file
 from ctpipe.deid.table import DeidOptions, Profile
 from ctpipe.deid.verify import (
-    Evidence,
     FreeTextCheck,
     NeedleIndex,
-    build_indexes,
     name_index,
     scan_file,
     scan_text,
@@ -322,9 +320,12 @@ def deid_file(job: DeidJob, item: tuple[str, str]) -> FileResult:
 
 def deidentify(
     items: list[tuple[str, str]], job: DeidJob, pool: Workers
-) -> tuple[list[FileResult], frozenset[str]]:
-    """Every input de-identified and written, sorted by input path; and the cohort's name
-    components."""
+) -> tuple[list[FileResult], frozenset[str], Callable[[], list[FileResult]]]:
+    """Every input de-identified and written, sorted by input path; the cohort's name
+    components; and the final results, once the files to de-identify again (a duplicate's first,
+    or one that may hold a name of the cohort) are done: call it. When they are no more than a
+    chunk, one forked worker does them while this process goes on (it builds the leak gate's
+    indexes); more take a pass of every worker."""
     results = pool.map(deid_file, items, "anonymize", lambda chunk: job)
     results.sort(key=lambda r: r.rel)
     names = frozenset(set().union(*(r.names for r in results)))
@@ -332,13 +333,25 @@ def deidentify(
     again = dedupe(results) | {
         r.rel for r in results if r.out_rel and cohort.may_change(r.words, r.removed, r.pairs)
     }
-    if again:
-        log.info("%d files de-identified again (a duplicate, or names of the cohort)", len(again))
-        redo = [item for item in items if item[1] in again]
-        with_names = dataclasses.replace(job, names=names)
-        by_rel = {r.rel: r for r in pool.map(deid_file, redo, "names", lambda chunk: with_names)}
-        results = [by_rel.get(r.rel, r) for r in results]
-    return results, names
+    if not again:
+        return results, names, lambda: results
+    log.info("%d files de-identified again (a duplicate, or names of the cohort)", len(again))
+    redo = [item for item in items if item[1] in again]
+    with_names = dataclasses.replace(job, names=names)
+    if len(redo) > pool.chunksize:
+        done = pool.map(deid_file, redo, "names", lambda chunk: with_names)
+        return results, names, lambda: _replaced(results, done)
+    pending = pool.call(deid_files, with_names, redo)
+    return results, names, lambda: _replaced(results, pending())
+
+
+def deid_files(job: DeidJob, items: list[tuple[str, str]]) -> list[FileResult]:
+    return [deid_file(job, item) for item in items]
+
+
+def _replaced(results: list[FileResult], again: list[FileResult]) -> list[FileResult]:
+    by_rel = {r.rel: r for r in again}
+    return [by_rel.get(r.rel, r) for r in results]
 
 
 def dedupe(results: list[FileResult]) -> set[str]:
@@ -395,13 +408,13 @@ class Verification:
         self,
         out_dir: Path,
         results: list[FileResult],
-        evidence: dict[str, Evidence],
+        indexes: tuple[dict[str, NeedleIndex], NeedleIndex],
         options: DeidOptions,
         names: frozenset[str],
         pool: Workers,
     ) -> None:
         min_chars = LEAK_MIN_CHARS
-        per_patient, cross = build_indexes(evidence, min_chars)
+        per_patient, cross = indexes  # build_indexes(evidence of every input, LEAK_MIN_CHARS)
         self.shared = functools.partial(global_index, per_patient, cross)  # once the scans run
         tags = frozenset(Profile(options).descriptive)
         free_text = FreeTextCheck(tags, name_index(names, min_chars))

@@ -14,11 +14,12 @@ from ctpipe.deid.batch import DeidJob, Verification, Workers
 from ctpipe.deid.files import FileResult
 from ctpipe.deid.keys import DeidKeyError, Keyring, load_key
 from ctpipe.deid.table import DeidOptions
-from ctpipe.deid.verify import Evidence
+from ctpipe.deid.verify import Evidence, NeedleIndex, build_indexes, updated_indexes
 from ctpipe.fileio import rounded, write_csv, write_json
 from ctpipe.prefork import Started
 
 log = logging.getLogger("anonymize")
+Indexes = tuple[dict[str, NeedleIndex], NeedleIndex]  # per patient, across patients
 
 
 def worker_ready() -> None:
@@ -62,10 +63,10 @@ def run(
             "%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes
         )
         job = DeidJob.from_params(options, key, cfg, out_dir)
-        results, evidence, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
+        results, indexes, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
         results += unusable
         written = [r for r in results if not r.reason]
-        gate = Verification(out_dir, written, evidence, options, names, pool)  # scans begin
+        gate = Verification(out_dir, written, indexes, options, names, pool)  # scans begin
         annotations, n_annotations = cohort.remap_annotations(
             raw_annotations, keyring, {r.series for r in written}
         )
@@ -94,17 +95,31 @@ def deidentify(
     source: str,
     input_dir: Path,
     keyring: Keyring,
-) -> tuple[list[FileResult], dict[str, Evidence], list[Path], frozenset[str]]:
-    """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the
-    identifying values found per patient (for the leak gate); for luna16 the image files too;
+) -> tuple[list[FileResult], Indexes, list[Path], frozenset[str]]:
+    """Every input file de-identified (by the ``pool``'s workers), sorted by input path; the leak
+    gate's indexes of the identifying values found per patient; for luna16 the image files too;
     the cohort's person-name components."""
-    results, names = batch.deidentify(items, job, pool)
+    first, names, final = batch.deidentify(items, job, pool)
+    image_results: list[FileResult] = []
+    extra: list[Path] = []
+    image_evidence: dict[str, Evidence] = defaultdict(Evidence)
+    if source == "luna16":
+        image_results, extra = cohort.luna16_images(input_dir, job.out_dir, keyring, image_evidence)
+    evidence = merged(first, image_evidence)
+    indexes = build_indexes(evidence, batch.LEAK_MIN_CHARS)  # while a worker de-identifies again
+    results = final()
+    if results is not first:  # the files de-identified again may have changed the evidence
+        final_evidence = merged(results, image_evidence)
+        indexes = updated_indexes(indexes, evidence, final_evidence, batch.LEAK_MIN_CHARS)
+    return results + image_results, indexes, extra, names
+
+
+def merged(results: list[FileResult], extra: dict[str, Evidence]) -> dict[str, Evidence]:
+    """The identifying values found per patient, over every file and ``extra``."""
     evidence: dict[str, Evidence] = defaultdict(Evidence)
     for r in results:
         if r.patient:
             evidence[r.patient].update(r.evidence)
-    extra: list[Path] = []
-    if source == "luna16":
-        image_results, extra = cohort.luna16_images(input_dir, job.out_dir, keyring, evidence)
-        results += image_results
-    return results, evidence, extra, names
+    for patient, found in extra.items():
+        evidence[patient].update(found)
+    return dict(evidence)

@@ -200,14 +200,41 @@ def build_indexes(
     for ev in evidence.values():
         all_kept.update(ev.kept)
     for patient, ev in evidence.items():
-        strong = {n for n in (needle(v, min_chars) for v in ev.ident) if n}
-        weak = {n for n in (needle(v, min_chars) for v in ev.weak) if n} - strong
-        strong -= NeedleIndex(strong).hits(ev.kept)
-        weak -= NeedleIndex(weak).hits(ev.kept | ev.cleaned)
-        index = NeedleIndex(n for n in strong | weak if n not in ev.produced)
-        per_patient[patient] = index
+        strong, per_patient[patient] = _patient_index(ev, min_chars)
         cross.update(n for n in strong if isinstance(n, tuple) and len(n) > 1)
     return per_patient, NeedleIndex(cross - NeedleIndex(cross).hits(all_kept))
+
+
+def updated_indexes(
+    indexes: tuple[dict[str, NeedleIndex], NeedleIndex],
+    before: dict[str, Evidence],
+    after: dict[str, Evidence],
+    min_chars: int,
+) -> tuple[dict[str, NeedleIndex], NeedleIndex]:
+    """:func:`build_indexes` of ``after``, from ``indexes`` (those of ``before``): the patients
+    whose evidence changed are indexed again; all of it when that changes what the cross-patient
+    index is made of (a patient's identifying or kept values, or the patients themselves)."""
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    if any(
+        p not in before
+        or p not in after
+        or (before[p].ident, before[p].kept) != (after[p].ident, after[p].kept)
+        for p in changed
+    ):
+        return build_indexes(after, min_chars)
+    per_patient, cross = indexes
+    return {**per_patient, **{p: _patient_index(after[p], min_chars)[1] for p in changed}}, cross
+
+
+def _patient_index(ev: Evidence, min_chars: int) -> tuple[set, NeedleIndex]:
+    """A patient's strong needles (the cross-patient index takes its multi-word ones) and the
+    patient's index: strong and weak needles not found in what was kept (weak: nor cleaned), nor
+    among the values the de-identification produced."""
+    strong = {n for n in (needle(v, min_chars) for v in ev.ident) if n}
+    weak = {n for n in (needle(v, min_chars) for v in ev.weak) if n} - strong
+    strong -= NeedleIndex(strong).hits(ev.kept)
+    weak -= NeedleIndex(weak).hits(ev.kept | ev.cleaned)
+    return strong, NeedleIndex(n for n in strong | weak if n not in ev.produced)
 
 
 @dataclass
