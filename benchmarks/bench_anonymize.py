@@ -14,9 +14,10 @@ The rates are files per second of the work: dicognito's loop; the stage's ``seco
 worker processes included), so that neither tool's start-up counts. The stage's whole process
 time is printed apart. Runs alternate between the tools and the best of ``--repeat`` is kept (a
 machine whose cores other jobs share). Printed: the one-core ratio (CPU files/s of 1 worker over
-dicognito's) and the scaling of the workers (wall files/s over 1 worker's). Usage::
+dicognito's) and the scaling of the workers (wall files/s over 1 worker's; also from the median
+runs, the figure less sensitive to one lucky or unlucky run). Usage::
 
-    python benchmarks/bench_anonymize.py [--patients 12] [--matrix 128] [--repeat 3] [--workers N]
+    python benchmarks/bench_anonymize.py [--patients 12] [--matrix 128] [--repeat 5] [--workers N]
         [--workdir DIR]
 """
 
@@ -33,6 +34,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from statistics import median
 
 import yaml
 from dicognito.anonymizer import Anonymizer
@@ -123,7 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=12)
     parser.add_argument("--matrix", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=3, help="best of N timings per tool")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N timings per tool")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument(
         "--workdir", type=Path, default=None, help="for the files (default: TMPDIR)"
@@ -160,7 +162,11 @@ def report(n: int, workers: int, dicognito: list, one: list[dict], many: list[di
         total = f"{process:10.2f}" if process is not None else ""
         print(f"{name:32s} {n / wall:13.1f} {n / cpu:12.1f} {total:>10s}")
     print(f"one core: ctpipe 1 worker / dicognito = {d_cpu / rows[1][2]:.2f}x (CPU files/s)")
-    print(f"{workers} workers / 1 worker = {rows[1][1] / rows[2][1]:.2f}x (wall files/s)")
+    middle = median(r["seconds"] for r in one) / median(r["seconds"] for r in many)
+    print(
+        f"{workers} workers / 1 worker = {rows[1][1] / rows[2][1]:.2f}x (wall files/s; "
+        f"{middle:.2f}x of the medians)"
+    )
     print(f"{workers} workers / dicognito = {d_wall / rows[2][1]:.2f}x (wall files/s)")
     print(
         f"stage: {one[0]['files_out']} written, {one[0]['files_quarantined']} quarantined, "
