@@ -27,29 +27,28 @@ def list_files(root: Path) -> tuple[list[Path], list[dict]]:
     symbolic links to folders (not followed, so no loop), dangling links, link loops, links to a
     file outside ``root``, FIFOs, sockets, devices, file names that are not UTF-8, folders and
     entries that cannot be read. A link to a regular file inside ``root`` is followed once. Never
-    raises for what the folder holds."""
+    raises for what the folder holds. Files come in the order of their paths' components."""
     root = Path(root)
     files, skipped = [], []
 
     def skip(path: Path, reason: str) -> None:
         skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
 
-    folders = [root]
-    while folders:
+    folders = [str(root)]
+    while folders:  # paths as text: a Path per entry would cost more than the listing itself
         folder = folders.pop()
         try:
             with os.scandir(folder) as it:
                 entries = list(it)
         except OSError as err:  # unreadable, or gone since its parent was listed
-            skip(folder, f"folder cannot be read: {strerror(err)}")
+            skip(Path(folder), f"folder cannot be read: {strerror(err)}")
             continue
         for entry in entries:
-            path = Path(entry.path)
             try:
                 if entry.is_symlink():
-                    reason = _link_problem(path, root)
+                    reason = _link_problem(Path(entry.path), root)
                 elif entry.is_dir(follow_symlinks=False):
-                    folders.append(path)
+                    folders.append(entry.path)
                     continue
                 elif entry.is_file(follow_symlinks=False):
                     reason = ""
@@ -57,13 +56,26 @@ def list_files(root: Path) -> tuple[list[Path], list[dict]]:
                     reason = "not a regular file (FIFO, socket or device)"
             except OSError as err:
                 reason = f"cannot be read: {strerror(err)}"
-            if not reason and display_path(path, root) != str(path.relative_to(root)):
+            if not reason and not _utf8(entry.path):
                 reason = "file name is not valid UTF-8"
             if reason:
-                skip(path, reason)
+                skip(Path(entry.path), reason)
             else:
-                files.append(path)
-    return sorted(files), sorted(skipped, key=lambda rec: rec["path"])
+                files.append(entry.path)
+    files.sort(key=lambda path: path.split(os.sep))  # as Path orders them: part by part
+    return [Path(path) for path in files], sorted(skipped, key=lambda rec: rec["path"])
+
+
+def _utf8(path: str) -> bool:
+    """Whether a path as the OS gave it decodes as UTF-8 (undecodable bytes arrive as lone
+    surrogates, which cannot be encoded)."""
+    if path.isascii():
+        return True
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def strerror(err: OSError) -> str:

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import yaml
 
-from ctpipe import dicomio, synth
+from ctpipe import dicomio, listing, synth
 from ctpipe.deid import cohort
 from ctpipe.deid.keys import KEY_ENV
 from ctpipe.deploy import predict
@@ -188,3 +188,19 @@ def test_predict_accounts_for_every_hostile_entry(hostile_folder, hazards, tiny_
     summary = read_json(out / "summary.json")
     assert summary["predicted"] == 1 and summary["series"][uid]["status"] == "predicted"
     check_rows({f["path"]: f["reason"] for f in summary["unused_files"]}, *KINDS)
+
+
+def test_files_come_in_path_order_with_their_relative_paths(tmp_path: Path, monkeypatch):
+    """Listed as text for speed, the files keep Path's order (part by part: ``a/b`` before
+    ``a-c``, which plain text would put first), and relative paths are as ``relative_to``'s."""
+    names = ["a/b", "a-c", "a.d", "a/b-c/d", "a/c/e", "B", "é/f"]
+    for name in names:
+        (tmp_path / "dicom" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dicom" / name).write_bytes(b"x")
+    paths, skipped = listing.list_files(tmp_path / "dicom")
+    assert not skipped
+    assert paths == sorted(paths) and [str(p) for p in paths] != sorted(str(p) for p in paths)
+    monkeypatch.chdir(tmp_path)
+    for folder in (tmp_path, Path(".")):
+        files, _ = cohort.discover(folder, "synthetic", [])
+        assert [rel for _, rel in files] == [str(p.relative_to(tmp_path)) for p in paths]

@@ -76,9 +76,12 @@ def discover(
     if root is not None:  # skip the stage's own outputs when they lie inside the input folder
         skip = [p.resolve() for p in exclude if root.resolve() in p.resolve().parents]
         paths, entries = list_files(root)
+        base = str(input_dir)
+        start = 0 if base == "." else len(os.path.join(base, ""))  # "dicom/a.dcm", as relative_to
         for path in paths:
             if not (skip and any(s in path.resolve().parents for s in skip)):
-                files.append((str(path), str(path.relative_to(input_dir))))
+                text = str(path)
+                files.append((text, text[start:]))
         prefix = "" if root == input_dir else f"{root.name}/"
         for entry in entries:  # links to folders, dangling links, FIFOs, undecodable names
             if not (skip and any(s in (root / entry["path"]).parents for s in skip)):
