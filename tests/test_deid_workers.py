@@ -6,6 +6,7 @@ their start-up out of the CPU time they report."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -110,3 +111,11 @@ def test_the_last_pass_lets_the_workers_go_and_no_pass_may_follow(n):
         assert sorted(i for i, _, _ in out) == list(range(n))
         with pytest.raises(RuntimeError, match="after the last pass"):
             pool.map(square, [1], "test")
+
+
+def test_the_switch_interval_is_short_while_workers_run_and_restored_after():
+    before = sys.getswitchinterval()
+    with batch.Workers(2) as pool:
+        assert sys.getswitchinterval() == pytest.approx(batch.SWITCH_INTERVAL)
+        assert len(pool.map(square, list(range(40)), "test")) == 40
+    assert sys.getswitchinterval() == before

@@ -22,6 +22,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -52,6 +53,7 @@ _WORKER: dict = {}  # per-process state: the de-identifier of the last DeidJob
 GUIDED = 2  # a chunk is the remaining files over this many times the workers
 MIN_CHUNK = 8  # files handed to a worker at a time, at least (fewer round trips on small files)
 AHEAD = 2  # chunks sent to a forked worker before it asks: one to run, one waiting
+SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while the pool's threads wait
 LEAK_MIN_CHARS = 4  # identifying values shorter than this are not searched for ("M", "CT")
 log = logging.getLogger("ctpipe.deid.batch")
 
@@ -97,11 +99,17 @@ class Workers:
             gc.freeze()
             self.pool = multiprocessing.Pool(self.workers - 1, quiet_pydicom)
             gc.unfreeze()
+        if self.pool is not None:
+            # The pool's threads send chunks and take results back; while this thread works
+            # they wait for the GIL up to the switch interval (5 ms), and so do the workers.
+            self.interval = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL)
         return self
 
     def __exit__(self, error_type, *exc) -> None:
         if self.pool is None:
             return
+        sys.setswitchinterval(self.interval)
         if self.started is not None and error_type is None:
             self.pool.close()  # they exit once done; their owner reaps them (Started.stop)
         else:
