@@ -35,6 +35,7 @@ def list_files(root: Path) -> tuple[list[Path], list[dict]]:
         skipped.append({"path": display_path(path, root), "status": "skipped", "reason": reason})
 
     folders = [str(root)]
+    below = len(os.path.join(folders[0], ""))  # an entry's path past the root (scandir joins so)
     while folders:  # paths as text: a Path per entry would cost more than the listing itself
         folder = folders.pop()
         try:
@@ -56,7 +57,7 @@ def list_files(root: Path) -> tuple[list[Path], list[dict]]:
                     reason = "not a regular file (FIFO, socket or device)"
             except OSError as err:
                 reason = f"cannot be read: {strerror(err)}"
-            if not reason and not _utf8(entry.path):
+            if not reason and not _utf8(entry.path[below:]):  # the root's own name may not be
                 reason = "file name is not valid UTF-8"
             if reason:
                 skip(Path(entry.path), reason)
@@ -67,8 +68,8 @@ def list_files(root: Path) -> tuple[list[Path], list[dict]]:
 
 
 def _utf8(path: str) -> bool:
-    """Whether a path as the OS gave it decodes as UTF-8 (undecodable bytes arrive as lone
-    surrogates, which cannot be encoded)."""
+    """Whether a path as the OS gave it was UTF-8 (undecodable bytes arrive as lone surrogates,
+    which cannot be encoded)."""
     if path.isascii():
         return True
     try:

@@ -204,3 +204,17 @@ def test_files_come_in_path_order_with_their_relative_paths(tmp_path: Path, monk
     for folder in (tmp_path, Path(".")):
         files, _ = cohort.discover(folder, "synthetic", [])
         assert [rel for _, rel in files] == [str(p.relative_to(tmp_path)) for p in paths]
+
+
+def test_only_names_below_the_root_must_be_utf8(tmp_path: Path):
+    """A folder the user chose may have any name; a file or folder below it must be UTF-8."""
+    root = os.fsencode(tmp_path) + b"/study_\xff"
+    os.makedirs(root + b"/bad_\xfe")
+    for name in (b"/ok.dcm", b"/bad_\xfe/a.dcm"):
+        with open(root + name, "wb") as f:
+            f.write(b"x")
+    paths, skipped = listing.list_files(Path(os.fsdecode(root)))
+    assert [p.name for p in paths] == ["ok.dcm"]
+    assert [(r["path"], r["reason"]) for r in skipped] == [
+        ("bad_\\xfe/a.dcm", "file name is not valid UTF-8")
+    ]
