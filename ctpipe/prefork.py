@@ -44,22 +44,23 @@ def start(processes: int, module: str, init: str) -> Started | None:
     taking tasks; None for none. Call it before importing what the workers will run."""
     if processes < 1:
         return None
-    wall, cpu = time.perf_counter(), _cpu()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     pool = multiprocessing.get_context("fork").Pool(processes, _ready, (module, init))
-    return Started(pool, processes, time.perf_counter() - wall, _cpu() - cpu)
+    return Started(pool, processes, time.perf_counter() - wall, cpu_seconds() - cpu)
 
 
 def work_cpu() -> float:
     """CPU seconds of this process, without a started worker's start-up (a process forked
     otherwise counts from its fork)."""
-    return _cpu() - _startup_cpu
+    return cpu_seconds() - _startup_cpu
 
 
 def _ready(module: str, init: str) -> None:
     global _startup_cpu
     getattr(importlib.import_module(module), init)()
-    _startup_cpu = _cpu()
+    _startup_cpu = cpu_seconds()
 
 
-def _cpu() -> float:
+def cpu_seconds() -> float:
+    """CPU seconds of this process (a worker's are its own: it reports them, :func:`work_cpu`)."""
     return sum(os.times()[:2])  # user, system

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             started,
         )
     finally:
-        if started is not None:  # stopped already, unless the run failed before starting them
+        if started is not None:  # reaped here: the run closed their pool, or terminated it
             started.stop()
         # afterwards: it imports torch, which would make the workers' start slow
         record_environment("anonymize", args.metrics.parent / "env")

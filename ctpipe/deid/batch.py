@@ -201,9 +201,15 @@ class _Pass:
             self.taken += len(chunk)
             if forked:
                 self.pending, self.queued = self.pending + 1, self.queued + len(chunk)
-            elif self.last and self.taken == len(self.items):
-                self.pool.close()  # every chunk is out: the forked workers exit after theirs
+            else:
+                self._close_when_all_out()
         return self.func, self.job_of(chunk), chunk
+
+    def _close_when_all_out(self) -> None:
+        """In the last pass, once every chunk is out (a forked worker's: sent), the forked
+        workers may exit after theirs. Called holding the lock."""
+        if self.last and self.taken == len(self.items):
+            self.pool.close()
 
     def _send(self) -> None:
         with self.lock:  # taken and sent in one step, so that the pool is closed after the send
@@ -219,8 +225,7 @@ class _Pass:
                 self.error = self.error or error
                 self.lock.notify_all()
                 return
-            if self.last and self.taken == len(self.items):
-                self.pool.close()
+            self._close_when_all_out()
 
     def _back(self, reported: tuple) -> None:  # the pool's result thread
         self.owner._report(reported)

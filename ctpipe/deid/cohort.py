@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ctpipe import annotations, config
+from ctpipe import annotations, config, prefork
 from ctpipe.deid import batch
 from ctpipe.deid.files import FileResult, Quarantine, copy_mhd
 from ctpipe.deid.keys import Keyring
@@ -275,15 +275,10 @@ def run_metrics(
         "annotations_out": len(annotations),
         "leaks_found": len(leaks),
         "seconds": seconds,
-        "cpu_seconds": cpu_seconds() - start[1],
+        "cpu_seconds": prefork.cpu_seconds() - start[1],
         "files_per_s": len(results) / seconds if seconds else 0.0,
         "quarantine_reasons": dict(sorted(reasons.items())),
     }
-
-
-def cpu_seconds() -> float:
-    """CPU seconds of this process (its workers report theirs: :meth:`batch.Workers.worker_cpu`)."""
-    return sum(os.times()[:2])  # user, system
 
 
 def remove_leaking(leaks: list, out_dir: Path, private_dir: Path) -> None:

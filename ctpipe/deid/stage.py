@@ -8,7 +8,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ctpipe import config
+from ctpipe import config, prefork
 from ctpipe.deid import batch, cohort, table
 from ctpipe.deid.batch import DeidJob, Verification, Workers
 from ctpipe.deid.files import FileResult
@@ -44,7 +44,7 @@ def run(
     already); its exit code."""
     # the workers' start counts as the work's (not their imports: start-up, as this process's)
     spent = (started.seconds, started.cpu) if started else (0.0, 0.0)
-    start = time.perf_counter() - spent[0], cohort.cpu_seconds() - spent[1]
+    start = time.perf_counter() - spent[0], prefork.cpu_seconds() - spent[1]
     with Workers(workers, started=started) as pool:
         try:
             source = cohort.cohort_source(input_dir)
