@@ -145,6 +145,14 @@ def train_epoch(
         if stop and len(losses) >= stop:
             break
         fetched = time.perf_counter()
+    else:
+        # MONAI's ThreadDataLoader prints a failed batch's traceback and ends the epoch early;
+        # going on would train the next epochs on nothing and log a NaN loss.
+        if len(losses) < len(data.loader):
+            raise RuntimeError(
+                f"epoch {epoch + 1}: the loader gave {len(losses)} of {len(data.loader)} batches "
+                "and stopped (the error that stopped it is printed above)"
+            )
     return losses, wait
 
 

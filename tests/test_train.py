@@ -274,3 +274,37 @@ def test_a_checkpoint_resumes_only_the_unfinished_run_of_its_params_seed_and_dat
     training.save_checkpoint(last, **{**ckpt, "complete": True})
     assert training.resume_state(last, cfg, 1, "d") is None
     assert training.resume_state(tmp_path / "none.pt", cfg, 1, "d") is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_epoch_whose_loader_fails_stops_the_run(monkeypatch):
+    """A batch that cannot be read (a case file removed under the run) ends the epoch early in
+    MONAI's ThreadDataLoader; the run must stop there, not log a NaN loss and train on nothing."""
+    from types import SimpleNamespace
+
+    from ctpipe.model import data as model_data
+
+    class Dataset(torch.utils.data.Dataset):
+        def __init__(self, broken: int | None):
+            self.broken = broken
+
+        def __len__(self):
+            return 8
+
+        def set_epoch(self, epoch):
+            pass
+
+        def __getitem__(self, item):
+            if item == self.broken:
+                raise FileNotFoundError("case_021.image.b2nd")
+            return {"image": torch.zeros(1, 4, 4), "label": torch.zeros(1, 4, 4, dtype=torch.int64)}
+
+    def epoch(dataset):
+        batches = SimpleNamespace(dataset=dataset, loader=model_data.make_loader(dataset, 2, 0))
+        cfg = SimpleNamespace(epochs=3)
+        return train.train_epoch(batches, None, torch.nn.Identity(), 1, cfg, "cpu", None, 0, 0)
+
+    monkeypatch.setattr(training, "step", lambda *args: torch.tensor(0.0))
+    assert len(epoch(Dataset(broken=None))[0]) == 4
+    with pytest.raises(RuntimeError, match=r"epoch 2: the loader gave 2 of 4 batches"):
+        epoch(Dataset(broken=5))
