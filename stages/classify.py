@@ -183,7 +183,7 @@ def run(
     write_csv(tables / "weights.csv", weights.round(4))
     model = classifier.CandidateClassifier(net, shape, float(summary["crop_mm"]), weight)
     record = {**record, "weight": weight, "val_cpm": cpm[weight], "val_cpm_without": without}
-    model.save(model_path, cfg.channels, rounded(record))
+    model.save(model_path, cfg.channels, model_record(record))
     log.info(
         "best val AUC %.4f (epoch %d); weight %g: val CPM %.4f (without the classifier %.4f)",
         record["val_auc"],
@@ -203,6 +203,16 @@ def run(
             "samples_per_s": record["samples_per_s"],
         }
     )
+
+
+TIMINGS = ("seconds", "samples_per_s")  # in metrics/classify.json, not in the model file
+
+
+def model_record(record: dict) -> dict:
+    """What ``models/classifier.pt`` keeps of the training record: everything but its timings, so
+    that the same training writes the same bytes (a timing in the file made every rerun a new
+    model to DVC, and evaluate and export ran again for it)."""
+    return rounded({k: v for k, v in record.items() if k not in TIMINGS})
 
 
 def main(argv: list[str] | None = None) -> int:

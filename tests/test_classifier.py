@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ctpipe import classifier, config
 from ctpipe.geometry import Geometry, array_index_to_world
@@ -96,11 +97,17 @@ def test_the_classifier_ranks_a_faint_nodule_above_a_bright_vessel(tmp_path):
     assert rescored["classifier"].iloc[0] > 0.9 and rescored["classifier"].iloc[1] < 0.5
 
     saved = tmp_path / "classifier.pt"
-    model.save(saved, cfg.channels, {})
+    model.save(saved, cfg.channels, stage.model_record(record))
     again = classifier.CandidateClassifier.load(saved).rescore(
         image.astype(np.float16), geom, cands
     )
     pd.testing.assert_frame_equal(again, rescored)
+    # The same model saved after a slower run of the same training: the same bytes.
+    slower = {**record, "seconds": record["seconds"] * 2, "samples_per_s": 1.0}
+    (tmp_path / "again").mkdir()  # the same file name: torch.save writes it into the archive
+    model.save(tmp_path / "again" / saved.name, cfg.channels, stage.model_record(slower))
+    assert (tmp_path / "again" / saved.name).read_bytes() == saved.read_bytes()
+    assert record["seconds"] > 0 and "seconds" not in torch.load(saved, weights_only=True)["record"]
 
 
 def val_candidates(scans: str, gains: str) -> tuple[pd.DataFrame, pd.DataFrame]:
