@@ -7,6 +7,11 @@ working tree) in a temporary folder, with one seed changed in its ``params.yaml`
 * ``--cohort-seeds``: ``base.seed`` (another synthetic cohort, split and, with ``train.seed: null``,
   training seed).
 
+``--profile FILE`` (a params profile, ``profiles/*.yaml``: dotted keys and values) is applied to
+every run first, to measure a candidate default over seeds before it is committed; the runs then
+re-run whatever it changes, and ``metrics/seeds.json`` records it (give ``--out`` another file to
+keep the committed study).
+
 ``dvc repro evaluate`` runs in the clone with this repository's DVC cache, after ``dvc checkout``,
 so a stage whose deps and params match ``dvc.lock`` (the committed default run, the data stages
 of the default cohort) is restored instead of re-run; a run whose training was restored is marked
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from ctpipe import profiles
 from ctpipe.fileio import write_json
 from ctpipe.runenv import cpu_info, git_revision
 
@@ -64,12 +70,17 @@ def sh(cwd: Path, *cmd: str, log: Path | None = None) -> None:
         )
 
 
-def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> dict:
-    """Clone, set the seed, ``dvc repro evaluate``, read the metrics."""
+def one_run(
+    workdir: Path, name: str, changes: dict[str, dict], keep: bool, profile: dict | None = None
+) -> dict:
+    """Clone, apply ``profile`` (dotted keys), set the seed, ``dvc repro evaluate``, read the
+    metrics."""
     clone = workdir / name
     log = workdir / f"{name}.log"
     sh(workdir, "git", "clone", "-q", str(ROOT), str(clone))
     params = yaml.safe_load((clone / "params.yaml").read_text())
+    for key, value in (profile or {}).items():
+        profiles.override(params, key, value, "profile")
     for section, values in changes.items():
         params[section].update(values)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -96,6 +107,7 @@ def one_run(workdir: Path, name: str, changes: dict[str, dict], keep: bool) -> d
     return {
         "run": name,
         "changes": changes,
+        **({"profile": profile} if profile else {}),
         "stages_run": ran,
         "reused": "train" not in ran,
         "seconds": round(seconds, 1),
@@ -159,6 +171,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[7, 13],
         help="base.seed values: other cohorts (default: %(default)s)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="params profile (profiles/*.yaml) applied to every run (default: none)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "seeds.json")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where the clones go (default: a temp folder)"
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "note: uncommitted changes are not in the runs (each run clones HEAD)", file=sys.stderr
         )
+    profile = profiles.load(args.profile) if args.profile else None
     base_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["seed"])
     plan = [
         (f"train_seed_{s}", {"train": {"seed": s}} if s != base_seed else {})
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"[{i}/{len(plan)}] {name}: {changes or 'default params'} (log: {workdir / name}.log)",
                 flush=True,
             )
-            runs.append(one_run(workdir, name, changes, args.keep))
+            runs.append(one_run(workdir, name, changes, args.keep, profile))
             r = runs[-1]
             print(
                 f"    Dice {r['dice']:.3f}  CPM {r['froc_cpm']:.3f}  sens@1FP {r['sensitivity_at_1fp']:.2f}  "
