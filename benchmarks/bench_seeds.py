@@ -229,8 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "note: uncommitted changes are not in the runs (each run clones HEAD)", file=sys.stderr
         )
-    profile = profiles.load(args.profile) if args.profile else None
-    base_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["seed"])
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    profile = None
+    if args.profile:
+        try:  # checked on this checkout's params before any run: a typo fails here, not in a clone
+            profile = profiles.load(args.profile)
+            for key, value in profile.items():
+                profiles.override(params, key, value, str(args.profile))
+        except profiles.ConfigError as exc:
+            print(f"bench_seeds: {exc}", file=sys.stderr)
+            return 2
+    base_seed = int(params["base"]["seed"])
     plan = [
         (f"train_seed_{s}", {"train": {"seed": s}} if s != base_seed else {})
         for s in args.train_seeds

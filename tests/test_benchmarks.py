@@ -233,3 +233,24 @@ def test_bench_disk_counts_hard_links_once(tmp_path):
     assert figures["ratio"]["apparent"] == pytest.approx(1.65)
     assert figures["ratio"]["copies"] == pytest.approx((1600 + 1650) / 1000)
     assert "1.65 x (file bytes)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("preprocess.no_such_key: 1\n", "no key preprocess.no_such_key in params.yaml"),
+        ("- not a mapping\n", "expected a mapping of SECTION.KEY: value"),
+        (None, "cannot read"),
+    ],
+)
+def test_bench_seeds_refuses_a_bad_profile_before_any_run(tmp_path, text, says):
+    profile = tmp_path / "profile.yaml"
+    if text is not None:
+        profile.write_text(text)
+    workdir = tmp_path / "runs"
+    done = run(
+        ["benchmarks/bench_seeds.py", "--profile", profile, "--workdir", workdir], timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(profile) in done.stderr and says in done.stderr
+    assert not workdir.exists()  # nothing cloned
