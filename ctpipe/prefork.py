@@ -17,9 +17,11 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.pool import Pool
+from multiprocessing.process import BaseProcess
 
 _startup_cpu = 0.0  # in a started worker: the CPU seconds it spent starting (its imports)
 
@@ -32,6 +34,7 @@ class Started:
     processes: int
     seconds: float  # wall seconds this process spent starting them
     cpu: float  # CPU seconds this process spent starting them
+    children: list[BaseProcess]  # the worker processes the pool started (a dead one stays listed)
 
     def stop(self) -> None:
         """Terminate and reap the workers."""
@@ -45,8 +48,34 @@ def start(processes: int, module: str, init: str) -> Started | None:
     if processes < 1:
         return None
     wall, cpu = time.perf_counter(), cpu_seconds()
-    pool = multiprocessing.get_context("fork").Pool(processes, _ready, (module, init))
-    return Started(pool, processes, time.perf_counter() - wall, cpu_seconds() - cpu)
+    pool, children = new_pool(processes, _ready, (module, init))
+    return Started(pool, processes, time.perf_counter() - wall, cpu_seconds() - cpu, children)
+
+
+def new_pool(processes: int, *initializer) -> tuple[Pool, list[BaseProcess]]:
+    """A forked ``Pool(processes, *initializer)`` and the worker processes it started.
+
+    The pool replaces a worker that dies, but the task the worker held is lost: its result never
+    comes, and whoever waits for it waits forever. Kept here, the processes tell a death
+    (:func:`died`) to whoever waits."""
+    before = set(multiprocessing.active_children())
+    pool = multiprocessing.get_context("fork").Pool(processes, *initializer)
+    return pool, [p for p in multiprocessing.active_children() if p not in before]
+
+
+def died(children: list[BaseProcess]) -> str | None:
+    """How the first of ``children`` that died did (killed by a signal, or an exit code other
+    than 0); None while each is alive or has exited cleanly (a closed pool's workers exit 0)."""
+    for child in children:
+        code = child.exitcode
+        if code is None or code == 0:
+            continue
+        try:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+        return f"worker process {child.pid} died ({how})"
+    return None
 
 
 def work_cpu() -> float:

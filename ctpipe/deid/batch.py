@@ -55,7 +55,18 @@ MIN_CHUNK = 8  # files handed to a worker at a time, at least (fewer round trips
 AHEAD = 2  # chunks sent to a forked worker before it asks: one to run, one waiting
 SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while the pool's threads wait
 LEAK_MIN_CHARS = 4  # identifying values shorter than this are not searched for ("M", "CT")
+DEATH_POLL = 0.5  # seconds between checks, while this process waits, that no forked worker died
 log = logging.getLogger("ctpipe.deid.batch")
+
+
+class WorkerDied(RuntimeError):
+    """A forked worker died (killed, crashed) holding items of a pass or a call: they are lost,
+    and so is the pass. ``lost``: the items the forked workers held (one of them the dead one's).
+    The message gives their number only: an input's path may name the patient."""
+
+    def __init__(self, message: str, lost: list | None = None) -> None:
+        super().__init__(message)
+        self.lost = lost or []
 
 
 def quiet_pydicom() -> None:
@@ -85,6 +96,7 @@ class Workers:
         self.workers, self.chunksize = max(1, workers), max(1, chunksize)
         self.started = started if started and started.processes == self.workers - 1 else None
         self.pool = None
+        self.children: list = []  # the forked workers (prefork.new_pool)
         self.closed = False  # the last pass has begun
         self.cpu: dict[int, float] = {}  # CPU seconds each forked worker reported, by process
 
@@ -92,12 +104,12 @@ class Workers:
         quiet_pydicom()
         _WORKER.clear()  # a run starts with fresh caches (what was reported kept, per patient)
         if self.started is not None:
-            self.pool = self.started.pool
+            self.pool, self.children = self.started.pool, self.started.children
         elif self.workers > 1:
             # A worker's first full garbage collection would walk, and so copy, every object it
             # inherits (70 ms stalls): objects that exist now stay out of its collections.
             gc.freeze()
-            self.pool = multiprocessing.Pool(self.workers - 1, quiet_pydicom)
+            self.pool, self.children = prefork.new_pool(self.workers - 1, quiet_pydicom)
             gc.unfreeze()
         if self.pool is not None:
             # The pool's threads send chunks and take results back; while this thread works
@@ -130,7 +142,16 @@ class Workers:
                 return functools.partial(_raise, error)
             return lambda: value
         pending = self.pool.apply_async(_reporting, (func, *args), callback=self._report)
-        return lambda: pending.get()[2]
+
+        def value():
+            while True:
+                try:
+                    return pending.get(DEATH_POLL)[2]
+                except multiprocessing.TimeoutError:
+                    if death := prefork.died(self.children):
+                        raise WorkerDied(f"{death} during {func.__name__}") from None
+
+        return value
 
     def _report(self, result: tuple) -> None:  # the pool's result thread
         self.cpu[result[0]] = result[1]
@@ -176,6 +197,8 @@ class _Pass:
         self.lock = threading.Condition()
         self.taken = 0  # items handed out
         self.queued = 0  # items sent to the forked workers and not back
+        self.sent: dict[int, list] = {}  # those items, by chunk number
+        self.numbered = 0  # chunks sent so far
         self.done: list = []
         self.pending, self.error = 0, None
         for _ in range(AHEAD * self.forked):
@@ -216,21 +239,27 @@ class _Pass:
             task = self._take(forked=True)
             if task is None:
                 return
+            number, self.numbered = self.numbered, self.numbered + 1
             try:
                 self.pool.apply_async(
-                    _reporting, (_chunk, task), callback=self._back, error_callback=self._fail
+                    _reporting,
+                    (_chunk, task),
+                    callback=functools.partial(self._back, number),
+                    error_callback=self._fail,
                 )
             except ValueError as error:  # the pool is closing: the pass fails, nothing is lost
                 self.pending -= 1
                 self.error = self.error or error
                 self.lock.notify_all()
                 return
+            self.sent[number] = task[2]
             self._close_when_all_out()
 
-    def _back(self, reported: tuple) -> None:  # the pool's result thread
+    def _back(self, number: int, reported: tuple) -> None:  # the pool's result thread
         self.owner._report(reported)
         result = reported[2]
         with self.lock:
+            self.sent.pop(number, None)
             self.done.append(result)
             self.pending, self.queued = self.pending - 1, self.queued - len(result)
             self.lock.notify_all()
@@ -255,12 +284,21 @@ class _Pass:
                 raise
             with self.lock:
                 while self.pending and self.error is None:
-                    self.lock.wait()
+                    if not self.lock.wait(DEATH_POLL):
+                        self.error = self._death()
                 if self.error is not None:
                     raise self.error
                 theirs = [r for chunk in self.done for r in chunk]
             bar.update(len(theirs))
         return out + theirs
+
+    def _death(self) -> WorkerDied | None:
+        """A forked worker's death, with what of the pass it may have held (lock held)."""
+        death = prefork.died(self.owner.children)
+        if death is None:
+            return None
+        lost = [item for chunk in self.sent.values() for item in chunk]
+        return WorkerDied(f"{self.desc}: {death}; {len(lost)} items in the workers not done", lost)
 
 
 def _chunk(task: tuple) -> list:

@@ -45,38 +45,51 @@ def run(
     # the workers' start counts as the work's (not their imports: start-up, as this process's)
     spent = (started.seconds, started.cpu) if started else (0.0, 0.0)
     start = time.perf_counter() - spent[0], prefork.cpu_seconds() - spent[1]
-    with Workers(workers, started=started) as pool:
-        try:
-            source = cohort.cohort_source(input_dir)
-            # listed by a worker while this process reads the annotations
-            listed = pool.call(cohort.discover, input_dir, source, [out_dir, private_dir])
-            raw_annotations = cohort.load_annotations(input_dir, source)
-            items, unusable = listed()
-            key, key_source = load_key(
-                cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
+    try:
+        with Workers(workers, started=started) as pool:
+            try:
+                source = cohort.cohort_source(input_dir)
+                # listed by a worker while this process reads the annotations
+                listed = pool.call(cohort.discover, input_dir, source, [out_dir, private_dir])
+                raw_annotations = cohort.load_annotations(input_dir, source)
+                items, unusable = listed()
+                key, key_source = load_key(
+                    cfg.key_file, source == "synthetic", [input_dir, out_dir, private_dir]
+                )
+            except (DeidKeyError, cohort.InputError) as err:
+                log.error("%s", err)
+                return 2
+            keyring, options = Keyring(key), DeidOptions.from_params(cfg)
+            cohort.prepare_output(out_dir)
+            private_dir.mkdir(parents=True, exist_ok=True)
+            codes = options.codes()
+            log.info(
+                "%s cohort, %d files, key from %s, options %s",
+                source,
+                len(items),
+                key_source,
+                codes,
             )
-        except (DeidKeyError, cohort.InputError) as err:
-            log.error("%s", err)
-            return 2
-        keyring, options = Keyring(key), DeidOptions.from_params(cfg)
+            job = DeidJob.from_params(options, key, cfg, out_dir)
+            results, indexes, extra, names = deidentify(
+                items, job, pool, source, input_dir, keyring
+            )
+            results += unusable
+            written = [r for r in results if not r.reason]
+            gate = Verification(out_dir, written, indexes, options, names, pool)  # scans begin
+            annotations, n_annotations = cohort.remap_annotations(
+                raw_annotations, keyring, {r.series for r in written}
+            )
+            write_csv(out_dir / "annotations.csv", annotations)
+            meta = cohort.deid_meta(options, source, keyring, key_source, cfg)
+            cohort.write_tables(out_dir, private_dir, results, keyring, options, meta)
+            leaks = gate.leaks(extra + [out_dir / name for name in cohort.OWN_FILES])
+    except batch.WorkerDied as err:
+        # the pool is terminated by now: nothing writes into OUTPUT_DIR while it is emptied of
+        # what no leak scan has read
+        log.error("%s: the run stopped and %s was emptied; run the stage again", err, out_dir)
         cohort.prepare_output(out_dir)
-        private_dir.mkdir(parents=True, exist_ok=True)
-        codes = options.codes()
-        log.info(
-            "%s cohort, %d files, key from %s, options %s", source, len(items), key_source, codes
-        )
-        job = DeidJob.from_params(options, key, cfg, out_dir)
-        results, indexes, extra, names = deidentify(items, job, pool, source, input_dir, keyring)
-        results += unusable
-        written = [r for r in results if not r.reason]
-        gate = Verification(out_dir, written, indexes, options, names, pool)  # scans begin
-        annotations, n_annotations = cohort.remap_annotations(
-            raw_annotations, keyring, {r.series for r in written}
-        )
-        write_csv(out_dir / "annotations.csv", annotations)
-        meta = cohort.deid_meta(options, source, keyring, key_source, cfg)
-        cohort.write_tables(out_dir, private_dir, results, keyring, options, meta)
-        leaks = gate.leaks(extra + [out_dir / name for name in cohort.OWN_FILES])
+        return 1
     start = start[0], start[1] - pool.worker_cpu()
     metrics = cohort.run_metrics(results, written, n_annotations, annotations, leaks, start)
     write_json(metrics_path, rounded(metrics))
