@@ -104,6 +104,9 @@ class ForegroundPatchDiceCELoss(torch.nn.Module):
         return dice + self.ce(logits, target[:, 0].long())
 
 
+TIMINGS = ("samples_per_s", "data_wait_fraction")  # of an epoch's record: logged, not checkpointed
+
+
 @dataclass
 class TrainData:
     """What a run reads: the training patches and their loader, a fixed batch of validation
@@ -149,7 +152,8 @@ class TrainState:
             "seed": seed,
             "data_id": data_id,
             "epoch": self.epoch - 1,
-            "history": self.history,
+            # without the timings: the same training writes the same bytes (DVC hashes last.pt)
+            "history": [{k: v for k, v in r.items() if k not in TIMINGS} for r in self.history],
             "complete": False,
         }
 
