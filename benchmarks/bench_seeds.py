@@ -125,7 +125,7 @@ def one_run(
                 *("auc_gain", "auc_gain_ci95", "nodules", "malignant"),
             )
         }
-        | {k: third.get(k) for k in ("uses_image_figures", "cv_gain_share")},
+        | {k: third.get(k) for k in ("uses_image_figures", "val_gain_share")},
         "sensitivity_at_1fp": evaluate["sensitivity_at_fp"]["1"],
         "sensitivity": evaluate["sensitivity"],
         "fp_per_scan": evaluate["fp_per_scan"],

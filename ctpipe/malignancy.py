@@ -12,17 +12,14 @@ thing whatever the annotation said:
 - ``solid_share``: share of the voxels within ``d / 2`` of the centre above ``solid_hu`` (soft
   tissue: 1 for a solid nodule, less with a ground-glass part);
 - ``margin_share``: share of the voxels in the shell from ``d / 2`` to ``shell * d / 2`` above
-  ``margin_hu``: lobes and spicules reach into it (so do a touching vessel or wall);
-- ``fissure_contrast``: how much a thin sheet tangent to the nodule stands out of the lung around
-  it (HU), the mark of a perifissural nodule (:func:`fissure_contrast`).
+  ``margin_hu``: lobes and spicules reach into it (so do a touching vessel or wall).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,34 +31,10 @@ from ctpipe.geometry import Geometry, world_to_array_index
 from ctpipe.intensity import normalise
 from ctpipe.postprocessing.crops import cut_crops
 
-FEATURES = ("log_diameter", "solid_share", "margin_share", "fissure_contrast")
+FEATURES = ("log_diameter", "solid_share", "margin_share")
 SOLID_HU = -300.0  # soft tissue above, ground glass (-750 .. -300) and air below
 MARGIN_HU = -500.0  # lobes, spicules, vessels above; aerated lung below
 SHELL = 1.5  # outer radius of the margin shell over the nodule's
-
-
-@dataclass(frozen=True)
-class Sheet:
-    """What :func:`fissure_contrast` calls a sheet tangent to a nodule (mm and HU)."""
-
-    directions: int = 200  # plane normals tried, spread evenly over the sphere
-    half_thickness: float = 1.5  # of the tangent plane and of the planes either side
-    side: float = 5.0  # distance of the planes either side from the tangent one
-    ring: tuple[float, float] = (
-        2.0,
-        14.0,
-    )  # part of each plane read: beyond the radius, from the axis
-    clip: tuple[float, float] = (-950.0, -650.0)  # aerated lung .. a thin sheet's partial volume
-    sheet_hu: float = -725.0  # the plane's median above this: a wall or a vessel, not a sheet
-    lung_hu: float = -775.0  # the planes either side must both be aerated lung, below this
-
-
-SHEET = Sheet()
-
-
-def sheet_settings(sheet: Sheet) -> dict:
-    """``sheet`` as a model file holds it (tuples as lists), to compare with a loaded one."""
-    return json.loads(json.dumps(asdict(sheet)))
 
 
 def label(ratings: pd.DataFrame) -> pd.Series:
@@ -87,70 +60,26 @@ def features(volume: np.ndarray, geom: Geometry, nodules: pd.DataFrame, norm: di
     rows = []
     for centre, d in zip(xyz, diameter):
         radius = max(float(d), 1e-3) / 2
-        sheet_reach = math.hypot(radius + SHEET.side + SHEET.half_thickness, radius + SHEET.ring[1])
-        reach = max(SHELL * radius, sheet_reach) + spacing_kji.max()
+        reach = SHELL * radius + spacing_kji.max()
         shape = [2 * math.ceil(reach / s) + 1 for s in spacing_kji]
         crop = cut_crops(volume, geom, centre[None], shape)[0].astype(np.float32)
-        # mm from the nodule's centre to every voxel of the crop, [k, j, i, 3]
+        # mm from the voxel the crop is centred on to every voxel of the crop
         offset = world_to_array_index(centre[None], geom)[0]
         offset = (offset - np.rint(offset)) * spacing_kji if np.isfinite(offset).all() else 0.0
-        axes = [(np.arange(n) - n // 2) * s - o for n, s, o in zip(shape, spacing_kji, offset)]
-        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-        dist = np.linalg.norm(grid, axis=-1)
+        axes = [(np.arange(n) - n // 2) * s for n, s in zip(shape, spacing_kji)]
+        grid = np.meshgrid(*axes, indexing="ij")
+        dist = np.sqrt(sum((g - o) ** 2 for g, o in zip(grid, np.broadcast_to(offset, 3))))
         inner = dist <= max(radius, spacing_kji.min() / 2)
         inner.flat[np.argmin(dist)] = True  # at least the centre voxel
         shell = (dist > radius) & (dist <= SHELL * radius + spacing_kji.min() / 2)
-        hu = crop * max(norm["std"], 1e-6) + norm["mean"]  # normalise's inverse within its clip
         rows.append(
             {
                 "log_diameter": math.log(max(float(d), 1e-3)),
                 "solid_share": float(np.mean(crop[inner] > solid)),
                 "margin_share": float(np.mean(crop[shell] > margin)) if shell.any() else 0.0,
-                "fissure_contrast": fissure_contrast(hu, grid, radius),
             }
         )
     return pd.DataFrame(rows, columns=list(FEATURES), index=nodules.index)
-
-
-def _sphere(n: int) -> np.ndarray:
-    """``n`` unit vectors spread evenly over the sphere (a Fibonacci lattice), ``[n, 3]``."""
-    i = np.arange(n) + 0.5
-    polar, turn = np.arccos(1 - 2 * i / n), np.pi * (1 + 5**0.5) * i
-    return np.stack([np.cos(turn) * np.sin(polar), np.sin(turn) * np.sin(polar), np.cos(polar)], 1)
-
-
-def fissure_contrast(
-    hu: np.ndarray, grid: np.ndarray, radius: float, sheet: Sheet = SHEET
-) -> float:
-    """How far a thin sheet tangent to a nodule stands above the lung either side of it (HU; 0:
-    none found). ``hu``: the crop around the nodule; ``grid``: each voxel's offset from the centre
-    (mm, ``[..., 3]``); ``radius``: the nodule's (mm).
-
-    For each of ``sheet.directions`` normals ``n``: the median of the clipped HU on the plane
-    tangent to the nodule along ``n`` (``|x . n - radius| <= half_thickness``) less the higher of
-    the medians on the parallel planes ``side`` mm beyond and within it, each read on the ring
-    ``radius + ring`` from the axis ``n`` (clear of the nodule itself). Only planes whose median is
-    below ``sheet_hu`` between sides below ``lung_hu`` count: a fissure, about a voxel thick at
-    -750 HU in lung at -850, passes; the chest wall and a vessel do not. The largest over ``n``.
-    """
-    values = np.clip(hu, *sheet.clip).reshape(-1)
-    pos = grid.reshape(-1, 3)
-    dist2 = np.einsum("ij,ij->i", pos, pos)
-    best = 0.0
-    for normal in _sphere(sheet.directions):
-        along = pos @ normal
-        across2 = dist2 - along**2
-        ring = (across2 > (radius + sheet.ring[0]) ** 2) & (across2 < (radius + sheet.ring[1]) ** 2)
-        planes = [
-            ring & (np.abs(along - radius - shift) <= sheet.half_thickness)
-            for shift in (0.0, sheet.side, -sheet.side)
-        ]
-        if min(int(p.sum()) for p in planes) < 10:  # too few voxels to read (cut by the edge)
-            continue
-        on, beyond, within = (float(np.median(values[p])) for p in planes)
-        if on < sheet.sheet_hu and max(beyond, within) < sheet.lung_hu:
-            best = max(best, on - max(beyond, within))
-    return best
 
 
 @dataclass(frozen=True)
@@ -165,7 +94,6 @@ class MalignancyModel:
     solid_hu: float = SOLID_HU
     margin_hu: float = MARGIN_HU
     shell: float = SHELL
-    sheet: dict = field(default_factory=lambda: sheet_settings(SHEET))
 
     def probability(self, table: pd.DataFrame) -> np.ndarray:
         x = table[list(self.features)].to_numpy(np.float64)
@@ -189,8 +117,8 @@ class MalignancyModel:
         """
         if list(values.get("features", [])) != list(FEATURES):
             raise ValueError(f"{source}: features {values.get('features')}, expected {FEATURES}")
-        settings = tuple(values.get(k) for k in ("solid_hu", "margin_hu", "shell", "sheet"))
-        if settings != (SOLID_HU, MARGIN_HU, SHELL, sheet_settings(SHEET)):
+        settings = tuple(values.get(k) for k in ("solid_hu", "margin_hu", "shell"))
+        if settings != (SOLID_HU, MARGIN_HU, SHELL):
             raise ValueError(f"{source}: made with other feature settings than this code reads")
         try:
             model = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

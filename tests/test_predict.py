@@ -273,7 +273,7 @@ def test_trained_package_finds_nodules_of_an_unseen_patient(tmp_path, acquisitio
     third = malignancy.MalignancyModel.from_dict(input_spec["malignancy"], "input_spec.json")
     if not any(third.coef[1:]):  # the diameter's model: the probability follows the diameter
         figures = found.assign(log_diameter=np.log(found["diameter_mm"]), solid_share=0.0)
-        expected = third.probability(figures.assign(margin_share=0.0, fissure_contrast=0.0))
+        expected = third.probability(figures.assign(margin_share=0.0))
         np.testing.assert_allclose(found["malignancy"], expected, atol=2e-3)
     mask_img = sitk.ReadImage(str(tmp_path / "out" / uid / "mask.nii.gz"))
     if acquisition:  # the mask is on the series' own fine grid
@@ -381,9 +381,9 @@ def test_a_package_with_a_malignancy_model_rates_and_reports_each_nodule(
     shutil.copytree(density_package, package)
     model = malignancy.MalignancyModel(
         features=malignancy.FEATURES,
-        mean=(2.0, 0.5, 0.1, 10.0),
-        scale=(0.5, 0.3, 0.1, 10.0),
-        coef=(1.0, 0.0, 0.0, 0.0),
+        mean=(2.0, 0.5, 0.1),
+        scale=(0.5, 0.3, 0.1),
+        coef=(1.0, 0.0, 0.0),
         intercept=0.0,
     )
     part = {"malignancy": dataclasses.asdict(model)}
@@ -397,6 +397,6 @@ def test_a_package_with_a_malignancy_model_rates_and_reports_each_nodule(
     assert list(reported.columns) == cols
     np.testing.assert_allclose(reported[cols].to_numpy(), found[cols].to_numpy(), atol=1e-3)
     # a spec whose model is not one this code reads is refused, naming it
-    bad = {"malignancy": {**part["malignancy"], "scale": [0, 1, 1, 1]}}
+    bad = {"malignancy": {**part["malignancy"], "scale": [0, 1, 1]}}
     with pytest.raises(ValueError, match="input_spec.json: 'malignancy': non-finite values or"):
         predict_with(package, bad, tmp_path / "s2", tmp_path / "again", write_tiny_cohort)
