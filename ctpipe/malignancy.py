@@ -35,6 +35,7 @@ FEATURES = ("log_diameter", "solid_share", "margin_share")
 SOLID_HU = -300.0  # soft tissue above, ground glass (-750 .. -300) and air below
 MARGIN_HU = -500.0  # lobes, spicules, vessels above; aerated lung below
 SHELL = 1.5  # outer radius of the margin shell over the nodule's
+REACH_MM = 60.0  # figures read no further from the centre (a 30 mm nodule's shell ends at 22.5)
 
 
 def label(ratings: pd.DataFrame) -> pd.Series:
@@ -60,7 +61,7 @@ def features(volume: np.ndarray, geom: Geometry, nodules: pd.DataFrame, norm: di
     rows = []
     for centre, d in zip(xyz, diameter):
         radius = max(float(d), 1e-3) / 2
-        reach = SHELL * radius + spacing_kji.max()
+        reach = min(SHELL * radius, REACH_MM) + spacing_kji.max()
         shape = [2 * math.ceil(reach / s) + 1 for s in spacing_kji]
         crop = cut_crops(volume, geom, centre[None], shape)[0].astype(np.float32)
         # mm from the voxel the crop is centred on to every voxel of the crop

@@ -122,11 +122,19 @@ def test_figures_tell_solid_from_ground_glass_and_a_spiculated_margin_from_a_smo
     assert f_solid["log_diameter"] == pytest.approx(np.log(10.0))
 
 
-def test_figures_of_a_nodule_at_the_edge_or_outside_are_read_not_an_error():
+def test_figures_of_a_nodule_at_the_edge_or_outside_are_read_not_an_error(monkeypatch):
     vol = hu_volume((10, 10, 10))
     edge = figures(vol, (0, 0, 0), 30.0)
     outside = figures(vol, (500, -500, 9), 4.0)
     assert 0.0 <= edge["solid_share"] <= 1.0 and outside["solid_share"] == 0.0
+    # a component wider than any nodule (a leaking segmentation) is read within a bounded reach:
+    # unbounded, this crop (605 voxels a side) and its grids would take over 8 GB
+    shapes = []
+    cut = malignancy.cut_crops
+    monkeypatch.setattr(malignancy, "cut_crops", lambda *a: shapes.append(a[3]) or cut(*a))
+    huge = figures(vol, (5, 5, 5), 400.0)
+    assert huge["log_diameter"] == pytest.approx(np.log(400.0)) and huge["margin_share"] == 0.0
+    assert max(shapes[0]) == 2 * (malignancy.REACH_MM + 1) + 1  # 1 mm voxels
 
 
 def test_the_model_travels_as_json_and_refuses_other_figures(tmp_path):
