@@ -128,7 +128,7 @@ def test_figures_of_a_nodule_at_the_edge_or_outside_are_read_not_an_error(monkey
     outside = figures(vol, (500, -500, 9), 4.0)
     assert 0.0 <= edge["solid_share"] <= 1.0 and outside["solid_share"] == 0.0
     # a component wider than any nodule (a leaking segmentation) is read within a bounded reach:
-    # unbounded, this crop (605 voxels a side) and its grids would take over 8 GB
+    # unbounded, this crop (603 voxels a side) and its grids would take over 8 GB
     shapes = []
     cut = malignancy.cut_crops
     monkeypatch.setattr(malignancy, "cut_crops", lambda *a: shapes.append(a[3]) or cut(*a))
